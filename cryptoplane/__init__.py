@@ -1,0 +1,49 @@
+"""cryptoplane: a user-space crypto data plane.
+
+    import cryptoplane as cp
+    with cp.Plane() as plane:
+        key = cp.Key.generate("aes-256-gcm")
+        ct = plane.encrypt(key, b"data", nonce=nonce, aad=b"header")
+"""
+
+from . import algorithms
+from .algorithms import Algorithm, Kind, Op, lookup
+from .exceptions import (
+    AuthenticationFailed,
+    Busy,
+    CryptoplaneError,
+    EngineFailed,
+    InvalidRequest,
+    InvalidSignature,
+    KeyRejected,
+    NotSupported,
+    QuotaExceeded,
+    SelfTestFailed,
+    Timeout,
+)
+from .keys import Key
+from .plane import Plane, Session
+from .requests import (
+    Decrypt,
+    DecryptSectors,
+    Derive,
+    Digest,
+    Encrypt,
+    EncryptSectors,
+    Mac,
+    Random,
+    Request,
+    Sign,
+    Verify,
+    VerifyMac,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Algorithm", "AuthenticationFailed", "Busy", "CryptoplaneError", "Decrypt",
+    "DecryptSectors", "Derive", "Digest", "Encrypt", "EncryptSectors", "EngineFailed",
+    "InvalidRequest", "InvalidSignature", "Key", "KeyRejected", "Kind", "Mac", "NotSupported",
+    "Op", "Plane", "QuotaExceeded", "Random", "Request", "SelfTestFailed", "Session", "Sign",
+    "Timeout", "Verify", "VerifyMac", "algorithms", "lookup",
+]

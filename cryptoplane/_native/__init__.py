@@ -1,0 +1,74 @@
+"""The native kernel: AES-XTS over whole runs of sectors, one call per run.
+
+``XtsKey`` is the best implementation available:
+
+* ``"native"``: the C extension ``_sectors`` over OpenSSL's EVP (libcrypto).  The key
+  schedule is prepared once per key and the GIL is released around each run, so a
+  thread pool can spread one key over several cores.
+* ``"python"``: ``fallback.XtsKey`` on the ``cryptography`` package.  Same bytes and
+  errors, much slower (a new Cipher per sector, GIL held).  Used when the extension
+  could not be built or imported; ``BACKEND_REASON`` says why.
+
+Environment:
+
+``CRYPTOPLANE_NO_NATIVE=1``
+    Use the pure-Python fallback even when the extension is available.
+``CRYPTOPLANE_NATIVE_DISPATCH=evp``
+    (read by the extension at import) drive OpenSSL through plain EVP calls rather than
+    the provider's dispatch table; slower on OpenSSL 3.0, for comparison and debugging.
+
+To get the native kernel, install the OpenSSL headers and a C compiler
+(``apt-get install build-essential libssl-dev``) and reinstall cryptoplane.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptoplane._native import fallback
+from cryptoplane._native.fallback import TWEAK_PLAIN64, TWEAK_PLAIN64BE
+
+__all__ = [
+    "BACKEND",
+    "BACKEND_REASON",
+    "TWEAK_PLAIN64",
+    "TWEAK_PLAIN64BE",
+    "NativeXtsKey",
+    "PythonXtsKey",
+    "XtsKey",
+    "openssl_version",
+]
+
+PythonXtsKey = fallback.XtsKey
+
+NativeXtsKey: type[fallback.XtsKey] | None
+_import_error = ""
+try:
+    from cryptoplane._native import _sectors
+except ImportError as exc:
+    NativeXtsKey = None
+    _import_error = (
+        f"native extension unavailable ({exc}); "
+        "install libssl-dev and a C compiler, then reinstall cryptoplane"
+    )
+else:
+    # The stub declares the same interface as the fallback class.
+    NativeXtsKey = _sectors.XtsKey  # type: ignore[assignment]
+
+
+def _choose() -> tuple[type[fallback.XtsKey], str, str]:
+    if os.environ.get("CRYPTOPLANE_NO_NATIVE", "") not in ("", "0"):
+        return PythonXtsKey, "python", "CRYPTOPLANE_NO_NATIVE is set"
+    if NativeXtsKey is None:
+        return PythonXtsKey, "python", _import_error
+    return NativeXtsKey, "native", ""
+
+
+XtsKey, BACKEND, BACKEND_REASON = _choose()
+
+
+def openssl_version() -> str:
+    """The libcrypto behind the native kernel, or "" when it is not loaded."""
+    if NativeXtsKey is None:
+        return ""
+    return _sectors.openssl_version()

@@ -1,0 +1,224 @@
+"""Pure-Python AES-XTS over runs of sectors: the native kernel's stand-in.
+
+Same constructor, methods, errors and bytes as ``cryptoplane._native._sectors.XtsKey``,
+built on the ``cryptography`` package.  It pays for a new ``Cipher`` per sector (XTS
+takes its tweak at construction) and holds the GIL, so it is tens of times slower; it
+exists so that cryptoplane works, and gives identical results, where the C extension
+could not be built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+from typing import NoReturn
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+__all__ = [
+    "SECTOR_SIZES",
+    "TWEAK_PLAIN64",
+    "TWEAK_PLAIN64BE",
+    "XtsKey",
+    "sector_tweak",
+    "xts_data_unit",
+]
+
+TWEAK_PLAIN64 = 0
+TWEAK_PLAIN64BE = 1
+SECTOR_SIZES = (512, 1024, 2048, 4096)
+
+_U64 = (1 << 64) - 1
+
+
+def sector_tweak(sector: int, tweak: int = TWEAK_PLAIN64) -> bytes:
+    """The 16-byte XTS tweak that dm-crypt's IV generator gives ``sector``.
+
+    plain64: little-endian in bytes 0..7; plain64be: big-endian in bytes 8..15.
+    """
+    sector &= _U64
+    if tweak == TWEAK_PLAIN64:
+        return sector.to_bytes(8, "little") + bytes(8)
+    if tweak == TWEAK_PLAIN64BE:
+        return bytes(8) + sector.to_bytes(8, "big")
+    raise ValueError(f"tweak must be TWEAK_PLAIN64 (0) or TWEAK_PLAIN64BE (1), got {tweak}")
+
+
+def xts_data_unit(
+    key: bytes, tweak16: bytes, data: bytes | memoryview, encrypt: bool = True
+) -> bytes:
+    """Encrypt or decrypt one XTS data unit with a raw 16-byte tweak.
+
+    This is the whole per-sector path of the fallback, kept separate so that the
+    IEEE 1619 vectors (arbitrary tweaks, short data units) can check it directly.
+    """
+    cipher = Cipher(algorithms.AES(key), modes.XTS(tweak16))
+    ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+    return ctx.update(data) + ctx.finalize()
+
+
+def _as_int(value: object, name: str) -> int:
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def _address(view: memoryview) -> int | None:
+    """Start address of a writable buffer, or None where Python cannot tell."""
+    if view.readonly:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _byte_view(obj: object, name: str) -> memoryview:
+    try:
+        view = memoryview(obj)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{name} must support the buffer protocol, not {type(obj).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise TypeError(f"{name} must be a C-contiguous buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class XtsKey:
+    """An AES-XTS key (32 bytes: AES-128-XTS, 64 bytes: AES-256-XTS) for sector runs."""
+
+    __slots__ = ("__key",)
+
+    def __init__(self, key: bytes) -> None:
+        material = bytes(_byte_view(key, "key"))
+        if len(material) not in (32, 64):
+            raise ValueError(
+                "AES-XTS key must be 32 bytes (AES-128-XTS) or 64 bytes "
+                f"(AES-256-XTS), got {len(material)} bytes"
+            )
+        half = len(material) // 2
+        if material[:half] == material[half:]:
+            raise ValueError(
+                "AES-XTS key halves are equal: the data key and the tweak key "
+                "must differ (IEEE 1619; OpenSSL refuses such keys too)"
+            )
+        self.__key = material
+
+    @property
+    def key_size(self) -> int:
+        """Key length in bytes (32 or 64)."""
+        return len(self.__key)
+
+    def __repr__(self) -> str:
+        # Only the size: key material must never reach a log.
+        return f"<XtsKey AES-{len(self.__key) * 4}-XTS python>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("XtsKey cannot be pickled or copied: it holds key material")
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        self.__reduce__()
+
+    def __copy__(self) -> NoReturn:
+        self.__reduce__()
+
+    def __deepcopy__(self, memo: object) -> NoReturn:
+        self.__reduce__()
+
+    def encrypt(
+        self,
+        src: object,
+        first_sector: int,
+        sector_size: int,
+        out: object = None,
+        tweak: int = TWEAK_PLAIN64,
+    ) -> object:
+        """Encrypt a run of sectors; sector i uses tweak first_sector + i (mod 2**64).
+
+        Returns new bytes, or ``out`` when given (which may be ``src`` itself).
+        """
+        return self._run(src, first_sector, sector_size, out, tweak, True)
+
+    def decrypt(
+        self,
+        src: object,
+        first_sector: int,
+        sector_size: int,
+        out: object = None,
+        tweak: int = TWEAK_PLAIN64,
+    ) -> object:
+        """Decrypt a run of sectors; the inverse of encrypt with the same arguments."""
+        return self._run(src, first_sector, sector_size, out, tweak, False)
+
+    def _run(
+        self,
+        src: object,
+        first_sector: int,
+        sector_size: int,
+        out: object,
+        tweak: int,
+        encrypt: bool,
+    ) -> object:
+        # Checks mirror the C extension's one for one, messages included.
+        source = _byte_view(src, "src")
+        first_sector = _as_int(first_sector, "first_sector")
+        if not 0 <= first_sector <= _U64:
+            raise ValueError(
+                "first_sector must be an unsigned 64-bit sector number (0 <= first_sector < 2**64)"
+            )
+        sector_size = _as_int(sector_size, "sector_size")
+        if sector_size not in SECTOR_SIZES:
+            raise ValueError(f"sector_size must be 512, 1024, 2048 or 4096, got {sector_size}")
+        if tweak not in (TWEAK_PLAIN64, TWEAK_PLAIN64BE):
+            raise ValueError(f"tweak must be TWEAK_PLAIN64 (0) or TWEAK_PLAIN64BE (1), got {tweak}")
+        n = len(source)
+        if n == 0 or n % sector_size:
+            raise ValueError(
+                "data length must be a non-zero multiple of the sector size: "
+                f"got {n} bytes with sector_size {sector_size}"
+            )
+        key = self.__key
+        units = (
+            xts_data_unit(
+                key,
+                sector_tweak(first_sector + i, tweak),
+                source[lo : lo + sector_size],
+                encrypt,
+            )
+            for i, lo in enumerate(range(0, n, sector_size))
+        )
+        if out is None:
+            return b"".join(units)
+        target = self._out_view(out, source)
+        # Each sector is computed in full before it is stored, so in-place is safe.
+        for lo, unit in zip(range(0, n, sector_size), units, strict=True):
+            target[lo : lo + sector_size] = unit
+        return out
+
+    @staticmethod
+    def _out_view(out: object, source: memoryview) -> memoryview:
+        try:
+            target = memoryview(out)  # type: ignore[arg-type]
+        except TypeError:
+            target = None
+        if target is None or target.readonly or not target.c_contiguous:
+            raise TypeError(f"out must be a writable C-contiguous buffer, not {type(out).__name__}")
+        if target.format != "B" or target.ndim != 1:
+            target = target.cast("B")
+        if len(target) != len(source):
+            raise ValueError(
+                f"out must be exactly as long as src: got {len(target)} bytes for "
+                f"{len(source)} bytes of data"
+            )
+        dst_at, src_at = _address(target), _address(source)
+        if (
+            dst_at is not None
+            and src_at is not None
+            and dst_at != src_at
+            and dst_at < src_at + len(source)
+            and src_at < dst_at + len(target)
+        ):
+            raise ValueError(
+                "out overlaps src without being the same memory; use the "
+                "same buffer for in-place work or a disjoint one"
+            )
+        return target

@@ -1,0 +1,13 @@
+"""Engines: the crypto devices the scheduler chooses between."""
+
+from .base import Capability, Completion, Engine, Health, Job
+from .inline import InlineEngine
+from .threads import ThreadsEngine
+
+REGISTRY: dict[str, type[Engine]] = {
+    InlineEngine.name: InlineEngine,
+    ThreadsEngine.name: ThreadsEngine,
+}
+
+__all__ = ["REGISTRY", "Capability", "Completion", "Engine", "Health", "InlineEngine", "Job",
+           "ThreadsEngine"]

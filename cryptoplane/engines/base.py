@@ -1,0 +1,125 @@
+"""The engine interface: a crypto device that declares what it can do and takes batches.
+
+Device, queue, session and request are separate nouns (DPDK cryptodev): an engine is the
+device; it declares ``Capability`` values (data, not ``isinstance`` checks) that the
+scheduler matches requests against; it accepts a batch of jobs and completes each one
+exactly once through its ``Completion``.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..algorithms import CATALOGUE, Algorithm, Op
+from ..requests import Request
+from ..selftest import SelfTestResult, run_self_tests
+
+# completion(result, error): exactly one of the two is meaningful
+Completion = Callable[[Any, BaseException | None], None]
+Job = tuple[Request, Completion]
+
+
+class Health(enum.StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    BROKEN = "broken"
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    algorithm: str
+    ops: frozenset[Op]
+    max_request: int  # bytes of payload in one request
+
+    def allows(self, request: Request) -> bool:
+        return request.op in self.ops and request.nbytes <= self.max_request
+
+
+def run_request(request: Request) -> Any:
+    """Run a request in this thread on its key's cached kernel."""
+    return request.apply(request.kernel())
+
+
+def complete(job: Job) -> None:
+    """Run one job in this thread and deliver its outcome; never raises."""
+    request, done = job
+    try:
+        result = request.apply(request.kernel())
+    except BaseException as e:  # every outcome reaches the completion, errors included
+        done(None, e)
+    else:
+        done(result, None)
+
+
+class Engine:
+    """Base of all engines. Subclasses set ``name``/``priority`` and implement ``submit``."""
+
+    name: str = "engine"
+    priority: int = 0  # like cra_priority: higher wins when several can serve
+    max_request: int = 1 << 31
+
+    def __init__(self, algorithms: Iterable[Algorithm] | None = None) -> None:
+        self._algorithms = list(algorithms if algorithms is not None else CATALOGUE.values())
+        self.self_tests: dict[str, SelfTestResult] = {}
+        self.health = Health.OK
+        self._lock = threading.Lock()
+        self._capabilities: dict[str, Capability] = {}
+
+    def start(self, *, self_test: bool = True) -> None:
+        """Run the known-answer tests and declare capabilities for what passed."""
+        if self_test:
+            self.self_tests = run_self_tests(self._algorithms, self.run_one)
+        passed = {a.name for a in self._algorithms
+                  if not self_test or self.self_tests[a.name].passed}
+        self._capabilities = {
+            a.name: Capability(a.name, a.ops, self.max_request)
+            for a in self._algorithms if a.name in passed
+        }
+        if self_test and len(passed) < len(self._algorithms):
+            self.health = Health.DEGRADED
+
+    @property
+    def capabilities(self) -> dict[str, Capability]:
+        return self._capabilities
+
+    def can_serve(self, request: Request) -> bool:
+        cap = self._capabilities.get(request.algorithm.name)
+        return cap is not None and cap.allows(request) and self.health is not Health.BROKEN
+
+    def run_one(self, request: Request) -> Any:
+        """Run one request through this engine's own path and wait for it (self-tests)."""
+        box: list[Any] = []
+        event = threading.Event()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            box.append((result, error))
+            event.set()
+
+        self.submit([(request, done)])
+        event.wait()
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result
+
+    def submit(self, jobs: Sequence[Job]) -> int:
+        """Accept a batch; returns how many were accepted (the rest: caller keeps them)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "priority": self.priority,
+            "health": self.health.value,
+            "algorithms": sorted(self._capabilities),
+            "self_tests": {
+                n: {"passed": r.passed, "detail": r.detail} for n, r in self.self_tests.items()
+            },
+        }
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,229 @@
+"""Symmetric kernels: AEAD (AES-GCM, ChaCha20-Poly1305), AES-CTR, AES-CBC, AES-XTS.
+
+The AEAD objects of ``cryptography`` keep their key schedule, so one per key is the whole
+preparation and a call is one method. Errors are translated only on the failure path:
+the success path is the library call and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import padding as sym_padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from .. import _native
+from ..exceptions import AuthenticationFailed, InvalidRequest
+from .base import Buffer, Kernel
+
+if TYPE_CHECKING:
+    from ..keys import Key
+
+
+def _material(key: Key) -> bytes:
+    m = key._material
+    assert m is not None  # symmetric keys always carry material
+    return m
+
+
+def _nonce_error(kernel: Kernel, nonce: object, what: str = "nonce") -> InvalidRequest:
+    alg = kernel.algorithm
+    rule = alg.nonce_sizes.describe() if alg.nonce_sizes else "?"
+    if nonce is None:
+        return InvalidRequest(f"{alg.name} needs a {what} of {rule} bytes")
+    if not isinstance(nonce, (bytes, bytearray, memoryview)):
+        return InvalidRequest(f"{alg.name} {what} must be bytes, not {type(nonce).__name__}")
+    return InvalidRequest(f"{alg.name} needs a {what} of {rule} bytes, got {len(nonce)}")
+
+
+class AeadKernel(Kernel):
+    """ciphertext || tag out of encrypt; decrypt checks the tag before returning anything."""
+
+    __slots__ = ("_dec", "_enc", "raw")
+
+    def __init__(self, key: Key) -> None:
+        super().__init__(key.algorithm)
+        cls = ChaCha20Poly1305 if key.algorithm.name == "chacha20-poly1305" else AESGCM
+        aead = cls(_material(key))
+        self._enc = aead.encrypt
+        self._dec = aead.decrypt
+        # (encrypt, decrypt) taking (nonce, data, aad): the plane's fast path calls these
+        # directly and asks this kernel to explain an exception only when one happens
+        self.raw = (aead.encrypt, aead.decrypt)
+
+    def encrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+                padding: bool = False) -> bytes:
+        try:
+            return self._enc(nonce, data, aad)  # type: ignore[arg-type]
+        except (ValueError, TypeError, OverflowError) as e:
+            raise self._misuse(data, nonce, aad, padding, e) from None
+
+    def decrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+                padding: bool = False) -> bytes:
+        try:
+            return self._dec(nonce, data, aad)  # type: ignore[arg-type]
+        except InvalidTag:
+            raise AuthenticationFailed(
+                f"{self.algorithm.name}: authentication failed (wrong key, nonce, AAD, "
+                "or tampered ciphertext)"
+            ) from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise self._misuse(data, nonce, aad, padding, e) from None
+
+    def _misuse(self, data: object, nonce: object, aad: object, padding: bool,
+                err: Exception) -> InvalidRequest:
+        alg = self.algorithm
+        if nonce is None or not isinstance(nonce, (bytes, bytearray, memoryview)) or (
+            alg.nonce_sizes is not None and len(nonce) not in alg.nonce_sizes
+        ):
+            return _nonce_error(self, nonce)
+        if padding:
+            return InvalidRequest(f"{alg.name} is an AEAD: padding does not apply")
+        return InvalidRequest(f"{alg.name}: {err}")
+
+
+def _check_nonce(kernel: Kernel, nonce: object, what: str) -> bytes:
+    sizes = kernel.algorithm.nonce_sizes
+    if not isinstance(nonce, (bytes, bytearray, memoryview)) or (
+        sizes is not None and len(nonce) not in sizes
+    ):
+        raise _nonce_error(kernel, nonce, what)
+    return bytes(nonce)
+
+
+class _BlockCipherKernel(Kernel):
+    __slots__ = ("_aes",)
+    _iv_name = "IV"
+
+    def __init__(self, key: Key) -> None:
+        super().__init__(key.algorithm)
+        self._aes = algorithms.AES(_material(key))
+
+    def _mode(self, nonce: bytes) -> Any:
+        raise NotImplementedError
+
+    def _run(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+             encrypt: bool) -> bytes:
+        if aad:
+            raise InvalidRequest(f"{self.algorithm.name} is not an AEAD: it takes no AAD")
+        mode = self._mode(_check_nonce(self, nonce, self._iv_name))
+        cipher = Cipher(self._aes, mode)
+        ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+        try:
+            return ctx.update(data) + ctx.finalize()
+        except ValueError as e:
+            raise InvalidRequest(f"{self.algorithm.name}: {e}") from None
+
+
+class CtrKernel(_BlockCipherKernel):
+    __slots__ = ()
+    _iv_name = "initial counter block"
+
+    def _mode(self, nonce: bytes) -> Any:
+        return modes.CTR(nonce)
+
+    def encrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+                padding: bool = False) -> bytes:
+        if padding:
+            raise InvalidRequest("AES-CTR is a stream mode: padding does not apply")
+        return self._run(data, nonce, aad, True)
+
+    def decrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+                padding: bool = False) -> bytes:
+        if padding:
+            raise InvalidRequest("AES-CTR is a stream mode: padding does not apply")
+        return self._run(data, nonce, aad, False)
+
+
+class CbcKernel(_BlockCipherKernel):
+    """AES-CBC; PKCS#7 padding only when asked (``padding=True``), never guessed."""
+
+    __slots__ = ()
+
+    def _mode(self, nonce: bytes) -> Any:
+        return modes.CBC(nonce)
+
+    def encrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+                padding: bool = False) -> bytes:
+        if padding:
+            padder = sym_padding.PKCS7(128).padder()
+            data = padder.update(data) + padder.finalize()
+        elif len(data) % 16:
+            raise InvalidRequest(
+                f"{self.algorithm.name} without padding needs a multiple of 16 bytes, "
+                f"got {len(data)}; pass padding=True for PKCS#7"
+            )
+        return self._run(data, nonce, aad, True)
+
+    def decrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+                padding: bool = False) -> bytes:
+        if len(data) % 16 or (padding and not data):
+            raise InvalidRequest(
+                f"{self.algorithm.name} ciphertext must be a non-empty multiple of 16 bytes, "
+                f"got {len(data)}"
+            )
+        plain = self._run(data, nonce, aad, False)
+        if not padding:
+            return plain
+        unpadder = sym_padding.PKCS7(128).unpadder()
+        try:
+            return unpadder.update(plain) + unpadder.finalize()
+        except ValueError:
+            # same message whatever was wrong: a padding oracle must learn nothing more
+            raise AuthenticationFailed(
+                f"{self.algorithm.name}: padding check failed (CBC is unauthenticated: "
+                "prefer an AEAD)"
+            ) from None
+
+
+TWEAKS = {"plain64": _native.TWEAK_PLAIN64, "plain64be": _native.TWEAK_PLAIN64BE}
+
+
+class XtsKernel(_BlockCipherKernel):
+    """AES-XTS: ``encrypt`` takes one data unit and its 16-byte tweak; ``encrypt_sectors``
+    a whole run of sectors in one native call (key schedule prepared once here)."""
+
+    __slots__ = ("_sectors",)
+    _iv_name = "tweak"
+
+    def __init__(self, key: Key) -> None:
+        super().__init__(key)
+        self._sectors = _native.XtsKey(_material(key))
+
+    def _mode(self, nonce: bytes) -> Any:
+        return modes.XTS(nonce)
+
+    def encrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+                padding: bool = False) -> bytes:
+        if padding:
+            raise InvalidRequest("AES-XTS steals ciphertext: padding does not apply")
+        return self._run(data, nonce, aad, True)
+
+    def decrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
+                padding: bool = False) -> bytes:
+        if padding:
+            raise InvalidRequest("AES-XTS steals ciphertext: padding does not apply")
+        return self._run(data, nonce, aad, False)
+
+    def encrypt_sectors(self, data: Buffer, sector: int, sector_size: int,
+                        out: Any = None, tweak: int = 0) -> Any:
+        try:
+            return self._sectors.encrypt(data, sector, sector_size, out, tweak)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InvalidRequest(f"{self.algorithm.name} sectors: {e}") from None
+
+    def decrypt_sectors(self, data: Buffer, sector: int, sector_size: int,
+                        out: Any = None, tweak: int = 0) -> Any:
+        try:
+            return self._sectors.decrypt(data, sector, sector_size, out, tweak)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InvalidRequest(f"{self.algorithm.name} sectors: {e}") from None
+
+
+CIPHER_KERNELS: dict[str, type[_BlockCipherKernel]] = {
+    "ctr": CtrKernel,
+    "cbc": CbcKernel,
+    "xts": XtsKernel,
+}

@@ -1,0 +1,314 @@
+"""Requests: one small object per operation.
+
+A request is checked when it is made (the key's algorithm offers the operation, sizes
+are right), so a malformed one never reaches an engine. Engines run it with
+``request.apply(kernel)``; everything an engine needs to route it (algorithm, operation,
+payload size) is a plain attribute.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from .algorithms import Algorithm, Kind, Op, lookup
+from .exceptions import InvalidRequest, KeyRejected
+from .kernels import Buffer, Kernel
+from .kernels.digests import hash_kernel
+from .keys import Key
+
+# The largest random request: bigger asks are almost always a bug (a size in bits?).
+MAX_RANDOM_BYTES = 1 << 24
+
+
+def _need_key(key: object, op: Op) -> Key:
+    if not isinstance(key, Key):
+        raise InvalidRequest(f"{op.value} needs a cryptoplane Key, not {type(key).__name__}")
+    if op not in key.algorithm.ops:
+        offered = ", ".join(sorted(o.value for o in key.algorithm.ops))
+        raise InvalidRequest(f"{key.algorithm.name} does not offer {op.value} (it offers "
+                             f"{offered})")
+    return key
+
+
+def _need_bytes(value: object, what: str) -> None:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidRequest(f"{what} must be bytes-like, not {type(value).__name__}")
+
+
+class Request:
+    """Base of all requests. ``nbytes`` is the payload size the scheduler balances on."""
+
+    __slots__ = ("key",)
+    op: ClassVar[Op]
+    key: Key | None
+
+    @property
+    def algorithm(self) -> Algorithm:
+        assert self.key is not None
+        return self.key.algorithm
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+    def kernel(self) -> Kernel:
+        assert self.key is not None
+        return self.key.kernel()
+
+    def apply(self, kernel: Kernel) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:  # never the payload, never the key material
+        return f"<{type(self).__name__} {self.algorithm.name} {self.nbytes} bytes>"
+
+
+class _Cipher(Request):
+    __slots__ = ("aad", "data", "nonce", "padding")
+
+    def __init__(self, key: Key, data: Buffer, *, nonce: bytes | None = None,
+                 aad: bytes | None = None, padding: bool = False) -> None:
+        self.key = _need_key(key, self.op)
+        _need_bytes(data, "data")
+        alg = key.algorithm
+        sizes = alg.nonce_sizes
+        if sizes is not None and (nonce is None or len(nonce) not in sizes):
+            got = "none" if nonce is None else f"{len(nonce)} bytes"
+            raise InvalidRequest(f"{alg.name} needs a nonce of {sizes.describe()} bytes, "
+                                 f"got {got}")
+        self.data, self.nonce, self.aad, self.padding = data, nonce, aad, padding
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+class Encrypt(_Cipher):
+    """AEAD: returns ciphertext || tag. CTR/CBC/XTS: ciphertext. OAEP: ``aad`` = label."""
+
+    __slots__ = ()
+    op = Op.ENCRYPT
+
+    def apply(self, kernel: Kernel) -> bytes:
+        return kernel.encrypt(self.data, self.nonce, self.aad, self.padding)
+
+
+class Decrypt(_Cipher):
+    __slots__ = ()
+    op = Op.DECRYPT
+
+    def apply(self, kernel: Kernel) -> bytes:
+        return kernel.decrypt(self.data, self.nonce, self.aad, self.padding)
+
+
+class Sign(Request):
+    __slots__ = ("data",)
+    op = Op.SIGN
+
+    def __init__(self, key: Key, data: Buffer) -> None:
+        self.key = _need_key(key, self.op)
+        if not key.is_private:
+            raise KeyRejected(f"{key.algorithm.name}: signing needs the private key")
+        _need_bytes(data, "message")
+        self.data = data
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def apply(self, kernel: Kernel) -> bytes:
+        return kernel.sign(self.data)
+
+
+class Verify(Request):
+    """Completes with ``None`` or fails with ``InvalidSignature``."""
+
+    __slots__ = ("data", "signature")
+    op = Op.VERIFY
+
+    def __init__(self, key: Key, data: Buffer, signature: bytes) -> None:
+        self.key = _need_key(key, self.op)
+        _need_bytes(data, "message")
+        _need_bytes(signature, "signature")
+        self.data, self.signature = data, signature
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def apply(self, kernel: Kernel) -> None:
+        kernel.verify(self.data, self.signature)
+
+
+class Digest(Request):
+    __slots__ = ("_alg", "data")
+    op = Op.DIGEST
+
+    def __init__(self, algorithm: str | Algorithm, data: Buffer) -> None:
+        alg = lookup(algorithm)
+        if alg.kind is not Kind.HASH:
+            raise InvalidRequest(f"{alg.name} is not a hash")
+        _need_bytes(data, "data")
+        self.key = None
+        self._alg, self.data = alg, data
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return self._alg
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def kernel(self) -> Kernel:
+        return hash_kernel(self._alg.name)
+
+    def apply(self, kernel: Kernel) -> bytes:
+        return kernel.digest(self.data)  # type: ignore[attr-defined,no-any-return]
+
+
+class Mac(Request):
+    __slots__ = ("data", "tag_size")
+    op = Op.MAC
+
+    def __init__(self, key: Key, data: Buffer, *, tag_size: int | None = None) -> None:
+        self.key = _need_key(key, self.op)
+        _need_bytes(data, "data")
+        self.data, self.tag_size = data, tag_size
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def apply(self, kernel: Kernel) -> bytes:
+        return kernel.mac(self.data, self.tag_size)
+
+
+class VerifyMac(Request):
+    """Completes with ``None`` or fails with ``AuthenticationFailed`` (constant time)."""
+
+    __slots__ = ("data", "tag")
+    op = Op.VERIFY_MAC
+
+    def __init__(self, key: Key, data: Buffer, tag: bytes) -> None:
+        self.key = _need_key(key, self.op)
+        _need_bytes(data, "data")
+        _need_bytes(tag, "tag")
+        self.data, self.tag = data, tag
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def apply(self, kernel: Kernel) -> None:
+        kernel.verify_mac(self.data, self.tag)
+
+
+class Derive(Request):
+    """Key agreement (x25519: ``peer`` public key) or KDF (hkdf: ``length``, salt, info)."""
+
+    __slots__ = ("info", "length", "peer", "salt")
+    op = Op.DERIVE
+
+    def __init__(self, key: Key, peer: Key | bytes | None = None, *,
+                 length: int | None = None, salt: bytes | None = None,
+                 info: bytes | None = None) -> None:
+        self.key = _need_key(key, self.op)
+        self.peer, self.length, self.salt, self.info = peer, length, salt, info
+
+    def apply(self, kernel: Kernel) -> bytes:
+        return kernel.derive(self.peer, self.length, self.salt, self.info)
+
+
+class Random(Request):
+    __slots__ = ("n",)
+    op = Op.RANDOM
+    _ALG = lookup("random")
+
+    def __init__(self, n: int) -> None:
+        if not isinstance(n, int) or not 0 <= n <= MAX_RANDOM_BYTES:
+            raise InvalidRequest(f"random needs 0..{MAX_RANDOM_BYTES} bytes, got {n!r}")
+        self.key = None
+        self.n = n
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return self._ALG
+
+    @property
+    def nbytes(self) -> int:
+        return self.n
+
+    def kernel(self) -> Kernel:
+        return _RANDOM_KERNEL
+
+    def apply(self, kernel: Kernel) -> bytes:
+        return os.urandom(self.n)  # the OS CSPRNG, as cryptography itself recommends
+
+
+_RANDOM_KERNEL = Kernel(lookup("random"))
+
+SECTOR_SIZES = (512, 1024, 2048, 4096)
+TWEAK_LAYOUTS = ("plain64", "plain64be")
+
+
+class _Sectors(Request):
+    """A run of sectors under XTS; sector ``i`` of the run uses tweak ``sector + i``."""
+
+    __slots__ = ("data", "out", "sector", "sector_size", "tweak")
+
+    def __init__(self, key: Key, data: Buffer, *, sector: int = 0, sector_size: int = 4096,
+                 out: Any = None, tweak: str = "plain64") -> None:
+        self.key = _need_key(key, self.op)
+        self.data, self.out = data, out
+        self.sector, self.sector_size = sector, sector_size
+        self.tweak = check_sectors(data, sector, sector_size, tweak)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+def check_sectors(data: object, sector: object, sector_size: object, tweak: str) -> int:
+    """Validate a sector run; returns the native tweak-layout code."""
+    if sector_size not in SECTOR_SIZES:
+        raise InvalidRequest(f"sector_size must be one of {SECTOR_SIZES}, got {sector_size!r}")
+    if not isinstance(sector, int) or not 0 <= sector < 1 << 64:
+        raise InvalidRequest(f"sector must be an integer in 0..2**64-1, got {sector!r}")
+    n = len(data)  # type: ignore[arg-type]
+    assert isinstance(sector_size, int)
+    if n == 0 or n % sector_size:
+        raise InvalidRequest(
+            f"a sector run must be a non-zero multiple of {sector_size} bytes, got {n}"
+        )
+    from .kernels.symmetric import TWEAKS
+
+    try:
+        return TWEAKS[tweak]
+    except KeyError:
+        raise InvalidRequest(f"tweak layout must be one of {TWEAK_LAYOUTS}, "
+                             f"got {tweak!r}") from None
+
+
+class EncryptSectors(_Sectors):
+    __slots__ = ()
+    op = Op.ENCRYPT_SECTORS
+
+    def apply(self, kernel: Kernel) -> Any:
+        return kernel.encrypt_sectors(self.data, self.sector, self.sector_size, self.out,
+                                      self.tweak)
+
+
+class DecryptSectors(_Sectors):
+    __slots__ = ()
+    op = Op.DECRYPT_SECTORS
+
+    def apply(self, kernel: Kernel) -> Any:
+        return kernel.decrypt_sectors(self.data, self.sector, self.sector_size, self.out,
+                                      self.tweak)
+
+
+__all__ = [
+    "Decrypt", "DecryptSectors", "Derive", "Digest", "Encrypt", "EncryptSectors", "Mac",
+    "Random", "Request", "Sign", "Verify", "VerifyMac", "check_sectors",
+]
