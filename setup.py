@@ -51,7 +51,8 @@ setup(
     ext_modules=[
         Extension(
             "cryptoplane._native._sectors",
-            ["cryptoplane/_native/sectors.c"],
+            ["cryptoplane/_native/sectors.c", "cryptoplane/_native/xts_ctx.c"],
+            depends=["cryptoplane/_native/xts_ctx.h"],
             libraries=["crypto"],
             extra_compile_args=[
                 "-O3",
@@ -61,7 +62,7 @@ setup(
                 "-Wno-unused-parameter",
                 "-Wno-missing-field-initializers",
                 "-Wno-cast-function-type",
-                "-fvisibility=hidden",
+                "-fvisibility=hidden",  # only PyInit__sectors leaves the .so
             ],
         )
     ],

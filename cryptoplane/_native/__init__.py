@@ -44,7 +44,9 @@ PythonXtsKey = fallback.XtsKey
 NativeXtsKey: type[fallback.XtsKey] | None
 _import_error = ""
 try:
-    from cryptoplane._native import _sectors
+    # Absolute module import: a missing .so then reads "No module named ...", not a
+    # misleading "partially initialized module" from the from-import form.
+    import cryptoplane._native._sectors as _sectors
 except ImportError as exc:
     NativeXtsKey = None
     _import_error = (

@@ -55,6 +55,8 @@ class AeadKernel(Kernel):
 
     def encrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
                 padding: bool = False) -> bytes:
+        if padding:
+            raise InvalidRequest(f"{self.algorithm.name} is an AEAD: padding does not apply")
         try:
             return self._enc(nonce, data, aad)  # type: ignore[arg-type]
         except (ValueError, TypeError, OverflowError) as e:
@@ -62,6 +64,8 @@ class AeadKernel(Kernel):
 
     def decrypt(self, data: Buffer, nonce: bytes | None, aad: bytes | None,
                 padding: bool = False) -> bytes:
+        if padding:
+            raise InvalidRequest(f"{self.algorithm.name} is an AEAD: padding does not apply")
         try:
             return self._dec(nonce, data, aad)  # type: ignore[arg-type]
         except InvalidTag:
@@ -74,13 +78,12 @@ class AeadKernel(Kernel):
 
     def _misuse(self, data: object, nonce: object, aad: object, padding: bool,
                 err: Exception) -> InvalidRequest:
+        del data, aad, padding  # the nonce is the usual culprit; the library says the rest
         alg = self.algorithm
         if nonce is None or not isinstance(nonce, (bytes, bytearray, memoryview)) or (
             alg.nonce_sizes is not None and len(nonce) not in alg.nonce_sizes
         ):
             return _nonce_error(self, nonce)
-        if padding:
-            return InvalidRequest(f"{alg.name} is an AEAD: padding does not apply")
         return InvalidRequest(f"{alg.name}: {err}")
 
 

@@ -1,0 +1,37 @@
+"""``cryptoplane``: the entry point that gathers the command groups."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .engines import engines
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cryptoplane")
+def cli() -> None:
+    """cryptoplane: a user-space crypto data plane.
+
+    One API for ciphers, AEAD, hashes, MACs, signatures and key agreement, scheduled on
+    the engine that is best for each request. Primitives come from OpenSSL (through the
+    `cryptography` package) and a small native sector kernel.
+    """
+
+
+cli.add_command(engines)
+
+try:  # the speed command lives in its own module
+    from .speed import speed
+
+    cli.add_command(speed)
+except ImportError:  # pragma: no cover - only while the module is being written
+    pass
+
+
+def main() -> None:
+    cli(prog_name="cryptoplane")
+
+
+if __name__ == "__main__":
+    main()

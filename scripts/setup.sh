@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what cryptoplane needs on a fresh Debian machine, then the package itself:
+#   - Debian packages (only the missing ones): a C compiler and OpenSSL's headers for the
+#     native sector kernel, the openssl program that `cryptoplane speed` compares against;
+#   - a virtual environment in .venv with the package (editable) and, with --test, the
+#     test tools.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+apt_packages=(gcc libssl-dev openssl pkg-config)
+python_bin=${PYTHON:-python3}
+# Debian's python3 needs its -dev and -venv packages to build extensions and venvs
+if [ "$(command -v "$python_bin")" = /usr/bin/python3 ]; then
+  apt_packages+=(python3-dev python3-venv)
+fi
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+    || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$python_bin" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+echo "setup: installing cryptoplane${extras} into .venv (builds the native kernel)" >&2
+.venv/bin/python -m pip install -q -e ".${extras}"
+.venv/bin/python -c 'import cryptoplane._native as n; print(f"setup: sector kernel: {n.BACKEND}", n.BACKEND_REASON)' >&2
