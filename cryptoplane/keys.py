@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 
 from .algorithms import Algorithm, Kind, lookup
 from .exceptions import KeyRejected, NotSupported
+from .session import UNBOUND
 
 if TYPE_CHECKING:
     from .kernels import Kernel
@@ -56,14 +57,14 @@ class Key:
     _material: bytes | None
     _obj: AsymmetricKey | None
     _kernel: Kernel | None
-    _session: Session | None
+    _session: Session  # or session.UNBOUND, which no plane's fast path admits
     _handle: str
 
     def __init__(self, algorithm: str | Algorithm, material: bytes | bytearray | memoryview):
         alg = lookup(algorithm)
         object.__setattr__(self, "algorithm", alg)
         self._kernel = None
-        self._session = None
+        self._session = UNBOUND
         self._handle = secrets.token_hex(4)
         self._obj = None
         self._material = None
@@ -89,7 +90,7 @@ class Key:
         key = cls.__new__(cls)
         object.__setattr__(key, "algorithm", alg)
         key._kernel = None
-        key._session = None
+        key._session = UNBOUND
         key._handle = secrets.token_hex(4)
         key._material = None
         _check_asymmetric(alg, obj)
