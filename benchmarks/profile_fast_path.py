@@ -1,6 +1,7 @@
 """Where the fast path's time goes: AES-256-GCM 64-byte and 1 KiB encrypts in a loop.
 
-    .venv/bin/py-spy record --native -r 2000 -o /tmp/fast.svg -- .venv/bin/python benchmarks/profile_fast_path.py
+    .venv/bin/py-spy record --native -r 2000 -o /tmp/fast.svg -- \
+        .venv/bin/python benchmarks/profile_fast_path.py
     .venv/bin/pyinstrument benchmarks/profile_fast_path.py
 
 It also prints the per-call cost of each layer measured by subtraction: the bare
@@ -44,9 +45,9 @@ def main() -> None:
 
         for size in (64, 1024):
             data = os.urandom(size)
-            direct = per_call_ns(lambda: enc(nonce, data, None), n)
-            wrapped = per_call_ns(lambda: wrapper(data), n)
-            fast = per_call_ns(lambda: penc(key, data, nonce=nonce), n)
+            direct = per_call_ns(lambda d=data: enc(nonce, d, None), n)
+            wrapped = per_call_ns(lambda d=data: wrapper(d), n)
+            fast = per_call_ns(lambda d=data: penc(key, d, nonce=nonce), n)
             print(f"{size:5d} B  direct {direct:6.0f} ns   python wrapper {wrapped:6.0f} ns "
                   f"(+{wrapped - direct:.0f})   plane {fast:6.0f} ns (+{fast - direct:.0f})  "
                   f"plane/direct throughput {direct / fast:.2f}")

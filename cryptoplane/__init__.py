@@ -22,7 +22,7 @@ from .exceptions import (
     Timeout,
 )
 from .keys import Key
-from .plane import Plane, Session
+from .plane import Plane
 from .requests import (
     Decrypt,
     DecryptSectors,
@@ -37,6 +37,7 @@ from .requests import (
     Verify,
     VerifyMac,
 )
+from .session import Session
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ from .session import UNBOUND
 
 if TYPE_CHECKING:
     from .kernels import Kernel
-    from .plane import Session
+    from .session import Session
 
 PrivateKey = (
     rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey

@@ -1,0 +1,147 @@
+"""`cryptoplane speed`: a smoke test of the command and its output's shape.
+
+Speeds are never asserted here (timed unit tests on shared machines only flake); the
+benchmark itself checks the targets (`cryptoplane speed --check`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from cryptoplane import speed as sp
+from cryptoplane.cli.main import cli
+from cryptoplane.cli.speed import parse_sizes, plot_available
+
+TINY = ["--seconds", "0.02", "--rounds", "2"]
+ROW_KEYS = {"algorithm", "op", "size", "path", "rounds", "note"}
+
+
+def run_json(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["speed", "--json", *TINY, *args], env=env)
+    assert result.exit_code == 0, result.output
+    out: dict[str, Any] = json.loads(result.output)
+    return out
+
+
+def check_row(row: dict[str, Any]) -> None:
+    figures = {"mb_per_s", "ops_per_s"} & set(row)
+    assert len(figures) == 1, row
+    (figure,) = figures
+    assert set(row) == ROW_KEYS | {figure, f"best_{figure}"}
+    if row["path"] != "openssl" and row["note"] is None:
+        assert row[figure] > 0 and row[f"best_{figure}"] >= row[figure]
+
+
+def test_json_rows_meta_and_ratios() -> None:
+    out = run_json("--algorithms", "aes-256-gcm,sha256,hmac-sha256", "--bytes", "64,1k",
+                   "--no-openssl")
+    assert set(out) == {"meta", "rows", "ratios"}
+    meta = out["meta"]
+    for key in ("cryptoplane", "cryptography", "cryptography_openssl", "system_openssl",
+                "sector_kernel", "cpu", "seconds_per_cell", "rounds", "engine"):
+        assert key in meta
+    assert meta["engine"] == "inline" and meta["seconds_per_cell"] == 0.02
+    for row in out["rows"]:
+        check_row(row)
+    cells = {(r["algorithm"], r["op"], r["size"]) for r in out["rows"]}
+    assert cells == {(a, op, s) for a, op in (("aes-256-gcm", "encrypt"), ("sha256", "digest"),
+                                              ("hmac-sha256", "mac")) for s in (64, 1024)}
+    assert {r["path"] for r in out["rows"]} == {"direct", "plane", "openssl"}
+    openssl = [r for r in out["rows"] if r["path"] == "openssl"]
+    assert all(r["mb_per_s"] is None and "not measured" in r["note"] for r in openssl)
+    assert {r["ratio"] for r in out["ratios"]} == {"plane/direct"}
+    target = [r for r in out["ratios"] if r["target"] is not None]
+    assert [(r["algorithm"], r["size"]) for r in target] == [("aes-256-gcm", 1024)]
+    assert meta["fast_path_overhead"]["overhead_ns"] == pytest.approx(
+        meta["fast_path_overhead"]["plane_ns"] - meta["fast_path_overhead"]["direct_ns"],
+        abs=1e9)
+
+
+def test_sectors_and_signatures() -> None:
+    out = run_json("--algorithms", "aes-256-xts,ed25519", "--sector-sizes", "4096",
+                   "--no-openssl")
+    for row in out["rows"]:
+        check_row(row)
+    paths = {(r["algorithm"], r["path"]) for r in out["rows"] if r["note"] is None}
+    assert {("aes-256-xts", "naive"), ("aes-256-xts", "plane"), ("aes-256-xts", "direct"),
+            ("ed25519", "direct"), ("ed25519", "plane")} <= paths
+    sign = [r for r in out["rows"] if r["algorithm"] == "ed25519"]
+    assert {r["op"] for r in sign} == {"sign"} and all("ops_per_s" in r for r in sign)
+    assert {r["ratio"] for r in out["ratios"] if r["algorithm"] == "aes-256-xts"} == {
+        "plane/direct", "plane/naive"}
+
+
+def test_missing_openssl_is_reported_not_fatal(tmp_path: Any) -> None:
+    out = run_json("--algorithms", "aes-256-gcm", "--bytes", "64", env={"PATH": str(tmp_path)})
+    (row,) = [r for r in out["rows"] if r["path"] == "openssl"]
+    assert row["mb_per_s"] is None and "no openssl" in row["note"]
+    assert out["meta"]["system_openssl"] is None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl program")
+def test_openssl_column_and_table() -> None:
+    result = CliRunner().invoke(cli, ["speed", *TINY, "--algorithms", "aes-256-gcm",
+                                      "--bytes", "64"])
+    assert result.exit_code == 0, result.output
+    for text in ("cryptography", "sector kernel", "plane/direct", "plane/openssl",
+                 "fast path overhead"):
+        assert text in result.output
+
+
+def test_bad_options_are_refused() -> None:
+    runner = CliRunner()
+    unknown = runner.invoke(cli, ["speed", "--engine", "warp"])
+    assert unknown.exit_code == 2 and "inline" in unknown.output
+    later = runner.invoke(cli, ["speed", "--engine", "threads"])
+    assert later.exit_code == 2 and "later" in later.output
+    assert runner.invoke(cli, ["speed", "--algorithms", "rot13"]).exit_code == 2
+    assert runner.invoke(cli, ["speed", "--bytes", "12x"]).exit_code == 2
+    assert runner.invoke(cli, ["speed", "--sector-sizes", "100"]).exit_code == 2
+
+
+@pytest.mark.skipif(plot_available(), reason="matplotlib is installed")
+def test_plot_without_matplotlib_says_how_to_install(tmp_path: Any) -> None:
+    result = CliRunner().invoke(cli, ["speed", "--plot", str(tmp_path / "x.svg")])
+    assert result.exit_code == 2 and "cryptoplane[plot]" in result.output
+
+
+def test_parse_sizes() -> None:
+    assert parse_sizes("64, 1k,16KiB,1m") == (64, 1024, 16384, 1 << 20)
+
+
+OPENSSL_EVP = """\
+version: 3.0.19
+The 'numbers' are in 1000s of bytes per second processed.
+type             64 bytes
+ChaCha20-Poly1305   519182.46k
+"""
+OPENSSL_HMAC = "type           1024 bytes\nhmac(sha256)   1330295.98k\n"
+OPENSSL_RSA_30 = """\
+                  sign    verify    sign/s verify/s
+rsa 2048 bits 0.000252s 0.000016s   3975.0  60786.0
+"""
+OPENSSL_RSA_35 = """\
+                   sign    verify   encrypt   decrypt   sign/s verify/s  encr./s  decr./s
+rsa  2048 bits 0.000571s 0.000017s 0.000018s 0.000560s   1751.4  58582.9  55510.7   1785.1
+"""
+OPENSSL_ECDSA = """\
+                              sign    verify    sign/s verify/s
+ 256 bits ecdsa (nistp256)   0.0000s   0.0001s  50225.0  16337.8
+"""
+
+
+def test_parse_openssl_output() -> None:
+    assert sp.parse_openssl_bytes(OPENSSL_EVP, "chacha20-poly1305") == pytest.approx(519182460)
+    assert sp.parse_openssl_bytes(OPENSSL_HMAC, "sha256") == pytest.approx(1330295980)
+    assert sp.parse_openssl_signatures(OPENSSL_RSA_30) == {"sign": 3975.0, "verify": 60786.0}
+    assert sp.parse_openssl_signatures(OPENSSL_RSA_35) == {"sign": 1751.4, "verify": 58582.9}
+    assert sp.parse_openssl_signatures(OPENSSL_ECDSA)["sign"] == 50225.0
+    with pytest.raises(ValueError):
+        sp.parse_openssl_bytes("garbage", "aes-256-gcm")
+    with pytest.raises(ValueError):
+        sp.parse_openssl_signatures("garbage")
