@@ -52,6 +52,12 @@ class Request:
     def nbytes(self) -> int:
         return 0
 
+    @property
+    def retry_safe(self) -> bool:
+        """Whether running it again after an engine failed part-way is harmless: true for
+        pure functions of their inputs, false when the output overwrites the input."""
+        return True
+
     def kernel(self) -> Kernel:
         assert self.key is not None
         return self.key.kernel()
@@ -256,6 +262,11 @@ class _Sectors(Request):
     """A run of sectors under XTS; sector ``i`` of the run uses tweak ``sector + i``."""
 
     __slots__ = ("data", "out", "sector", "sector_size", "tweak")
+
+    @property
+    def retry_safe(self) -> bool:
+        # in place, a half-done run has already destroyed part of its input
+        return self.out is None or self.out is not self.data
 
     def __init__(self, key: Key, data: Buffer, *, sector: int = 0, sector_size: int = 4096,
                  out: Any = None, tweak: str = "plain64") -> None:

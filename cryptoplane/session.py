@@ -52,8 +52,8 @@ class Session:
     """
 
     __slots__ = ("__weakref__", "_key", "algorithm", "c_decrypt", "c_decrypt_sectors",
-                 "c_encrypt", "c_encrypt_sectors", "c_mac", "c_sign", "c_verify", "dec",
-                 "enc", "engine", "fast_plane", "kernel", "plane", "priority")
+                 "c_encrypt", "c_encrypt_sectors", "c_mac", "c_sign", "c_verify", "client",
+                 "dec", "enc", "engine", "fast_plane", "kernel", "plane", "priority")
 
     c_encrypt: int
     c_decrypt: int
@@ -64,7 +64,7 @@ class Session:
     c_decrypt_sectors: int
 
     def __init__(self, plane: Plane, key: Key, engine: str | None, priority: str,
-                 inline_serves: bool) -> None:
+                 inline_serves: bool, client: str = "-") -> None:
         if priority not in PRIORITIES:
             raise InvalidRequest(f"priority must be one of {PRIORITIES}, got {priority!r}")
         self.plane = plane
@@ -72,6 +72,7 @@ class Session:
         self.algorithm = key.algorithm.name
         self.engine = engine
         self.priority = priority
+        self.client = client
         self.kernel: Kernel = key.kernel()
         # the plane itself when its fast path may serve this session, else None: the fast
         # path's whole admission test is ``key._session.fast_plane is self``
@@ -106,7 +107,7 @@ class Session:
 
     def __repr__(self) -> str:
         return (f"<Session {self.algorithm} engine={self.engine or 'auto'} "
-                f"priority={self.priority}>")
+                f"priority={self.priority} client={self.client}>")
 
 
 class Unbound:

@@ -1,0 +1,359 @@
+"""The scheduler: the slow path, for work that should not run in the caller.
+
+A submitted request becomes a ``Ticket`` in per-priority queues (bounded: a full plane
+makes ``submit`` wait or raise ``Busy``); one dispatcher thread hands tickets to engines
+in bursts, as each engine has room (its ``capacity`` of requests in flight), choosing
+among capable engines with the balancer policy. QoS limits hold a ticket back until its
+token bucket allows it. Completions come back on engine threads; each ticket finishes
+exactly once, whichever comes first of its result, its deadline or its cancellation.
+An engine that breaks hands back its unfinished jobs, which are queued again for the
+other capable engines (rehash) when that is safe, or fail with ``EngineFailed``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from ..engines.base import Engine, Job
+from ..exceptions import Busy, EngineFailed, NotSupported, Timeout
+from ..requests import Request
+from ..stats import Registry
+from .bucket import Clock, Limit
+from .policy import EngineView, LeastCompletion, Policy
+from .queues import PriorityQueues
+
+BURST = 32  # tickets handed to one engine per dispatch round
+MAX_ATTEMPTS = 3  # a request is tried on at most this many engine failures
+
+QUEUED, DISPATCHED, FINISHED = 0, 1, 2
+
+
+class Ticket:
+    __slots__ = ("attempts", "client", "deadline", "engines", "future", "priority",
+                 "request", "state", "t_submit")
+
+    def __init__(self, request: Request, future: Future[Any], priority: str, client: str,
+                 engines: tuple[str, ...], deadline: float | None, now: float) -> None:
+        self.request = request
+        self.future = future
+        self.priority = priority
+        self.client = client
+        self.engines = engines  # capable engines, in no order; shrinks on failures
+        self.deadline = deadline
+        self.attempts = 0
+        self.state = QUEUED
+        self.t_submit = now
+
+
+class _Done:
+    """The completion an engine calls for one ticket (a class, so failover can find the
+    ticket behind a job an engine hands back)."""
+
+    __slots__ = ("engine", "scheduler", "t_dispatch", "ticket")
+
+    def __init__(self, scheduler: Scheduler, ticket: Ticket, engine: Engine, now: float):
+        self.scheduler = scheduler
+        self.ticket = ticket
+        self.engine = engine
+        self.t_dispatch = now
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        self.scheduler._completed(self, result, error)
+
+
+class Scheduler:
+    def __init__(self, engines: dict[str, Engine], registry: Registry, *,
+                 policy: Policy | None = None, max_queued: int = 10_000,
+                 clock: Clock = time.monotonic) -> None:
+        self.engines = engines
+        self.registry = registry
+        self.policy: Policy = policy or LeastCompletion()
+        self.max_queued = max_queued
+        self._clock = clock
+        self._queues: PriorityQueues[Ticket] = PriorityQueues()
+        self._cv = threading.Condition()
+        self._deadlines: list[tuple[float, int, Ticket]] = []  # dispatched, with deadline
+        self._seq = itertools.count()
+        self._assigned: dict[str, int] = dict.fromkeys(engines, 0)
+        self.limits: dict[str, Limit] = {}
+        self.counters = dict.fromkeys(
+            ("submitted", "completed", "failed", "timeouts", "cancelled", "busy",
+             "failovers", "requeued"), 0)
+        self._closed = False
+        for e in engines.values():
+            if hasattr(e, "on_broken"):
+                e.on_broken = self._rehash
+        self._thread = threading.Thread(target=self._run, name="cryptoplane-scheduler",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- QoS ----------------------------------------------------------------------------
+
+    def limit(self, client: str, ops: float | None = None,
+              nbytes: float | None = None) -> Limit:
+        with self._cv:
+            lim = self.limits.get(client)
+            if lim is None:
+                lim = self.limits[client] = Limit(ops or 0, nbytes or 0, clock=self._clock)
+            else:
+                lim.set(ops, nbytes)
+            return lim
+
+    def qos_wait(self, client: str, nbytes: int) -> float:
+        """Seconds a request of ``client`` must wait under its limit (0: none)."""
+        lim = self.limits.get(client)
+        if lim is None or lim.unlimited:
+            return 0.0
+        with self._cv:
+            return lim.reserve(nbytes)
+
+    # -- choosing -----------------------------------------------------------------------
+
+    def views(self, request: Request, engines: Sequence[Engine]) -> list[EngineView]:
+        alg, op, n = request.algorithm.name, request.op.value, request.nbytes
+        queued = len(self._queues)
+        return [EngineView(e.name, e.priority, e.parallelism,
+                           e.inflight + self._assigned.get(e.name, 0) + queued,
+                           e.meter.estimate(alg, op, n)) for e in engines]
+
+    def choose(self, request: Request, engines: Sequence[Engine]) -> Engine:
+        if len(engines) == 1:
+            return engines[0]
+        pick = self.policy.choose(request.nbytes, self.views(request, engines))
+        return self.engines[pick.name]
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def enqueue(self, request: Request, future: Future[Any], *, engines: Sequence[str],
+                priority: str = "normal", client: str = "-", timeout: float | None = None,
+                block: bool = True, not_before: float = 0.0) -> Ticket:
+        if not engines:
+            raise NotSupported(f"no engine of this plane can serve {request!r}")
+        now = self._clock()
+        deadline = now + timeout if timeout is not None else None
+        ticket = Ticket(request, future, priority, client, tuple(engines), deadline, now)
+        with self._cv:
+            while len(self._queues) >= self.max_queued and not self._closed:
+                if not block:
+                    self.counters["busy"] += 1
+                    raise Busy(f"the plane's queues are full ({self.max_queued} requests)")
+                remaining = None if deadline is None else deadline - self._clock()
+                if remaining is not None and remaining <= 0:
+                    self.counters["timeouts"] += 1
+                    raise Timeout("timed out waiting for room in the plane's queues")
+                self._cv.wait(remaining)
+            if self._closed:
+                raise EngineFailed("the plane is closed")
+            self.counters["submitted"] += 1
+            self._queues.put(priority, ticket, not_before=not_before, now=now)
+            self._cv.notify_all()
+        return ticket
+
+    # -- finishing ----------------------------------------------------------------------
+
+    def _finish(self, t: Ticket) -> bool:
+        """Claim the right to complete ``t``: true exactly once per ticket."""
+        with self._cv:
+            if t.state == FINISHED:
+                return False
+            t.state = FINISHED
+            self._cv.notify_all()
+            return True
+
+    def _fail(self, t: Ticket, error: BaseException, engine: str = "-") -> None:
+        if not self._finish(t):
+            return
+        key = "timeouts" if isinstance(error, Timeout) else "failed"
+        self.counters[key] += 1
+        req = t.request
+        self.registry.get(engine, req.algorithm.name, req.op.value, t.client).error(error)
+        _settle(t.future, None, error)
+
+    def _completed(self, done: _Done, result: Any, error: BaseException | None) -> None:
+        t, engine = done.ticket, done.engine
+        with self._cv:
+            self._assigned[engine.name] = max(0, self._assigned[engine.name] - 1)
+            self._cv.notify_all()
+        if (isinstance(error, EngineFailed) and t.state != FINISHED
+                and self._retry(t, engine.name)):
+            return
+        if not self._finish(t):
+            return  # already timed out or failed over: this late answer is dropped
+        now = self._clock()
+        req = t.request
+        stats = self.registry.get(engine.name, req.algorithm.name, req.op.value, t.client)
+        stats.latency.record(now - t.t_submit)
+        if error is None:
+            stats.requests += 1
+            stats.bytes += req.nbytes
+            self.counters["completed"] += 1
+        else:
+            stats.error(error)
+            self.counters["failed"] += 1
+        _settle(t.future, result, error)
+
+    def _retry(self, t: Ticket, failed_engine: str) -> bool:
+        """Queue ``t`` again for another engine, if that is safe and one is left."""
+        t.attempts += 1
+        others = tuple(n for n in t.engines if n != failed_engine
+                       and self.engines[n].health.value != "broken")
+        if not t.request.retry_safe or t.attempts >= MAX_ATTEMPTS or not others:
+            return False
+        with self._cv:
+            if t.state == FINISHED:
+                return True
+            t.engines = others
+            t.state = QUEUED
+            self.counters["failovers"] += 1
+            self._queues.put_front(t.priority, t)
+            self._cv.notify_all()
+        return True
+
+    def _rehash(self, jobs: list[Job]) -> None:
+        """An engine broke: its unfinished jobs go to the other capable engines."""
+        for _, done in jobs:
+            if isinstance(done, _Done):
+                with self._cv:
+                    name = done.engine.name
+                    self._assigned[name] = max(0, self._assigned[name] - 1)
+                if not self._retry(done.ticket, done.engine.name):
+                    self._fail(done.ticket, EngineFailed(
+                        f"engine {done.engine.name!r} broke and no other engine can take "
+                        f"{done.ticket.request!r}"), done.engine.name)
+            else:  # not one of ours: fail it plainly, it must still end once
+                done(None, EngineFailed("engine broke"))
+
+    # -- the dispatcher -----------------------------------------------------------------
+
+    def _take(self, now: float) -> dict[str, list[Ticket]]:
+        """Pop the tickets that engines have room for, by the priority rule."""
+        batch: dict[str, list[Ticket]] = {}
+        # inline never takes queued work from here: it has no thread of its own; callers
+        # waiting on a batch take it with steal()
+        room = {n: e.capacity - e.inflight - self._assigned[n]
+                for n, e in self.engines.items() if n != "inline"}
+        for _ in range(BURST * max(1, len(room))):
+            cls = self._queues.choose()
+            if cls is None:
+                break
+            t = self._queues.peek(cls)
+            if t.deadline is not None and now >= t.deadline:
+                self._queues.pop(cls)
+                self._expired(t)
+                continue
+            free = [self.engines[n] for n in t.engines if room.get(n, 0) > 0]
+            if not free:
+                break  # the head waits for room; a completion will wake us
+            self._queues.pop(cls)
+            if not t.future.set_running_or_notify_cancel():
+                t.state = FINISHED
+                self.counters["cancelled"] += 1
+                continue
+            engine = self.choose(t.request, free)
+            room[engine.name] -= 1
+            self._assigned[engine.name] += 1
+            t.state = DISPATCHED
+            batch.setdefault(engine.name, []).append(t)
+            if t.deadline is not None:
+                heapq.heappush(self._deadlines, (t.deadline, next(self._seq), t))
+        return batch
+
+    def steal(self, name: str) -> Ticket | None:
+        """The next queued ticket that engine ``name`` may run, taken out of the queues
+        for a caller that runs it itself (the caller's thread as an extra lane)."""
+        with self._cv:
+            self._queues.release_due(self._clock())
+            for cls in ("high", "normal", "bulk"):
+                if not self._queues.depth()[cls]:
+                    continue
+                t = self._queues.peek(cls)
+                if name not in t.engines:
+                    continue
+                self._queues.pop(cls)
+                if not t.future.set_running_or_notify_cancel():
+                    t.state = FINISHED
+                    self.counters["cancelled"] += 1
+                    return None
+                t.state = DISPATCHED
+                self._assigned[name] = self._assigned.get(name, 0) + 1
+                self._cv.notify_all()
+                return t
+        return None
+
+    def _expired(self, t: Ticket) -> None:
+        # called with the lock held: finish inline without re-taking it
+        if t.state == FINISHED:
+            return
+        t.state = FINISHED
+        self.counters["timeouts"] += 1
+        req = t.request
+        err = Timeout(f"{req!r} did not complete within its deadline")
+        self.registry.get("-", req.algorithm.name, req.op.value, t.client).error(err)
+        _settle(t.future, None, err)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                now = self._clock()
+                next_due = self._queues.release_due(now)
+                while self._deadlines and (self._deadlines[0][0] <= now
+                                           or self._deadlines[0][2].state == FINISHED):
+                    _, _, t = heapq.heappop(self._deadlines)
+                    if t.state != FINISHED:
+                        self._expired(t)
+                if self._closed and not len(self._queues):
+                    return
+                batch = self._take(now)
+                if not batch:
+                    waits = [w - now for w in (next_due, self._deadlines[0][0]
+                                               if self._deadlines else None) if w is not None]
+                    self._cv.wait(max(0.0, min(waits)) if waits else None)
+                    continue
+            for name, tickets in batch.items():
+                engine = self.engines[name]
+                t0 = self._clock()
+                jobs = [(t.request, _Done(self, t, engine, t0)) for t in tickets]
+                accepted = engine.submit(jobs)
+                if accepted < len(jobs):  # backpressure: the rest keep their place
+                    with self._cv:
+                        self._assigned[name] -= len(jobs) - accepted
+                        for t in reversed(tickets[accepted:]):
+                            t.state = QUEUED
+                            self._queues.put_front(t.priority, t)
+                        self.counters["requeued"] += len(jobs) - accepted
+
+    def depth(self) -> dict[str, int]:
+        with self._cv:
+            return self._queues.depth()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking work; fail what is still queued; wait for the dispatcher."""
+        with self._cv:
+            self._closed = True
+            leftovers = list(self._queues.drain())
+            self._cv.notify_all()
+        for t in leftovers:
+            self._fail(t, EngineFailed("the plane closed before this request ran"))
+        self._thread.join(timeout)
+
+
+def _settle(future: Future[Any], result: Any, error: BaseException | None) -> None:
+    """Complete a future that may already be running, cancelled or done; never raises."""
+    try:
+        if future.done():
+            return
+        if not future.running() and not future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except Exception:  # a racing completion: the first outcome stands
+        pass
+

@@ -1,0 +1,101 @@
+"""Balancer policies: pure choices from data about the candidate engines.
+
+The scheduler builds an ``EngineView`` per capable engine (its measured estimate for this
+kind of request, its backlog, its parallelism) and asks a policy to pick one. Policies
+never look at engine classes, only at these numbers (DPDK: capabilities are data).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..engines.meter import Estimate
+
+INLINE = "inline"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    name: str
+    priority: int
+    parallelism: int  # lanes working at once (workers, threads; 1 for inline)
+    backlog: int  # requests inside the engine or queued for it
+    estimate: Estimate | None  # None: never measured for this kind of request
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(self, nbytes: int, candidates: Sequence[EngineView]) -> EngineView: ...
+
+
+def completion_time(v: EngineView) -> float:
+    """Estimated seconds until a request handed to ``v`` now completes, counting that
+    the caller's own share (copies, hand-off) can not overlap with the caller's next one."""
+    e = v.estimate
+    assert e is not None
+    wait = e.latency * (1 + v.backlog / max(1, v.parallelism))
+    return max(e.caller, wait)
+
+
+class LeastCompletion:
+    """Default: the smallest estimated completion time (queued work / measured rate).
+
+    Engines never measured for this kind of request are tried first, so the estimates
+    exist; one decision in ``explore_every`` goes to the runner-up, so an engine that
+    lost once (a cold start, a noisy neighbour) gets measured again.
+    """
+
+    name = "least-completion"
+
+    def __init__(self, explore_every: int = 64) -> None:
+        self._explore_every = explore_every
+        self._n = itertools.count(1)
+
+    def choose(self, nbytes: int, candidates: Sequence[EngineView]) -> EngineView:
+        unknown = [c for c in candidates if c.estimate is None]
+        if unknown:
+            return min(unknown, key=lambda c: (c.backlog, -c.priority))
+        ranked = sorted(candidates, key=lambda c: (completion_time(c), -c.priority))
+        if len(ranked) > 1 and next(self._n) % self._explore_every == 0:
+            return ranked[1]
+        return ranked[0]
+
+
+class RoundRobin:
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._n = itertools.count()
+
+    def choose(self, nbytes: int, candidates: Sequence[EngineView]) -> EngineView:
+        ordered = sorted(candidates, key=lambda c: c.name)
+        return ordered[next(self._n) % len(ordered)]
+
+
+class SizeSplit:
+    """Small requests inline (when inline may serve them), large ones to the engine with
+    the most parallelism."""
+
+    name = "size-split"
+
+    def __init__(self, threshold: int = 64 * 1024) -> None:
+        self.threshold = threshold
+
+    def choose(self, nbytes: int, candidates: Sequence[EngineView]) -> EngineView:
+        if nbytes <= self.threshold:
+            for c in candidates:
+                if c.name == INLINE:
+                    return c
+        others = [c for c in candidates if c.name != INLINE] or list(candidates)
+        return max(others, key=lambda c: (c.parallelism, c.priority, -c.backlog))
+
+
+POLICIES: dict[str, type[LeastCompletion] | type[RoundRobin] | type[SizeSplit]] = {
+    LeastCompletion.name: LeastCompletion,
+    RoundRobin.name: RoundRobin,
+    SizeSplit.name: SizeSplit,
+}
