@@ -1,9 +1,14 @@
-"""Build hook for the optional native kernel, ``cryptoplane._native._sectors``.
+"""Build hook for the optional native extensions of ``cryptoplane._native``.
 
-Project metadata lives in pyproject.toml; this file only adds the C extension.
-The extension is optional: where it cannot be compiled or linked (no C compiler, no
-OpenSSL headers) the install still succeeds and ``cryptoplane._native`` falls back to a
-pure-Python path that gives the same bytes, more slowly.
+Project metadata lives in pyproject.toml; this file only adds the C extensions:
+
+* ``_sectors``: AES-XTS over runs of sectors, on OpenSSL's libcrypto;
+* ``_fastpath``: ``Plane.encrypt``/``decrypt``'s fast path as a C method (no crypto, no
+  libcrypto: it only dispatches to ``cryptography``).
+
+Both are optional: where one cannot be compiled or linked (no C compiler, no OpenSSL
+headers) the install still succeeds and ``cryptoplane`` falls back to pure Python that
+gives the same results, more slowly.
 """
 
 from __future__ import annotations
@@ -19,6 +24,23 @@ _HOW_TO_GET_NATIVE = (
     "Fedora: dnf install gcc openssl-devel) and reinstall cryptoplane"
 )
 
+_WHAT = {
+    "cryptoplane._native._sectors":
+        "the native AES-XTS kernel (cryptoplane._native._sectors)",
+    "cryptoplane._native._fastpath":
+        "the native encrypt/decrypt fast path (cryptoplane._native._fastpath)",
+}
+
+_WARNINGS = [
+    "-O3",
+    "-std=c99",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    "-Wno-missing-field-initializers",
+    "-Wno-cast-function-type",
+]
+
 
 class OptionalBuildExt(build_ext):  # type: ignore[misc]
     """build_ext that turns a failed native build into a warning, not a failed install."""
@@ -33,16 +55,16 @@ class OptionalBuildExt(build_ext):  # type: ignore[misc]
         try:
             super().build_extension(ext)
         except Exception as exc:  # compiler and linker errors vary by tool
-            self._warn(exc)
+            self._warn(exc, ext.name)
 
     @staticmethod
-    def _warn(exc: BaseException) -> None:
+    def _warn(exc: BaseException, name: str | None = None) -> None:
+        what = _WHAT.get(name or "", "the native extensions (cryptoplane._native)")
         bar = "*" * 78
         print(
-            f"\n{bar}\nWARNING: the native AES-XTS kernel (cryptoplane._native._sectors) "
-            f"could not be built:\n  {exc}\n"
-            "cryptoplane will use its pure-Python fallback: same bytes, much slower.\n"
-            f"To get the native kernel, {_HOW_TO_GET_NATIVE}.\n{bar}\n",
+            f"\n{bar}\nWARNING: {what} could not be built:\n  {exc}\n"
+            "cryptoplane will use its pure-Python fallback: same results, slower.\n"
+            f"To get the native code, {_HOW_TO_GET_NATIVE}.\n{bar}\n",
             file=sys.stderr,
         )
 
@@ -55,16 +77,18 @@ setup(
             depends=["cryptoplane/_native/xts_ctx.h"],
             libraries=["crypto"],
             extra_compile_args=[
-                "-O3",
-                "-std=c99",
-                "-Wall",
-                "-Wextra",
-                "-Wno-unused-parameter",
-                "-Wno-missing-field-initializers",
-                "-Wno-cast-function-type",
+                *_WARNINGS,
                 "-fvisibility=hidden",  # only PyInit__sectors leaves the .so
             ],
-        )
+        ),
+        Extension(
+            "cryptoplane._native._fastpath",
+            ["cryptoplane/_native/fastpath.c"],
+            extra_compile_args=[
+                *_WARNINGS,
+                "-fvisibility=hidden",  # only PyInit__fastpath leaves the .so
+            ],
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )
