@@ -9,75 +9,120 @@ No request object, no future, no lock, no queue. Everything else (``submit``, ``
 from __future__ import annotations
 
 import asyncio
-import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 from . import _native
 from . import requests as rq
-from .algorithms import Kind
+from .chain import Chain, annotate
 from .engines import REGISTRY, Engine, InlineEngine
 from .exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from .kernels import Buffer
 from .kernels.digests import hash_kernel
 from .keys import Key
-from .session import ONE_REQUEST, Counter, Session, check_engine
+from .scheduler.bucket import Clock
+from .scheduler.core import Scheduler
+from .scheduler.policy import POLICIES, Policy
+from .scheduler.router import Router
+from .session import ONE_REQUEST, Session, check_engine
+from .stats import Histogram, OpStats, Registry, aggregate
 
 # Requests up to this many bytes run inline even through submit()/arun(): handing them
-# to a thread costs more (~20-50 µs) than AES-GCM on 64 KiB (~4 µs here).
+# to a thread costs more (~15 µs) than AES-GCM on 64 KiB (~5 µs here).
 DEFAULT_FAST_PATH_LIMIT = 64 * 1024
+DEFAULT_ENGINES = ("inline", "threads")
+
+Submittable = rq.Request | Chain
+
+
+def _session_key(s: Session) -> str:
+    return f"session#{id(s):x}"
 
 
 class Plane:
     """The crypto plane. Use as a context manager, or call ``close()``.
 
     ``engines``: names from ``cryptoplane.engines.REGISTRY`` or ``Engine`` instances
-    (default: ``inline`` and ``threads``). ``self_test``: run each engine's known answers
-    at start and withdraw algorithms that fail them.
+    (default: ``inline`` and ``threads``; add ``pool`` for worker processes).
+    ``policy``: the balancer (``least-completion``, ``round-robin``, ``size-split``, or a
+    ``Policy`` object). ``max_queued``: bound on queued requests (then ``submit`` waits,
+    or raises ``Busy`` with ``block=False``). ``self_test``: run each engine's known
+    answers at start and withdraw algorithms that fail them.
     """
 
     def __init__(self, engines: Sequence[str | Engine] | None = None, *,
-                 self_test: bool = True,
-                 fast_path_limit: int = DEFAULT_FAST_PATH_LIMIT) -> None:
+                 policy: str | Policy = "least-completion", max_queued: int = 10_000,
+                 self_test: bool = True, fast_path_limit: int = DEFAULT_FAST_PATH_LIMIT,
+                 clock: Clock = time.monotonic) -> None:
         self.fast_path_limit = fast_path_limit
-        self._lock = threading.Lock()
-        self._counters: dict[tuple[str, str, str], Counter] = {}
+        self._registry = Registry()
         self._sessions: weakref.WeakKeyDictionary[Key, Session] = weakref.WeakKeyDictionary()
         self._live: set[Session] = set()  # sessions whose fast-path counts are not folded
+        # sessions whose key died: a key's finalizer appends here (deque.append takes no
+        # lock and runs no Python, so it is safe inside garbage collection); folded later
+        self._dead: deque[Session] = deque()
         self._closed = False
         self._engines: dict[str, Engine] = {}
-        for spec in engines if engines is not None else ("inline", "threads"):
-            if isinstance(spec, str) and spec not in REGISTRY:
-                raise NotSupported(f"unknown engine {spec!r} (known: {', '.join(REGISTRY)})")
-            engine = REGISTRY[spec]() if isinstance(spec, str) else spec
-            engine.start(self_test=self_test)
-            self._engines[engine.name] = engine
+        if isinstance(policy, str):
+            if policy not in POLICIES:
+                raise NotSupported(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+            policy = POLICIES[policy]()
+        try:
+            for spec in engines if engines is not None else DEFAULT_ENGINES:
+                if isinstance(spec, str) and spec not in REGISTRY:
+                    raise NotSupported(
+                        f"unknown engine {spec!r} (known: {', '.join(REGISTRY)})")
+                engine = REGISTRY[spec]() if isinstance(spec, str) else spec
+                self._engines[engine.name] = engine
+                engine.start(self_test=self_test)
+        except BaseException:
+            for e in self._engines.values():
+                e.close()
+            raise
         inline = self._engines.get("inline")
         self._inline: InlineEngine | None = inline if isinstance(inline, InlineEngine) else None
+        self._scheduler = Scheduler(self._engines, self._registry, policy=policy,
+                                    max_queued=max_queued, clock=clock)
+        self._router = Router(self._engines, self._scheduler, fast_path_limit)
 
     # -- sessions -------------------------------------------------------------------------
 
-    def session(self, key: Key, *, engine: str | None = None,
-                priority: str = "normal") -> Session:
-        """Bind ``key`` to this plane (and optionally to an engine, with a priority)."""
+    def session(self, key: Key, *, engine: str | None = None, priority: str = "normal",
+                client: str | None = None) -> Session:
+        """Bind ``key`` to this plane: optionally to one engine, with a priority for its
+        queued work, and on behalf of a named client (for QoS limits and statistics)."""
         if not isinstance(key, Key):
             raise InvalidRequest(f"a session needs a Key, not {type(key).__name__}")
         check_engine(self._engines, engine)
+        self._reap()
         inline = self._inline
         s = Session(self, key, engine, priority,
-                    inline is not None and key.algorithm.name in inline.capabilities)
+                    inline is not None and key.algorithm.name in inline.capabilities,
+                    client or "-")
+        self._admit(s)
         old = self._sessions.get(key)
-        with self._lock:
+        with self._registry._lock:
             self._live.add(s)
         if old is not None:
             self._fold(old)
-        else:  # when the key dies, its session's counts move into the plane's counters
-            weakref.finalize(key, Plane._fold_dead, weakref.ref(self))
+        # when the key dies, its session's counts move into the plane's counters
+        weakref.finalize(key, self._dead.append, s)
         self._sessions[key] = s
         key._session = s
         return s
+
+    def _admit(self, s: Session) -> None:
+        """Decide whether the fast path may serve ``s``: not when it is bound to another
+        engine or a QoS limit applies to it (the fast path neither waits nor queues)."""
+        limited = any(not lim.unlimited for name, lim in self._scheduler.limits.items()
+                      if name in (s.client, _session_key(s)))
+        inline_ok = self._inline is not None and s.algorithm in self._inline.capabilities
+        fast = s.engine in (None, "inline") and inline_ok and not limited
+        s.fast_plane = self if fast else None
 
     def _session(self, key: Key) -> Session:
         """The fast path's miss: find or make the implicit session for ``key``."""
@@ -89,34 +134,52 @@ class Plane:
         key._session = s
         return s
 
-    @staticmethod
-    def _fold_dead(plane_ref: weakref.ref[Plane]) -> None:
-        plane = plane_ref()
-        if plane is None:
-            return
-        with plane._lock:
-            ended = [s for s in plane._live if s.key is None]
-        for s in ended:
-            plane._fold(s)
+    def _session_of(self, request: rq.Request) -> Session | None:
+        key = request.key
+        if key is None:
+            return None
+        s = key._session
+        if s.plane is self:
+            return s  # type: ignore[no-any-return]
+        return self._sessions.get(key)
+
+    def _reap(self) -> None:
+        while self._dead:
+            self._fold(self._dead.popleft())
 
     def _fold(self, s: Session) -> None:
         """A session ended: keep its fast-path counts in the plane's counters."""
-        with self._lock:
+        with self._registry._lock:
             if s not in self._live:
                 return
             self._live.discard(s)
         for op, n, b in s.counts():
-            c = self._counter("inline", s.algorithm, op)
+            c = self._counter(s, op)
             c.requests += n
             c.bytes += b
 
-    def _counter(self, engine: str, algorithm: str, op: str) -> Counter:
-        k = (engine, algorithm, op)
-        c = self._counters.get(k)
-        if c is None:
-            with self._lock:
-                c = self._counters.setdefault(k, Counter())
-        return c
+    def _counter(self, s: Session, op: str) -> OpStats:
+        return self._registry.get("inline", s.algorithm, op, s.client)
+
+    # -- QoS ------------------------------------------------------------------------------
+
+    def limit(self, client: str | None = None, *, session: Session | None = None,
+              ops: float | None = None, bytes: float | None = None) -> None:
+        """Limit a named client or a session to ``ops`` requests/s and ``bytes``/s
+        (QEMU's throttle-ops/throttle-bps). 0 lifts a limit; ``None`` leaves it as is.
+        Takes effect at once, for work already queued too."""
+        if (client is None) == (session is None):
+            raise InvalidRequest("limit() needs exactly one of client= or session=")
+        for value in (ops, bytes):
+            if value is not None and value < 0:
+                raise InvalidRequest(f"limits must be >= 0, got {value}")
+        name = client if client is not None else _session_key(session)  # type: ignore[arg-type]
+        self._scheduler.limit(name, ops, bytes)
+        with self._registry._lock:
+            live = list(self._live)
+        for s in live:
+            if s.client == name or _session_key(s) == name:
+                self._admit(s)
 
     # -- the fast path: synchronous calls -----------------------------------------------
     # Written out by hand, not generated: the common case must be a straight line of
@@ -171,7 +234,11 @@ class Plane:
     def sign(self, key: Key, data: Buffer) -> bytes:
         s = key._session
         if s.fast_plane is self:
-            out: bytes = self._on_kernel(s, "sign", data)
+            try:
+                out = s.kernel.sign(data)
+            except CryptoplaneError as e:
+                self._counter(s, "sign").error(e)
+                raise
             s.c_sign += len(data) + ONE_REQUEST
             return out
         return self._slow(key, rq.Sign, data)  # type: ignore[no-any-return]
@@ -180,7 +247,11 @@ class Plane:
         """Returns ``None``; raises ``InvalidSignature`` when the signature is wrong."""
         s = key._session
         if s.fast_plane is self:
-            self._on_kernel(s, "verify", data, signature)
+            try:
+                s.kernel.verify(data, signature)
+            except CryptoplaneError as e:
+                self._counter(s, "verify").error(e)
+                raise
             s.c_verify += len(data) + ONE_REQUEST
             return
         self._slow(key, rq.Verify, data, signature)
@@ -197,7 +268,7 @@ class Plane:
         try:
             return getattr(s.kernel, op)(*args)
         except CryptoplaneError as e:
-            self._counter("inline", s.algorithm, op).error(e)
+            self._counter(s, op).error(e)
             raise
 
     def _fast_error(self, s: Session, op: str, e: Exception, data: Buffer,
@@ -211,7 +282,7 @@ class Plane:
             except CryptoplaneError as typed:
                 e = typed
         if isinstance(e, CryptoplaneError):
-            self._counter("inline", s.algorithm, op).error(e)
+            self._counter(s, op).error(e)
         return e
 
     def _slow(self, key: Key, cls: Any, *args: Any, **kw: Any) -> Any:
@@ -235,7 +306,7 @@ class Plane:
         kernel = hash_kernel(algorithm)
         if self._inline is None or kernel.algorithm.name not in self._inline.capabilities:
             return self.run(rq.Digest(algorithm, data))  # type: ignore[no-any-return]
-        c = self._counter("inline", kernel.algorithm.name, "digest")
+        c = self._registry.get("inline", kernel.algorithm.name, "digest")
         out = kernel.digest(data)
         c.requests += 1
         c.bytes += len(data)
@@ -281,139 +352,109 @@ class Plane:
 
     # -- requests: run, submit, arun, map -------------------------------------------------
 
-    def _route(self, request: rq.Request) -> Engine:
-        """Choose the engine for a request that is not taking the fast path."""
+    def submit(self, request: Submittable, *, priority: str | None = None,
+               client: str | None = None, timeout: float | None = None,
+               block: bool = True) -> Future[Any]:
+        """Submit a request (or a ``Chain``); a ``concurrent.futures.Future`` completes
+        with its result or its typed error. Small work runs at once in this thread; the
+        rest is queued by ``priority`` (``high``, ``normal``, ``bulk``; default: the key's
+        session's). ``timeout``: seconds until the request fails with ``Timeout``.
+        ``block=False``: raise ``Busy`` instead of waiting when the queues are full.
+        ``future.cancel()`` works until an engine has taken the request."""
+        return self._submit(request, priority, client, timeout, block, lend=False)
+
+    def _submit(self, request: Submittable, priority: str | None, client: str | None,
+                timeout: float | None, block: bool, *, lend: bool) -> Future[Any]:
         if self._closed:
             raise InvalidRequest("this plane is closed")
-        bound = self._bound_engine(request)
-        if bound is not None:
-            engine = self._engines[bound]
-            if not engine.can_serve(request):
-                raise NotSupported(f"engine {bound!r} cannot serve {request!r}")
-            return engine
-        candidates = [e for e in self._engines.values() if e.can_serve(request)]
-        if not candidates:
-            raise NotSupported(f"no engine of this plane can serve {request!r}")
-        if self._runs_inline(request) and self._inline in candidates:
-            assert self._inline is not None
-            return self._inline
-        return max(candidates, key=lambda e: (e.name != "inline", e.priority))
-
-    def _runs_inline(self, request: rq.Request) -> bool:
-        """Small symmetric work is cheaper here than anywhere else; asymmetric work and
-        big payloads go to an engine that can run them beside the caller."""
-        kind = request.algorithm.kind
-        if kind in (Kind.AKCIPHER, Kind.KPP):
-            return False
-        return request.nbytes <= self.fast_path_limit
-
-    def _completion(self, engine: Engine, request: rq.Request,
-                    future: Future[Any]) -> Any:
-        c = self._counter(engine.name, request.algorithm.name, request.op.value)
-        n = request.nbytes
-
-        def done(result: Any, error: BaseException | None) -> None:
-            if error is not None:
-                c.error(error)
-                if future.set_running_or_notify_cancel():
-                    future.set_exception(error)
-                return
-            c.requests += 1
-            c.bytes += n
-            if future.set_running_or_notify_cancel():
-                future.set_result(result)
-
-        return done
-
-    def run(self, request: rq.Request) -> Any:
-        """Run one request and wait for its result (raises its typed error)."""
+        if isinstance(request, Chain):
+            return self._submit_chain(request, priority, client, timeout, block)
         if not isinstance(request, rq.Request):
             raise InvalidRequest(f"expected a request, not {type(request).__name__}")
-        engine = self._engines["inline"] if (
-            self._inline is not None and self._inline.can_serve(request)
-            and self._bound_engine(request) in (None, "inline")
-        ) else self._route(request)
-        if engine is self._inline:
-            c = self._counter("inline", request.algorithm.name, request.op.value)
+        session = self._session_of(request)
+        return self._router.submit(request, session, priority=priority, client=client,
+                                   timeout=timeout, block=block, lend=lend,
+                                   session_limit=_session_key(session) if session else None)
+
+    def run(self, request: Submittable, *, priority: str | None = None,
+            client: str | None = None, timeout: float | None = None) -> Any:
+        """Run one request (or chain) and wait for its result (raises its typed error)."""
+        fut = self._submit(request, priority, client, timeout, True, lend=True)
+        if not fut.done():
+            self._router.help_while_waiting([fut])
+        return fut.result()
+
+    async def arun(self, request: Submittable, *, priority: str | None = None,
+                   client: str | None = None, timeout: float | None = None) -> Any:
+        """Run a request from asyncio without blocking the event loop on big work."""
+        fut = self._submit(request, priority, client, timeout, True, lend=False)
+        if fut.done():
+            return fut.result()
+        return await asyncio.wrap_future(fut)
+
+    def map(self, requests: Iterable[Submittable], *, return_exceptions: bool = False,
+            priority: str | None = None, client: str | None = None,
+            timeout: float | None = None) -> list[Any]:
+        """Run a batch; results in order. Work is queued in one go (engines take it in
+        bursts) and this thread runs what it can inline while it waits. With
+        ``return_exceptions`` errors take the place of results; otherwise the first
+        error is raised, after every request has completed."""
+        futures: list[Future[Any]] = []
+        for r in requests:
             try:
-                out = request.apply(request.kernel())
+                futures.append(self._submit(r, priority, client, timeout, True, lend=False))
             except CryptoplaneError as e:
-                c.error(e)
-                raise
-            c.requests += 1
-            c.bytes += request.nbytes
-            return out
-        return self._submit_to(engine, request).result()
-
-    def _bound_engine(self, request: rq.Request) -> str | None:
-        key = request.key
-        if key is None or key._session.plane is not self:
-            return None
-        return key._session.engine  # type: ignore[no-any-return]
-
-    def _submit_to(self, engine: Engine, request: rq.Request) -> Future[Any]:
-        fut: Future[Any] = Future()
-        engine.submit([(request, self._completion(engine, request, fut))])
-        return fut
-
-    def submit(self, request: rq.Request) -> Future[Any]:
-        """Submit a request; a ``concurrent.futures.Future`` completes with its result."""
-        if not isinstance(request, rq.Request):
-            raise InvalidRequest(f"expected a request, not {type(request).__name__}")
-        return self._submit_to(self._route(request), request)
-
-    async def arun(self, request: rq.Request) -> Any:
-        """Run a request from asyncio without blocking the event loop."""
-        if not isinstance(request, rq.Request):
-            raise InvalidRequest(f"expected a request, not {type(request).__name__}")
-        engine = self._route(request)
-        if engine is self._inline:
-            return self.run(request)
-        return await asyncio.wrap_future(self._submit_to(engine, request))
-
-    def map(self, requests: Iterable[rq.Request], *,
-            return_exceptions: bool = False) -> list[Any]:
-        """Run a batch; results in order. With ``return_exceptions`` errors take the place
-        of results instead of the first one being raised (after all have completed)."""
-        reqs = list(requests)
-        futures: list[Future[Any] | None] = []
-        inline_results: dict[int, tuple[Any, BaseException | None]] = {}
-        by_engine: dict[str, list[tuple[rq.Request, Any]]] = {}
-        for i, r in enumerate(reqs):
-            try:
-                engine = self._route(r)
-            except CryptoplaneError as e:
-                inline_results[i] = (None, e)
-                futures.append(None)
-                continue
-            if engine is self._inline:
-                futures.append(None)
-                try:
-                    inline_results[i] = (self.run(r), None)
-                except CryptoplaneError as e:
-                    inline_results[i] = (None, e)
-                continue
-            fut: Future[Any] = Future()
-            futures.append(fut)
-            by_engine.setdefault(engine.name, []).append(
-                (r, self._completion(engine, r, fut)))
-        for name, jobs in by_engine.items():  # one burst per engine
-            self._engines[name].submit(jobs)
+                f: Future[Any] = Future()
+                f.set_exception(e)
+                futures.append(f)
+        self._router.help_while_waiting(futures)
         out: list[Any] = []
         first_error: BaseException | None = None
-        for i, f in enumerate(futures):
-            if f is None:
-                value, err = inline_results[i]
-            else:
-                err = f.exception()
-                value = None if err is not None else f.result()
+        for fut in futures:
+            err = fut.exception()
             if err is not None:
                 first_error = first_error or err
                 out.append(err)
             else:
-                out.append(value)
+                out.append(fut.result())
         if first_error is not None and not return_exceptions:
             raise first_error
+        return out
+
+    def _submit_chain(self, chain: Chain, priority: str | None, client: str | None,
+                      timeout: float | None, block: bool) -> Future[Any]:
+        """Each step is submitted when the previous one completes, so each may run on a
+        different engine; the chain's future gets every step's output, or the first
+        failing step's own error."""
+        out: Future[Any] = Future()
+        out.set_running_or_notify_cancel()
+        results: list[Any] = []
+
+        def start(index: int, request: rq.Request) -> None:
+            try:
+                fut = self._submit(request, priority, client, timeout, block, lend=False)
+            except Exception as e:  # the step's own typed error ends the chain
+                out.set_exception(annotate(e, index, chain))
+                return
+            fut.add_done_callback(lambda f: advance(index, f))
+
+        def advance(index: int, fut: Future[Any]) -> None:
+            err = fut.exception()
+            if err is not None:
+                out.set_exception(annotate(err, index, chain))
+                return
+            results.append(fut.result())
+            if index + 1 == len(chain):
+                out.set_result(tuple(results))
+                return
+            try:
+                following = chain.next_request(index + 1, results[-1])
+            except Exception as e:
+                out.set_exception(annotate(e, index + 1, chain))
+                return
+            start(index + 1, following)
+
+        start(0, chain.first)
         return out
 
     # -- introspection and lifetime -------------------------------------------------------
@@ -423,39 +464,48 @@ class Plane:
         return dict(self._engines)
 
     def stats(self) -> dict[str, Any]:
-        """Counters as a plain dict (never key material)."""
-        per_engine: dict[str, dict[str, Any]] = {}
-        per_alg: dict[str, dict[str, Any]] = {}
-        with self._lock:
-            items = [(k, c.requests, c.bytes, c.errors) for k, c in self._counters.items()]
-            items += [(("inline", s.algorithm, op), n, b, {})
-                      for s in self._live for op, n, b in s.counts()]
-        for (engine, alg, op), requests, nbytes, errors in items:
-            e = per_engine.setdefault(engine, {"requests": 0, "bytes": 0, "errors": 0})
-            e["requests"] += requests
-            e["bytes"] += nbytes
-            e["errors"] += sum(errors.values())
-            a = per_alg.setdefault(alg, {}).setdefault(
-                op, {"requests": 0, "bytes": 0, "errors": {}})
-            a["requests"] += requests
-            a["bytes"] += nbytes
-            for name, n in errors.items():
-                a["errors"][name] = a["errors"].get(name, 0) + n
+        """Everything counted, as a plain dict (never key material): per engine,
+        algorithm/operation and client: requests, bytes, errors by type; latency
+        percentiles of queued work; queue depths; QoS limits; scheduler counters."""
+        self._reap()
+        rows: list[tuple[tuple[str, str, str, str], int, int, dict[str, int],
+                         Histogram | None]] = [
+            (k, s.requests, s.bytes, dict(s.errors), s.latency)
+            for k, s in self._registry.items()]
+        with self._registry._lock:
+            live = list(self._live)
+        rows += [(("inline", s.algorithm, op, s.client), n, b, {}, None)
+                 for s in live for op, n, b in s.counts()]
+        agg = aggregate(rows)
+        self._last_histograms: dict[str, Histogram] = agg.pop("_histograms")
+        engines: dict[str, Any] = {}
+        for name, e in self._engines.items():
+            counts = agg["engines"].get(name, {"requests": 0, "bytes": 0, "errors": {}})
+            extra = e.counters() if hasattr(e, "counters") else {}
+            engines[name] = {**counts, "health": e.health.value,
+                             "algorithms": len(e.capabilities), "inflight": e.inflight,
+                             "capacity": e.capacity, "parallelism": e.parallelism,
+                             "busy_seconds": round(e.meter.busy, 6),
+                             "rates": e.meter.rates(), **extra}
+        sched = self._scheduler
         return {
             "sector_kernel": {"backend": _native.BACKEND, "reason": _native.BACKEND_REASON},
-            "engines": {
-                name: {**per_engine.get(name, {"requests": 0, "bytes": 0, "errors": 0}),
-                       "health": e.health.value,
-                       "algorithms": len(e.capabilities)}
-                for name, e in self._engines.items()
-            },
-            "algorithms": per_alg,
+            "fast_path": {"backend": _native.FAST_PATH, "reason": _native.FAST_PATH_REASON},
+            "engines": engines,
+            "algorithms": agg["algorithms"],
+            "clients": agg["clients"],
+            "latency": agg["latency"],
+            "queues": sched.depth(),
+            "scheduler": {"policy": sched.policy.name, **sched.counters},
+            "limits": {name: lim.describe() for name, lim in sched.limits.items()},
         }
 
     def close(self) -> None:
+        """Fail queued work with ``EngineFailed``, let in-flight work finish, stop engines."""
         if self._closed:
             return
         self._closed = True
+        self._scheduler.close()
         for engine in self._engines.values():
             engine.close()
 

@@ -93,6 +93,9 @@ class Scheduler:
                                         daemon=True)
         self._thread.start()
 
+    def now(self) -> float:
+        return self._clock()
+
     # -- QoS ----------------------------------------------------------------------------
 
     def limit(self, client: str, ops: float | None = None,

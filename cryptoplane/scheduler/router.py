@@ -77,7 +77,10 @@ class Router:
         return out
 
     def submit(self, request: Request, session: Session | None, *, priority: str | None,
-               client: str | None, timeout: float | None, block: bool) -> Future[Any]:
+               client: str | None, timeout: float | None, block: bool, lend: bool,
+               session_limit: str | None) -> Future[Any]:
+        """``lend``: the caller will wait for this result anyway, so running big work in
+        its thread costs it nothing (``run``); otherwise only small work runs here."""
         if not isinstance(request, Request):
             raise InvalidRequest(f"expected a request, not {type(request).__name__}")
         priority = priority or (session.priority if session is not None else "normal")
@@ -85,24 +88,25 @@ class Router:
         bound = session.engine if session is not None else None
         engines = self.candidates(request, bound)
         wait = self.scheduler.qos_wait(client, request.nbytes)
+        if session_limit is not None:
+            wait = max(wait, self.scheduler.qos_wait(session_limit, request.nbytes))
         fut: Future[Any] = Future()
+        if engines == [self.inline] and wait:
+            time.sleep(wait)  # nothing else can run it: the QoS wait is the caller's
+            wait = 0.0
         if wait == 0 and self.inline in engines and (
-                len(engines) == 1 or self.small(request) or self._inline_wins(request, engines)):
+                len(engines) == 1 or self.small(request)
+                or (lend and self._inline_wins(request, engines))):
             fut.set_running_or_notify_cancel()
             try:
                 fut.set_result(self.run_inline(request, client))
             except CryptoplaneError as e:
                 fut.set_exception(e)
             return fut
-        if engines == [self.inline]:
-            # a plane with no other engine: QoS makes the caller wait, then runs it here
-            time.sleep(wait)
-            return self.submit(request, session, priority=priority, client=client,
-                               timeout=timeout, block=block)
         names = [e.name for e in engines]
         self.scheduler.enqueue(request, fut, engines=names, priority=priority, client=client,
                                timeout=timeout, block=block,
-                               not_before=time.monotonic() + wait if wait else 0.0)
+                               not_before=self.scheduler.now() + wait if wait else 0.0)
         return fut
 
     def _inline_wins(self, request: Request, engines: Sequence[Engine]) -> bool:

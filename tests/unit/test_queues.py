@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 from cryptoplane.scheduler.queues import PATIENCE, PriorityQueues
 
 
@@ -30,7 +32,7 @@ def test_bulk_progresses_under_a_flood_of_high() -> None:
     order = drain_order(q, 45)
     bulk = [i for i, x in enumerate(order) if x.startswith("b")]
     assert len(bulk) == 5 and bulk[0] == PATIENCE  # served after PATIENCE passes
-    gaps = [b - a for a, b in zip(bulk, bulk[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(bulk)]
     assert all(g == PATIENCE + 1 for g in gaps)
 
 
