@@ -8,6 +8,7 @@
 
 from . import algorithms
 from .algorithms import Algorithm, Kind, Op, lookup
+from .chain import Chain
 from .exceptions import (
     AuthenticationFailed,
     Busy,
@@ -42,7 +43,7 @@ from .session import Session
 __version__ = "0.1.0"
 
 __all__ = [
-    "Algorithm", "AuthenticationFailed", "Busy", "CryptoplaneError", "Decrypt",
+    "Algorithm", "AuthenticationFailed", "Busy", "Chain", "CryptoplaneError", "Decrypt",
     "DecryptSectors", "Derive", "Digest", "Encrypt", "EncryptSectors", "EngineFailed",
     "InvalidRequest", "InvalidSignature", "Key", "KeyRejected", "Kind", "Mac", "NotSupported",
     "Op", "Plane", "QuotaExceeded", "Random", "Request", "SelfTestFailed", "Session", "Sign",

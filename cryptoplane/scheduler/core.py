@@ -155,6 +155,8 @@ class Scheduler:
                 raise EngineFailed("the plane is closed")
             self.counters["submitted"] += 1
             self._queues.put(priority, ticket, not_before=not_before, now=now)
+            if deadline is not None:  # expired by the dispatcher, queued or in flight
+                heapq.heappush(self._deadlines, (deadline, next(self._seq), ticket))
             self._cv.notify_all()
         return ticket
 
@@ -246,6 +248,9 @@ class Scheduler:
             if cls is None:
                 break
             t = self._queues.peek(cls)
+            if t.state == FINISHED:  # timed out while queued: drop it here
+                self._queues.pop(cls)
+                continue
             if t.deadline is not None and now >= t.deadline:
                 self._queues.pop(cls)
                 self._expired(t)
@@ -254,17 +259,13 @@ class Scheduler:
             if not free:
                 break  # the head waits for room; a completion will wake us
             self._queues.pop(cls)
-            if not t.future.set_running_or_notify_cancel():
-                t.state = FINISHED
-                self.counters["cancelled"] += 1
+            if not self._start(t):
                 continue
             engine = self.choose(t.request, free)
             room[engine.name] -= 1
             self._assigned[engine.name] += 1
             t.state = DISPATCHED
             batch.setdefault(engine.name, []).append(t)
-            if t.deadline is not None:
-                heapq.heappush(self._deadlines, (t.deadline, next(self._seq), t))
         return batch
 
     def steal(self, name: str) -> Ticket | None:
@@ -276,18 +277,28 @@ class Scheduler:
                 if not self._queues.depth()[cls]:
                     continue
                 t = self._queues.peek(cls)
+                if t.state == FINISHED:
+                    self._queues.pop(cls)
+                    return self.steal(name) if len(self._queues) else None
                 if name not in t.engines:
                     continue
                 self._queues.pop(cls)
-                if not t.future.set_running_or_notify_cancel():
-                    t.state = FINISHED
-                    self.counters["cancelled"] += 1
+                if not self._start(t):
                     return None
                 t.state = DISPATCHED
                 self._assigned[name] = self._assigned.get(name, 0) + 1
                 self._cv.notify_all()
                 return t
         return None
+
+    def _start(self, t: Ticket) -> bool:
+        """Mark ``t``'s future running (once: a failed-over ticket already is); false when
+        the caller cancelled it while it was queued, which is then its one outcome."""
+        if t.future.running() or t.future.set_running_or_notify_cancel():
+            return True
+        t.state = FINISHED
+        self.counters["cancelled"] += 1
+        return False
 
     def _expired(self, t: Ticket) -> None:
         # called with the lock held: finish inline without re-taking it
@@ -322,7 +333,14 @@ class Scheduler:
                 engine = self.engines[name]
                 t0 = self._clock()
                 jobs = [(t.request, _Done(self, t, engine, t0)) for t in tickets]
-                accepted = engine.submit(jobs)
+                try:
+                    accepted = engine.submit(jobs)
+                except Exception as e:  # a device that raises instead of completing
+                    err = EngineFailed(f"engine {name!r} failed to take work: "
+                                       f"{type(e).__name__}")
+                    for job in jobs:
+                        job[1](None, err)
+                    continue
                 if accepted < len(jobs):  # backpressure: the rest keep their place
                     with self._cv:
                         self._assigned[name] -= len(jobs) - accepted
