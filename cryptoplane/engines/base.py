@@ -100,7 +100,7 @@ class Engine:
             a.name: Capability(a.name, a.ops, self.max_request)
             for a in self._algorithms if a.name in passed
         }
-        if self_test and len(passed) < len(self._algorithms):
+        if self_test and len(passed) < len(self._algorithms) and self.health is Health.OK:
             self.health = Health.DEGRADED
 
     @property

@@ -152,7 +152,7 @@ class CbcKernel(_BlockCipherKernel):
                 padding: bool = False) -> bytes:
         if padding:
             padder = sym_padding.PKCS7(128).padder()
-            data = padder.update(data) + padder.finalize()
+            data = bytes(padder.update(data)) + padder.finalize()
         elif len(data) % 16:
             raise InvalidRequest(
                 f"{self.algorithm.name} without padding needs a multiple of 16 bytes, "
