@@ -73,6 +73,7 @@ class Engine:
     priority: int = 0  # like cra_priority: higher wins when several can serve
     max_request: int = 1 << 31
     parallelism: int = 1  # requests it works on at once
+    local = True  # runs on this machine's cores (a remote engine brings its own)
     capacity: int = 1 << 30  # requests it accepts in flight before submit() refuses
 
     def __init__(self, algorithms: Iterable[Algorithm] | None = None) -> None:

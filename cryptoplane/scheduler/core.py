@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from .bucket import Clock, Limit
 from .policy import EngineView, LeastCompletion, Policy
 from .queues import PriorityQueues
 
+CORES = os.cpu_count() or 1
 BURST = 32  # tickets handed to one engine per dispatch round
 MAX_ATTEMPTS = 3  # a request is tried on at most this many engine failures
 
@@ -119,11 +121,22 @@ class Scheduler:
     # -- choosing -----------------------------------------------------------------------
 
     def views(self, request: Request, engines: Sequence[Engine]) -> list[EngineView]:
+        """What the policy sees. Engines of this machine share its cores: a pool of
+        processes and a pool of threads are not two machines' worth of lanes, so their
+        backlog is counted together and their parallelism capped at the core count;
+        then what separates them is each one's own cost (latency, caller's share)."""
         alg, op, n = request.algorithm.name, request.op.value, request.nbytes
         queued = len(self._queues)
-        return [EngineView(e.name, e.priority, e.parallelism,
-                           e.inflight + self._assigned.get(e.name, 0) + queued,
-                           e.meter.estimate(alg, op, n)) for e in engines]
+        local_busy = sum(e.inflight + self._assigned.get(e.name, 0)
+                         for e in self.engines.values() if e.local and e.name != "inline")
+        views = []
+        for e in engines:
+            own = e.inflight + self._assigned.get(e.name, 0)
+            backlog = (local_busy if e.local else own) + queued
+            lanes = min(e.parallelism, CORES) if e.local else e.parallelism
+            views.append(EngineView(e.name, e.priority, lanes, backlog,
+                                    e.meter.estimate(alg, op, n)))
+        return views
 
     def choose(self, request: Request, engines: Sequence[Engine]) -> Engine:
         if len(engines) == 1:
@@ -255,13 +268,17 @@ class Scheduler:
                 self._queues.pop(cls)
                 self._expired(t)
                 continue
-            free = [self.engines[n] for n in t.engines if room.get(n, 0) > 0]
-            if not free:
+            capable = [self.engines[n] for n in t.engines if n in room]
+            if not capable:
+                break  # only inline can run it: a caller waiting on a batch will steal it
+            # the best engine for it, full or not: spilling to a worse engine because the
+            # best is busy would trade a short wait for a slower (or costlier) run
+            engine = self.choose(t.request, capable)
+            if room[engine.name] <= 0:
                 break  # the head waits for room; a completion will wake us
             self._queues.pop(cls)
             if not self._start(t):
                 continue
-            engine = self.choose(t.request, free)
             room[engine.name] -= 1
             self._assigned[engine.name] += 1
             t.state = DISPATCHED

@@ -41,6 +41,10 @@ def completion_time(v: EngineView) -> float:
     return max(e.caller, wait)
 
 
+def _caller(v: EngineView) -> float:
+    return v.estimate.caller if v.estimate is not None else 0.0
+
+
 class LeastCompletion:
     """Default: the smallest estimated completion time (queued work / measured rate).
 
@@ -59,7 +63,8 @@ class LeastCompletion:
         unknown = [c for c in candidates if c.estimate is None]
         if unknown:
             return min(unknown, key=lambda c: (c.backlog, -c.priority))
-        ranked = sorted(candidates, key=lambda c: (completion_time(c), -c.priority))
+        # equal times: the engine that costs the caller less leaves it free for the next
+        ranked = sorted(candidates, key=lambda c: (completion_time(c), _caller(c), -c.priority))
         if len(ranked) > 1 and next(self._n) % self._explore_every == 0:
             return ranked[1]
         return ranked[0]
