@@ -6,6 +6,7 @@ import click
 
 from .. import __version__
 from .engines import engines
+from .stats import stats
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ def cli() -> None:
 
 
 cli.add_command(engines)
+cli.add_command(stats)
 
 try:  # the speed command lives in its own module
     from .speed import speed
