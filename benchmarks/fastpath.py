@@ -9,7 +9,9 @@ once, in a rotating order, so drift and noise hit them alike):
 * direct: the library's bound method, ``AESGCM(key).encrypt(nonce, data, None)``;
 * native: ``plane.encrypt(key, data, nonce=nonce)`` with the C trampoline
   (``cryptoplane._native._fastpath``);
-* python: the same call on a Plane whose encrypt/decrypt are the pure-Python methods.
+* python: the same call on a Plane whose encrypt/decrypt are the pure-Python methods
+  (they count through the session's Tally, the C one unless ``CRYPTOPLANE_NO_NATIVE=1``:
+  run with it set for the numbers of an install without the native module).
 
 Per size: the median ns per call of each path, the overhead (median of the per-round
 differences to direct) and plane/direct (throughput ratio, direct time / plane time).

@@ -28,7 +28,18 @@ from .scheduler.bucket import Clock
 from .scheduler.core import Scheduler
 from .scheduler.policy import POLICIES, Policy
 from .scheduler.router import Router
-from .session import ONE_REQUEST, Session, check_engine
+from .session import (
+    OP_DECRYPT,
+    OP_DECRYPT_SECTORS,
+    OP_ENCRYPT,
+    OP_ENCRYPT_SECTORS,
+    OP_INDEX,
+    OP_MAC,
+    OP_SIGN,
+    OP_VERIFY,
+    Session,
+    check_engine,
+)
 from .stats import Histogram, OpStats, Registry, aggregate
 
 # Requests up to this many bytes run inline even through submit()/arun(): handing them
@@ -198,7 +209,7 @@ class Plane:
                 out: bytes = s.enc(nonce, data, aad)
             except Exception as e:
                 raise self._fast_error(s, "encrypt", e, data, nonce, aad) from None
-            s.c_encrypt += len(data) + ONE_REQUEST
+            s.tally.add(OP_ENCRYPT, len(data))
             return out
         return self._slow(key, rq.Encrypt, data, nonce=nonce, aad=aad,  # type: ignore[no-any-return]
                           padding=padding)
@@ -215,7 +226,7 @@ class Plane:
                 out: bytes = s.dec(nonce, data, aad)
             except Exception as e:
                 raise self._fast_error(s, "decrypt", e, data, nonce, aad) from None
-            s.c_decrypt += len(data) + ONE_REQUEST
+            s.tally.add(OP_DECRYPT, len(data))
             return out
         return self._slow(key, rq.Decrypt, data, nonce=nonce, aad=aad,  # type: ignore[no-any-return]
                           padding=padding)
@@ -239,7 +250,7 @@ class Plane:
             except CryptoplaneError as e:
                 self._counter(s, "sign").error(e)
                 raise
-            s.c_sign += len(data) + ONE_REQUEST
+            s.tally.add(OP_SIGN, len(data))
             return out
         return self._slow(key, rq.Sign, data)  # type: ignore[no-any-return]
 
@@ -252,7 +263,7 @@ class Plane:
             except CryptoplaneError as e:
                 self._counter(s, "verify").error(e)
                 raise
-            s.c_verify += len(data) + ONE_REQUEST
+            s.tally.add(OP_VERIFY, len(data))
             return
         self._slow(key, rq.Verify, data, signature)
 
@@ -260,7 +271,7 @@ class Plane:
         s = key._session
         if s.fast_plane is self:
             out: bytes = self._on_kernel(s, "mac", data, tag_size)
-            s.c_mac += len(data) + ONE_REQUEST
+            s.tally.add(OP_MAC, len(data))
             return out
         return self._slow(key, rq.Mac, data, tag_size=tag_size)  # type: ignore[no-any-return]
 
@@ -294,7 +305,7 @@ class Plane:
         op = cls.op.value
         if op in ("encrypt", "decrypt"):
             out = self._on_kernel(s, op, args[0], kw["nonce"], kw["aad"], kw["padding"])
-            setattr(s, f"c_{op}", getattr(s, f"c_{op}") + len(args[0]) + ONE_REQUEST)
+            s.tally.add(OP_INDEX[op], len(args[0]))
             return out
         return getattr(self, op)(key, *args, **kw)
 
@@ -333,7 +344,7 @@ class Plane:
                                                   sector_size=sector_size, out=out, tweak=tweak))
         layout = rq.check_sectors(data, sector, sector_size, tweak)
         result = self._on_kernel(s, "encrypt_sectors", data, sector, sector_size, out, layout)
-        s.c_encrypt_sectors += len(data) + ONE_REQUEST
+        s.tally.add(OP_ENCRYPT_SECTORS, len(data))
         return result
 
     def decrypt_sectors(self, key: Key, data: Buffer, *, sector: int = 0,
@@ -347,7 +358,7 @@ class Plane:
                                                   sector_size=sector_size, out=out, tweak=tweak))
         layout = rq.check_sectors(data, sector, sector_size, tweak)
         result = self._on_kernel(s, "decrypt_sectors", data, sector, sector_size, out, layout)
-        s.c_decrypt_sectors += len(data) + ONE_REQUEST
+        s.tally.add(OP_DECRYPT_SECTORS, len(data))
         return result
 
     # -- requests: run, submit, arun, map -------------------------------------------------

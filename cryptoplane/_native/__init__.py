@@ -23,6 +23,12 @@ interpreter's ~200 ns around a ~0.4 us AEAD call; anything off the fast path is 
 to ``method`` unchanged.  It is ``method`` itself where ``_fastpath`` is not available
 or ``CRYPTOPLANE_NO_NATIVE`` is set (``FAST_PATH``/``FAST_PATH_REASON`` say which).
 
+``Tally`` is a session's fast-path counters: requests and bytes per op of ``TALLY_OPS``,
+``add(op_index, nbytes)`` and ``snapshot() -> [(op, requests, bytes)]``. With the native
+fast path it is ``_fastpath.Tally`` (uint64 fields the trampoline adds to in place, with
+no Python int allocated per call: ~35 ns of its ~100); otherwise ``PythonTally``, the
+same interface and the same numbers.
+
 To get the native kernel, install the OpenSSL headers and a C compiler
 (``apt-get install build-essential libssl-dev``) and reinstall cryptoplane.
 """
@@ -30,6 +36,8 @@ To get the native kernel, install the OpenSSL headers and a C compiler
 from __future__ import annotations
 
 import os
+import sysconfig
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -41,11 +49,15 @@ __all__ = [
     "BACKEND_REASON",
     "FAST_PATH",
     "FAST_PATH_REASON",
+    "TALLY_OPS",
     "TWEAK_PLAIN64",
     "TWEAK_PLAIN64BE",
     "NativeFastAead",
+    "NativeTally",
     "NativeXtsKey",
+    "PythonTally",
     "PythonXtsKey",
+    "Tally",
     "XtsKey",
     "fast_aead",
     "openssl_version",
@@ -92,6 +104,64 @@ def openssl_version() -> str:
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+# -- the fast path's counters -------------------------------------------------------------
+
+# The ops a session counts, in index order (the C module has the same tuple: it adds to
+# encrypt and decrypt, 0 and 1, itself).
+TALLY_OPS = ("encrypt", "decrypt", "sign", "verify", "mac", "encrypt_sectors",
+             "decrypt_sectors")
+
+# requests << 64 | bytes in one int, so add() is one addition: 2**64 bytes is 16 EiB, the
+# byte half cannot overflow into the request half.
+_ONE_REQUEST = 1 << 64
+_BYTES = _ONE_REQUEST - 1
+
+
+class PythonTally:
+    """A session's fast-path counters without the C module: the same interface and
+    numbers as ``_fastpath.Tally``. ``add`` is exact under threads with a GIL: its
+    subscript, addition and store run no Python code and reach no point where the
+    interpreter switches threads (see ``LockedTally`` for builds without one)."""
+
+    __slots__ = ("_packed",)
+
+    def __init__(self) -> None:
+        self._packed = [0] * len(TALLY_OPS)
+
+    def add(self, op: int, nbytes: int, /) -> None:
+        """Count one request of ``nbytes`` (a ``len()``) for ``TALLY_OPS[op]``."""
+        self._packed[op] += nbytes + _ONE_REQUEST
+
+    def snapshot(self) -> list[tuple[str, int, int]]:
+        """``[(op, requests, bytes)]`` for every op counted, in ``TALLY_OPS`` order."""
+        packed = list(self._packed)  # one moment, as the C version
+        return [(name, p >> 64, p & _BYTES) for name, p in zip(TALLY_OPS, packed, strict=True)
+                if p]
+
+
+class LockedTally(PythonTally):
+    """``PythonTally`` for a free-threaded build, where ``+=`` on a list item can lose
+    counts: a lock around it (~40 ns more). (Importing the C module re-enables the GIL
+    there: it does not declare that it can run without one.)"""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def add(self, op: int, nbytes: int, /) -> None:
+        with self._lock:
+            self._packed[op] += nbytes + _ONE_REQUEST
+
+    def snapshot(self) -> list[tuple[str, int, int]]:
+        with self._lock:
+            return super().snapshot()
+
+
+_PyTally: type[PythonTally] = (LockedTally if sysconfig.get_config_var("Py_GIL_DISABLED")
+                               else PythonTally)
+
 NativeFastAead: type[Any] | None
 try:
     import cryptoplane._native._fastpath as _fastpath
@@ -99,8 +169,13 @@ except ImportError as exc:
     NativeFastAead = None
     _fast_error = f"native fast path unavailable ({exc}); install a C compiler and reinstall"
 else:
-    NativeFastAead = _fastpath.FastAead
-    _fast_error = ""
+    if tuple(getattr(_fastpath, "TALLY_OPS", ())) != TALLY_OPS:
+        # a stale build of fastpath.c: it would count into the wrong ops
+        NativeFastAead = None
+        _fast_error = "native fast path out of date (TALLY_OPS differ); reinstall"
+    else:
+        NativeFastAead = _fastpath.FastAead
+        _fast_error = ""
 
 if os.environ.get("CRYPTOPLANE_NO_NATIVE", "") not in ("", "0"):
     FAST_PATH, FAST_PATH_REASON = "python", "CRYPTOPLANE_NO_NATIVE is set"
@@ -108,6 +183,10 @@ elif NativeFastAead is None:
     FAST_PATH, FAST_PATH_REASON = "python", _fast_error
 else:
     FAST_PATH, FAST_PATH_REASON = "native", ""
+
+NativeTally: type[Any] | None = _fastpath.Tally if NativeFastAead is not None else None
+# The trampoline counts in place only into a native Tally, so the two go together.
+Tally: type[Any] = NativeTally if FAST_PATH == "native" and NativeTally else _PyTally
 
 
 def fast_aead(op: str, method: _F) -> _F:

@@ -1,5 +1,6 @@
 /*
- * cryptoplane._native._fastpath: Plane.encrypt / Plane.decrypt's fast path, in C.
+ * cryptoplane._native._fastpath: Plane.encrypt / Plane.decrypt's fast path, in C, and
+ * the sessions' fast-path counters (Tally).
  *
  * There is no cryptography here.  An AEAD call through `cryptography` costs ~0.4 us;
  * the pure-Python method around it (argument binding, the session test, try, the counter
@@ -10,8 +11,17 @@
  *
  * Measured on 3.11, the generic C-API way to do that still costs ~200 ns: about 60 in
  * PyObject_GetAttr on slots and 100 in the counter (two int additions, GetAttr,
- * SetAttr).  Hence the two caches below; with them the overhead is ~95-110 ns, of which
- * ~50 is the second call level itself and ~35 the counter's one int addition.
+ * SetAttr).  Hence the slot cache below.  The counter was then still ~35 ns of the
+ * remaining ~100: a Python int `requests << 64 | bytes` in a session slot, so every
+ * call allocated a multi-digit int for the sum (and, for a new size, the increment).
+ * Now a session's counters are a Tally, plain uint64 fields in a C object, and the
+ * trampoline adds to them in place: one slot read, an exact type test, two additions,
+ * no allocation.  Measured (aes-256-gcm encrypt, 3.11): the overhead over the bare
+ * call went from ~115-145 ns to ~45-60, 16 KiB plane/direct from ~0.945 to ~0.975.
+ * Under the GIL (held throughout; nothing here releases it) the two additions are
+ * atomic with respect to other threads, so counts stay exact.  (This is a
+ * single-phase-init module that does not declare Py_mod_gil, so a free-threaded
+ * interpreter turns the GIL back on when it is imported.)
  *
  * Anything else -- a key not bound to this plane's fast path, padding, argument errors --
  * goes to the pure-Python method it was made from, with the call's arguments untouched,
@@ -20,22 +30,44 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stdint.h>
+
+/*
+ * Tally: one session's fast-path counts, requests and bytes per op, as uint64.
+ * The ops and their order are TALLY_OPS; _native/__init__.py holds the same tuple and
+ * the pure-Python Tally, and refuses this module if the two differ.  encrypt and
+ * decrypt must be 0 and 1: the trampoline adds to those.  2**64 bytes is 16 EiB.
+ */
+static const char *const TALLY_OPS[] = {
+    "encrypt", "decrypt", "sign", "verify", "mac", "encrypt_sectors", "decrypt_sectors",
+};
+#define TALLY_N ((int)(sizeof(TALLY_OPS) / sizeof(TALLY_OPS[0])))
+enum { TALLY_ENCRYPT = 0, TALLY_DECRYPT = 1 };
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t requests[TALLY_N];
+    uint64_t bytes[TALLY_N];
+} Tally;
+
+static PyTypeObject TallyType;
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *fallback; /* the Python method: slow path, argument errors, __doc__ */
     PyObject *op;       /* "encrypt" | "decrypt", as passed to Plane._fast_error */
-    struct SlotCache *fn;    /* Session.enc | dec: (nonce, data, aad) -> bytes */
-    struct SlotCache *count; /* Session.c_encrypt | c_decrypt: requests << 64 | bytes */
+    struct SlotCache *fn; /* Session.enc | dec: (nonce, data, aad) -> bytes */
+    int index;            /* TALLY_ENCRYPT | TALLY_DECRYPT: where Session.tally counts */
+    PyObject *index_obj;  /* the same as an int, for a Tally that is not ours */
 } FastAead;
 
 /* Interned once: keyword names at call sites are interned too, so binding compares
  * pointers. */
-static PyObject *s_session, *s_fast_plane, *s_fast_error;
-static PyObject *s_enc, *s_dec, *s_c_encrypt, *s_c_decrypt, *s_encrypt, *s_decrypt;
+static PyObject *s_session, *s_fast_plane, *s_fast_error, *s_tally, *s_add;
+static PyObject *s_enc, *s_dec, *s_encrypt, *s_decrypt;
 static PyObject *s_key, *s_data, *s_nonce, *s_aad, *s_padding; /* parameters */
-static PyObject *one_request; /* session.ONE_REQUEST, 1 << 64 */
+static PyObject *tally_ops; /* TALLY_OPS as a tuple of str, the module's TALLY_OPS */
 
 #ifndef Py_T_OBJECT_EX /* 3.11 has only the old names of these */
 #define Py_T_OBJECT_EX T_OBJECT_EX
@@ -48,11 +80,11 @@ static PyObject *one_request; /* session.ONE_REQUEST, 1 << 64 */
  * (type lookup, descriptor call).  Key._session and Session's attributes are slots.
  * Valid while the type keeps its tp_version_tag: any change to the class or to one of
  * its bases resets it.  Types it does not apply to (Unbound, a class with its own
- * __getattribute__ or __setattr__, a property) take PyObject_GetAttr/SetAttr.
+ * __getattribute__, a property) take PyObject_GetAttr.  Only read: the counters are
+ * written inside the Tally, never by rebinding a session attribute.
  */
 typedef struct SlotCache {
     PyObject **name;
-    int write;          /* also written: the type's setattr must be the generic one */
     PyTypeObject *type; /* strong reference; NULL: nothing cached */
     unsigned int version;
     Py_ssize_t offset;
@@ -60,16 +92,14 @@ typedef struct SlotCache {
 
 static SlotCache c_session = {.name = &s_session}, c_fast_plane = {.name = &s_fast_plane};
 static SlotCache c_enc = {.name = &s_enc}, c_dec = {.name = &s_dec};
-static SlotCache c_c_encrypt = {.name = &s_c_encrypt, .write = 1};
-static SlotCache c_c_decrypt = {.name = &s_c_decrypt, .write = 1};
+static SlotCache c_tally = {.name = &s_tally};
 
 /* Not cached yet, or the type changed: find the slot, if it is one.  Out of line. */
 static int
 slot_fill(SlotCache *c, PyTypeObject *t)
 {
     /* a metaclass could answer the lookup below from elsewhere than t's MRO */
-    if (!Py_IS_TYPE(t, &PyType_Type) || t->tp_getattro != PyObject_GenericGetAttr
-            || (c->write && t->tp_setattro != PyObject_GenericSetAttr)) {
+    if (!Py_IS_TYPE(t, &PyType_Type) || t->tp_getattro != PyObject_GenericGetAttr) {
         return 0;
     }
     /* the class attribute, through the MRO: a member descriptor for a slot */
@@ -115,24 +145,13 @@ slot_get(SlotCache *c, PyObject *obj)
     return PyObject_GetAttr(obj, *c->name); /* also: raises for an empty slot */
 }
 
-/* obj.<name> = v */
-static inline int
-slot_set(SlotCache *c, PyObject *obj, PyObject *v)
+/* obj.<name>, borrowed (obj keeps it), or NULL, no exception set, if it is not a
+ * cached slot or the slot is empty: the caller then takes PyObject_GetAttr. */
+static inline PyObject *
+slot_peek(SlotCache *c, PyObject *obj)
 {
-    if (slot_cached(c, obj)) { /* what PyMember_SetOne does for T_OBJECT_EX */
-        PyObject **p = (PyObject **)((char *)obj + c->offset);
-        PyObject *old = *p;
-        *p = Py_NewRef(v);
-        Py_XDECREF(old);
-        return 0;
-    }
-    return PyObject_SetAttr(obj, *c->name, v);
+    return slot_cached(c, obj) ? *(PyObject **)((char *)obj + c->offset) : NULL;
 }
-
-/* len(data) + ONE_REQUEST for the last length seen: a stream of requests of one size
- * (the usual case) then costs one int addition per call instead of two. */
-static Py_ssize_t inc_len = -1;
-static PyObject *inc_value;
 
 /*
  * `raise self._fast_error(s, op, e, data, nonce, aad) from None`, from inside
@@ -203,6 +222,28 @@ raise_fast_error(FastAead *fa, PyObject *self, PyObject *s, PyObject *data,
     Py_DECREF(typed);
     Py_DECREF(exc);
     return NULL;
+}
+
+/* `s.tally.add(index, n)` the Python way: s.tally is not exactly a Tally (a pure-Python
+ * one, a subclass) or not a cached slot.  Out of line. */
+static int
+tally_add_generic(FastAead *fa, PyObject *s, Py_ssize_t n)
+{
+    PyObject *tally = PyObject_GetAttr(s, s_tally);
+    if (tally == NULL) {
+        return -1;
+    }
+    PyObject *nbytes = PyLong_FromSsize_t(n);
+    if (nbytes == NULL) {
+        Py_DECREF(tally);
+        return -1;
+    }
+    PyObject *args[3] = {tally, fa->index_obj, nbytes};
+    PyObject *r = PyObject_VectorcallMethod(s_add, args, 3, NULL);
+    Py_DECREF(nbytes);
+    Py_DECREF(tally);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
 }
 
 static PyObject *
@@ -299,35 +340,23 @@ fastaead_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
         return NULL;
     }
 
-    /* s.c_<op> += len(data) + ONE_REQUEST */
-    PyObject *count = NULL, *sum = NULL;
-    Py_ssize_t n = PyObject_Size(data);
+    /* s.tally.add(index, len(data)): in place when it is our Tally (the usual case) */
+    Py_ssize_t n = PyBytes_CheckExact(data) ? PyBytes_GET_SIZE(data) : PyObject_Size(data);
     if (n < 0) {
         goto fail;
     }
-    if (n != inc_len) {
-        PyObject *len = PyLong_FromSsize_t(n);
-        PyObject *inc = len == NULL ? NULL : PyNumber_Add(len, one_request);
-        Py_XDECREF(len);
-        if (inc == NULL) {
-            goto fail;
-        }
-        Py_XSETREF(inc_value, inc);
-        inc_len = n;
+    PyObject *tally = slot_peek(&c_tally, s);
+    if (tally != NULL && Py_IS_TYPE(tally, &TallyType)) { /* exact: no subclass hooks */
+        ((Tally *)tally)->requests[fa->index] += 1;
+        ((Tally *)tally)->bytes[fa->index] += (uint64_t)n;
     }
-    if ((count = slot_get(fa->count, s)) == NULL
-            || (sum = PyNumber_Add(count, inc_value)) == NULL
-            || slot_set(fa->count, s, sum) < 0) {
+    else if (tally_add_generic(fa, s, n) < 0) {
         goto fail;
     }
-    Py_DECREF(sum);
-    Py_DECREF(count);
     Py_DECREF(s);
     return out;
 
 fail:
-    Py_XDECREF(sum);
-    Py_XDECREF(count);
     Py_DECREF(out);
     Py_DECREF(s);
     return NULL;
@@ -364,7 +393,12 @@ fastaead_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     fa->fallback = Py_NewRef(fallback);
     fa->op = Py_NewRef(is_enc ? s_encrypt : s_decrypt);
     fa->fn = is_enc ? &c_enc : &c_dec;
-    fa->count = is_enc ? &c_c_encrypt : &c_c_decrypt;
+    fa->index = is_enc ? TALLY_ENCRYPT : TALLY_DECRYPT;
+    fa->index_obj = PyLong_FromLong(fa->index);
+    if (fa->index_obj == NULL) {
+        Py_DECREF(fa);
+        return NULL;
+    }
     return (PyObject *)fa;
 }
 
@@ -388,6 +422,7 @@ fastaead_dealloc(FastAead *fa)
     PyObject_GC_UnTrack(fa);
     fastaead_clear(fa);
     Py_CLEAR(fa->op);
+    Py_CLEAR(fa->index_obj);
     Py_TYPE(fa)->tp_free((PyObject *)fa);
 }
 
@@ -452,10 +487,101 @@ static PyTypeObject FastAeadType = {
     .tp_new = fastaead_new,
 };
 
+/* -- Tally ----------------------------------------------------------------------------- */
+
+static PyObject *
+tally_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":Tally", kwlist)) {
+        return NULL;
+    }
+    return type->tp_alloc(type, 0); /* zeroed: all counts 0 */
+}
+
+/* add(op, nbytes): one request of nbytes for TALLY_OPS[op].  For the Python fast paths
+ * (sign, verify, mac, sectors, the slow path); the trampoline adds in place. */
+static PyObject *
+tally_add(Tally *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "add() takes exactly 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    Py_ssize_t op = PyLong_AsSsize_t(args[0]);
+    if (op == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (op < 0 || op >= TALLY_N) {
+        PyErr_SetString(PyExc_IndexError, "Tally op index out of range");
+        return NULL;
+    }
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[1]); /* int >= 0, or raises */
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    /* no Python code and no allocation between reading and writing: atomic under the GIL */
+    t->requests[op] += 1;
+    t->bytes[op] += (uint64_t)n;
+    Py_RETURN_NONE;
+}
+
+/* snapshot() -> [(op, requests, bytes)] for every op counted, in TALLY_OPS order */
+static PyObject *
+tally_snapshot(Tally *t, PyObject *unused)
+{
+    /* Copy first: building the list allocates, which may run the GC, finalizers, and
+     * so other threads; what is returned is then one consistent moment. */
+    uint64_t req[TALLY_N], byt[TALLY_N];
+    memcpy(req, t->requests, sizeof(req));
+    memcpy(byt, t->bytes, sizeof(byt));
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < TALLY_N; i++) {
+        if (req[i] == 0 && byt[i] == 0) {
+            continue;
+        }
+        PyObject *row = Py_BuildValue("(OKK)", PyTuple_GET_ITEM(tally_ops, i),
+                                      (unsigned long long)req[i],
+                                      (unsigned long long)byt[i]);
+        if (row == NULL || PyList_Append(out, row) < 0) {
+            Py_XDECREF(row);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(row);
+    }
+    return out;
+}
+
+static PyMethodDef tally_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))tally_add, METH_FASTCALL,
+     "add(op, nbytes, /)\n--\n\nCount one request of nbytes for TALLY_OPS[op]."},
+    {"snapshot", (PyCFunction)tally_snapshot, METH_NOARGS,
+     "snapshot($self, /)\n--\n\n[(op, requests, bytes)] for every op counted."},
+    {NULL},
+};
+
+static PyTypeObject TallyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cryptoplane._native._fastpath.Tally",
+    .tp_doc = "Tally()\n--\n\n"
+              "A session's fast-path counters: requests and bytes per op of TALLY_OPS, as "
+              "uint64 in C,\nso that the trampoline counts without allocating. Final: "
+              "the trampoline tests the exact type.",
+    .tp_basicsize = sizeof(Tally),
+    .tp_flags = Py_TPFLAGS_DEFAULT, /* no GC: holds no references; no subclasses */
+    .tp_methods = tally_methods,
+    .tp_new = tally_new,
+};
+
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cryptoplane._native._fastpath",
-    .m_doc = "Plane.encrypt/decrypt's fast path as a vectorcall method descriptor.",
+    .m_doc = "Plane.encrypt/decrypt's fast path as a vectorcall method descriptor, and "
+             "Tally, the sessions' fast-path counters.",
     .m_size = -1,
 };
 
@@ -465,7 +591,7 @@ PyInit__fastpath(void)
     struct { PyObject **slot; const char *text; } names[] = {
         {&s_session, "_session"}, {&s_fast_plane, "fast_plane"},
         {&s_fast_error, "_fast_error"}, {&s_enc, "enc"}, {&s_dec, "dec"},
-        {&s_c_encrypt, "c_encrypt"}, {&s_c_decrypt, "c_decrypt"},
+        {&s_tally, "tally"}, {&s_add, "add"},
         {&s_encrypt, "encrypt"}, {&s_decrypt, "decrypt"}, {&s_key, "key"},
         {&s_data, "data"}, {&s_nonce, "nonce"}, {&s_aad, "aad"}, {&s_padding, "padding"},
     };
@@ -475,16 +601,23 @@ PyInit__fastpath(void)
             return NULL;
         }
     }
-    if (one_request == NULL) {
-        PyObject *one = PyLong_FromLong(1), *shift = PyLong_FromLong(64);
-        if (one != NULL && shift != NULL) {
-            one_request = PyNumber_Lshift(one, shift);
+    if (tally_ops == NULL) {
+        PyObject *ops = PyTuple_New(TALLY_N);
+        for (int i = 0; ops != NULL && i < TALLY_N; i++) {
+            PyObject *name = PyUnicode_InternFromString(TALLY_OPS[i]);
+            if (name == NULL) {
+                Py_CLEAR(ops);
+                break;
+            }
+            PyTuple_SET_ITEM(ops, i, name);
         }
-        Py_XDECREF(one);
-        Py_XDECREF(shift);
-        if (one_request == NULL) {
+        if (ops == NULL) {
             return NULL;
         }
+        tally_ops = ops;
+    }
+    if (PyType_Ready(&TallyType) < 0) {
+        return NULL;
     }
     if (PyType_Ready(&FastAeadType) < 0) {
         return NULL;
@@ -493,7 +626,9 @@ PyInit__fastpath(void)
     if (m == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(m, "FastAead", (PyObject *)&FastAeadType) < 0) {
+    if (PyModule_AddObjectRef(m, "FastAead", (PyObject *)&FastAeadType) < 0
+            || PyModule_AddObjectRef(m, "Tally", (PyObject *)&TallyType) < 0
+            || PyModule_AddObjectRef(m, "TALLY_OPS", tally_ops) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import inspect
+import json
 import os
 import pydoc
 import subprocess
@@ -436,3 +437,149 @@ def test_no_reference_or_memory_leaks(planes: dict[str, Plane]) -> None:
         tracemalloc.stop()
     assert [sys.getrefcount(o) for o in watched] == refs
     assert grown < 64 * 1024, f"{grown} bytes kept over {2000 * len(paths)} calls"
+
+
+# -- counters: the Tally ------------------------------------------------------------------
+
+# One workload over every fast-path op, run here and in a CRYPTOPLANE_NO_NATIVE=1
+# interpreter: the statistics must be the same, whichever Tally and trampoline count.
+STATS_WORKLOAD = r'''
+import gc, json
+import cryptoplane as cp
+
+def workload(plane):
+    nonce, iv = bytes(12), bytes(16)
+    gcm, cha = cp.Key.generate("aes-256-gcm"), cp.Key.generate("chacha20-poly1305")
+    cbc, ed = cp.Key.generate("aes-256-cbc"), cp.Key.generate("ed25519")
+    mk, xts = cp.Key.generate("hmac-sha256"), cp.Key.generate("aes-256-xts")
+    plane.session(cha, client="tenant")
+    for i in range(300):
+        data = bytes(i * 37 % 2000)
+        aad = b"a" if i % 2 else None
+        ct = plane.encrypt(gcm, data, nonce=nonce, aad=aad)
+        plane.decrypt(gcm, ct, nonce, aad)
+        plane.encrypt(cha, data, nonce=nonce)
+        if i % 10 == 0:
+            plane.decrypt(cbc, plane.encrypt(cbc, data, iv, padding=True), iv, padding=True)
+            plane.verify(ed, data, plane.sign(ed, data))
+            plane.mac(mk, data)
+            run = bytes(512 * (1 + i % 3))
+            plane.decrypt_sectors(xts, plane.encrypt_sectors(xts, run, sector=i,
+                                  sector_size=512), sector=i, sector_size=512)
+        for call in (lambda: plane.encrypt(gcm, b"x", nonce=b"1"),
+                     lambda: plane.decrypt(gcm, b"y" * 20, nonce=nonce)):
+            if i % 50 == 0:
+                try:
+                    call()
+                except cp.CryptoplaneError:
+                    pass
+    dying = cp.Key.generate("aes-128-gcm")
+    for i in range(50):
+        plane.encrypt(dying, bytes(i), nonce=nonce)
+    del dying
+    gc.collect()  # its session's counts fold into the plane's
+    st = plane.stats()
+    inline = st["engines"]["inline"]
+    return json.dumps({"algorithms": st["algorithms"], "clients": st["clients"],
+                       "inline": [inline["requests"], inline["bytes"], inline["errors"]]},
+                      sort_keys=True)
+'''
+
+
+def run_workload(plane: Plane) -> Any:
+    ns: dict[str, Any] = {}
+    exec(STATS_WORKLOAD, ns)  # our own code, shared with the subprocess
+    return json.loads(ns["workload"](plane))
+
+
+def test_stats_equal_native_and_python_modes(fresh_planes: dict[str, Plane]) -> None:
+    """The native trampoline with the C Tally, the Python methods with it, and a
+    CRYPTOPLANE_NO_NATIVE=1 interpreter (Python methods, pure-Python Tally) agree."""
+    got = {name: run_workload(p) for name, p in fresh_planes.items()}
+    code = (STATS_WORKLOAD + "\nfrom cryptoplane import _native\n"
+            "assert _native.FAST_PATH == 'python' and _native.Tally is _native._PyTally\n"
+            "with cp.Plane(self_test=False) as p:\n    print(workload(p))\n")
+    env = {**os.environ, "CRYPTOPLANE_NO_NATIVE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    got["no-native"] = json.loads(out)
+    assert got["native"] == got["python"] == got["no-native"]
+    algs = got["native"]["algorithms"]
+    assert algs["aes-256-gcm"]["encrypt"]["requests"] == 300
+    assert algs["aes-256-gcm"]["encrypt"]["bytes"] == sum(i * 37 % 2000 for i in range(300))
+    assert algs["aes-256-gcm"]["encrypt"]["errors"] == {"InvalidRequest": 6}
+    assert algs["aes-128-gcm"]["encrypt"] == {"requests": 50, "bytes": 1225, "errors": {}}
+    assert algs["aes-256-xts"]["decrypt_sectors"]["requests"] == 30
+    assert got["native"]["clients"]["tenant"]["requests"] == 300
+
+
+def test_native_session_tally_type(planes: dict[str, Plane]) -> None:
+    """Sessions made with the native fast path count in the C Tally, which the
+    trampoline adds to in place."""
+    _native_type()  # skips, or fails under CI, without the native module
+    native_tally = _native.NativeTally
+    assert native_tally is not None
+    if _native.FAST_PATH == "native":
+        key = cp.Key.generate("aes-256-gcm")
+        planes["native"].encrypt(key, b"abcd", nonce=NONCE)
+        assert type(key._session.tally) is native_tally
+        assert key._session.counts() == [("encrypt", 1, 4)]
+
+
+@pytest.mark.parametrize("kind", ["python", "subclass", "missing", "broken"])
+def test_trampoline_with_other_tallies(fresh_planes: dict[str, Plane], kind: str) -> None:
+    """A session whose tally is not exactly the C Tally: the trampoline calls its
+    ``add`` the Python way, as the Python method does; errors are the same too."""
+
+    class Odd(_native.PythonTally):
+        __slots__ = ()
+
+    class Broken:
+        def add(self, op: int, n: int) -> None:
+            raise RuntimeError(f"cannot count {op} {n}")
+
+    got = {}
+    material = cp.Key.generate("aes-256-gcm").export_raw()
+    for name, p in fresh_planes.items():
+        key = cp.Key("aes-256-gcm", material)
+        p.encrypt(key, b"bind", nonce=NONCE)
+        s = key._session
+        if kind == "missing":
+            del s.tally
+        else:
+            s.tally = {"python": _native.PythonTally, "subclass": Odd,
+                       "broken": Broken}[kind]()
+        results = []
+        for data in (b"", b"x" * 10, bytearray(5)):
+            results.append(outcome(functools.partial(p.encrypt, key, data, nonce=NONCE)))
+            ct = p._encrypt_py(key, bytes(data), nonce=NONCE) if kind in (
+                "python", "subclass") else b"z" * 17
+            results.append(outcome(functools.partial(p.decrypt, key, ct, nonce=NONCE)))
+        got[name] = (results, s.counts() if kind in ("python", "subclass") else None)
+    assert got["native"] == got["python"]
+    if kind in ("python", "subclass"):
+        assert got["native"][1] == [("encrypt", 6, 30), ("decrypt", 3, 63)]
+    else:
+        assert got["native"][0][0][1] in (AttributeError, RuntimeError)
+
+
+def test_tally_counts_not_leaking(planes: dict[str, Plane]) -> None:
+    """Counting in place allocates nothing: memory stays flat over many calls."""
+    native = planes["native"]
+    key = cp.Key.generate("aes-256-gcm")
+    data = os.urandom(1000)
+    for _ in range(100):
+        native.encrypt(key, data, nonce=NONCE)
+    tally = key._session.tally
+    refs = sys.getrefcount(tally)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(5000):
+            native.encrypt(key, data, nonce=NONCE)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024
+    assert sys.getrefcount(tally) == refs
+    assert key._session.counts() == [("encrypt", 5100, 5_100_000)]
