@@ -38,18 +38,9 @@ Row = tuple[tuple[str, str, str, str], int, int, dict[str, int]]
 
 
 def _rows(plane: Plane) -> list[Row]:
-    """Counts per (engine, algorithm, op, client), the key ``stats()`` folds away.
-
-    The same two sources as ``Plane.stats()``: the registry (queued work, errors, and
-    fast-path counts of sessions that ended) plus the fast-path counts still held by live
-    sessions. Keep this in step with ``Plane.stats()``.
-    """
-    rows: list[Row] = [(k, s.requests, s.bytes, dict(s.errors))
-                       for k, s in plane._registry.items()]
-    with plane._registry._lock:
-        live = list(plane._live)
-    rows += [(("inline", s.algorithm, op, s.client), n, b, {})
-             for s in live for op, n, b in s.counts()]
+    """Counts per (engine, algorithm, op, client), the breakdown ``stats()`` folds away
+    (read through the plane's own ``_stat_rows``, so the two never drift apart)."""
+    rows: list[Row] = [(k, n, b, errs) for k, n, b, errs, _ in plane._stat_rows()]
     # a live session and the registry can hold the same key (a session's earlier
     # errors, say): sum them, since a family may not repeat a label set
     merged: dict[tuple[str, str, str, str], list[Any]] = {}
