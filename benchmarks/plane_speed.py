@@ -2,12 +2,14 @@
 
     python benchmarks/plane_speed.py [--quick] [--seconds 1] [--algorithms a,b]
         [--bytes 64,1k] [--sector-sizes 512,4096] [--rounds 5] [--no-openssl] [--json]
-        [--plot FILE.svg] [--check]
+        [--plot FILE.svg] [--check] [--engine inline,threads,pool,auto]
 
 For each algorithm and size: the bare `cryptography` call (direct), the plane's fast
 path, for sector runs a naive per-sector loop and the Python fallback, and `openssl
-speed` in the same run; ratios between them, and the acceptance targets. --check exits 1
-when a target is missed. Runs from a checkout without installing.
+speed` in the same run; ratios between them, and the acceptance targets. --engine adds a
+path per engine (each on its own plane, work submitted concurrently) and the scaling
+ratios over inline alone. --check exits 1 when a target is missed. Runs from a checkout
+without installing. benchmarks/scaling.py repeats the scaling targets to show the noise.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sector-sizes", help="XTS sector sizes, e.g. 512,4096")
     ap.add_argument("--seconds", type=float, help="seconds per path per cell")
     ap.add_argument("--rounds", type=int, default=sp.DEFAULT_ROUNDS)
-    ap.add_argument("--engine", default="inline")
+    ap.add_argument("--engine", help="engine paths, e.g. inline,threads,pool,auto")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-openssl", dest="openssl", action="store_false")
     ap.add_argument("--all-paths", action="store_true")

@@ -8,7 +8,10 @@ For each algorithm and request size it times, in one run and on the same keys:
 * ``naive`` (sector runs): a new ``Cipher(AES(k), XTS(tweak))`` per sector in a Python
   loop, which is what Python code does without cryptoplane;
 * ``fallback`` (sector runs): the pure-Python sector kernel;
-* ``openssl``: ``openssl speed`` run in the same session, its output parsed.
+* ``openssl``: ``openssl speed`` run in the same session, its output parsed;
+* with ``Config.engines``: one path per engine (``inline``, ``threads``, ``pool``,
+  ``auto``), each on a plane of its own, work submitted concurrently
+  (``cryptoplane.speed_engines``).
 
 These machines are shared and noisy, so paths are timed interleaved, in several short
 rounds, and the median round is reported (the best is kept too); ratios between two Python
@@ -21,10 +24,7 @@ import gc
 import math
 import os
 import platform
-import re
-import shutil
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +41,9 @@ from . import __version__, _native
 from .kernels.digests import hash_algorithm
 from .keys import Key
 from .plane import Plane
+from .speed_openssl import OpenSSLSpeed, system_openssl
+from .speed_openssl import parse_openssl_bytes as parse_openssl_bytes  # re-exported
+from .speed_openssl import parse_openssl_signatures as parse_openssl_signatures
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -68,12 +71,6 @@ MACS = ("hmac-sha256", "hmac-sha384", "hmac-sha512")
 SUPPORTED = (*AEADS, *XTS, *SIGNATURES, *HASHES, *MACS)
 KEY_BITS = {"rsa-pss-sha256": 2048, "rsa-pkcs1v15-sha256": 2048, "ecdsa-p256-sha256": 256,
             "ecdsa-p384-sha384": 384, "ed25519": 256}
-# `openssl speed` positional names for the signature schemes (it has no PSS: its RSA
-# figure is PKCS#1 v1.5, whose cost is the same private-key operation)
-OPENSSL_SIGNERS = {"rsa-pss-sha256": "rsa2048", "rsa-pkcs1v15-sha256": "rsa2048",
-                   "ecdsa-p256-sha256": "ecdsap256", "ecdsa-p384-sha384": "ecdsap384",
-                   "ed25519": "ed25519"}
-
 # The acceptance targets: (algorithm, op, size, ratio) -> the least acceptable value.
 TARGETS: dict[tuple[str, str, int, str], float] = {
     ("aes-256-gcm", "encrypt", KIB, "plane/direct"): 0.70,
@@ -165,9 +162,10 @@ class Config:
     sector_sizes: tuple[int, ...] = DEFAULT_SECTOR_SIZES
     seconds: float = DEFAULT_SECONDS  # per path per cell, split over the rounds
     rounds: int = DEFAULT_ROUNDS
-    engine: str = "inline"
+    engine: str = "inline"  # the plane path's engine
     openssl: bool = True
     all_paths: bool = False
+    engines: tuple[str, ...] = ()  # engine paths (speed_engines.PATHS); () = none
 
     @property
     def effective_rounds(self) -> int:
@@ -454,6 +452,14 @@ def measure_cell(cell: Cell, loops: dict[str, Loop], config: Config,
     return out
 
 
+def paired_ratio(num: Result, den: Result) -> float:
+    """``num`` over ``den``: the median of per-round ratios where both were timed in the
+    same rounds (each round's two figures back to back), else the ratio of medians."""
+    if len(num.samples) == len(den.samples):
+        return statistics.median(n / d for n, d in zip(num.samples, den.samples, strict=True))
+    return num.median / den.median  # type: ignore[operator]
+
+
 def ratios(cell: Cell, results: Sequence[Result]) -> list[Ratio]:
     by = {r.path: r for r in results if r.samples}
     plane = by.get("plane")
@@ -464,133 +470,20 @@ def ratios(cell: Cell, results: Sequence[Result]) -> list[Ratio]:
         base = by.get(other)
         if base is None:
             continue
-        if len(base.samples) == len(plane.samples):
-            # paired: each round's two figures were taken back to back
-            value = statistics.median(p / b for p, b in zip(plane.samples, base.samples,
-                                                              strict=True))
-        else:
-            value = plane.median / base.median  # type: ignore[operator]
         name = f"plane/{other}"
-        out.append(Ratio(cell, name, value, TARGETS.get((cell.algorithm, cell.op, cell.size,
-                                                         name))))
+        out.append(Ratio(cell, name, paired_ratio(plane, base),
+                         TARGETS.get((cell.algorithm, cell.op, cell.size, name))))
     return out
 
 
-# -- openssl speed ------------------------------------------------------------------------
+# -- openssl speed (cryptoplane.speed_openssl) ------------------------------------------
 
-def openssl_args(cell: Cell) -> tuple[list[str], list[str]]:
-    """(options, positional names) for ``openssl speed`` measuring the same thing."""
-    if cell.algorithm in SIGNATURES:
-        return [], [OPENSSL_SIGNERS[cell.algorithm]]
-    if cell.algorithm in MACS:
-        return ["-hmac", cell.algorithm.removeprefix("hmac-"), "-bytes", str(cell.size)], []
-    return ["-evp", cell.algorithm, "-bytes", str(cell.size)], []
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def parse_openssl_bytes(text: str, name: str) -> float:
-    """Bytes/s from an ``openssl speed -evp/-hmac ... -bytes N`` report: the row named
-    after the algorithm (``AES-256-GCM``, ``sha256``, ``hmac(sha256)``), figures in
-    1000s of bytes per second with a trailing ``k``."""
-    rows = [m for m in (re.match(r"^\s*(\S.*?)\s+((?:[\d.]+k\s*)+)$", line)
-                        for line in text.splitlines()) if m is not None]
-    want = _norm(name)
-    named = [m for m in rows if _norm(m.group(1)) in (want, f"hmac{want}")]
-    chosen = named or (rows if len(rows) == 1 else [])
-    if not chosen:
-        raise ValueError(f"no {name!r} row in openssl's output")
-    return float(chosen[0].group(2).split()[-1].rstrip("k")) * 1e3
-
-
-def parse_openssl_signatures(text: str) -> dict[str, float]:
-    """{"sign": ops/s, "verify": ops/s} from ``openssl speed rsa2048|ecdsap256|ed25519``.
-
-    The header names the columns (``sign verify sign/s verify/s``; newer OpenSSL adds
-    encrypt/decrypt columns), so the figures are read by name from the row's tail."""
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        header = line.split()
-        if "sign/s" not in header:
-            continue
-        for row in lines[i + 1:]:
-            values = row.split()[-len(header):]
-            try:
-                figures = {h: float(v.rstrip("s")) for h, v in zip(header, values, strict=True)}
-            except ValueError:
-                continue
-            return {"sign": figures["sign/s"], "verify": figures.get("verify/s", math.nan)}
-    raise ValueError("no sign/s row in openssl's output")
-
-
-class OpenSSLSpeed:
-    """Runs the system's ``openssl speed`` for cells; one run serves every cell it
-    measures (rsa2048 gives sign and verify)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.exe = shutil.which("openssl")
-        # openssl takes whole seconds; -elapsed: wall-clock time, as ours is (its default
-        # divides by user CPU time, which a busy shared machine does not take away)
-        self.seconds = max(1, round(seconds))
-        self._cache: dict[tuple[str, ...], dict[str, float] | str] = {}
-
-    def command(self, cell: Cell) -> list[str]:
-        opts, names = openssl_args(cell)
-        return [self.exe or "openssl", "speed", "-elapsed", "-seconds", str(self.seconds),
-                *opts, *names]
-
-    def measure(self, cell: Cell) -> Result:
-        result = Result(cell, "openssl")
-        if self.exe is None:
-            result.note = "unavailable: no openssl on PATH"
-            return result
-        cmd = self.command(cell)
-        got = self._cache.get(tuple(cmd))
-        if got is None:
-            got = self._cache[tuple(cmd)] = self._run(cmd, cell)
-        if isinstance(got, str):
-            result.note = got
-        elif cell.nbytes:
-            result.samples.append(got["bytes"] / 1e6)
-        else:
-            result.samples.append(got[cell.op])
-            if cell.algorithm.startswith("rsa-pss"):
-                result.note = "openssl speed signs with PKCS#1 v1.5 (it has no PSS)"
-        return result
-
-    def _run(self, cmd: list[str], cell: Cell) -> dict[str, float] | str:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                  timeout=self.seconds * 4 + 30)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"unavailable: {' '.join(cmd[1:])}: {e}"
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        if proc.returncode != 0:
-            return f"unavailable: {' '.join(cmd[1:])} exited {proc.returncode}: {tail}"
-        try:
-            if cell.nbytes:
-                name = cell.algorithm if cell.algorithm not in MACS else cell.algorithm[5:]
-                return {"bytes": parse_openssl_bytes(proc.stdout, name)}
-            return parse_openssl_signatures(proc.stdout)
-        except ValueError as e:
-            return f"unavailable: cannot parse {' '.join(cmd[1:])}: {e}"
+def measure_openssl(ossl: OpenSSLSpeed, cell: Cell) -> Result:
+    value, note = ossl.figure(cell.algorithm, cell.op, cell.size, bool(cell.nbytes))
+    return Result(cell, "openssl", [] if value is None else [value], note)
 
 
 # -- the run ------------------------------------------------------------------------------
-
-def system_openssl() -> str | None:
-    exe = shutil.which("openssl")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=10,
-                             check=False).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out or None
-
 
 def cpu_model() -> str:
     try:
@@ -601,6 +494,53 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+class Neighbours:
+    """CPU that other processes took during a run, in cores: a neighbour on one of two
+    cores caps any scaling ratio near 1x. Linux only (``/proc``); None elsewhere."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        """(wall seconds, machine busy CPU seconds, ours: this process and descendants)."""
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+            tick = os.sysconf("SC_CLK_TCK")
+            busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # less idle, iowait
+            parents: dict[int, int] = {}
+            cpu: dict[int, float] = {}
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    try:
+                        with open(f"/proc/{entry.name}/stat", encoding="ascii") as f:
+                            rest = f.read().rsplit(")", 1)[1].split()
+                    except OSError:  # gone meanwhile
+                        continue
+                    pid = int(entry.name)
+                    parents[pid] = int(rest[1])
+                    cpu[pid] = (int(rest[11]) + int(rest[12])) / tick  # utime, stime
+        except (OSError, ValueError, IndexError):
+            return None
+        me, ours = os.getpid(), 0.0
+        for pid in cpu:  # pool workers descend from us through the forkserver
+            p = pid
+            while p > 1 and p != me:
+                p = parents.get(p, 0)
+            if p == me:
+                ours += cpu[pid]
+        return time.monotonic(), busy, ours
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        # our exited children's time is lost from the tally: a slight over-estimate
+        other = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        return round(max(0.0, other) / (end[0] - self._start[0]), 2)
 
 
 def metadata(config: Config) -> dict[str, Any]:
@@ -614,6 +554,7 @@ def metadata(config: Config) -> dict[str, Any]:
         "cpu": {"model": cpu_model(), "cores": os.cpu_count()},
         "python": platform.python_version(),
         "engine": config.engine,
+        "engine_paths": list(config.engines),
         "seconds_per_cell": config.seconds,
         "rounds": config.effective_rounds,
         "chunk_ms": config.chunk_ns / 1e6,
@@ -627,24 +568,35 @@ def metadata(config: Config) -> dict[str, Any]:
 
 def run(config: Config, progress: Progress | None = None) -> Report:
     """Measure every cell of ``config``; ``progress(done, total, label)`` before each."""
-    started = time.perf_counter()
+    from . import speed_engines as se  # built on this module: imported when needed
+
+    started, neighbours = time.perf_counter(), Neighbours()
     meta = metadata(config)
     todo = cells(config)
     ossl = OpenSSLSpeed(config.seconds) if config.openssl else None
     results: list[Result] = []
     ratio_rows: list[Ratio] = []
-    with Plane(engines=[config.engine]) as plane:
+    # the engine planes start once, before any cell: pool workers take a while to start
+    with (Plane(engines=[config.engine]) as plane,
+          se.EnginePaths(config.engines, min(se.WARMUP_S, config.seconds)) as engines):
         for i, cell in enumerate(todo):
             if progress is not None:
                 progress(i, len(todo), f"{cell.algorithm} {cell.op} {cell.label}")
             loops = loops_for(plane, cell)
-            openssl_cb = (lambda c=cell: ossl.measure(c)) if ossl is not None else None
-            got = measure_cell(cell, loops, config, openssl_cb)
+            extra = engines.prepare(cell)  # warmed up: the balancer has its estimates
+            openssl_cb = (lambda c=cell: measure_openssl(ossl, c)) if ossl is not None \
+                else None
+            got = measure_cell(cell, {**loops, **extra.loops}, config, openssl_cb)
             if ossl is None:
                 got.append(Result(cell, "openssl", note="not measured (--no-openssl)"))
+            ratio_rows += ratios(cell, got) + engines.finish(cell, extra, got)
             results += got
-            ratio_rows += ratios(cell, got)
+        meta["engine_planes"] = engines.describe()
+    if config.engines:
+        meta["engine_warmup_s"] = engines.warmup_s
+        meta["engine_usage"] = engines.usage
     if progress is not None:
         progress(len(todo), len(todo), "done")
     meta["elapsed_s"] = round(time.perf_counter() - started, 2)
+    meta["other_processes_cores"] = neighbours.cores()
     return Report(meta, results, ratio_rows)

@@ -23,8 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .. import speed as sp
-from ..exceptions import NotSupported
-from ..plane import Plane
+from .. import speed_engines as se
 
 PATHS = ("direct", "plane", "naive", "fallback", "openssl")
 RATIOS = ("plane/direct", "plane/openssl", "plane/naive")
@@ -48,12 +47,13 @@ def header(meta: dict[str, Any]) -> list[str]:
     ]
 
 
-def render(report: sp.Report, console: Console) -> None:
-    """The table, its notes, the fast path's per-call overhead and the targets."""
-    for line in header(report.meta):
-        console.print(line, highlight=False)
-    present = [p for p in PATHS if any(r.path == p and r.samples for r in report.results)]
-    shown_ratios = [n for n in RATIOS if any(r.name == n for r in report.ratios)]
+def _table(report: sp.Report, paths: tuple[str, ...], ratio_names: tuple[str, ...],
+           quiet: tuple[str, ...] = ()) -> tuple[Table, dict[str, int], dict[str, None]]:
+    """A table of ``paths`` and ``ratio_names`` per cell, its footnotes, and the notes of
+    paths that have no column (said once, below it); notes of ``quiet`` paths are left
+    to the caller."""
+    present = [p for p in paths if any(r.path == p and r.samples for r in report.results)]
+    shown_ratios = [n for n in ratio_names if any(r.name == n for r in report.ratios)]
     table = Table(title_justify="left")
     for name in ("algorithm", "op", "size", "unit"):
         table.add_column(name)
@@ -61,30 +61,70 @@ def render(report: sp.Report, console: Console) -> None:
         table.add_column(name, justify="right")
     notes: dict[str, int] = {}
     rows: dict[sp.Cell, dict[str, str]] = {}
-    absent: dict[str, None] = {}  # notes of paths with no column: said once, below
+    absent: dict[str, None] = {}
     for r in report.results:
+        if r.path not in paths:
+            continue
         cell_text = _fmt(r.median)
         if r.note and r.path not in present:
             absent[f"{r.path}: {r.note}"] = None
-        elif r.note:
+        elif r.note and r.path not in quiet:
             mark = notes.setdefault(r.note, len(notes) + 1)
             cell_text = f"{cell_text} [{mark}]"
         rows.setdefault(r.cell, {})[r.path] = cell_text
     for q in report.ratios:
+        if q.name not in shown_ratios:
+            continue
         style = "" if q.met is None else "green" if q.met else "bold red"
         text = f"{q.value:.2f}x" + ("" if q.target is None else f" (≥{q.target:g})")
-        rows[q.cell][q.name] = f"[{style}]{text}[/{style}]" if style else text
+        rows.setdefault(q.cell, {})[q.name] = f"[{style}]{text}[/{style}]" if style else text
     for cell, values in rows.items():
         table.add_row(cell.algorithm, cell.op, cell.label, cell.unit,
                       *(values.get(p, "") for p in (*present, *shown_ratios)))
-    console.print(table)
+    return table, notes, absent
+
+
+def _print_notes(console: Console, notes: dict[str, int], absent: dict[str, None]) -> None:
     for text, mark in notes.items():
         console.print(f"[{mark}] {text}", highlight=False)
     for text in absent:
         console.print(text, highlight=False)
-    if any(c.op.endswith("_sectors") for c in rows):
+
+
+def render_engines(report: sp.Report, console: Console) -> None:
+    """The engine paths: each engine beside inline alone, and what auto used."""
+    table, notes, absent = _table(report, se.PATHS, se.RATIOS, quiet=("auto",))
+    console.print("engine paths (each on its own plane; auto/plane: over the plane column "
+                  "above):", highlight=False)
+    console.print(table)
+    _print_notes(console, notes, absent)
+    for r in report.results:
+        if r.path == "auto" and r.samples and r.note:
+            console.print(f"auto, {r.cell.algorithm} {r.cell.op} {r.cell.label}: {r.note}",
+                          highlight=False)
+    planes = report.meta.get("engine_planes", {})
+    for name, info in planes.items():
+        if "engines" in info:
+            console.print(f"{name}: Plane({'+'.join(info['engines'])}), {info['submission']}",
+                          highlight=False)
+    console.print(f"each engine path warmed up {report.meta.get('engine_warmup_s', 0):g} s "
+                  "per cell before timing (the balancer measures engines it has no "
+                  "figure for first); 'auto used' counts requests per engine over the "
+                  "calibration and the timed rounds", highlight=False)
+
+
+def render(report: sp.Report, console: Console) -> None:
+    """The table, its notes, the fast path's per-call overhead and the targets."""
+    for line in header(report.meta):
+        console.print(line, highlight=False)
+    table, notes, absent = _table(report, PATHS, RATIOS)
+    console.print(table)
+    _print_notes(console, notes, absent)
+    if any(r.cell.op.endswith("_sectors") for r in report.results):
         console.print(f"sector runs: {sp.size_label(sp.SECTOR_RUN)} per call; naive = a new "
                       "Cipher(AES, XTS(tweak)) per sector", highlight=False)
+    if report.meta.get("engine_paths"):
+        render_engines(report, console)
     over = report.overhead_ns()
     if over is not None:
         console.print(f"plane fast path overhead (aes-256-gcm, 64 B): "
@@ -96,7 +136,10 @@ def render(report: sp.Report, console: Console) -> None:
         console.print(f"targets: {len(checked) - len(missed)}/{len(checked)} met" + "".join(
             f"; MISSED {q.cell.algorithm} {q.cell.op} {q.cell.label} {q.name} "
             f"{q.value:.2f} < {q.target:g}" for q in missed), highlight=False)
-    console.print(f"took {report.meta['elapsed_s']:.1f} s", highlight=False)
+    other = report.meta.get("other_processes_cores")
+    console.print(f"took {report.meta['elapsed_s']:.1f} s" + (
+        "" if other is None else f"; other processes used {other:.2f} of "
+        f"{report.meta['cpu']['cores']} cores meanwhile (on average)"), highlight=False)
 
 
 def plot(report: sp.Report, path: str) -> None:
@@ -110,8 +153,8 @@ def plot(report: sp.Report, path: str) -> None:
     fig, axes = plt.subplots(len(units), 1, figsize=(14, 5 * len(units)), squeeze=False)
     for ax, unit in zip(axes[:, 0], units, strict=True):
         cells = list(dict.fromkeys(r.cell for r in report.results if r.cell.unit == unit))
-        paths = [p for p in PATHS if any(r.path == p and r.samples and r.cell.unit == unit
-                                         for r in report.results)]
+        paths = [p for p in (*PATHS, *se.PATHS) if any(
+            r.path == p and r.samples and r.cell.unit == unit for r in report.results)]
         width = 0.8 / max(len(paths), 1)
         lowest = math.inf
         for j, p in enumerate(paths):
@@ -153,9 +196,6 @@ def progress_for(enabled: bool) -> Iterator[sp.Progress | None]:
 
 # -- options ------------------------------------------------------------------------------
 
-# Engines whose path this command can time; pool and remote engines come in later stages,
-# and requests that queue to them need a different measure (throughput under load).
-MEASURED_ENGINES = ("inline",)
 PLOT_HINT = "pip install 'cryptoplane[plot]'  (or: pip install matplotlib)"
 
 
@@ -184,41 +224,32 @@ def parse_algorithms(text: str) -> tuple[str, ...]:
     return names
 
 
-def check_engine(name: str) -> None:
-    """Refuse engines the plane does not know (its own error lists those it does), and
-    those that this stage's yardstick cannot time yet."""
-    try:
-        Plane(engines=[name], self_test=False).close()
-    except NotSupported as e:
-        raise ValueError(str(e)) from None
-    if name not in MEASURED_ENGINES:
-        raise ValueError(f"speed measures only {', '.join(MEASURED_ENGINES)} in this version; "
-                         f"engine {name!r} comes to the yardstick in a later stage")
-
-
 def plot_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
 def build_config(algorithms: str | None, sizes: str | None, sector_sizes: str | None,
-                 seconds: float | None, rounds: int, engine: str, quick: bool, openssl: bool,
-                 all_paths: bool) -> sp.Config:
-    """Options to a ``Config``; ``ValueError`` with a message fit for the user."""
+                 seconds: float | None, rounds: int, engine: str | None, quick: bool,
+                 openssl: bool, all_paths: bool) -> sp.Config:
+    """Options to a ``Config``; ``ValueError`` with a message fit for the user.
+    ``engine``: a comma list of engine paths, or None for the fast-path comparison."""
     if seconds is not None and seconds <= 0:
         raise ValueError("--seconds must be positive")
     if rounds < 1:
         raise ValueError("--rounds must be at least 1")
-    check_engine(engine)
+    engines = se.parse(engine) if engine is not None else ()
+    # an --engine run has its own cells (where engines differ), to stay a few minutes
+    default_algorithms, default_sizes, default_sectors = (
+        (sp.QUICK_ALGORITHMS, sp.QUICK_SIZES, sp.QUICK_SECTOR_SIZES) if quick else
+        (se.ALGORITHMS, se.SIZES, se.SECTOR_SIZES) if engines else
+        (sp.DEFAULT_ALGORITHMS, sp.DEFAULT_SIZES, sp.DEFAULT_SECTOR_SIZES))
     return sp.Config(
-        algorithms=parse_algorithms(algorithms) if algorithms else (
-            sp.QUICK_ALGORITHMS if quick else sp.DEFAULT_ALGORITHMS),
-        sizes=parse_sizes(sizes) if sizes else (sp.QUICK_SIZES if quick
-                                                   else sp.DEFAULT_SIZES),
-        sector_sizes=_sector_sizes(sector_sizes) if sector_sizes else (
-            sp.QUICK_SECTOR_SIZES if quick else sp.DEFAULT_SECTOR_SIZES),
+        algorithms=parse_algorithms(algorithms) if algorithms else default_algorithms,
+        sizes=parse_sizes(sizes) if sizes else default_sizes,
+        sector_sizes=_sector_sizes(sector_sizes) if sector_sizes else default_sectors,
         seconds=seconds if seconds is not None else (sp.QUICK_SECONDS if quick
                                                      else sp.DEFAULT_SECONDS),
-        rounds=rounds, engine=engine, openssl=openssl, all_paths=all_paths)
+        rounds=rounds, openssl=openssl, all_paths=all_paths, engines=engines)
 
 
 def _sector_sizes(text: str) -> tuple[int, ...]:
@@ -258,8 +289,11 @@ def execute(config: sp.Config, *, as_json: bool, plot_path: str | None) -> sp.Re
 @click.option("--rounds", type=int, default=sp.DEFAULT_ROUNDS, show_default=True,
               help="Interleaved rounds per cell, the median reported (at most one per "
               "20 ms of --seconds: shorter chunks would time the scheduler).")
-@click.option("--engine", default="inline", show_default=True, help="Engine whose path is "
-              "timed. Only inline in this version; pool and remote engines come later.")
+@click.option("--engine", metavar="E,F", help="Also time these engine paths, comma-separated "
+              f"({','.join(se.PATHS)}; inline, the baseline, always): each on its own plane, "
+              "work submitted concurrently, "
+              "with the scaling ratios and targets. Default cells then: "
+              f"{','.join(se.ALGORITHMS)} at {','.join(map(sp.size_label, se.SIZES))}.")
 @click.option("--quick", is_flag=True, help="A short run (few algorithms and sizes, "
               f"{sp.QUICK_SECONDS:g} s per cell): about ten seconds.")
 @click.option("--openssl/--no-openssl", default=True, show_default=True,
@@ -272,16 +306,18 @@ def execute(config: sp.Config, *, as_json: bool, plot_path: str | None) -> sp.Re
               help="Also write a grouped bar chart (.svg, .png; needs matplotlib).")
 @click.option("--check", is_flag=True, help="Exit 1 when an acceptance target is missed.")
 def speed(algorithms: str | None, sizes: str | None, sector_sizes: str | None,
-          seconds: float | None, rounds: int, engine: str, quick: bool, openssl: bool,
+          seconds: float | None, rounds: int, engine: str | None, quick: bool, openssl: bool,
           all_paths: bool, as_json: bool, plot_path: str | None, check: bool) -> None:
     """Throughput of the plane's fast path beside the bare library and `openssl speed`.
 
     For each algorithm and size: `direct` (the bare `cryptography` call on an object
     made once), `plane` (plane.encrypt/sign/encrypt_sectors...), for sector runs `naive`
     (a new Cipher per sector) and `fallback` (the pure-Python sector kernel), and
-    `openssl` (`openssl speed -elapsed` in the same run). MB/s are 10**6 bytes/s, as
-    openssl counts; signatures in operations/s. Ratios are the measure, never absolute
-    speeds: the paths are timed interleaved in short rounds on the same machine.
+    `openssl` (`openssl speed -elapsed` in the same run); with --engine, the engine
+    paths (inline, threads, pool, auto) and their ratios to inline alone. MB/s are
+    10**6 bytes/s, as openssl counts; signatures in operations/s. Ratios are the
+    measure, never absolute speeds: the paths are timed interleaved in short rounds on
+    the same machine.
     """
     try:
         config = build_config(algorithms, sizes, sector_sizes, seconds, rounds, engine,

@@ -7,6 +7,7 @@ benchmark itself checks the targets (`cryptoplane speed --check`).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 from typing import Any
 
@@ -14,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from cryptoplane import speed as sp
+from cryptoplane import speed_engines as se
 from cryptoplane.cli.main import cli
-from cryptoplane.cli.speed import parse_sizes, plot_available
+from cryptoplane.cli.speed import build_config, parse_sizes, plot_available
 
 TINY = ["--seconds", "0.02", "--rounds", "2"]
 ROW_KEYS = {"algorithm", "op", "size", "path", "rounds", "note"}
@@ -96,12 +98,67 @@ def test_openssl_column_and_table() -> None:
 def test_bad_options_are_refused() -> None:
     runner = CliRunner()
     unknown = runner.invoke(cli, ["speed", "--engine", "warp"])
-    assert unknown.exit_code == 2 and "inline" in unknown.output
-    later = runner.invoke(cli, ["speed", "--engine", "threads"])
-    assert later.exit_code == 2 and "later" in later.output
+    assert unknown.exit_code == 2 and "inline, threads, pool, auto" in unknown.output
+    mixed = runner.invoke(cli, ["speed", "--engine", "threads,warp"])
+    assert mixed.exit_code == 2 and "'warp'" in mixed.output
+    assert runner.invoke(cli, ["speed", "--engine", ","]).exit_code == 2
     assert runner.invoke(cli, ["speed", "--algorithms", "rot13"]).exit_code == 2
     assert runner.invoke(cli, ["speed", "--bytes", "12x"]).exit_code == 2
     assert runner.invoke(cli, ["speed", "--sector-sizes", "100"]).exit_code == 2
+
+
+def test_engine_paths_rows_ratios_and_usage() -> None:
+    out = run_json("--engine", "threads,auto", "--algorithms",
+                   "aes-256-gcm,ecdsa-p256-sha256", "--bytes", "64,128k", "--no-openssl")
+    meta = out["meta"]
+    assert meta["engine_paths"] == ["inline", "threads", "auto"]
+    assert set(meta["engine_planes"]) == {"inline", "threads", "auto"}
+    for row in out["rows"]:
+        check_row(row)  # the same shape as every other row, path = the engine
+    cells = {(r["algorithm"], r["op"], r["size"]) for r in out["rows"]}
+    assert cells == {("aes-256-gcm", "encrypt", 64), ("aes-256-gcm", "encrypt", 128 * 1024),
+                     ("ecdsa-p256-sha256", "sign", 256)}
+    for cell in cells:
+        paths = {r["path"] for r in out["rows"] if (r["algorithm"], r["op"], r["size"]) == cell}
+        assert {"direct", "plane", "inline", "threads", "auto"} <= paths
+    auto = {r["size"]: r["note"] for r in out["rows"] if r["path"] == "auto"}
+    # small symmetric requests take the fast path: the balancer never sees them
+    assert auto[64] == "fast path: used inline 100%"
+    assert auto[128 * 1024].startswith("map x") and auto[256].startswith("map x")
+    usage = {u["size"]: u["requests"] for u in meta["engine_usage"]}
+    assert set(usage) == {64, 128 * 1024, 256} and usage[64]["inline"] > 0
+    assert sum(usage[256].values()) > 0
+    names = {(r["size"], r["ratio"]) for r in out["ratios"]}
+    assert {(64, "auto/plane"), (64, "auto/inline"), (64, "threads/inline")} <= names
+    assert (128 * 1024, "auto/plane") not in names  # auto queued those: no fast path
+    target = [r for r in out["ratios"] if r["ratio"] == "auto/plane" and r["size"] == 64]
+    assert target[0]["target"] == se.TARGETS[("aes-256-gcm", "encrypt", 64, "auto/plane")]
+
+
+@pytest.mark.skipif(se.pool_unavailable() is not None, reason="no pool engine")
+def test_pool_path_and_table() -> None:
+    result = CliRunner().invoke(cli, ["speed", *TINY, "--engine", "pool,auto", "--algorithms",
+                                      "aes-256-xts", "--sector-sizes", "4096", "--no-openssl"])
+    assert result.exit_code == 0, result.output
+    for text in ("engine paths", "pool/inline", "auto/inline", "auto, aes-256-xts",
+                 "Plane(inline+threads+pool)", "warmed up", "targets:"):
+        assert text in result.output, text
+    assert not multiprocessing.active_children()  # the planes were closed, workers gone
+
+
+def test_engine_defaults_and_parse() -> None:
+    assert se.parse("auto, inline,auto") == ("inline", "auto")
+    assert se.parse("pool") == ("inline", "pool")  # the baseline of every ratio
+    config = build_config(None, None, None, None, 3, "inline,threads,pool,auto", False, True,
+                          False)
+    assert config.engines == se.PATHS
+    assert (config.algorithms, config.sizes, config.sector_sizes) == (
+        se.ALGORITHMS, se.SIZES, se.SECTOR_SIZES)
+    plain = build_config(None, None, None, None, 3, None, False, True, False)
+    assert plain.engines == () and plain.algorithms == sp.DEFAULT_ALGORITHMS
+    # every target of the issue is on a cell of the default --engine run
+    cells = {(c.algorithm, c.op, c.size) for c in sp.cells(config)}
+    assert {k[:3] for k in se.TARGETS} <= cells
 
 
 @pytest.mark.skipif(plot_available(), reason="matplotlib is installed")
