@@ -40,14 +40,17 @@ class Capability:
         return request.op in self.ops and request.nbytes <= self.max_request
 
 
-def releases_gil(request: Request) -> bool:
+def releases_gil_op(alg: Algorithm, op: Op) -> bool:
     """Whether the work runs with the GIL released (measured with two threads here:
     RSA and ECDSA ~1.9x, the native sector kernel; AEAD, hashes, Ed25519 and X25519 in
     ``cryptography`` 48 hold it and gain nothing)."""
-    alg = request.algorithm
-    if request.op in (Op.ENCRYPT_SECTORS, Op.DECRYPT_SECTORS):
+    if op in (Op.ENCRYPT_SECTORS, Op.DECRYPT_SECTORS):
         return True
     return alg.kind is Kind.AKCIPHER and alg.name != "ed25519"
+
+
+def releases_gil(request: Request) -> bool:
+    return releases_gil_op(request.algorithm, request.op)
 
 
 def run_request(request: Request) -> Any:
@@ -74,6 +77,9 @@ class Engine:
     max_request: int = 1 << 31
     parallelism: int = 1  # requests it works on at once
     local = True  # runs on this machine's cores (a remote engine brings its own)
+    # True: its workers take work from the scheduler's queues themselves (attach());
+    # False: the scheduler's dispatcher hands it batches through submit()
+    pulls = False
     capacity: int = 1 << 30  # requests it accepts in flight before submit() refuses
 
     def __init__(self, algorithms: Iterable[Algorithm] | None = None) -> None:
@@ -91,6 +97,14 @@ class Engine:
         """Requests accepted and not yet completed."""
         return 0
 
+    def ops_for(self, algorithm: Algorithm) -> frozenset[Op]:
+        """The operations of ``algorithm`` this engine declares (all, by default)."""
+        return algorithm.ops
+
+    def attach(self, take: Callable[[str, float], Job | None]) -> None:
+        """For pulling engines: ``take(name, timeout)`` hands out the next job."""
+        raise NotImplementedError
+
     def start(self, *, self_test: bool = True) -> None:
         """Run the known-answer tests and declare capabilities for what passed."""
         if self_test:
@@ -98,8 +112,8 @@ class Engine:
         passed = {a.name for a in self._algorithms
                   if not self_test or self.self_tests[a.name].passed}
         self._capabilities = {
-            a.name: Capability(a.name, a.ops, self.max_request)
-            for a in self._algorithms if a.name in passed
+            a.name: Capability(a.name, self.ops_for(a), self.max_request)
+            for a in self._algorithms if a.name in passed and self.ops_for(a)
         }
         if self_test and len(passed) < len(self._algorithms) and self.health is Health.OK:
             self.health = Health.DEGRADED

@@ -38,7 +38,7 @@ QUEUED, DISPATCHED, FINISHED = 0, 1, 2
 
 class Ticket:
     __slots__ = ("attempts", "client", "deadline", "engines", "future", "priority",
-                 "request", "state", "t_submit")
+                 "request", "state", "t_submit", "target")
 
     def __init__(self, request: Request, future: Future[Any], priority: str, client: str,
                  engines: tuple[str, ...], deadline: float | None, now: float) -> None:
@@ -51,6 +51,7 @@ class Ticket:
         self.attempts = 0
         self.state = QUEUED
         self.t_submit = now
+        self.target: str | None = None  # the engine the balancer chose, once at the head
 
 
 class _Done:
@@ -88,9 +89,11 @@ class Scheduler:
             ("submitted", "completed", "failed", "timeouts", "cancelled", "busy",
              "failovers", "requeued"), 0)
         self._closed = False
+        self._helpers = 0  # callers lending their thread (run/map waiting): inline lanes
         for e in engines.values():
-            if hasattr(e, "on_broken"):
-                e.on_broken = self._rehash
+            e.on_broken = self._rehash
+            if e.pulls:
+                e.attach(self.pull)
         self._thread = threading.Thread(target=self._run, name="cryptoplane-scheduler",
                                         daemon=True)
         self._thread.start()
@@ -132,7 +135,9 @@ class Scheduler:
         views = []
         for e in engines:
             own = e.inflight + self._assigned.get(e.name, 0)
-            backlog = (local_busy if e.local else own) + queued
+            # inline's lane is whichever thread runs it: only its own claims queue there
+            shared = e.local and e.name != "inline"
+            backlog = (local_busy if shared else own) + queued
             lanes = min(e.parallelism, CORES) if e.local else e.parallelism
             views.append(EngineView(e.name, e.priority, lanes, backlog,
                                     e.meter.estimate(alg, op, n)))
@@ -227,6 +232,7 @@ class Scheduler:
             if t.state == FINISHED:
                 return True
             t.engines = others
+            t.target = None
             t.state = QUEUED
             self.counters["failovers"] += 1
             self._queues.put_front(t.priority, t)
@@ -249,17 +255,25 @@ class Scheduler:
 
     # -- the dispatcher -----------------------------------------------------------------
 
-    def _take(self, now: float) -> dict[str, list[Ticket]]:
-        """Pop the tickets that engines have room for, by the priority rule."""
-        batch: dict[str, list[Ticket]] = {}
-        # inline never takes queued work from here: it has no thread of its own; callers
-        # waiting on a batch take it with steal()
-        room = {n: e.capacity - e.inflight - self._assigned[n]
-                for n, e in self.engines.items() if n != "inline"}
-        for _ in range(BURST * max(1, len(room))):
-            cls = self._queues.choose()
+    def _target(self, t: Ticket) -> str:
+        """The engine for ``t``, chosen by the policy once (when ``t`` reaches the head of
+        its queue, with the engines' backlogs as they are then) and kept, so that the
+        dispatcher, pulling workers and helping callers all agree on who takes it."""
+        if t.target is not None and self.engines[t.target].health.value != "broken":
+            return t.target
+        capable = [self.engines[n] for n in t.engines
+                   if self.engines[n].health.value != "broken"]
+        if not capable:
+            capable = [self.engines[n] for n in t.engines]
+        t.target = self.choose(t.request, capable).name
+        return t.target
+
+    def _head(self, now: float) -> tuple[str, Ticket] | None:
+        """The ticket the priority rule serves next, dropping finished or expired ones."""
+        while True:
+            cls = self._queues.next_class()
             if cls is None:
-                break
+                return None
             t = self._queues.peek(cls)
             if t.state == FINISHED:  # timed out while queued: drop it here
                 self._queues.pop(cls)
@@ -268,45 +282,95 @@ class Scheduler:
                 self._queues.pop(cls)
                 self._expired(t)
                 continue
-            capable = [self.engines[n] for n in t.engines if n in room]
-            if not capable:
-                break  # only inline can run it: a caller waiting on a batch will steal it
-            # the best engine for it, full or not: spilling to a worse engine because the
-            # best is busy would trade a short wait for a slower (or costlier) run
-            engine = self.choose(t.request, capable)
-            if room[engine.name] <= 0:
-                break  # the head waits for room; a completion will wake us
-            self._queues.pop(cls)
-            if not self._start(t):
+            return cls, t
+
+    def _claim(self, cls: str, t: Ticket, name: str) -> bool:
+        """Take ``t`` out of the queues for engine ``name`` (the lock is held)."""
+        self._queues.pop(cls)
+        self._queues.served(cls)
+        if not self._start(t):
+            return False
+        self._assigned[name] = self._assigned.get(name, 0) + 1
+        t.state = DISPATCHED
+        return True
+
+    def _take(self, now: float) -> tuple[dict[str, list[Ticket]], list[Ticket]]:
+        """Pop the tickets whose chosen engine is one the dispatcher feeds and has room,
+        by the priority rule; plus tickets for inline when no caller is lending its
+        thread (the dispatcher runs those itself rather than strand them)."""
+        batch: dict[str, list[Ticket]] = {}
+        here: list[Ticket] = []
+        room = {n: e.capacity - e.inflight - self._assigned[n]
+                for n, e in self.engines.items() if n != "inline" and not e.pulls}
+        for _ in range(BURST * max(1, len(room))):
+            head = self._head(now)
+            if head is None:
+                break
+            cls, t = head
+            target = self._target(t)
+            if target == "inline":
+                if self._helpers:
+                    break  # a waiting caller will steal it
+                if self._claim(cls, t, target):
+                    here.append(t)
                 continue
-            room[engine.name] -= 1
-            self._assigned[engine.name] += 1
-            t.state = DISPATCHED
-            batch.setdefault(engine.name, []).append(t)
-        return batch
+            if target not in room or room[target] <= 0:
+                break  # a pulling engine's worker takes it, or the head waits for room
+            if not self._claim(cls, t, target):
+                continue
+            room[target] -= 1
+            batch.setdefault(target, []).append(t)
+        return batch, here
+
+    def pull(self, name: str, timeout: float) -> Job | None:
+        """For a pulling engine's worker: the next ticket chosen for ``name``, waiting up
+        to ``timeout`` seconds for one."""
+        engine = self.engines[name]
+        with self._cv:
+            end = self._clock() + timeout
+            while not self._closed:
+                now = self._clock()
+                self._queues.release_due(now)
+                head = self._head(now)
+                if head is not None:
+                    cls, t = head
+                    if self._target(t) == name:
+                        if self._claim(cls, t, name):
+                            return (t.request, _Done(self, t, engine, now))
+                        continue
+                if now >= end:
+                    return None
+                self._cv.wait(end - now)
+        return None
 
     def steal(self, name: str) -> Ticket | None:
-        """The next queued ticket that engine ``name`` may run, taken out of the queues
-        for a caller that runs it itself (the caller's thread as an extra lane)."""
+        """For a caller waiting on its results: the next ticket it may run itself in its
+        own thread (chosen for inline, or any it can run while every pulling worker is
+        busy: an idle caller is a free lane)."""
         with self._cv:
-            self._queues.release_due(self._clock())
-            for cls in ("high", "normal", "bulk"):
-                if not self._queues.depth()[cls]:
-                    continue
-                t = self._queues.peek(cls)
-                if t.state == FINISHED:
-                    self._queues.pop(cls)
-                    return self.steal(name) if len(self._queues) else None
-                if name not in t.engines:
-                    continue
-                self._queues.pop(cls)
-                if not self._start(t):
+            now = self._clock()
+            self._queues.release_due(now)
+            head = self._head(now)
+            if head is None:
+                return None
+            cls, t = head
+            if name not in t.engines:
+                return None
+            target = self._target(t)
+            if target != name:
+                e = self.engines[target]
+                busy = e.inflight + self._assigned.get(target, 0) >= e.parallelism
+                if not (e.pulls and busy):
                     return None
-                t.state = DISPATCHED
-                self._assigned[name] = self._assigned.get(name, 0) + 1
-                self._cv.notify_all()
-                return t
-        return None
+            if not self._claim(cls, t, name):
+                return None
+            self._cv.notify_all()
+            return t
+
+    def helping(self, delta: int) -> None:
+        with self._cv:
+            self._helpers += delta
+            self._cv.notify_all()
 
     def _start(self, t: Ticket) -> bool:
         """Mark ``t``'s future running (once: a failed-over ticket already is); false when
@@ -340,12 +404,28 @@ class Scheduler:
                         self._expired(t)
                 if self._closed and not len(self._queues):
                     return
-                batch = self._take(now)
-                if not batch:
+                batch, here = self._take(now)
+                if not batch and not here:
                     waits = [w - now for w in (next_due, self._deadlines[0][0]
                                                if self._deadlines else None) if w is not None]
                     self._cv.wait(max(0.0, min(waits)) if waits else None)
                     continue
+            inline = self.engines.get("inline")
+            for t in here:  # chosen for inline and no caller to run it: run it here
+                assert inline is not None
+                done = _Done(self, t, inline, self._clock())
+                req = t.request
+                t0 = time.thread_time()
+                error: BaseException | None
+                try:
+                    result = req.apply(req.kernel())
+                except BaseException as e:  # every outcome reaches the completion
+                    result, error = None, e
+                else:
+                    error = None
+                work = time.thread_time() - t0
+                inline.meter.record(req.algorithm.name, req.op.value, req.nbytes, work, work)
+                done(result, error)
             for name, tickets in batch.items():
                 engine = self.engines[name]
                 t0 = self._clock()

@@ -37,8 +37,10 @@ def completion_time(v: EngineView) -> float:
     the caller's own share (copies, hand-off) can not overlap with the caller's next one."""
     e = v.estimate
     assert e is not None
-    wait = e.latency * (1 + v.backlog / max(1, v.parallelism))
-    return max(e.caller, wait)
+    lanes = max(1, v.parallelism)
+    # a free lane starts it at once; beyond that, it waits for its share of the backlog
+    queued = max(0, v.backlog - lanes + 1)
+    return max(e.caller, e.latency * (1 + queued / lanes))
 
 
 def _caller(v: EngineView) -> float:

@@ -57,18 +57,27 @@ class PriorityQueues(Generic[T]):
             self._queues[priority].append(item)
         return self._delayed[0][0] if self._delayed else None
 
-    def choose(self) -> str | None:
+    def next_class(self) -> str | None:
         """The class the next dispatch serves, by the rule above (None: all empty)."""
         nonempty = [p for p in PRIORITIES if self._queues[p]]
         if not nonempty:
             return None
-        chosen = nonempty[0]
         for p in reversed(nonempty[1:]):  # the most starved lower class first
             if self._passed[p] >= self._patience:
-                chosen = p
-                break
-        for p in nonempty:
-            self._passed[p] = 0 if p == chosen else self._passed[p] + 1
+                return p
+        return nonempty[0]
+
+    def served(self, chosen: str) -> None:
+        """Count a dispatch from ``chosen``: every other waiting class was passed over."""
+        for p in PRIORITIES:
+            if self._queues[p] or p == chosen:
+                self._passed[p] = 0 if p == chosen else self._passed[p] + 1
+
+    def choose(self) -> str | None:
+        """``next_class`` and count it served (for callers that always dispatch)."""
+        chosen = self.next_class()
+        if chosen is not None:
+            self.served(chosen)
         return chosen
 
     def pop(self, priority: str) -> T:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 from ..algorithms import Kind
@@ -117,18 +117,27 @@ class Router:
         if self.inline is None:
             return
         pending = [f for f in futures if not f.done()]
-        while pending:
-            ticket = self.scheduler.steal(INLINE)
-            if ticket is None:
-                break
-            done = _Done(self.scheduler, ticket, self.inline, time.monotonic())
-            try:
-                result = self.execute(ticket.request)  # counted by the completion
-            except CryptoplaneError as e:
-                done(None, e)
-            else:
-                done(result, None)
-            pending = [f for f in pending if not f.done()]
+        if not pending:
+            return
+        self.scheduler.helping(+1)
+        try:
+            while pending:
+                ticket = self.scheduler.steal(INLINE)
+                if ticket is None:
+                    # nothing for this thread now: wait for one of ours, then look again
+                    wait(pending, timeout=0.005, return_when=FIRST_COMPLETED)
+                    pending = [f for f in pending if not f.done()]
+                    continue
+                done = _Done(self.scheduler, ticket, self.inline, time.monotonic())
+                try:
+                    result = self.execute(ticket.request)  # counted by the completion
+                except CryptoplaneError as e:
+                    done(None, e)
+                else:
+                    done(result, None)
+                pending = [f for f in pending if not f.done()]
+        finally:
+            self.scheduler.helping(-1)
 
 
 __all__ = ["Router", "_settle"]

@@ -250,6 +250,7 @@ def test_map_uses_the_callers_thread_and_keeps_order(plane: cp.Plane) -> None:
 
 def test_latency_and_queue_stats(plane: cp.Plane) -> None:
     signer = cp.Key.generate("ed25519")
+    plane.session(signer, engine="threads")  # queued work on a known engine
     futures: list[Future[Any]] = [plane.submit(cp.Sign(signer, b"m")) for _ in range(50)]
     for f in futures:
         f.result(timeout=10)
