@@ -32,6 +32,7 @@ from .queues import PriorityQueues
 CORES = os.cpu_count() or 1
 BURST = 32  # tickets handed to one engine per dispatch round
 MAX_ATTEMPTS = 3  # a request is tried on at most this many engine failures
+RECHECK_SECONDS = 0.01  # the dispatcher's longest sleep while work is queued
 
 QUEUED, DISPATCHED, FINISHED = 0, 1, 2
 
@@ -80,7 +81,14 @@ class Scheduler:
         self.max_queued = max_queued
         self._clock = clock
         self._queues: PriorityQueues[Ticket] = PriorityQueues()
-        self._cv = threading.Condition()
+        # one lock, and a condition per kind of waiter, so a completion wakes only who
+        # can use it (each needless wake-up costs ~5-10 µs of CPU on this machine)
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)  # the dispatcher
+        self._pull_cv = threading.Condition(self._lock)  # pulling engines' workers
+        self._help_cv = threading.Condition(self._lock)  # callers lending their thread
+        self._space_cv = threading.Condition(self._lock)  # submitters blocked on room
+        self._space_waiters = 0
         self._deadlines: list[tuple[float, int, Ticket]] = []  # dispatched, with deadline
         self._seq = itertools.count()
         self._assigned: dict[str, int] = dict.fromkeys(engines, 0)
@@ -168,25 +176,35 @@ class Scheduler:
                 if remaining is not None and remaining <= 0:
                     self.counters["timeouts"] += 1
                     raise Timeout("timed out waiting for room in the plane's queues")
-                self._cv.wait(remaining)
+                self._space_waiters += 1
+                try:
+                    self._space_cv.wait(remaining)
+                finally:
+                    self._space_waiters -= 1
             if self._closed:
                 raise EngineFailed("the plane is closed")
             self.counters["submitted"] += 1
             self._queues.put(priority, ticket, not_before=not_before, now=now)
             if deadline is not None:  # expired by the dispatcher, queued or in flight
                 heapq.heappush(self._deadlines, (deadline, next(self._seq), ticket))
-            self._cv.notify_all()
+            self._wake_takers()
         return ticket
+
+    def _wake_takers(self) -> None:
+        """New work queued (the lock is held): one of each kind of taker looks at it."""
+        self._cv.notify()
+        self._pull_cv.notify()
+        if self._helpers:
+            self._help_cv.notify()
 
     # -- finishing ----------------------------------------------------------------------
 
     def _finish(self, t: Ticket) -> bool:
         """Claim the right to complete ``t``: true exactly once per ticket."""
-        with self._cv:
+        with self._lock:
             if t.state == FINISHED:
                 return False
             t.state = FINISHED
-            self._cv.notify_all()
             return True
 
     def _fail(self, t: Ticket, error: BaseException, engine: str = "-") -> None:
@@ -200,14 +218,17 @@ class Scheduler:
 
     def _completed(self, done: _Done, result: Any, error: BaseException | None) -> None:
         t, engine = done.ticket, done.engine
-        with self._cv:
+        failed_engine = isinstance(error, EngineFailed)
+        with self._lock:
             self._assigned[engine.name] = max(0, self._assigned[engine.name] - 1)
-            self._cv.notify_all()
-        if (isinstance(error, EngineFailed) and t.state != FINISHED
-                and self._retry(t, engine.name)):
+            if not engine.pulls and engine.name != "inline":
+                self._cv.notify()  # room in a dispatched-to engine
+            if t.state == FINISHED:
+                return  # already timed out or failed over: this late answer is dropped
+            if not failed_engine:
+                t.state = FINISHED
+        if failed_engine and (self._retry(t, engine.name) or not self._finish(t)):
             return
-        if not self._finish(t):
-            return  # already timed out or failed over: this late answer is dropped
         now = self._clock()
         req = t.request
         stats = self.registry.get(engine.name, req.algorithm.name, req.op.value, t.client)
@@ -236,7 +257,7 @@ class Scheduler:
             t.state = QUEUED
             self.counters["failovers"] += 1
             self._queues.put_front(t.priority, t)
-            self._cv.notify_all()
+            self._wake_takers()
         return True
 
     def _rehash(self, jobs: list[Job]) -> None:
@@ -256,11 +277,9 @@ class Scheduler:
     # -- the dispatcher -----------------------------------------------------------------
 
     def _target(self, t: Ticket) -> str:
-        """The engine for ``t``, chosen by the policy once (when ``t`` reaches the head of
-        its queue, with the engines' backlogs as they are then) and kept, so that the
-        dispatcher, pulling workers and helping callers all agree on who takes it."""
-        if t.target is not None and self.engines[t.target].health.value != "broken":
-            return t.target
+        """The engine for ``t`` now: the policy's choice with the backlogs as they are at
+        this moment (asked again by each taker that finds ``t`` at the head: a worker
+        that just became free may be the best place for it now)."""
         capable = [self.engines[n] for n in t.engines
                    if self.engines[n].health.value != "broken"]
         if not capable:
@@ -288,6 +307,8 @@ class Scheduler:
         """Take ``t`` out of the queues for engine ``name`` (the lock is held)."""
         self._queues.pop(cls)
         self._queues.served(cls)
+        if self._space_waiters:
+            self._space_cv.notify()
         if not self._start(t):
             return False
         self._assigned[name] = self._assigned.get(name, 0) + 1
@@ -334,13 +355,17 @@ class Scheduler:
                 head = self._head(now)
                 if head is not None:
                     cls, t = head
-                    if self._target(t) == name:
+                    target = self._target(t)
+                    # inline work with no caller to run it: a free worker thread is as
+                    # good a place as the dispatcher's own
+                    if target == name or (target == "inline" and not self._helpers
+                                           and name in t.engines):
                         if self._claim(cls, t, name):
                             return (t.request, _Done(self, t, engine, now))
                         continue
                 if now >= end:
                     return None
-                self._cv.wait(end - now)
+                self._pull_cv.wait(end - now)
         return None
 
     def steal(self, name: str) -> Ticket | None:
@@ -364,13 +389,19 @@ class Scheduler:
                     return None
             if not self._claim(cls, t, name):
                 return None
-            self._cv.notify_all()
             return t
 
     def helping(self, delta: int) -> None:
-        with self._cv:
+        with self._lock:
             self._helpers += delta
-            self._cv.notify_all()
+            if not self._helpers:
+                self._cv.notify()  # inline work no caller will take: the dispatcher's now
+
+    def wait_for_work(self, timeout: float) -> None:
+        """For a helping caller with nothing to take: sleep until work is queued (or the
+        timeout: what is queued may become the caller's when the workers get busy)."""
+        with self._lock:
+            self._help_cv.wait(timeout)
 
     def _start(self, t: Ticket) -> bool:
         """Mark ``t``'s future running (once: a failed-over ticket already is); false when
@@ -408,6 +439,8 @@ class Scheduler:
                 if not batch and not here:
                     waits = [w - now for w in (next_due, self._deadlines[0][0]
                                                if self._deadlines else None) if w is not None]
+                    if len(self._queues):  # queued for another taker: look again soon,
+                        waits.append(RECHECK_SECONDS)  # in case it changed its mind
                     self._cv.wait(max(0.0, min(waits)) if waits else None)
                     continue
             inline = self.engines.get("inline")
@@ -455,7 +488,8 @@ class Scheduler:
         with self._cv:
             self._closed = True
             leftovers = list(self._queues.drain())
-            self._cv.notify_all()
+            for cv in (self._cv, self._pull_cv, self._help_cv, self._space_cv):
+                cv.notify_all()
         for t in leftovers:
             self._fail(t, EngineFailed("the plane closed before this request ran"))
         self._thread.join(timeout)

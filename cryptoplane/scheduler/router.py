@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from typing import Any
 
 from ..algorithms import Kind
@@ -124,8 +124,9 @@ class Router:
             while pending:
                 ticket = self.scheduler.steal(INLINE)
                 if ticket is None:
-                    # nothing for this thread now: wait for one of ours, then look again
-                    wait(pending, timeout=0.005, return_when=FIRST_COMPLETED)
+                    # nothing for this thread now: sleep until work is queued (or a
+                    # moment passes), then see which of ours are done
+                    self.scheduler.wait_for_work(0.002)
                     pending = [f for f in pending if not f.done()]
                     continue
                 done = _Done(self.scheduler, ticket, self.inline, time.monotonic())

@@ -271,7 +271,7 @@ def test_unknown_policy() -> None:
 def test_engine_failure_rehashes_to_another_engine() -> None:
     class Broken(Engine):
         name = "broken"
-        priority = 90
+        priority = 200  # tried first while nothing is measured yet
         capacity = 100
 
         def submit(self, jobs: Any) -> int:
