@@ -27,6 +27,7 @@ from .exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from .kernels import Buffer
 from .kernels.digests import hash_kernel
 from .keys import Key
+from .memory import tune_allocator
 from .scheduler.bucket import Clock
 from .scheduler.core import Scheduler
 from .scheduler.policy import POLICIES, Policy
@@ -78,6 +79,7 @@ class Plane:
                  self_test: bool = True, fast_path_limit: int = DEFAULT_FAST_PATH_LIMIT,
                  clock: Clock = time.monotonic) -> None:
         self.fast_path_limit = fast_path_limit
+        tune_allocator()
         self._registry = Registry()
         self._sessions: weakref.WeakKeyDictionary[Key, Session] = weakref.WeakKeyDictionary()
         self._live: set[Session] = set()  # sessions whose fast-path counts are not folded

@@ -38,8 +38,8 @@ QUEUED, DISPATCHED, FINISHED = 0, 1, 2
 
 
 class Ticket:
-    __slots__ = ("attempts", "client", "deadline", "engines", "future", "priority",
-                 "request", "state", "t_submit", "target")
+    __slots__ = ("attempts", "client", "deadline", "engines", "future", "pinned",
+                 "priority", "request", "state", "t_submit", "target")
 
     def __init__(self, request: Request, future: Future[Any], priority: str, client: str,
                  engines: tuple[str, ...], deadline: float | None, now: float) -> None:
@@ -52,7 +52,8 @@ class Ticket:
         self.attempts = 0
         self.state = QUEUED
         self.t_submit = now
-        self.target: str | None = None  # the engine the balancer chose, once at the head
+        self.target: str | None = None  # the engine the balancer chose last
+        self.pinned: str | None = None  # an exploring choice every taker must honour
 
 
 class _Done:
@@ -151,10 +152,12 @@ class Scheduler:
                                     e.meter.estimate(alg, op, n)))
         return views
 
-    def choose(self, request: Request, engines: Sequence[Engine]) -> Engine:
+    def choose(self, request: Request, engines: Sequence[Engine], *,
+               explore: bool = True) -> Engine:
         if len(engines) == 1:
             return engines[0]
-        pick = self.policy.choose(request.nbytes, self.views(request, engines))
+        pick = self.policy.choose(request.nbytes, self.views(request, engines),
+                                  explore=explore)
         return self.engines[pick.name]
 
     # -- submitting ---------------------------------------------------------------------
@@ -253,7 +256,7 @@ class Scheduler:
             if t.state == FINISHED:
                 return True
             t.engines = others
-            t.target = None
+            t.target = t.pinned = None
             t.state = QUEUED
             self.counters["failovers"] += 1
             self._queues.put_front(t.priority, t)
@@ -276,15 +279,23 @@ class Scheduler:
 
     # -- the dispatcher -----------------------------------------------------------------
 
-    def _target(self, t: Ticket) -> str:
+    def _target(self, t: Ticket, *, explore: bool = False) -> str:
         """The engine for ``t`` now: the policy's choice with the backlogs as they are at
         this moment (asked again by each taker that finds ``t`` at the head: a worker
-        that just became free may be the best place for it now)."""
+        that just became free may be the best place for it now). When the dispatcher
+        explores (sends it to the runner-up to measure that engine again), the choice is
+        pinned, or the next taker's straight answer would undo it."""
+        if t.pinned is not None and self.engines[t.pinned].health.value != "broken":
+            return t.pinned
         capable = [self.engines[n] for n in t.engines
                    if self.engines[n].health.value != "broken"]
         if not capable:
             capable = [self.engines[n] for n in t.engines]
-        t.target = self.choose(t.request, capable).name
+        t.target = self.choose(t.request, capable, explore=False).name
+        if explore:
+            chosen = self.choose(t.request, capable, explore=True).name
+            if chosen != t.target:
+                t.target = t.pinned = chosen
         return t.target
 
     def _head(self, now: float) -> tuple[str, Ticket] | None:
@@ -328,7 +339,7 @@ class Scheduler:
             if head is None:
                 break
             cls, t = head
-            target = self._target(t)
+            target = self._target(t, explore=True)
             if target == "inline":
                 if self._helpers:
                     break  # a waiting caller will steal it
@@ -365,7 +376,9 @@ class Scheduler:
                         continue
                 if now >= end:
                     return None
-                self._pull_cv.wait(end - now)
+                # queued but not ours: the backlogs change as others finish, look again soon
+                nap = min(end - now, RECHECK_SECONDS) if len(self._queues) else end - now
+                self._pull_cv.wait(nap)
         return None
 
     def steal(self, name: str) -> Ticket | None:

@@ -29,7 +29,8 @@ class EngineView:
 class Policy(Protocol):
     name: str
 
-    def choose(self, nbytes: int, candidates: Sequence[EngineView]) -> EngineView: ...
+    def choose(self, nbytes: int, candidates: Sequence[EngineView], *,
+               explore: bool = True) -> EngineView: ...
 
 
 def completion_time(v: EngineView) -> float:
@@ -52,7 +53,9 @@ class LeastCompletion:
 
     Engines never measured for this kind of request are tried first, so the estimates
     exist; one decision in ``explore_every`` goes to the runner-up, so an engine that
-    lost once (a cold start, a noisy neighbour) gets measured again.
+    lost once (a cold start, a noisy neighbour) gets measured again. Only the dispatcher
+    explores (``explore=True``): a free worker asking "is this mine?" must get a straight
+    answer, or it would idle while the work waits for a busier lane.
     """
 
     name = "least-completion"
@@ -61,13 +64,14 @@ class LeastCompletion:
         self._explore_every = explore_every
         self._n = itertools.count(1)
 
-    def choose(self, nbytes: int, candidates: Sequence[EngineView]) -> EngineView:
+    def choose(self, nbytes: int, candidates: Sequence[EngineView], *,
+               explore: bool = True) -> EngineView:
         unknown = [c for c in candidates if c.estimate is None]
         if unknown:
             return min(unknown, key=lambda c: (c.backlog, -c.priority))
         # equal times: the engine that costs the caller less leaves it free for the next
         ranked = sorted(candidates, key=lambda c: (completion_time(c), _caller(c), -c.priority))
-        if len(ranked) > 1 and next(self._n) % self._explore_every == 0:
+        if explore and len(ranked) > 1 and next(self._n) % self._explore_every == 0:
             return ranked[1]
         return ranked[0]
 
@@ -78,7 +82,8 @@ class RoundRobin:
     def __init__(self) -> None:
         self._n = itertools.count()
 
-    def choose(self, nbytes: int, candidates: Sequence[EngineView]) -> EngineView:
+    def choose(self, nbytes: int, candidates: Sequence[EngineView], *,
+               explore: bool = True) -> EngineView:
         ordered = sorted(candidates, key=lambda c: c.name)
         return ordered[next(self._n) % len(ordered)]
 
@@ -92,7 +97,8 @@ class SizeSplit:
     def __init__(self, threshold: int = 64 * 1024) -> None:
         self.threshold = threshold
 
-    def choose(self, nbytes: int, candidates: Sequence[EngineView]) -> EngineView:
+    def choose(self, nbytes: int, candidates: Sequence[EngineView], *,
+               explore: bool = True) -> EngineView:
         if nbytes <= self.threshold:
             for c in candidates:
                 if c.name == INLINE:
