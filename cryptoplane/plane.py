@@ -23,6 +23,7 @@ from . import _native
 from . import requests as rq
 from .chain import Chain, annotate
 from .engines import REGISTRY, Engine, InlineEngine
+from .engines.base import releases_gil
 from .exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from .kernels import Buffer
 from .kernels.digests import hash_kernel
@@ -426,7 +427,10 @@ class Plane:
         futures: list[Future[Any]] = []
         for r in requests:
             try:
-                futures.append(self._submit(r, priority, client, timeout, True, lend=False))
+                # GIL-holding work gains nothing from threads: when the balancer says it
+                # is cheapest here, run it now rather than queue it for this thread later
+                lend = isinstance(r, rq.Request) and not releases_gil(r)
+                futures.append(self._submit(r, priority, client, timeout, True, lend=lend))
             except CryptoplaneError as e:
                 f: Future[Any] = Future()
                 f.set_exception(e)

@@ -77,6 +77,7 @@ class Engine:
     max_request: int = 1 << 31
     parallelism: int = 1  # requests it works on at once
     local = True  # runs on this machine's cores (a remote engine brings its own)
+    in_process = False  # runs in this interpreter (and so under its GIL)
     # True: its workers take work from the scheduler's queues themselves (attach());
     # False: the scheduler's dispatcher hands it batches through submit()
     pulls = False

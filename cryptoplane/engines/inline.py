@@ -15,6 +15,7 @@ from .base import Engine, Job, complete, run_request
 
 class InlineEngine(Engine):
     name = "inline"
+    in_process = True
     priority = 100
 
     def run_one(self, request: Request) -> Any:

@@ -30,6 +30,7 @@ POLL_SECONDS = 0.1  # a worker re-checks for closing at least this often
 
 class ThreadsEngine(Engine):
     name = "threads"
+    in_process = True
     priority = 50
     pulls = True
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from ..engines.base import Engine, Job
+from ..engines.base import Engine, Job, releases_gil
 from ..exceptions import Busy, EngineFailed, NotSupported, Timeout
 from ..requests import Request
 from ..stats import Registry
@@ -139,6 +139,9 @@ class Scheduler:
         then what separates them is each one's own cost (latency, caller's share)."""
         alg, op, n = request.algorithm.name, request.op.value, request.nbytes
         queued = len(self._queues)
+        # work that holds the GIL runs one at a time in this process, however many
+        # threads offer to run it: for it, in-process engines have a single lane
+        serial = not releases_gil(request)
         local_busy = sum(e.inflight + self._assigned.get(e.name, 0)
                          for e in self.engines.values() if e.local and e.name != "inline")
         views = []
@@ -148,6 +151,8 @@ class Scheduler:
             shared = e.local and e.name != "inline"
             backlog = (local_busy if shared else own) + queued
             lanes = min(e.parallelism, CORES) if e.local else e.parallelism
+            if serial and e.in_process:
+                lanes = 1
             views.append(EngineView(e.name, e.priority, lanes, backlog,
                                     e.meter.estimate(alg, op, n)))
         return views
