@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,18 @@ def releases_gil(request: Request) -> bool:
 def run_request(request: Request) -> Any:
     """Run a request in this thread on its key's cached kernel."""
     return request.apply(request.kernel())
+
+
+def run_measured(request: Request) -> tuple[Any, BaseException | None, float]:
+    """Run a request in this thread: (result, error, CPU seconds it took). CPU time, not
+    wall time: waits for the GIL or a core are the neighbours' doing, and wall time would
+    teach the balancer that an engine is slow when it is merely busy."""
+    t0 = time.thread_time()
+    try:
+        result = request.apply(request.kernel())
+    except BaseException as e:  # every outcome reaches the caller, errors included
+        return None, e, time.thread_time() - t0
+    return result, None, time.thread_time() - t0
 
 
 def complete(job: Job) -> None:

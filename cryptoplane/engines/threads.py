@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from .base import Engine, Job, releases_gil
+from .base import Engine, Job, releases_gil, run_measured
 
 # The caller's share of a hand-off to a thread (enqueue, wake-up, completion), measured
 # here at ~20-25 µs of CPU; what the balancer weighs against doing the work inline.
@@ -92,17 +91,7 @@ class ThreadsEngine(Engine):
 
     def _run(self, job: Job) -> None:
         request, done = job
-        # this thread's CPU time: waits for the GIL or a core are the neighbours' doing,
-        # and wall time would teach the balancer that threads are slow when merely busy
-        t0 = time.thread_time()
-        error: BaseException | None
-        try:
-            result = request.apply(request.kernel())
-        except BaseException as e:  # every outcome reaches the completion
-            result, error = None, e
-        else:
-            error = None
-        work = time.thread_time() - t0
+        result, error, work = run_measured(request)
         caller = HANDOFF_SECONDS + (0.0 if releases_gil(request) else work)
         self.meter.record(request.algorithm.name, request.op.value, request.nbytes, work,
                           caller)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from ..engines.base import Engine, Job, releases_gil
+from ..engines.base import Engine, Job, releases_gil, run_measured
 from ..exceptions import Busy, EngineFailed, NotSupported, Timeout
 from ..requests import Request
 from ..stats import Registry
@@ -466,15 +466,7 @@ class Scheduler:
                 assert inline is not None
                 done = _Done(self, t, inline, self._clock())
                 req = t.request
-                t0 = time.thread_time()
-                error: BaseException | None
-                try:
-                    result = req.apply(req.kernel())
-                except BaseException as e:  # every outcome reaches the completion
-                    result, error = None, e
-                else:
-                    error = None
-                work = time.thread_time() - t0
+                result, error, work = run_measured(req)
                 inline.meter.record(req.algorithm.name, req.op.value, req.nbytes, work, work)
                 done(result, error)
             for name, tickets in batch.items():

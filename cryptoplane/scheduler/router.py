@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..algorithms import Kind
-from ..engines.base import Engine
+from ..engines.base import Engine, run_measured
 from ..exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from ..requests import Request
 from ..session import Session
@@ -53,13 +53,12 @@ class Router:
         """Run in this thread and feed the inline engine's meter (the balancer learns
         what inline costs from here; the sync fast path measures nothing)."""
         assert self.inline is not None
-        t0 = time.thread_time()  # CPU time, as the other engines measure
-        try:
-            return request.apply(request.kernel())
-        finally:
-            work = time.thread_time() - t0
-            self.inline.meter.record(request.algorithm.name, request.op.value,
-                                     request.nbytes, work, work)
+        result, error, work = run_measured(request)
+        self.inline.meter.record(request.algorithm.name, request.op.value, request.nbytes,
+                                 work, work)
+        if error is not None:
+            raise error
+        return result
 
     def run_inline(self, request: Request, client: str) -> Any:
         """Run in this thread, counted like any engine's work."""
