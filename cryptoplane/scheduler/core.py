@@ -99,6 +99,9 @@ class Scheduler:
              "failovers", "requeued"), 0)
         self._closed = False
         self._helpers = 0  # callers lending their thread (run/map waiting): inline lanes
+        # engines the dispatcher may have to act for: those it feeds, and inline
+        self._dispatchable = frozenset(n for n, e in engines.items()
+                                       if n == "inline" or not e.pulls)
         for e in engines.values():
             e.on_broken = self._rehash
             if e.pulls:
@@ -195,12 +198,15 @@ class Scheduler:
             self._queues.put(priority, ticket, not_before=not_before, now=now)
             if deadline is not None:  # expired by the dispatcher, queued or in flight
                 heapq.heappush(self._deadlines, (deadline, next(self._seq), ticket))
-            self._wake_takers()
+            self._wake_takers(ticket)
         return ticket
 
-    def _wake_takers(self) -> None:
-        """New work queued (the lock is held): one of each kind of taker looks at it."""
-        self._cv.notify()
+    def _wake_takers(self, t: Ticket) -> None:
+        """New work queued (the lock is held): one of each kind of taker that could run
+        it looks at it. Waking the dispatcher for work only pulling workers can take
+        would cost a context switch and a turn of the GIL per request for nothing."""
+        if any(n == "inline" or not self.engines[n].pulls for n in t.engines):
+            self._cv.notify()
         self._pull_cv.notify()
         if self._helpers:
             self._help_cv.notify()
@@ -265,7 +271,7 @@ class Scheduler:
             t.state = QUEUED
             self.counters["failovers"] += 1
             self._queues.put_front(t.priority, t)
-            self._wake_takers()
+            self._wake_takers(t)
         return True
 
     def _rehash(self, jobs: list[Job]) -> None:
@@ -457,8 +463,9 @@ class Scheduler:
                 if not batch and not here:
                     waits = [w - now for w in (next_due, self._deadlines[0][0]
                                                if self._deadlines else None) if w is not None]
-                    if len(self._queues):  # queued for another taker: look again soon,
-                        waits.append(RECHECK_SECONDS)  # in case it changed its mind
+                    if self._queues.has_work_for(self._dispatchable):
+                        # queued for another taker: look again soon, in case it changed
+                        waits.append(RECHECK_SECONDS)
                     self._cv.wait(max(0.0, min(waits)) if waits else None)
                     continue
             inline = self.engines.get("inline")

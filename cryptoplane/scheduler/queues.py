@@ -46,6 +46,11 @@ class PriorityQueues(Generic[T]):
         else:
             self._queues[priority].append(item)
 
+    def has_work_for(self, names: frozenset[str]) -> bool:
+        """Whether a queue head could go to one of ``names`` (items with ``engines``)."""
+        return any(q and not names.isdisjoint(getattr(q[0], "engines", ()))
+                   for q in self._queues.values())
+
     def put_front(self, priority: str, item: T) -> None:
         """Give back an item an engine could not take: it keeps its place."""
         self._queues[priority].appendleft(item)
