@@ -168,8 +168,7 @@ class EnginePaths:
                 f"window of {window(plane, name)} plane.submit futures, session bound to "
                 f"{name!r}" if name in BOUND else
                 f"fast path up to {plane.fast_path_limit} bytes (symmetric); else "
-                f"plane.map batches of {batch(plane)} (at most {BATCH_BYTES >> 20} MiB "
-                f"of payload)")}
+                f"plane.map batches of {batch(plane)}")}
         return out
 
     # -- one cell -----------------------------------------------------------------------
@@ -200,7 +199,7 @@ class EnginePaths:
                 free = None if cell.algorithm in HASHES else _key(cell)
                 if free is not None:
                     plane.session(free)  # unbound: the balancer chooses
-                size = batch(plane, cell.nbytes)
+                size = batch(plane)
                 out.loops[name] = batch_loop(plane, requests(plane, cell, free, size), size)
                 out.auto_mode = f"map x{size}"
         for loop in out.loops.values():
@@ -237,19 +236,10 @@ def window(plane: Plane, engine: str) -> int:
     return 2 * plane.engines[engine].capacity
 
 
-# A batch's payloads and results stay alive until the batch ends: past a few MiB they no
-# longer fit the caches that the one-at-a-time inline loop reuses, and the comparison
-# would measure DRAM, not the plane (48 x 1 MiB measured 0.64x of inline, all inline).
-BATCH_BYTES = 8 * 1024 * 1024
-
-
-def batch(plane: Plane, nbytes: int = 0) -> int:
+def batch(plane: Plane) -> int:
     """Requests per ``map`` batch for auto: every engine but inline filled, and as many
-    again for the caller to run while it waits; fewer for big requests (see above)."""
-    size = 2 * sum(e.capacity for n, e in plane.engines.items() if n != "inline")
-    if nbytes:
-        size = min(size, max(4, BATCH_BYTES // nbytes))
-    return size
+    again for the caller to run while it waits."""
+    return 2 * sum(e.capacity for n, e in plane.engines.items() if n != "inline")
 
 
 def _key(cell: Cell) -> Key:
