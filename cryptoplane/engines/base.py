@@ -149,12 +149,17 @@ class Engine:
             box.append((result, error))
             event.set()
 
-        self.submit([(request, done)])
+        self._submit_waiting((request, done))
         event.wait()
         result, error = box[0]
         if error is not None:
             raise error
         return result
+
+    def _submit_waiting(self, job: Job) -> None:
+        """Hand over one job, waiting for room if the engine has none (run_one's way in;
+        engines with backpressure override it)."""
+        self.submit([job])
 
     def submit(self, jobs: Sequence[Job]) -> int:
         """Accept a batch; returns how many were accepted (the rest: caller keeps them)."""

@@ -276,24 +276,11 @@ class PoolEngine(Engine):
                 self._space.wait(left)
         return False
 
-    def run_one(self, request: Request) -> Any:
-        """One request through the workers, waiting for a slot (self-tests use it)."""
-        box: list[tuple[Any, BaseException | None]] = []
-        event = threading.Event()
-
-        def done(result: Any, error: BaseException | None) -> None:
-            box.append((result, error))
-            event.set()
-
-        while not self.submit([(request, done)]):
-            if not self.wait_for_space(1.0) and (
-                    self._closed or self._broken):
+    def _submit_waiting(self, job: Job) -> None:
+        """One job through the workers, waiting for a slot (self-tests come this way)."""
+        while not self.submit([job]):
+            if not self.wait_for_space(1.0) and (self._closed or self._broken):
                 raise EngineFailed("the pool engine is not accepting work")
-        event.wait()
-        result, error = box[0]
-        if error is not None:
-            raise error
-        return result
 
     # -- submit -------------------------------------------------------------------------
 
