@@ -302,12 +302,22 @@ class Scheduler:
                    if self.engines[n].health.value != "broken"]
         if not capable:
             capable = [self.engines[n] for n in t.engines]
+        if self._threads_cover_cores(t, capable):
+            capable = [e for e in capable if e.name != "inline"]
         t.target = self.choose(t.request, capable, explore=False).name
         if explore:
             chosen = self.choose(t.request, capable, explore=True).name
             if chosen != t.target:
                 t.target = t.pinned = chosen
         return t.target
+
+    @staticmethod
+    def _threads_cover_cores(t: Ticket, engines: Sequence[Engine]) -> bool:
+        """GIL-free work, and in-process workers for every core: the caller's thread
+        would be one more runner than there are cores, adding only contention (for the
+        cores and for the GIL each runner takes back after its work)."""
+        return releases_gil(t.request) and any(
+            e.pulls and e.in_process and e.parallelism >= CORES for e in engines)
 
     def _head(self, now: float) -> tuple[str, Ticket] | None:
         """The ticket the priority rule serves next, dropping finished or expired ones."""
@@ -409,7 +419,7 @@ class Scheduler:
             if target != name:
                 e = self.engines[target]
                 busy = e.inflight + self._assigned.get(target, 0) >= e.parallelism
-                if not (e.pulls and busy):
+                if not (e.pulls and busy) or self._threads_cover_cores(t, [e]):
                     return None
             if not self._claim(cls, t, name):
                 return None
