@@ -33,6 +33,7 @@ CORES = os.cpu_count() or 1
 BURST = 32  # tickets handed to one engine per dispatch round
 MAX_ATTEMPTS = 3  # a request is tried on at most this many engine failures
 RECHECK_SECONDS = 0.01  # the dispatcher's longest sleep while work is queued
+CHEAP_SECONDS = 60e-6  # work shorter than ~2-3 thread hand-offs stays where it is
 
 QUEUED, DISPATCHED, FINISHED = 0, 1, 2
 
@@ -311,13 +312,23 @@ class Scheduler:
                 t.target = t.pinned = chosen
         return t.target
 
-    @staticmethod
-    def _threads_cover_cores(t: Ticket, engines: Sequence[Engine]) -> bool:
-        """GIL-free work, and in-process workers for every core: the caller's thread
-        would be one more runner than there are cores, adding only contention (for the
-        cores and for the GIL each runner takes back after its work)."""
-        return releases_gil(t.request) and any(
-            e.pulls and e.in_process and e.parallelism >= CORES for e in engines)
+    def _threads_cover_cores(self, t: Ticket, engines: Sequence[Engine]) -> bool:
+        """GIL-free work worth a hand-off, and in-process workers for every core: the
+        caller's thread would be one more runner than there are cores, adding only
+        contention (for the cores and for the GIL each runner takes back after its
+        work)."""
+        return (releases_gil(t.request) and not self.cheap_inline(t.request) and any(
+            e.pulls and e.in_process and e.parallelism >= CORES for e in engines))
+
+    def cheap_inline(self, request: Request) -> bool:
+        """Measured to take less inline than a few thread hand-offs (ECDSA signing,
+        RSA verification: ~25 µs here): not worth sending anywhere. Never measured
+        counts as cheap: the first one runs inline, and that measures it."""
+        inline = self.engines.get("inline")
+        if inline is None:
+            return False
+        e = inline.meter.estimate(request.algorithm.name, request.op.value, request.nbytes)
+        return e is None or e.latency < CHEAP_SECONDS
 
     def _head(self, now: float) -> tuple[str, Ticket] | None:
         """The ticket the priority rule serves next, dropping finished or expired ones."""
