@@ -50,11 +50,18 @@ class Meter:
             e = self._est.get(k)
             if e is None:
                 self._est[k] = Estimate(latency, caller, 1, 1, nbytes)
+            elif e.samples == 1:  # the cold first sample is replaced, not averaged in
+                e.latency, e.caller = latency, caller
+                e.samples, e.ops, e.nbytes = 2, e.ops + 1, e.nbytes + nbytes
             else:
                 e.add(latency, caller, nbytes)
 
     def estimate(self, algorithm: str, op: str, nbytes: int) -> Estimate | None:
-        return self._est.get((algorithm, op, size_class(nbytes)))
+        """None until two samples: a first run pays for cold caches and key setup (a
+        cold ECDSA signature measured ~3x a warm one), and a balancer that believed it
+        would never try that engine again."""
+        e = self._est.get((algorithm, op, size_class(nbytes)))
+        return e if e is not None and e.samples >= 2 else None
 
     def rates(self) -> dict[str, dict[str, float]]:
         """Per algorithm: measured ops/s and bytes/s of one lane (from the averages)."""
