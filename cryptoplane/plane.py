@@ -515,7 +515,7 @@ class Plane:
         algorithm/operation and client: requests, bytes, errors by type; latency
         percentiles of queued work; queue depths; QoS limits; scheduler counters."""
         agg = aggregate(self._stat_rows())
-        self._last_histograms: dict[str, Histogram] = agg.pop("_histograms")
+        agg.pop("_histograms")  # the Prometheus export reads histograms itself
         engines: dict[str, Any] = {}
         for name, e in self._engines.items():
             counts = agg["engines"].get(name, {"requests": 0, "bytes": 0, "errors": {}})

@@ -19,7 +19,7 @@ from ..engines.base import Engine, run_measured
 from ..exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from ..requests import Request
 from ..session import Session
-from .core import Scheduler, _Done, _settle
+from .core import Scheduler, _Done
 
 INLINE = "inline"
 
@@ -142,4 +142,4 @@ class Router:
             self.scheduler.helping(-1)
 
 
-__all__ = ["Router", "_settle"]
+__all__ = ["Router"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import gone, shm_entries
 
 import cryptoplane as cp
 
@@ -32,7 +33,7 @@ DEADLINE = 100.0
 
 @pytest.mark.timeout(150)
 def test_plane_survives_two_sigkills_with_every_request_once() -> None:
-    shm_before = pool_faults.shm_entries()
+    shm_before = shm_entries()
     mix = pool_faults.Mix()
     plane = cp.Plane(engines=["pool"], self_test=False)
     pool = plane.engines["pool"]
@@ -101,9 +102,9 @@ def test_plane_survives_two_sigkills_with_every_request_once() -> None:
     ours = {p.pid for p in multiprocessing.active_children()} & seen
     assert ours == set(), ours
     end = time.monotonic() + 5
-    while not all(pool_faults.gone(p) for p in seen):
+    while not all(gone(p) for p in seen):
         assert time.monotonic() < end, "a worker outlived close()"
         time.sleep(0.01)
-    assert pool_faults.shm_entries() <= shm_before
+    assert shm_entries() <= shm_before
     print(f"\n{N} requests through the plane in {time.monotonic() - t0:.1f} s; "
           f"pool {pool_stats}")

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+from support import gone, shm_entries
 
 from cryptoplane import requests as rq
 from cryptoplane.engines import Job
@@ -31,18 +32,6 @@ RSA_EVERY, ECDSA_EVERY, SECTORS_EVERY = 50, 8, 4
 
 def digest(data: Any) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def shm_entries() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("cryptoplane-pool-")}
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 class Mix:

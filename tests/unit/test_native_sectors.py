@@ -19,12 +19,12 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import unavailable
 
 from cryptoplane import _native
 from cryptoplane._native import fallback
 
 U64 = 1 << 64
-IN_CI = os.environ.get("CI") == "true"
 
 # Both implementations are exercised where both exist; the fallback always is.
 IMPLS: list[Any] = [_native.PythonXtsKey]
@@ -35,10 +35,7 @@ if _native.NativeXtsKey is not None:
 def native() -> Any:
     """The C extension's XtsKey; in CI its absence is a failure, elsewhere a skip."""
     if _native.NativeXtsKey is None:
-        msg = f"native sector kernel missing: {_native.BACKEND_REASON}"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"native sector kernel missing: {_native.BACKEND_REASON}")
     return _native.NativeXtsKey
 
 
@@ -334,9 +331,7 @@ def _vectors(subdir: str, name: str) -> Iterator[dict[str, str]]:
     try:
         import cryptography_vectors as vectors
     except ImportError:
-        if IN_CI:
-            pytest.fail("cryptography-vectors is not installed")
-        pytest.skip("cryptography-vectors is not installed")
+        unavailable("cryptography-vectors is not installed")
     path = Path(vectors.__file__).parent / "ciphers/AES/XTS" / subdir / name
     entry: dict[str, str] = {}
     mode = ""

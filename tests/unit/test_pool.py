@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from support import gone, shm_entries
 
 import cryptoplane as cp
 from cryptoplane import requests as rq
@@ -23,21 +24,9 @@ from cryptoplane.keys import Key
 NONCE = bytes(range(12))
 
 
-def shm_entries() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("cryptoplane-pool-")}
-
-
 def children(pids: list[int]) -> list[int]:
     """Which of ``pids`` multiprocessing still counts as our live children."""
     return [p.pid for p in multiprocessing.active_children() if p.pid in pids]
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 class Box:

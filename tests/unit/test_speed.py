@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from support import IN_CI
 
 from cryptoplane import speed as sp
 from cryptoplane import speed_engines as se
@@ -87,7 +87,7 @@ def test_missing_openssl_is_reported_not_fatal(tmp_path: Any) -> None:
 
 
 # under CI=true a missing tool is a failure, never a skip (the set-up installs openssl)
-@pytest.mark.skipif(shutil.which("openssl") is None and os.environ.get("CI") != "true",
+@pytest.mark.skipif(shutil.which("openssl") is None and not IN_CI,
                     reason="needs the openssl program")
 def test_openssl_column_and_table() -> None:
     result = CliRunner().invoke(cli, ["speed", *TINY, "--algorithms", "aes-256-gcm",
@@ -138,7 +138,7 @@ def test_engine_paths_rows_ratios_and_usage() -> None:
     assert target[0]["target"] == se.TARGETS[("aes-256-gcm", "encrypt", 64, "auto/plane")]
 
 
-@pytest.mark.skipif(se.pool_unavailable() is not None and os.environ.get("CI") != "true",
+@pytest.mark.skipif(se.pool_unavailable() is not None and not IN_CI,
                     reason="no pool engine")
 def test_pool_path_and_table() -> None:
     result = CliRunner().invoke(cli, ["speed", *TINY, "--engine", "pool,auto", "--algorithms",
