@@ -12,6 +12,8 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
 apt_packages=(gcc libssl-dev openssl pkg-config)
+# the real programs that volumes (LUKS, NBD) and streams (age) are tested against
+apt_packages+=(cryptsetup-bin qemu-utils nbdkit fio libnbd-bin age)
 python_bin=${PYTHON:-python3}
 # Debian's python3 needs its -dev and -venv packages to build extensions and venvs
 if [ "$(command -v "$python_bin")" = /usr/bin/python3 ]; then

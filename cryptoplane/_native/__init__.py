@@ -47,11 +47,13 @@ from cryptoplane._native.fallback import TWEAK_PLAIN64, TWEAK_PLAIN64BE
 __all__ = [
     "BACKEND",
     "BACKEND_REASON",
+    "CHUNKS_BACKEND",
     "FAST_PATH",
     "FAST_PATH_REASON",
     "TALLY_OPS",
     "TWEAK_PLAIN64",
     "TWEAK_PLAIN64BE",
+    "ChunkAuthenticationFailed",
     "NativeFastAead",
     "NativeTally",
     "NativeXtsKey",
@@ -60,7 +62,9 @@ __all__ = [
     "Tally",
     "XtsKey",
     "fast_aead",
+    "open_chunks",
     "openssl_version",
+    "seal_chunks",
 ]
 
 PythonXtsKey = fallback.XtsKey
@@ -196,3 +200,16 @@ def fast_aead(op: str, method: _F) -> _F:
     if FAST_PATH != "native" or NativeFastAead is None:
         return method
     return cast(_F, NativeFastAead(op, method))
+
+
+# -- STREAM chunks (age payloads) -----------------------------------------------------------
+
+# The pure-Python implementation of the contract in ``chunks_fallback``; the native one,
+# where built, gives the same bytes and errors with the GIL released for the whole batch.
+from cryptoplane._native.chunks_fallback import (  # noqa: E402
+    ChunkAuthenticationFailed,
+    open_chunks,
+    seal_chunks,
+)
+
+CHUNKS_BACKEND = "python"
