@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from . import _native
+from . import _native, burst
 from . import requests as rq
 from .chain import Chain, annotate
 from .engines import REGISTRY, Engine, InlineEngine
@@ -424,8 +424,11 @@ class Plane:
         bursts) and this thread runs what it can inline while it waits. With
         ``return_exceptions`` errors take the place of results; otherwise the first
         error is raised, after every request has completed."""
+        items = list(requests)
+        plan = (burst.group(items, self._lanes(), self._burstable)
+                if len(items) >= 4 and not self._limited() else [(1, r) for r in items])
         futures: list[Future[Any]] = []
-        for r in requests:
+        for _, r in plan:
             try:
                 # GIL-holding work gains nothing from threads: when the balancer says it
                 # is cheapest here, run it now rather than queue it for this thread later
@@ -438,16 +441,38 @@ class Plane:
         self._router.help_while_waiting(futures)
         out: list[Any] = []
         first_error: BaseException | None = None
-        for fut in futures:
+        for (count, _), fut in zip(plan, futures, strict=True):
             err = fut.exception()
-            if err is not None:
-                first_error = first_error or err
-                out.append(err)
+            if count == 1:
+                outcomes = [(err is None, err if err is not None else fut.result())]
+            elif err is not None:  # the whole burst failed (e.g. no engine left)
+                outcomes = [(False, err)] * count
             else:
-                out.append(fut.result())
+                outcomes = fut.result()
+            for ok, value in outcomes:
+                if not ok and first_error is None:
+                    first_error = value
+                out.append(value)
         if first_error is not None and not return_exceptions:
             raise first_error
         return out
+
+    def _lanes(self) -> int:
+        """Lanes a burst can run in at once: the caller's thread, and each thread of the
+        engines that take bursts (no more than the cores: they share them)."""
+        threads = sum(e.parallelism for n, e in self._engines.items()
+                      if e.takes_bursts and n != "inline")
+        return 1 + min(threads, os.cpu_count() or 1)
+
+    def _limited(self) -> bool:
+        return any(not lim.unlimited for lim in self._scheduler.limits.values())
+
+    def _burstable(self, r: rq.Request) -> bool:
+        """GIL-free work whose session may run on an engine that takes bursts."""
+        if not releases_gil(r):
+            return False
+        s = self._session_of(r)
+        return s is None or s.engine is None or self._engines[s.engine].takes_bursts
 
     def _submit_chain(self, chain: Chain, priority: str | None, client: str | None,
                       timeout: float | None, block: bool) -> Future[Any]:

@@ -52,6 +52,19 @@ class Request:
     def nbytes(self) -> int:
         return 0
 
+    # a burst (``burst.Burst``) stands for several requests; a request for one
+    burst: ClassVar[bool] = False
+
+    @property
+    def count(self) -> int:
+        """Requests this stands for (statistics count each)."""
+        return 1
+
+    @property
+    def largest(self) -> int:
+        """The payload of its largest request (what capabilities' size limit is about)."""
+        return self.nbytes
+
     @property
     def retry_safe(self) -> bool:
         """Whether running it again after an engine failed part-way is harmless: true for

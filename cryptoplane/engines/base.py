@@ -38,7 +38,7 @@ class Capability:
     max_request: int  # bytes of payload in one request
 
     def allows(self, request: Request) -> bool:
-        return request.op in self.ops and request.nbytes <= self.max_request
+        return request.op in self.ops and request.largest <= self.max_request
 
 
 def releases_gil_op(alg: Algorithm, op: Op) -> bool:
@@ -57,6 +57,17 @@ def releases_gil(request: Request) -> bool:
 def run_request(request: Request) -> Any:
     """Run a request in this thread on its key's cached kernel."""
     return request.apply(request.kernel())
+
+
+def record(meter: Meter, request: Request, work: float, caller: float) -> None:
+    """Feed ``meter`` one request's cost; a burst's as that of each of its requests, so
+    estimates stay per request whatever the burst size."""
+    n = request.count
+    if n == 1:
+        meter.record(request.algorithm.name, request.op.value, request.nbytes, work, caller)
+    else:
+        meter.record(request.algorithm.name, request.op.value, request.nbytes // n,
+                     work / n, caller / n)
 
 
 def run_measured(request: Request) -> tuple[Any, BaseException | None, float]:
@@ -95,6 +106,9 @@ class Engine:
     # False: the scheduler's dispatcher hands it batches through submit()
     pulls = False
     capacity: int = 1 << 30  # requests it accepts in flight before submit() refuses
+    # runs a burst (many requests on one key, one job) in one of its lanes; in-process
+    # engines can, a pool would need every payload of it in shared memory
+    takes_bursts = False
 
     def __init__(self, algorithms: Iterable[Algorithm] | None = None) -> None:
         self._algorithms = list(algorithms if algorithms is not None else CATALOGUE.values())
@@ -138,7 +152,8 @@ class Engine:
 
     def can_serve(self, request: Request) -> bool:
         cap = self._capabilities.get(request.algorithm.name)
-        return cap is not None and cap.allows(request) and self.health is not Health.BROKEN
+        return (cap is not None and cap.allows(request) and self.health is not Health.BROKEN
+                and (self.takes_bursts or not request.burst))
 
     def run_one(self, request: Request) -> Any:
         """Run one request through this engine's own path and wait for it (self-tests)."""

@@ -17,6 +17,7 @@ class InlineEngine(Engine):
     name = "inline"
     in_process = True
     priority = 100
+    takes_bursts = True
 
     def run_one(self, request: Request) -> Any:
         return run_request(request)

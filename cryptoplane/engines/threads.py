@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from .base import Engine, Job, releases_gil, run_measured
+from .base import Engine, Job, record, releases_gil, run_measured
 
 # The caller's share of a hand-off to a thread (enqueue, wake-up, completion), measured
 # here at ~20-25 µs of CPU; what the balancer weighs against doing the work inline.
@@ -32,6 +32,7 @@ class ThreadsEngine(Engine):
     in_process = True
     priority = 50
     pulls = True
+    takes_bursts = True
 
     def __init__(self, workers: int | None = None, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
@@ -93,8 +94,7 @@ class ThreadsEngine(Engine):
         request, done = job
         result, error, work = run_measured(request)
         caller = HANDOFF_SECONDS + (0.0 if releases_gil(request) else work)
-        self.meter.record(request.algorithm.name, request.op.value, request.nbytes, work,
-                          caller)
+        record(self.meter, request, work, caller)
         with self._cv:
             self._inflight -= 1
         done(result, error)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from ..engines.base import Engine, Job, releases_gil, run_measured
+from ..engines.base import Engine, Job, record, releases_gil, run_measured
 from ..exceptions import Busy, EngineFailed, NotSupported, Timeout
 from ..requests import Request
 from ..stats import Registry
@@ -141,7 +141,8 @@ class Scheduler:
         processes and a pool of threads are not two machines' worth of lanes, so their
         backlog is counted together and their parallelism capped at the core count;
         then what separates them is each one's own cost (latency, caller's share)."""
-        alg, op, n = request.algorithm.name, request.op.value, request.nbytes
+        # per request: a burst is compared engine to engine by what each of its requests costs
+        alg, op, n = request.algorithm.name, request.op.value, request.nbytes // request.count
         queued = len(self._queues)
         # work that holds the GIL runs one at a time in this process, however many
         # threads offer to run it: for it, in-process engines have a single lane
@@ -195,7 +196,7 @@ class Scheduler:
                     self._space_waiters -= 1
             if self._closed:
                 raise EngineFailed("the plane is closed")
-            self.counters["submitted"] += 1
+            self.counters["submitted"] += request.count
             self._queues.put(priority, ticket, not_before=not_before, now=now)
             if deadline is not None:  # expired by the dispatcher, queued or in flight
                 heapq.heappush(self._deadlines, (deadline, next(self._seq), ticket))
@@ -249,12 +250,12 @@ class Scheduler:
         stats = self.registry.get(engine.name, req.algorithm.name, req.op.value, t.client)
         stats.latency.record(now - t.t_submit)
         if error is None:
-            stats.requests += 1
+            stats.requests += req.count
             stats.bytes += req.nbytes
-            self.counters["completed"] += 1
+            self.counters["completed"] += req.count
         else:
             stats.error(error)
-            self.counters["failed"] += 1
+            self.counters["failed"] += req.count
         _settle(t.future, result, error)
 
     def _retry(self, t: Ticket, failed_engine: str) -> bool:
@@ -327,8 +328,9 @@ class Scheduler:
         inline = self.engines.get("inline")
         if inline is None:
             return False
-        e = inline.meter.estimate(request.algorithm.name, request.op.value, request.nbytes)
-        return e is None or e.latency < CHEAP_SECONDS
+        n = request.count
+        e = inline.meter.estimate(request.algorithm.name, request.op.value, request.nbytes // n)
+        return e is None or e.latency * n < CHEAP_SECONDS
 
     def _head(self, now: float) -> tuple[str, Ticket] | None:
         """The ticket the priority rule serves next, dropping finished or expired ones."""
@@ -495,7 +497,7 @@ class Scheduler:
                 done = _Done(self, t, inline, self._clock())
                 req = t.request
                 result, error, work = run_measured(req)
-                inline.meter.record(req.algorithm.name, req.op.value, req.nbytes, work, work)
+                record(inline.meter, req, work, work)
                 done(result, error)
             for name, tickets in batch.items():
                 engine = self.engines[name]

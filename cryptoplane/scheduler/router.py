@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..algorithms import Kind
-from ..engines.base import Engine, run_measured
+from ..engines.base import Engine, record, run_measured
 from ..exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from ..requests import Request
 from ..session import Session
@@ -56,8 +56,7 @@ class Router:
         what inline costs from here; the sync fast path measures nothing)."""
         assert self.inline is not None
         result, error, work = run_measured(request)
-        self.inline.meter.record(request.algorithm.name, request.op.value, request.nbytes,
-                                 work, work)
+        record(self.inline.meter, request, work, work)
         if error is not None:
             raise error
         return result
@@ -72,7 +71,7 @@ class Router:
         except CryptoplaneError as e:
             stats.error(e)
             raise
-        stats.requests += 1
+        stats.requests += request.count
         stats.bytes += request.nbytes
         stats.latency.record(time.perf_counter() - t0)
         return out

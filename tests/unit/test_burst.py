@@ -1,0 +1,62 @@
+"""Bursts: ``plane.map`` hands GIL-free work on one key to engines as a few jobs. Order,
+per-request errors, statistics and capability routing must be as without them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import cryptoplane as cp
+from cryptoplane import requests as rq
+from cryptoplane.burst import Burst, group
+
+
+def test_group_cuts_runs_of_one_key_and_type() -> None:
+    a = cp.Key.generate("ecdsa-p256-sha256")
+    b = cp.Key.generate("ecdsa-p256-sha256")
+    reqs = [rq.Sign(a, b"m")] * 6 + [rq.Sign(b, b"m")] * 3 + [rq.Digest("sha256", b"x")]
+    plan = group(reqs, lanes=1, groupable=lambda r: r.key is not None)
+    counts = [c for c, _ in plan]
+    assert sum(counts) == len(reqs)
+    assert counts == [5, 1, 3, 1]  # 10 requests, 2 per lane: bursts of 5; b's run of 3
+    assert isinstance(plan[0][1], Burst) and plan[0][1].count == 5
+    assert plan[0][1].nbytes == 5 and plan[0][1].largest == 1
+    assert not isinstance(plan[1][1], Burst)  # a run's lone tail stays a plain request
+
+
+def test_map_with_bursts_keeps_order_and_each_error() -> None:
+    key = cp.Key.generate("ecdsa-p256-sha256")
+    msgs = [os.urandom(32) for _ in range(40)]
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        sigs = plane.map([rq.Sign(key, m) for m in msgs])
+        pub = key.public_key()
+        for m, s in zip(msgs, sigs, strict=True):
+            plane.verify(pub, m, s)
+        checks = [rq.Verify(pub, m, s if i % 7 else sigs[(i + 1) % 40])
+                  for i, (m, s) in enumerate(zip(msgs, sigs, strict=True))]
+        out = plane.map(checks, return_exceptions=True)
+        for i, r in enumerate(out):
+            if i % 7:
+                assert r is None
+            else:
+                assert isinstance(r, cp.InvalidSignature)
+        with pytest.raises(cp.InvalidSignature):
+            plane.map(checks)
+        st = plane.stats()
+        # a burst counts each of its requests, in the scheduler's counters too
+        assert st["algorithms"]["ecdsa-p256-sha256"]["sign"]["requests"] == 40
+        assert st["scheduler"]["completed"] == st["scheduler"]["submitted"]
+
+
+def test_bursts_never_reach_an_engine_that_cannot_take_them() -> None:
+    key = cp.Key.generate("ecdsa-p256-sha256")
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        burst = Burst([rq.Sign(key, b"a"), rq.Sign(key, b"b")])
+        assert plane.engines["threads"].can_serve(burst)
+        plane.engines["threads"].takes_bursts = False
+        try:
+            assert not plane.engines["threads"].can_serve(burst)
+            assert plane.engines["threads"].can_serve(rq.Sign(key, b"a"))
+        finally:
+            plane.engines["threads"].takes_bursts = True
