@@ -17,6 +17,7 @@ under a QoS limit (a burst would count as one op).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from .algorithms import Algorithm, Op
@@ -105,3 +106,13 @@ def group(requests: Sequence[Any], lanes: int, groupable: Any) -> list[tuple[int
             out.append((1, r))
     flush()
     return out
+
+
+def outcomes(fut: Future[Any], count: int) -> list[tuple[bool, Any]]:
+    """``(ok, value)`` per request of a submitted request (``count`` 1) or burst."""
+    err = fut.exception()
+    if count == 1:
+        return [(False, err)] if err is not None else [(True, fut.result())]
+    if err is not None:  # the whole burst failed (e.g. no engine left)
+        return [(False, err)] * count
+    return fut.result()  # type: ignore[no-any-return]

@@ -22,6 +22,9 @@ from ..session import Session
 from .core import Scheduler, _Done
 
 INLINE = "inline"
+# how many GIL-holding requests of one kind run inline on a cached verdict before one of
+# them takes the measured path again and the balancer is asked anew
+REVIEW_EVERY = 64
 
 
 class Router:
@@ -31,6 +34,7 @@ class Router:
         self.inline = engines.get(INLINE)
         self.scheduler = scheduler
         self.fast_path_limit = fast_path_limit
+        self._verdicts: dict[tuple[str, str, int], int] = {}
 
     def candidates(self, request: Request, bound: str | None) -> list[Engine]:
         if bound is not None:
@@ -108,6 +112,29 @@ class Router:
                                timeout=timeout, block=block,
                                not_before=self.scheduler.now() + wait if wait else 0.0)
         return fut
+
+    def inline_verdict(self, request: Request) -> bool:
+        """Whether ``request`` (GIL-holding, on a session the fast path serves) may run
+        inline without asking the balancer: the balancer's last answer for its kind,
+        kept for ``REVIEW_EVERY`` requests. A request that finds no verdict gets False,
+        takes the measured path (so inline's estimates stay fresh), and renews it."""
+        k = (request.algorithm.name, request.op.value, request.nbytes.bit_length())
+        left = self._verdicts.get(k, 0)
+        if left > 0:
+            self._verdicts[k] = left - 1
+            return True
+        engines = self.candidates(request, None)
+        if self.inline not in engines:
+            wins = False
+        elif len(engines) == 1:
+            wins = True
+        else:
+            views = self.scheduler.views(request, engines)
+            # an engine not measured yet for this kind must get its turn first
+            wins = all(v.estimate is not None for v in views) and self.scheduler.policy.choose(
+                request.nbytes, views, explore=False).name == INLINE
+        self._verdicts[k] = REVIEW_EVERY if wins else 0
+        return False
 
     def _inline_wins(self, request: Request, engines: Sequence[Engine]) -> bool:
         return self.scheduler.choose(request, engines) is self.inline

@@ -60,3 +60,25 @@ def test_bursts_never_reach_an_engine_that_cannot_take_them() -> None:
             assert plane.engines["threads"].can_serve(rq.Sign(key, b"a"))
         finally:
             plane.engines["threads"].takes_bursts = True
+
+
+def test_map_runs_gil_holding_work_here_on_the_balancers_verdict() -> None:
+    """After the balancer has measured both engines and keeps AES-GCM inline, map runs
+    it here without tickets; results, per-request errors and counts stay exact."""
+    key = cp.Key.generate("aes-256-gcm")
+    data = os.urandom(100_000)  # above the fast-path limit: the balancer decides
+    nonces = [i.to_bytes(12, "big") for i in range(300)]
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        cts = plane.map([rq.Encrypt(key, data, nonce=n) for n in nonces])
+        assert plane._router._verdicts, "no verdict was cached: the lane is not exercised"
+        for n, ct in zip(nonces, cts, strict=True):
+            assert plane.decrypt(key, ct, nonce=n) == data
+        bad = [ct if i != 250 else ct[:-1] + bytes([ct[-1] ^ 1]) for i, ct in enumerate(cts)]
+        out = plane.map([rq.Decrypt(key, ct, nonce=n) for n, ct in zip(nonces, bad, strict=True)],
+                        return_exceptions=True)
+        assert isinstance(out[250], cp.AuthenticationFailed)
+        assert all(o == data for i, o in enumerate(out) if i != 250)
+        st = plane.stats()["algorithms"]["aes-256-gcm"]
+        assert st["encrypt"]["requests"] == 300
+        assert st["decrypt"]["requests"] == 300 + 299
+        assert st["decrypt"]["errors"] == {"AuthenticationFailed": 1}
