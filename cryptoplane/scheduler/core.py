@@ -17,7 +17,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -257,6 +257,9 @@ class Scheduler:
             stats.error(error)
             self.counters["failed"] += req.count
         _settle(t.future, result, error)
+        if self._helpers:  # a caller may be waiting for exactly this one
+            with self._lock:
+                self._help_cv.notify_all()
 
     def _retry(self, t: Ticket, failed_engine: str) -> bool:
         """Queue ``t`` again for another engine, if that is safe and one is left."""
@@ -444,11 +447,14 @@ class Scheduler:
             if not self._helpers:
                 self._cv.notify()  # inline work no caller will take: the dispatcher's now
 
-    def wait_for_work(self, timeout: float) -> None:
-        """For a helping caller with nothing to take: sleep until work is queued (or the
-        timeout: what is queued may become the caller's when the workers get busy)."""
+    def wait_for_work(self, timeout: float, done: Callable[[], bool]) -> None:
+        """For a helping caller with nothing to take: sleep until work is queued, a
+        request completes, or the timeout (what is queued may become the caller's when
+        the workers get busy). ``done`` is checked under the lock first, so a completion
+        between the caller's last look and this wait still wakes it."""
         with self._lock:
-            self._help_cv.wait(timeout)
+            if not done():
+                self._help_cv.wait(timeout)
 
     def _start(self, t: Ticket) -> bool:
         """Mark ``t``'s future running (once: a failed-over ticket already is); false when

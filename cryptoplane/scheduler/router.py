@@ -153,7 +153,8 @@ class Router:
                 if ticket is None:
                     # nothing for this thread now: sleep until work is queued (or a
                     # moment passes), then see which of ours are done
-                    self.scheduler.wait_for_work(0.002)
+                    self.scheduler.wait_for_work(
+                        0.002, lambda p=pending: all(f.done() for f in p))  # type: ignore[misc]
                     pending = [f for f in pending if not f.done()]
                     continue
                 done = _Done(self.scheduler, ticket, self.inline, time.monotonic())
