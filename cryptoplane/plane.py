@@ -17,13 +17,12 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from . import _native, burst
+from . import _native, batch
 from . import requests as rq
 from .chain import Chain, annotate
 from .engines import REGISTRY, Engine, InlineEngine
-from .engines.base import releases_gil
 from .exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from .kernels import Buffer
 from .kernels.digests import hash_kernel
@@ -424,104 +423,8 @@ class Plane:
         bursts) and this thread runs what it can inline while it waits. With
         ``return_exceptions`` errors take the place of results; otherwise the first
         error is raised, after every request has completed."""
-        items = list(requests)
-        limited = self._limited()
-        plan = (burst.group(items, self._lanes(), self._burstable)
-                if len(items) >= 4 and not limited else [(1, r) for r in items])
-        # each slot: a future, or the outcomes of work already done here
-        slots: list[Future[Any] | list[tuple[bool, Any]]] = []
-        here = self._burst_here(plan)
-        for i, (_, r) in enumerate(plan):
-            if i == here:
-                slots.append([])  # filled below, once the other bursts are queued
-                continue
-            s = None if limited else self._inline_now(r)
-            if s is not None:
-                slots.append([self._run_here(s, cast(rq.Request, r))])
-                continue
-            try:
-                # GIL-holding work gains nothing from threads: when the balancer says it
-                # is cheapest here, run it now rather than queue it for this thread later
-                lend = isinstance(r, rq.Request) and not releases_gil(r)
-                slots.append(self._submit(r, priority, client, timeout, True, lend=lend))
-            except CryptoplaneError as e:
-                slots.append([(False, e)])
-        if here is not None:
-            count, b = plan[here]
-            try:
-                slots[here] = self._router.run_inline(cast(burst.Burst, b),
-                                                      client or _client_of(b))
-            except CryptoplaneError as e:
-                slots[here] = [(False, e)] * count
-        self._router.help_while_waiting([f for f in slots if isinstance(f, Future)])
-        out: list[Any] = []
-        first_error: BaseException | None = None
-        for (count, _), slot in zip(plan, slots, strict=True):
-            outcomes = slot if isinstance(slot, list) else burst.outcomes(slot, count)
-            for ok, value in outcomes:
-                if not ok and first_error is None:
-                    first_error = value
-                out.append(value)
-        if first_error is not None and not return_exceptions:
-            raise first_error
-        return out
-
-    def _burst_here(self, plan: list[tuple[int, Any]]) -> int | None:
-        """Which burst the caller runs itself, at once: the last, when there are several
-        and its session may run inline. Its native call releases the GIL, which is
-        what lets the woken workers start theirs (~150 µs sooner than when the caller
-        waits: it holds the GIL until it blocks)."""
-        bursts = [i for i, (count, _) in enumerate(plan) if count > 1]
-        if len(bursts) < 2:
-            return None
-        s = self._session_of(plan[bursts[-1]][1])
-        return bursts[-1] if s is None or s.engine is None else None
-
-    def _inline_now(self, r: Submittable) -> Session | None:
-        """The session of ``r`` when ``r`` is GIL-holding work that the balancer keeps
-        inline (its verdict is cached, and reviewed every so often on a measured
-        request): it then runs here like the fast path, without ticket or future."""
-        if not isinstance(r, rq.Request) or r.key is None or releases_gil(r):
-            return None
-        s = r.key._session
-        if s.fast_plane is not self:
-            s = self._session(r.key)  # a key's first use here: its implicit session
-        if s.fast_plane is not self or not self._router.inline_verdict(r):
-            return None
-        return s  # type: ignore[no-any-return]
-
-    def _run_here(self, s: Session, r: rq.Request) -> tuple[bool, Any]:
-        op = r.op.value
-        try:
-            value = r.apply(s.kernel)
-        except CryptoplaneError as e:
-            self._counter(s, op).error(e)
-            return False, e
-        index = OP_INDEX.get(op)
-        if index is not None:
-            s.tally.add(index, r.nbytes)
-        else:
-            stats = self._counter(s, op)
-            stats.requests += 1
-            stats.bytes += r.nbytes
-        return True, value
-
-    def _lanes(self) -> int:
-        """Lanes a burst can run in at once: the caller's thread, and each thread of the
-        engines that take bursts (no more than the cores: they share them)."""
-        threads = sum(e.parallelism for n, e in self._engines.items()
-                      if e.takes_bursts and n != "inline")
-        return 1 + min(threads, os.cpu_count() or 1)
-
-    def _limited(self) -> bool:
-        return any(not lim.unlimited for lim in self._scheduler.limits.values())
-
-    def _burstable(self, r: rq.Request) -> bool:
-        """GIL-free work whose session may run on an engine that takes bursts."""
-        if not releases_gil(r):
-            return False
-        s = self._session_of(r)
-        return s is None or s.engine is None or self._engines[s.engine].takes_bursts
+        return batch.run_map(self, list(requests), return_exceptions=return_exceptions,
+                             priority=priority, client=client, timeout=timeout)
 
     def _submit_chain(self, chain: Chain, priority: str | None, client: str | None,
                       timeout: float | None, block: bool) -> Future[Any]:
@@ -630,7 +533,3 @@ class Plane:
     def __repr__(self) -> str:
         return f"<Plane engines={list(self._engines)}{' closed' if self._closed else ''}>"
 
-
-def _client_of(r: Any) -> str:
-    s = r.key._session if getattr(r, "key", None) is not None else None
-    return getattr(s, "client", "-") or "-"

@@ -1,0 +1,141 @@
+"""``plane.map``: a batch of requests run with as little per-request work as each allows.
+
+Three lanes, chosen per request:
+
+* GIL-holding work the balancer keeps inline (AES-GCM on 1 MiB) runs here at once, like
+  the fast path: its verdict is cached per kind of request and reviewed every
+  ``REVIEW_EVERY`` requests on one that takes the measured path (``Router.inline_verdict``);
+* GIL-free work on one key (RSA, sector runs) goes in bursts (``burst.py``), the last of
+  which the caller runs itself while the workers run the others;
+* everything else is submitted as usual, and the caller lends its thread while it waits.
+
+Order is kept; each request ends in its own result or error.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, cast
+
+from . import burst
+from . import requests as rq
+from .engines.base import releases_gil
+from .exceptions import CryptoplaneError
+from .session import OP_INDEX, Session
+
+if TYPE_CHECKING:
+    from .plane import Plane, Submittable
+
+
+def run_map(plane: Plane, items: list[Submittable], *, return_exceptions: bool,
+            priority: str | None, client: str | None, timeout: float | None) -> list[Any]:
+    limits = has_limits(plane)
+    plan = (burst.group(items, lanes(plane), lambda r: burstable(plane, r))
+            if len(items) >= 4 and not limits else [(1, r) for r in items])
+    # each slot: a future, or the outcomes of work already done here
+    slots: list[Future[Any] | list[tuple[bool, Any]]] = []
+    here = burst_here(plane, plan)
+    for i, (_, r) in enumerate(plan):
+        if i == here:
+            slots.append([])  # filled below, once the other bursts are queued
+            continue
+        s = None if limits else inline_now(plane, r)
+        if s is not None:
+            slots.append([run_here(plane, s, cast(rq.Request, r))])
+            continue
+        try:
+            # GIL-holding work gains nothing from threads: when the balancer says it
+            # is cheapest here, run it now rather than queue it for this thread later
+            lend = isinstance(r, rq.Request) and not releases_gil(r)
+            slots.append(plane._submit(r, priority, client, timeout, True, lend=lend))
+        except CryptoplaneError as e:
+            slots.append([(False, e)])
+    if here is not None:
+        count, b = plan[here]
+        try:
+            slots[here] = plane._router.run_inline(cast(burst.Burst, b),
+                                                  client or _client_of(b))
+        except CryptoplaneError as e:
+            slots[here] = [(False, e)] * count
+    plane._router.help_while_waiting([f for f in slots if isinstance(f, Future)])
+    out: list[Any] = []
+    first_error: BaseException | None = None
+    for (count, _), slot in zip(plan, slots, strict=True):
+        outcomes = slot if isinstance(slot, list) else burst.outcomes(slot, count)
+        for ok, value in outcomes:
+            if not ok and first_error is None:
+                first_error = value
+            out.append(value)
+    if first_error is not None and not return_exceptions:
+        raise first_error
+    return out
+
+
+
+def burst_here(plane: Plane, plan: list[tuple[int, Any]]) -> int | None:
+    """Which burst the caller runs itself, at once: the last, when there are several
+    and its session may run inline. Its native call releases the GIL, which is
+    what lets the woken workers start theirs (~150 µs sooner than when the caller
+    waits: it holds the GIL until it blocks)."""
+    bursts = [i for i, (count, _) in enumerate(plan) if count > 1]
+    if len(bursts) < 2:
+        return None
+    s = plane._session_of(plan[bursts[-1]][1])
+    return bursts[-1] if s is None or s.engine is None else None
+
+
+def inline_now(plane: Plane, r: Submittable) -> Session | None:
+    """The session of ``r`` when ``r`` is GIL-holding work that the balancer keeps
+    inline (its verdict is cached, and reviewed every so often on a measured
+    request): it then runs here like the fast path, without ticket or future."""
+    if not isinstance(r, rq.Request) or r.key is None or releases_gil(r):
+        return None
+    s = r.key._session
+    if s.fast_plane is not plane:
+        s = plane._session(r.key)  # a key's first use here: its implicit session
+    if s.fast_plane is not plane or not plane._router.inline_verdict(r):
+        return None
+    return s  # type: ignore[no-any-return]
+
+
+def run_here(plane: Plane, s: Session, r: rq.Request) -> tuple[bool, Any]:
+    op = r.op.value
+    try:
+        value = r.apply(s.kernel)
+    except CryptoplaneError as e:
+        plane._counter(s, op).error(e)
+        return False, e
+    index = OP_INDEX.get(op)
+    if index is not None:
+        s.tally.add(index, r.nbytes)
+    else:
+        stats = plane._counter(s, op)
+        stats.requests += 1
+        stats.bytes += r.nbytes
+    return True, value
+
+
+def lanes(plane: Plane) -> int:
+    """Lanes a burst can run in at once: the caller's thread, and each thread of the
+    engines that take bursts (no more than the cores: they share them)."""
+    threads = sum(e.parallelism for n, e in plane._engines.items()
+                  if e.takes_bursts and n != "inline")
+    return 1 + min(threads, os.cpu_count() or 1)
+
+
+def has_limits(plane: Plane) -> bool:
+    return any(not lim.unlimited for lim in plane._scheduler.limits.values())
+
+
+def burstable(plane: Plane, r: rq.Request) -> bool:
+    """GIL-free work whose session may run on an engine that takes bursts."""
+    if not releases_gil(r):
+        return False
+    s = plane._session_of(r)
+    return s is None or s.engine is None or plane._engines[s.engine].takes_bursts
+
+
+def _client_of(r: Any) -> str:
+    s = r.key._session if getattr(r, "key", None) is not None else None
+    return getattr(s, "client", "-") or "-"
