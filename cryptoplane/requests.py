@@ -15,6 +15,7 @@ from .algorithms import Algorithm, Kind, Op, lookup
 from .exceptions import InvalidRequest, KeyRejected
 from .kernels import Buffer, Kernel
 from .kernels.digests import hash_kernel
+from .kernels.symmetric import TWEAKS
 from .keys import Key
 
 # The largest random request: bigger asks are almost always a bug (a size in bits?).
@@ -305,8 +306,6 @@ def check_sectors(data: object, sector: object, sector_size: object, tweak: str)
         raise InvalidRequest(
             f"a sector run must be a non-zero multiple of {sector_size} bytes, got {n}"
         )
-    from .kernels.symmetric import TWEAKS
-
     try:
         return TWEAKS[tweak]
     except KeyError:

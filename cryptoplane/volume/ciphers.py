@@ -1,0 +1,212 @@
+"""cryptsetup cipher specs (``aes-xts-plain64``, ``aes-cbc-essiv:sha256``...) as sector
+transforms: a run of whole sectors in, the same number of bytes out, each sector with
+dm-crypt's IV for its number.
+
+``aes-xts-plain64`` (and ``-plain64be``, and ``-plain`` away from its 2**32 wrap) is the
+fast path: the plane's native kernel does a whole run in one call with the GIL released.
+The other modes qemu and cryptsetup make for LUKS1 run one ``cryptography`` Cipher per
+sector: correct and interoperable, an order of magnitude slower, and rare in practice.
+
+Sector numbers are what the IV counts: the caller adds the segment's ``iv_offset`` and
+counts in ``sector_size`` units (LUKS2 sets dm-crypt's ``iv_large_sectors``; LUKS1's
+sectors are always 512 bytes, where the two numberings agree).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from cryptoplane.exceptions import InvalidRequest, KeyRejected, NotSupported
+from cryptoplane.keys import Key
+from cryptoplane.plane import Plane
+
+SECTOR_SIZES = (512, 1024, 2048, 4096)
+_U64 = (1 << 64) - 1
+_PLAIN_WRAP = 1 << 32  # "plain" IVs keep the low 32 bits of the sector number
+
+# ESSIV hashes whose digest is an AES key (dm-crypt's essiv template and qemu both key
+# the IV cipher with the digest, so its length must be 16, 24 or 32 bytes)
+_ESSIV_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+}
+_MODES = ("xts", "cbc", "ctr")
+_IV_MODES = ("plain", "plain64", "plain64be", "essiv")
+
+
+class SectorCipher(Protocol):
+    """Encrypts or decrypts runs of whole sectors. ``out`` may be ``data`` itself."""
+
+    spec: str
+    sector_size: int
+
+    def encrypt(self, data: Any, sector: int, out: Any) -> None: ...
+
+    def decrypt(self, data: Any, sector: int, out: Any) -> None: ...
+
+
+def parse_spec(spec: str) -> tuple[str, str, str, str]:
+    """``cipher-chainmode-ivmode[:ivopts]`` -> its four parts; ``NotSupported`` for any
+    spec this module cannot run (naming it)."""
+    parts = spec.split("-", 2)
+    if len(parts) != 3 or not all(parts):
+        raise NotSupported(f"cipher {spec!r}: expected cipher-chainmode-ivmode "
+                           "(e.g. aes-xts-plain64)")
+    name, chain, iv = parts
+    ivmode, _, ivopts = iv.partition(":")
+    if name != "aes":
+        raise NotSupported(f"cipher {spec!r}: only aes is supported, not {name!r}")
+    if chain not in _MODES:
+        raise NotSupported(f"cipher {spec!r}: chain mode {chain!r} is not supported "
+                           f"(supported: {', '.join(_MODES)})")
+    if ivmode not in _IV_MODES:
+        raise NotSupported(f"cipher {spec!r}: IV mode {ivmode!r} is not supported "
+                           f"(supported: {', '.join(_IV_MODES)})")
+    if ivmode == "essiv":
+        if ivopts not in _ESSIV_HASHES:
+            raise NotSupported(f"cipher {spec!r}: ESSIV hash {ivopts!r} is not supported "
+                               f"(supported: {', '.join(_ESSIV_HASHES)})")
+    elif ivopts:
+        raise NotSupported(f"cipher {spec!r}: IV mode {ivmode!r} takes no options")
+    return name, chain, ivmode, ivopts
+
+
+def sector_cipher(spec: str, volume_key: bytes, sector_size: int,
+                  plane: Plane | None = None) -> SectorCipher:
+    """The transform for ``spec`` keyed with ``volume_key`` (dm-crypt's key sizes: XTS
+    takes two AES keys, 32 or 64 bytes; CBC and CTR one of 16, 24 or 32). XTS with plain
+    IVs needs ``plane`` (the fast path); the other modes do not use it."""
+    _, chain, ivmode, ivopts = parse_spec(spec)
+    if sector_size not in SECTOR_SIZES:
+        raise InvalidRequest(f"sector size must be one of {SECTOR_SIZES}, got {sector_size}")
+    key = bytes(volume_key)
+    _check_key(spec, chain, key)
+    if chain == "xts" and ivmode != "essiv":
+        if plane is None:
+            raise InvalidRequest(f"cipher {spec!r} runs on the plane: pass plane=")
+        return XtsPlain(spec, key, sector_size, plane, ivmode)
+    return PerSector(spec, key, sector_size, chain, ivmode, ivopts)
+
+
+def _check_key(spec: str, chain: str, key: bytes) -> None:
+    bits = len(key) * 8
+    if chain == "xts":
+        if len(key) == 48:
+            raise NotSupported(f"cipher {spec!r} with a 384-bit key (AES-192-XTS) is not "
+                               "supported: use a 256- or 512-bit key")
+        if len(key) not in (32, 64):
+            raise KeyRejected(f"cipher {spec!r} needs a 256- or 512-bit key, got {bits} bits")
+        if key[: len(key) // 2] == key[len(key) // 2:]:
+            raise KeyRejected(f"cipher {spec!r}: the two XTS key halves are equal")
+    elif len(key) not in (16, 24, 32):
+        raise KeyRejected(f"cipher {spec!r} needs a 128-, 192- or 256-bit key, "
+                          f"got {bits} bits")
+
+
+class XtsPlain:
+    """AES-XTS with plain64/plain64be/plain tweaks: one native call per run (split only
+    where a ``plain`` tweak wraps at 2**32, since below the wrap it equals plain64)."""
+
+    def __init__(self, spec: str, key: bytes, sector_size: int, plane: Plane,
+                 ivmode: str) -> None:
+        self.spec = spec
+        self.sector_size = sector_size
+        self._plane = plane
+        self._key = Key("aes-256-xts" if len(key) == 64 else "aes-128-xts", key)
+        self._tweak = "plain64be" if ivmode == "plain64be" else "plain64"
+        self._wrap = ivmode == "plain"
+
+    def encrypt(self, data: Any, sector: int, out: Any) -> None:
+        if self._wrap:
+            self._split(self._plane.encrypt_sectors, data, sector, out)
+        else:  # one call, nothing else: this is every read and write of most volumes
+            self._plane.encrypt_sectors(self._key, data, sector=sector & _U64,
+                                        sector_size=self.sector_size, out=out,
+                                        tweak=self._tweak)
+
+    def decrypt(self, data: Any, sector: int, out: Any) -> None:
+        if self._wrap:
+            self._split(self._plane.decrypt_sectors, data, sector, out)
+        else:
+            self._plane.decrypt_sectors(self._key, data, sector=sector & _U64,
+                                        sector_size=self.sector_size, out=out,
+                                        tweak=self._tweak)
+
+    def _split(self, fn: Callable[..., Any], data: Any, sector: int, out: Any) -> None:
+        ss = self.sector_size
+        src, dst = memoryview(data), memoryview(out)
+        done, count = 0, len(src) // ss
+        while done < count:
+            low = (sector + done) % _PLAIN_WRAP
+            n = min(count - done, _PLAIN_WRAP - low)
+            a, b = done * ss, (done + n) * ss
+            fn(self._key, src[a:b], sector=low, sector_size=ss, out=dst[a:b],
+               tweak="plain64")
+            done += n
+
+    def __repr__(self) -> str:
+        return f"<XtsPlain {self.spec} sector_size={self.sector_size}>"
+
+
+class PerSector:
+    """CBC, CTR, and XTS with ESSIV: one ``cryptography`` Cipher per sector, each with
+    dm-crypt's IV. The AES key objects are made once; ESSIV IVs of a whole run come from
+    one ECB call on the IV cipher (keyed once with the hash of the volume key)."""
+
+    def __init__(self, spec: str, key: bytes, sector_size: int, chain: str, ivmode: str,
+                 ivopts: str) -> None:
+        self.spec = spec
+        self.sector_size = sector_size
+        self._alg = algorithms.AES(key)
+        self._mode: Callable[[bytes], Any] = {
+            "xts": modes.XTS, "cbc": modes.CBC, "ctr": modes.CTR}[chain]
+        self._ivmode = ivmode
+        self._essiv: Any = None
+        self._essiv_lock = threading.Lock()
+        if ivmode == "essiv":
+            h = hashes.Hash(_ESSIV_HASHES[ivopts]())
+            h.update(key)
+            # ECB is right here: it encrypts single, unique 16-byte IV blocks
+            self._essiv = Cipher(algorithms.AES(h.finalize()), modes.ECB()).encryptor()
+
+    def ivs(self, sector: int, count: int) -> list[bytes]:
+        """The 16-byte IVs of ``count`` sectors from ``sector``."""
+        mode = self._ivmode
+        if mode == "plain":
+            return [((sector + i) % _PLAIN_WRAP).to_bytes(4, "little") + bytes(12)
+                    for i in range(count)]
+        if mode == "plain64be":
+            return [bytes(8) + ((sector + i) & _U64).to_bytes(8, "big")
+                    for i in range(count)]
+        plain = [((sector + i) & _U64).to_bytes(8, "little") + bytes(8)
+                 for i in range(count)]
+        if mode == "plain64":
+            return plain
+        with self._essiv_lock:  # a cryptography context serves one caller at a time
+            enc = self._essiv.update(b"".join(plain))
+        return [enc[16 * i:16 * i + 16] for i in range(count)]
+
+    def encrypt(self, data: Any, sector: int, out: Any) -> None:
+        self._run(True, data, sector, out)
+
+    def decrypt(self, data: Any, sector: int, out: Any) -> None:
+        self._run(False, data, sector, out)
+
+    def _run(self, encrypt: bool, data: Any, sector: int, out: Any) -> None:
+        ss = self.sector_size
+        src, dst = memoryview(data).cast("B"), memoryview(out).cast("B")
+        if len(src) % ss or len(dst) < len(src):
+            raise InvalidRequest(f"{self.spec}: a run of whole {ss}-byte sectors is needed, "
+                                 f"got {len(src)} bytes into {len(dst)}")
+        for i, iv in enumerate(self.ivs(sector, len(src) // ss)):
+            c = Cipher(self._alg, self._mode(iv))
+            ctx = c.encryptor() if encrypt else c.decryptor()
+            a = i * ss
+            dst[a:a + ss] = ctx.update(src[a:a + ss])
+
+    def __repr__(self) -> str:
+        return f"<PerSector {self.spec} sector_size={self.sector_size}>"
