@@ -7,6 +7,8 @@ import click
 from .. import __version__
 from .engines import engines
 from .stats import stats
+from .volume import volume
+from .volume_bench import bench as volume_bench
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +24,8 @@ def cli() -> None:
 
 cli.add_command(engines)
 cli.add_command(stats)
+volume.add_command(volume_bench)
+cli.add_command(volume)
 
 try:  # the speed command lives in its own module
     from .speed import speed

@@ -1,0 +1,98 @@
+"""``cryptoplane volume bench``: the Cloudflare experiment in user space (see
+``cryptoplane.volume.bench``), as a table of throughputs and the acceptance ratios."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cryptoplane.volume import bench as vb
+
+_SIZES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = _SIZES.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in _SIZES else t
+    try:
+        value = int(float(number) * mult)
+    except ValueError:
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 256M, 1G)") from None
+    if value < 16 << 20:
+        raise click.BadParameter("the bench needs at least 16M")
+    return value - value % (1 << 20)
+
+
+@click.command("bench")
+@click.option("--size", default="1G", show_default=True,
+              help="Data size of each image in /dev/shm (e.g. 256M, 1G).")
+@click.option("--runtime", default=5.0, show_default=True,
+              help="Seconds per fio load.")
+@click.option("--server", "servers", multiple=True,
+              type=click.Choice([s for s in ("ours-raw", "ours-luks1", "nbdkit-luks",
+                                             "qemu-nbd-luks", "nbdkit-raw", "ours-luks2-4k")]),
+              help="Only these servers (repeatable); default: all.")
+@click.option("--load", "load_names", multiple=True,
+              help="Only these loads (repeatable, e.g. 'fio rand read 4k QD32').")
+@click.option("--quick", is_flag=True,
+              help="A short run: 256M images, 2 s per fio load, four servers.")
+@click.option("--dir", "workdir", default="/dev/shm", show_default=True,
+              help="Where the images are made (RAM-backed, so the disk is not measured).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple[str, ...],
+          quick: bool, workdir: str, as_json: bool) -> None:
+    """Serve a LUKS volume over NBD and load it with fio and nbdcopy, beside the peers.
+
+    Makes a raw image, a LUKS1 and a LUKS2 (4096-byte sectors) volume in /dev/shm, then
+    serves each with cryptoplane, nbdkit (file, and file + luks filter) and qemu-nbd (luks
+    driver) on Unix sockets, and measures sequential 1 MiB and random 4 KiB (queue depth
+    32) reads and writes. Prints MB/s and IOPS, the ratios the project is held to, and
+    every command, so any figure can be reproduced by hand.
+    """
+    console = Console(stderr=True)
+    data_size = _size("256M" if quick and size == "1G" else size)
+    if quick:
+        runtime = min(runtime, 2.0)
+        servers = servers or ("ours-raw", "ours-luks1", "nbdkit-luks", "nbdkit-raw")
+    try:
+        with console.status("preparing images") as status:
+            results = vb.run_bench(data_size, runtime, only=servers or None,
+                                   load_names=load_names or None, workdir=workdir,
+                                   progress=lambda what: status.update(what))
+    except vb.BenchError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in results], indent=1))
+        return
+    out = Console()
+    table = Table(title=f"NBD over a Unix socket, {data_size >> 20} MiB images in {workdir}")
+    table.add_column("load")
+    names = list(dict.fromkeys(r.server for r in results))
+    for name in names:
+        table.add_column(name, justify="right")
+    by = {(r.server, r.load): r for r in results}
+    for load in dict.fromkeys(r.load for r in results):
+        cells = []
+        for name in names:
+            r = by.get((name, load))
+            cells.append("" if r is None else f"{r.value:,.0f} {r.unit}")
+        table.add_row(load, *cells)
+    out.print(table)
+    rows = vb.ratios(results)
+    if rows:
+        ratio_table = Table(title="ratios (the issue's bars)")
+        for col in ("load", "ours / peer", "ratio", "bar", ""):
+            ratio_table.add_column(col)
+        for load, ours, peer, ratio, bar_value, met in rows:
+            ratio_table.add_row(load, f"{ours} / {peer}", f"{ratio:.2f}", f">= {bar_value}",
+                                "[green]met[/]" if met else "[red]below[/]")
+        out.print(ratio_table)
+    out.print("[bold]commands[/]")
+    for r in results:
+        out.print(f"  {r.server}: {r.command}", soft_wrap=True, highlight=False)

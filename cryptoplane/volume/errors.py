@@ -1,0 +1,32 @@
+"""The typed errors of LUKS volumes: what a caller branches on when opening or changing one.
+
+Every one is a ``CryptoplaneError``; a wrong passphrase is an ``AuthenticationFailed``, a
+damaged header an ``InvalidRequest``. Messages name what is wrong and never carry a
+passphrase or key.
+"""
+
+from __future__ import annotations
+
+from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest
+
+
+class WrongPassphrase(AuthenticationFailed):
+    """No keyslot opens with the passphrase, key file or volume key given."""
+
+
+class CorruptHeader(InvalidRequest):
+    """The LUKS header does not parse or validate: bad magic or version, checksum mismatch,
+    truncated image, inconsistent JSON metadata, overlapping areas."""
+
+
+class KdfLimitExceeded(CorruptHeader):
+    """A keyslot asks for a KDF cost (argon2 memory or time, pbkdf2 iterations) beyond the
+    sane limits this reader accepts: refused before any work is done."""
+
+
+class KeyslotError(InvalidRequest):
+    """A keyslot operation cannot be done: no free slot or area, the slot asked for is
+    in use or inactive, or removing it would remove the last one."""
+
+
+__all__ = ["CorruptHeader", "KdfLimitExceeded", "KeyslotError", "WrongPassphrase"]

@@ -1,0 +1,229 @@
+"""Passphrase-based key derivation for LUKS keyslots: PBKDF2 and Argon2i/Argon2id.
+
+PBKDF2 comes from ``cryptography`` (OpenSSL), Argon2 from ``argon2-cffi`` (the reference
+implementation), version 0x13 as cryptsetup uses. Costs are either given explicitly or
+chosen by timing, as ``cryptsetup --iter-time``: a short trial run, scaled so that one
+derivation takes about the target time on this machine.
+
+Costs read from a header are checked against ``Limits`` before any work is done, so a
+hostile header cannot make an open take hours or all the memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import argon2.exceptions
+from argon2.low_level import Type, hash_secret_raw
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+from cryptoplane.exceptions import InvalidRequest, NotSupported
+from cryptoplane.volume.af import hash_algorithm
+from cryptoplane.volume.errors import KdfLimitExceeded
+
+DEFAULT_ITER_TIME_MS = 2000
+DIGEST_ITER_TIME_MS = 125  # cryptsetup's time for the volume key digest
+MIN_PBKDF2_ITERATIONS = 1000
+ARGON2_MIN_TIME = 4  # cryptsetup never benchmarks below four passes
+ARGON2_MIN_MEMORY_KIB = 32
+ARGON2_DEFAULT_MEMORY_KIB = 1024 * 1024
+ARGON2_MAX_MEMORY_KIB = 4 * 1024 * 1024  # cryptsetup's own ceiling
+
+
+@dataclass(frozen=True)
+class Pbkdf2:
+    """PBKDF2-HMAC with ``hash`` (sha1, sha256, sha512...) and an iteration count."""
+
+    hash: str = "sha256"
+    iterations: int = MIN_PBKDF2_ITERATIONS
+
+    type = "pbkdf2"
+
+
+@dataclass(frozen=True)
+class Argon2:
+    """Argon2 (``argon2i`` or ``argon2id``): ``time`` passes over ``memory`` KiB with
+    ``cpus`` lanes."""
+
+    type: str = "argon2id"
+    time: int = ARGON2_MIN_TIME
+    memory: int = ARGON2_DEFAULT_MEMORY_KIB
+    cpus: int = 4
+
+
+KdfParams = Pbkdf2 | Argon2
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The most a header may ask for. Beyond these, opening is refused with
+    ``KdfLimitExceeded`` (cryptsetup's own maxima, and a cap on total work)."""
+
+    pbkdf2_iterations: int = 0xFFFFFFFF
+    pbkdf2_work: int = 200_000_000  # iterations: under a minute of sha256 here
+    argon2_memory_kib: int = ARGON2_MAX_MEMORY_KIB
+    argon2_time: int = 1000
+    argon2_cpus: int = 64
+    argon2_work_kib: int = 64 * 1024 * 1024  # memory x time: ~a minute here
+    total_work: float = 4.0  # one unlock may try at most this many maximal derivations
+
+
+def cost(params: KdfParams, limits: Limits | None = None) -> float:
+    """The work of one derivation as a fraction of the largest a slot may ask for."""
+    limits = limits or LIMITS
+    if isinstance(params, Pbkdf2):
+        return params.iterations / limits.pbkdf2_work
+    return params.time * params.memory / limits.argon2_work_kib
+
+
+LIMITS = Limits()
+
+
+def check(params: KdfParams, limits: Limits | None = None) -> None:
+    """Refuse parameters that are malformed or beyond ``limits`` (default ``LIMITS``)."""
+    limits = limits or LIMITS
+    if isinstance(params, Pbkdf2):
+        hash_algorithm(params.hash)
+        if params.iterations < 1:
+            raise KdfLimitExceeded(f"pbkdf2 iterations {params.iterations} is below 1")
+        if params.iterations > min(limits.pbkdf2_iterations, limits.pbkdf2_work):
+            raise KdfLimitExceeded(f"pbkdf2 iterations {params.iterations} exceed the limit "
+                                   f"{min(limits.pbkdf2_iterations, limits.pbkdf2_work)}")
+        return
+    if params.type not in ("argon2i", "argon2id"):
+        raise NotSupported(f"KDF {params.type!r} is not supported")
+    if not 1 <= params.cpus <= limits.argon2_cpus:
+        raise KdfLimitExceeded(f"argon2 cpus {params.cpus} is outside 1..{limits.argon2_cpus}")
+    if params.memory < max(8 * params.cpus, 8):
+        raise KdfLimitExceeded(f"argon2 memory {params.memory} KiB is below 8 KiB per lane")
+    if params.memory > limits.argon2_memory_kib:
+        raise KdfLimitExceeded(f"argon2 memory {params.memory} KiB exceeds the limit "
+                               f"{limits.argon2_memory_kib} KiB")
+    if not 1 <= params.time <= limits.argon2_time:
+        raise KdfLimitExceeded(f"argon2 time {params.time} is outside 1..{limits.argon2_time}")
+    if params.time * params.memory > limits.argon2_work_kib:
+        raise KdfLimitExceeded(f"argon2 cost time x memory = {params.time * params.memory} "
+                               f"KiB exceeds the limit {limits.argon2_work_kib} KiB")
+
+
+def derive(params: KdfParams, passphrase: bytes, salt: bytes, length: int,
+           limits: Limits | None = None) -> bytes:
+    """The key of ``length`` bytes that ``passphrase`` and ``salt`` give under ``params``."""
+    check(params, limits)
+    if not 1 <= length <= 1024:
+        raise InvalidRequest(f"derived key length {length} is outside 1..1024")
+    if isinstance(params, Pbkdf2):
+        kdf = PBKDF2HMAC(hash_algorithm(params.hash), length, salt, params.iterations)
+        return kdf.derive(passphrase)
+    kind = Type.ID if params.type == "argon2id" else Type.I
+    try:
+        return hash_secret_raw(passphrase, salt, params.time, params.memory, params.cpus,
+                               length, kind, 0x13)
+    except argon2.exceptions.HashingError as e:
+        raise KdfLimitExceeded(f"argon2 refused the parameters: {e}") from None
+
+
+def from_mapping(kdf: str, values: Mapping[str, Any]) -> KdfParams:
+    """Explicit costs from a mapping: ``{"iterations": 1000, "hash": "sha256"}`` for
+    pbkdf2, ``{"time": 4, "memory": 32768, "cpus": 1}`` for argon2."""
+    try:
+        if kdf == "pbkdf2":
+            return Pbkdf2(str(values.get("hash", "sha256")), int(values["iterations"]))
+        if kdf in ("argon2i", "argon2id"):
+            return Argon2(kdf, int(values.get("time", ARGON2_MIN_TIME)),
+                          int(values["memory"]), int(values.get("cpus", 1)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidRequest(f"bad {kdf} parameters: missing or invalid {e}") from None
+    raise NotSupported(f"KDF {kdf!r} is not supported (pbkdf2, argon2i, argon2id)")
+
+
+def _half_ram_kib() -> int:
+    """cryptsetup never asks for more than half the physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2048
+    except (ValueError, OSError):
+        return ARGON2_MAX_MEMORY_KIB
+
+
+def _default_cpus() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def benchmark(kdf: str, *, hash_name: str = "sha256", key_size: int = 32,
+              iter_time_ms: int = DEFAULT_ITER_TIME_MS,
+              max_memory_kib: int = ARGON2_DEFAULT_MEMORY_KIB, cpus: int | None = None,
+              clock: Callable[[], float] = time.perf_counter) -> KdfParams:
+    """Costs so that one derivation takes about ``iter_time_ms`` here, as cryptsetup
+    chooses them: PBKDF2 scales its iterations (at least 1000); Argon2 keeps memory at
+    ``max_memory_kib`` and scales passes down to four, then lowers memory."""
+    if iter_time_ms < 1:
+        raise InvalidRequest("iter_time_ms must be positive")
+    target = iter_time_ms / 1000.0
+    salt = bytes(32)
+    if kdf == "pbkdf2":
+        # double a trial run until it is long enough to time, then scale it
+        trial, elapsed = 1000, 0.0
+        while trial <= 1 << 26:
+            t0 = clock()
+            derive(Pbkdf2(hash_name, trial), b"benchmark", salt, key_size)
+            elapsed = clock() - t0
+            if elapsed >= 0.05:
+                break
+            trial *= 2
+        iterations = int(trial * target / max(elapsed, 1e-6))
+        return Pbkdf2(hash_name, max(MIN_PBKDF2_ITERATIONS, min(iterations, 0xFFFFFFFF)))
+    if kdf not in ("argon2i", "argon2id"):
+        raise NotSupported(f"KDF {kdf!r} is not supported (pbkdf2, argon2i, argon2id)")
+    lanes = cpus or _default_cpus()
+    memory = max(ARGON2_MIN_MEMORY_KIB, min(max_memory_kib, ARGON2_MAX_MEMORY_KIB,
+                                            _half_ram_kib()))
+    # one pass over a large share of the memory: small trials miss the page faults and
+    # cache misses that dominate at full size
+    trial_memory = max(min(memory, 256 * 1024), 8 * lanes)
+    t0 = clock()
+    derive(Argon2(kdf, 1, trial_memory, lanes), b"benchmark", salt, key_size)
+    per_kib_pass = max(clock() - t0, 1e-6) / trial_memory
+    passes = int(target / (per_kib_pass * memory))
+    if passes >= ARGON2_MIN_TIME:
+        return Argon2(kdf, min(passes, 1000), memory, lanes)
+    memory = int(target / (per_kib_pass * ARGON2_MIN_TIME))
+    return Argon2(kdf, ARGON2_MIN_TIME, max(memory, ARGON2_MIN_MEMORY_KIB, 8 * lanes), lanes)
+
+
+def resolve(kdf: str, params: KdfParams | Mapping[str, Any] | None, iter_time_ms: int | None,
+            *, hash_name: str = "sha256", key_size: int = 32) -> KdfParams:
+    """The costs for a new keyslot: explicit ``params``, else a benchmark."""
+    if isinstance(params, Pbkdf2 | Argon2):
+        result: KdfParams = params
+    elif params is not None:
+        result = from_mapping(kdf, params)
+    else:
+        result = benchmark(kdf, hash_name=hash_name, key_size=key_size,
+                           iter_time_ms=iter_time_ms or DEFAULT_ITER_TIME_MS)
+    check(result)
+    return result
+
+
+def to_json(params: KdfParams, salt_b64: str) -> dict[str, Any]:
+    """The LUKS2 ``kdf`` object."""
+    if isinstance(params, Pbkdf2):
+        return {"type": "pbkdf2", "hash": params.hash, "iterations": params.iterations,
+                "salt": salt_b64}
+    return {"type": params.type, "time": params.time, "memory": params.memory,
+            "cpus": params.cpus, "salt": salt_b64}
+
+
+def describe(params: KdfParams) -> dict[str, Any]:
+    """The costs as a dict, without the salt."""
+    if isinstance(params, Pbkdf2):
+        return {"type": "pbkdf2", "hash": params.hash, "iterations": params.iterations}
+    return {"type": params.type, "time": params.time, "memory": params.memory,
+            "cpus": params.cpus}
+
+
+__all__ = ["LIMITS", "Argon2", "KdfParams", "Limits", "Pbkdf2", "benchmark", "check",
+           "cost", "derive", "describe", "from_mapping", "resolve", "to_json"]

@@ -1,0 +1,193 @@
+"""The LUKS1 partition header (phdr): 592 big-endian bytes, bytes in and bytes out.
+
+Layout (LUKS1 on-disk format, version 1.2.3): magic ``LUKS\\xba\\xbe``, version 1,
+cipher name, cipher mode and hash spec (32-byte NUL-padded strings), payload offset and
+key bytes, the volume key digest (20 bytes of PBKDF2), its salt and iterations, the
+UUID, then eight 48-byte key slots: active marker, PBKDF2 iterations, salt, key material
+offset (512-byte sectors) and AF stripes. Sans-I/O: no file is touched here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from cryptoplane.volume.af import STRIPES
+from cryptoplane.volume.errors import CorruptHeader
+
+MAGIC = b"LUKS\xba\xbe"
+PHDR_SIZE = 592
+SECTOR = 512
+SLOTS = 8
+ACTIVE = 0x00AC71F3
+INACTIVE = 0x0000DEAD
+DIGEST_SIZE = 20
+SALT_SIZE = 32
+KEY_SIZES = (16, 24, 32, 48, 64)
+
+_HEAD = struct.Struct(">6sH32s32s32sII20s32sI40s")
+_SLOT = struct.Struct(">II32sII")
+assert _HEAD.size + SLOTS * _SLOT.size == PHDR_SIZE
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One key slot. ``offset`` is where its material starts, in 512-byte sectors."""
+
+    active: bool
+    iterations: int
+    salt: bytes = dataclasses.field(repr=False)
+    offset: int
+    stripes: int = STRIPES
+
+
+@dataclass(frozen=True)
+class Header:
+    """A decoded LUKS1 phdr. ``payload_offset`` is in 512-byte sectors."""
+
+    cipher_name: str
+    cipher_mode: str
+    hash_spec: str
+    payload_offset: int
+    key_bytes: int
+    mk_digest: bytes = dataclasses.field(repr=False)
+    mk_digest_salt: bytes = dataclasses.field(repr=False)
+    mk_digest_iterations: int
+    uuid: str
+    slots: tuple[Slot, ...]
+
+    @property
+    def cipher(self) -> str:
+        return f"{self.cipher_name}-{self.cipher_mode}"
+
+    def material_sectors(self) -> int:
+        """Sectors of split key material per slot (unaligned)."""
+        return -(-(self.key_bytes * STRIPES) // SECTOR)
+
+    def with_slot(self, index: int, slot: Slot) -> Header:
+        slots = list(self.slots)
+        slots[index] = slot
+        return dataclasses.replace(self, slots=tuple(slots))
+
+    def encode(self) -> bytes:
+        return encode(self)
+
+
+def _text(raw: bytes, what: str) -> str:
+    value = raw.split(b"\0", 1)[0]
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        raise CorruptHeader(f"LUKS1 {what} is not ASCII") from None
+    if not text.isprintable():
+        raise CorruptHeader(f"LUKS1 {what} holds control characters")
+    return text
+
+
+def _pad(text: str, size: int, what: str) -> bytes:
+    raw = text.encode("ascii")
+    if len(raw) >= size:
+        raise CorruptHeader(f"LUKS1 {what} {text!r} is longer than {size - 1} bytes")
+    return raw.ljust(size, b"\0")
+
+
+def decode(data: bytes) -> Header:
+    """Decode and validate a phdr from the first 592 (or more) bytes of a device."""
+    if len(data) < PHDR_SIZE:
+        raise CorruptHeader(f"LUKS1 header truncated: {len(data)} of {PHDR_SIZE} bytes")
+    (magic, version, name, mode, hash_spec, payload, key_bytes, digest, dsalt, diter,
+     uuid) = _HEAD.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise CorruptHeader("no LUKS magic at offset 0")
+    if version != 1:
+        raise CorruptHeader(f"LUKS version {version} is not LUKS1")
+    if key_bytes not in KEY_SIZES:
+        raise CorruptHeader(f"LUKS1 key size {key_bytes} bytes is invalid")
+    if diter < 1:
+        raise CorruptHeader("LUKS1 volume key digest has zero iterations")
+    slots = []
+    for i in range(SLOTS):
+        active, iters, salt, offset, stripes = _SLOT.unpack_from(data, _HEAD.size + i * 48)
+        if active not in (ACTIVE, INACTIVE):
+            raise CorruptHeader(f"LUKS1 key slot {i} has an invalid state 0x{active:08x}")
+        if active == ACTIVE and (iters < 1 or stripes != STRIPES):
+            raise CorruptHeader(f"LUKS1 key slot {i} is active with iterations {iters} "
+                                f"and {stripes} stripes (needs >= 1 and {STRIPES})")
+        slots.append(Slot(active == ACTIVE, iters, salt, offset, stripes))
+    header = Header(_text(name, "cipher name"), _text(mode, "cipher mode"),
+                    _text(hash_spec, "hash spec"), payload, key_bytes, digest, dsalt, diter,
+                    _text(uuid, "UUID"), tuple(slots))
+    validate(header)
+    return header
+
+
+def validate(header: Header) -> None:
+    """Key material areas must lie after the phdr, apart, and before the payload."""
+    size = header.material_sectors()
+    spans = []
+    for i, s in enumerate(header.slots):
+        if not s.active:
+            continue
+        if s.offset * SECTOR < PHDR_SIZE:
+            raise CorruptHeader(f"LUKS1 key slot {i} material overlaps the header")
+        end = s.offset + size
+        if header.payload_offset and end > header.payload_offset:
+            raise CorruptHeader(f"LUKS1 key slot {i} material (sectors {s.offset}..{end}) "
+                                f"runs into the payload at sector {header.payload_offset}")
+        spans.append((s.offset, end, i))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in itertools.pairwise(spans):
+        if start_b < end_a:
+            raise CorruptHeader(f"LUKS1 key slots {a} and {b} have overlapping material")
+
+
+def encode(header: Header) -> bytes:
+    """The 592-byte phdr for ``header``."""
+    if len(header.slots) != SLOTS:
+        raise CorruptHeader(f"LUKS1 has exactly {SLOTS} key slots")
+    out = bytearray(_HEAD.pack(
+        MAGIC, 1, _pad(header.cipher_name, 32, "cipher name"),
+        _pad(header.cipher_mode, 32, "cipher mode"), _pad(header.hash_spec, 32, "hash spec"),
+        header.payload_offset, header.key_bytes, header.mk_digest, header.mk_digest_salt,
+        header.mk_digest_iterations, _pad(header.uuid, 40, "UUID")))
+    for s in header.slots:
+        out += _SLOT.pack(ACTIVE if s.active else INACTIVE, s.iterations, s.salt, s.offset,
+                          s.stripes)
+    return bytes(out)
+
+
+def slot_offsets(key_bytes: int) -> tuple[list[int], int]:
+    """cryptsetup's layout: slot material from sector 8, each slot's area rounded up to
+    4 KiB; returns the slot offsets and the first sector after the last area."""
+    sectors = -(-(key_bytes * STRIPES) // SECTOR)
+    step = -(-sectors // 8) * 8
+    offsets = [8 + i * step for i in range(SLOTS)]
+    return offsets, offsets[-1] + step
+
+
+def disabled(h: Header, index: int) -> Header:
+    """``h`` with slot ``index`` inactive, its salt and iterations cleared."""
+    s = h.slots[index]
+    return h.with_slot(index, Slot(False, 0, bytes(32), s.offset, s.stripes))
+
+
+def describe(h: Header) -> dict[str, Any]:
+    """The header as a JSON-able dict, without salts or digests."""
+    return {
+        "version": 1, "uuid": h.uuid, "cipher": h.cipher, "hash": h.hash_spec,
+        "key_size": 8 * h.key_bytes, "data_offset": h.payload_offset * SECTOR,
+        "sector_size": 512, "digest_iterations": h.mk_digest_iterations,
+        "keyslots": {str(i): {"kdf": {"type": "pbkdf2", "hash": h.hash_spec,
+                                      "iterations": s.iterations},
+                              "area_offset": s.offset * SECTOR,
+                              "area_size": h.material_sectors() * SECTOR,
+                              "stripes": s.stripes}
+                     for i, s in enumerate(h.slots) if s.active}}
+
+
+__all__ = ["MAGIC", "PHDR_SIZE", "SLOTS", "Header", "Slot", "decode", "describe", "disabled",
+           "encode",
+           "slot_offsets", "validate"]
