@@ -29,6 +29,8 @@ _WHAT = {
         "the native AES-XTS kernel (cryptoplane._native._sectors)",
     "cryptoplane._native._fastpath":
         "the native encrypt/decrypt fast path (cryptoplane._native._fastpath)",
+    "cryptoplane._native._chunks":
+        "the native age STREAM chunk kernel (cryptoplane._native._chunks)",
 }
 
 _WARNINGS = [
@@ -88,6 +90,12 @@ setup(
                 *_WARNINGS,
                 "-fvisibility=hidden",  # only PyInit__fastpath leaves the .so
             ],
+        ),
+        Extension(
+            "cryptoplane._native._chunks",
+            ["cryptoplane/_native/chunks.c"],
+            libraries=["crypto"],
+            extra_compile_args=[*_WARNINGS, "-fvisibility=hidden"],
         ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -6,7 +6,7 @@
         ct = plane.encrypt(key, b"data", nonce=nonce, aad=b"header")
 """
 
-from . import algorithms
+from . import algorithms, stream, volume
 from .algorithms import Algorithm, Kind, Op, lookup
 from .chain import Chain
 from .exceptions import (
@@ -47,5 +47,5 @@ __all__ = [
     "DecryptSectors", "Derive", "Digest", "Encrypt", "EncryptSectors", "EngineFailed",
     "InvalidRequest", "InvalidSignature", "Key", "KeyRejected", "Kind", "Mac", "NotSupported",
     "Op", "Plane", "QuotaExceeded", "Random", "Request", "SelfTestFailed", "Session", "Sign",
-    "Timeout", "Verify", "VerifyMac", "algorithms", "lookup",
+    "Timeout", "Verify", "VerifyMac", "algorithms", "lookup", "stream", "volume",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "BACKEND",
     "BACKEND_REASON",
     "CHUNKS_BACKEND",
+    "CHUNKS_BACKEND_REASON",
     "FAST_PATH",
     "FAST_PATH_REASON",
     "TALLY_OPS",
@@ -204,12 +205,36 @@ def fast_aead(op: str, method: _F) -> _F:
 
 # -- STREAM chunks (age payloads) -----------------------------------------------------------
 
-# The pure-Python implementation of the contract in ``chunks_fallback``; the native one,
-# where built, gives the same bytes and errors with the GIL released for the whole batch.
-from cryptoplane._native.chunks_fallback import (  # noqa: E402
-    ChunkAuthenticationFailed,
-    open_chunks,
-    seal_chunks,
-)
+# ``seal_chunks``/``open_chunks`` implement the contract in ``chunks_fallback``: the native
+# ``_chunks`` (one EVP context per batch, the GIL released for the whole batch, so threads
+# scale) where it imports, else the pure-Python one (same bytes and errors, GIL held: a
+# caller should not spread it over threads). ``CHUNKS_BACKEND`` says which, and
+# ``CHUNKS_BACKEND_REASON`` why not native. ``ChunkAuthenticationFailed`` is the fallback's
+# class either way: the native module raises that very class.
+from cryptoplane._native import chunks_fallback as _chunks_fallback  # noqa: E402
+from cryptoplane._native.chunks_fallback import ChunkAuthenticationFailed  # noqa: E402
 
-CHUNKS_BACKEND = "python"
+_ChunkFn = Callable[..., int]
+_chunks_error = ""
+_native_seal: _ChunkFn | None = None
+_native_open: _ChunkFn | None = None
+try:
+    import cryptoplane._native._chunks as _chunks
+except ImportError as exc:
+    _chunks_error = (f"native STREAM kernel unavailable ({exc}); install libssl-dev and a "
+                     "C compiler, then reinstall cryptoplane")
+else:
+    _native_seal, _native_open = _chunks.seal_chunks, _chunks.open_chunks
+
+seal_chunks: _ChunkFn
+open_chunks: _ChunkFn
+if os.environ.get("CRYPTOPLANE_NO_NATIVE", "") not in ("", "0"):
+    CHUNKS_BACKEND, CHUNKS_BACKEND_REASON = "python", "CRYPTOPLANE_NO_NATIVE is set"
+elif _native_seal is None or _native_open is None:
+    CHUNKS_BACKEND, CHUNKS_BACKEND_REASON = "python", _chunks_error
+else:
+    CHUNKS_BACKEND, CHUNKS_BACKEND_REASON = "native", ""
+if CHUNKS_BACKEND == "native" and _native_seal is not None and _native_open is not None:
+    seal_chunks, open_chunks = _native_seal, _native_open
+else:
+    seal_chunks, open_chunks = _chunks_fallback.seal_chunks, _chunks_fallback.open_chunks

@@ -73,6 +73,8 @@ def _check(key: bytes, counter: int, chunks: int, chunk_size: int) -> None:
 
 def seal_chunks(key: bytes, src: Any, dst: Any, *, counter: int, final: bool,
                 chunk_size: int = 65536) -> int:
+    if chunk_size <= 0:
+        raise InvalidRequest("chunk_size must be positive")
     source = memoryview(src).cast("B")
     out = memoryview(dst).cast("B")
     spans = _spans(len(source), chunk_size, final, 0)
@@ -92,6 +94,8 @@ def seal_chunks(key: bytes, src: Any, dst: Any, *, counter: int, final: bool,
 
 def open_chunks(key: bytes, src: Any, dst: Any, *, counter: int, final: bool,
                 chunk_size: int = 65536) -> int:
+    if chunk_size <= 0:
+        raise InvalidRequest("chunk_size must be positive")
     source = memoryview(src).cast("B")
     out = memoryview(dst).cast("B")
     spans = _spans(len(source), chunk_size + TAG, final, TAG)

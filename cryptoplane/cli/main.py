@@ -6,7 +6,10 @@ import click
 
 from .. import __version__
 from .engines import engines
+from .serve import serve
 from .stats import stats
+from .stream import decrypt_cmd, encrypt_cmd, keygen_cmd, stream
+from .stream_bench import bench as stream_bench
 from .volume import volume
 from .volume_bench import bench as volume_bench
 
@@ -26,6 +29,13 @@ cli.add_command(engines)
 cli.add_command(stats)
 volume.add_command(volume_bench)
 cli.add_command(volume)
+cli.add_command(serve)
+# age-format streams: `cryptoplane encrypt|decrypt|keygen`, as age's own commands, and
+# the same under `cryptoplane stream` beside its bench
+for command in (encrypt_cmd, decrypt_cmd, keygen_cmd):
+    cli.add_command(command)
+stream.add_command(stream_bench)
+cli.add_command(stream)
 
 try:  # the speed command lives in its own module
     from .speed import speed

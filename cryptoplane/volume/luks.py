@@ -2,8 +2,9 @@
 
 The public operations: ``format``, ``unlock``, ``test_passphrase``, ``add_key``,
 ``remove_key``, ``change_key``, ``dump``, ``backup_header``, ``restore_header`` and
-``erase``. Headers are decoded by ``luks1``/``luks2`` (sans-I/O); this module does the
-reading, writing, locking and ordering.
+``erase``. This module checks their arguments and orders the steps of each change;
+headers are decoded by ``luks1``/``luks2`` (sans-I/O), devices locked, read and written
+by ``luks_io``, and keyslots tried by ``luks_unlock``.
 
 Crash safety: every change is a sequence of writes, each followed by ``fsync``, ordered
 so that a kill between or during any of them leaves a volume that opens with the old or
@@ -27,42 +28,42 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
-import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptoplane.exceptions import (
-    Busy,
-    CryptoplaneError,
-    InvalidRequest,
-    KeyRejected,
-    NotSupported,
-)
-from cryptoplane.volume import af, keyslots, luks1, luks2
+from cryptoplane.exceptions import InvalidRequest, KeyRejected
+from cryptoplane.volume import af, keyslots, luks1, luks2, luks_io
 from cryptoplane.volume import kdf as kdfs
-from cryptoplane.volume.errors import (
-    CorruptHeader,
-    KdfLimitExceeded,
-    KeyslotError,
-    WrongPassphrase,
-)
+from cryptoplane.volume.errors import CorruptHeader, KeyslotError, WrongPassphrase
 from cryptoplane.volume.ivs import parse_spec, split_luks1
 from cryptoplane.volume.layout import DataLayout
+from cryptoplane.volume.luks_io import (
+    Device,
+    LuksHeader,
+    PathLike,
+    decode_header,
+    read_header,
+    seal_luks1_slot,
+    seal_luks2_keyslot,
+    wipe_luks1_slot,
+    write_luks1_phdr,
+    write_luks2_header,
+)
+from cryptoplane.volume.luks_unlock import data_layout, open_key
 
-PathLike = str | os.PathLike[str]
 KdfArg = kdfs.KdfParams | Mapping[str, Any] | None
 KEY_FILE_MAX = 8 * 1024 * 1024  # cryptsetup's default key file size limit
-LOCK_TIMEOUT_S = 10.0
 LUKS2_HDR_SIZE = 0x4000
 LUKS2_KEYSLOTS_AT = 2 * LUKS2_HDR_SIZE
 DEFAULT_DATA_OFFSET = 16 * 1024 * 1024
-_CHUNK = 1024 * 1024
 
-# Tests inject faults here: called with (offset, data) before every write.
+# Tests change these on this module, so they are read from here when used, not handed
+# to luks_io once: how long to wait for another process's lock, and a hook called with
+# (offset, data) before every write (fault injection).
+LOCK_TIMEOUT_S = 10.0
 write_hook: Callable[[int, bytes], None] | None = None
 
 
@@ -79,111 +80,23 @@ class LuksInfo:
     keyslot: int
 
 
-# -- device I/O ----------------------------------------------------------------------
+# -- devices -------------------------------------------------------------------------
 
-class _Dev:
-    __slots__ = ("fd", "path")
-
-    def __init__(self, path: PathLike, write: bool, create: bool = False) -> None:
-        self.path = os.fspath(path)
-        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
-        if create:
-            flags |= os.O_CREAT
-        try:
-            self.fd = os.open(self.path, flags, 0o600)
-        except FileNotFoundError:
-            raise InvalidRequest(f"{self.path}: no such file or device") from None
-        except IsADirectoryError:
-            raise InvalidRequest(f"{self.path} is a directory") from None
-        except PermissionError:
-            raise InvalidRequest(f"{self.path}: permission denied") from None
-
-    def lock(self, exclusive: bool) -> None:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-        while True:
-            try:
-                fcntl.flock(self.fd, op)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise Busy(f"{self.path} is locked by another process") from None
-                time.sleep(0.01)
-
-    def size(self) -> int:
-        return os.lseek(self.fd, 0, os.SEEK_END)
-
-    def read(self, offset: int, length: int) -> bytes:
-        out = bytearray()
-        while len(out) < length:
-            chunk = os.pread(self.fd, length - len(out), offset + len(out))
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
-
-    def read_exact(self, offset: int, length: int, what: str) -> bytes:
-        data = self.read(offset, length)
-        if len(data) != length:
-            raise CorruptHeader(f"{self.path} is truncated: {what} needs bytes "
-                                f"{offset}..{offset + length}, the device has {self.size()}")
-        return data
-
-    def write(self, offset: int, data: bytes) -> None:
-        if write_hook is not None:
-            write_hook(offset, data)
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
-
-    def fill(self, offset: int, length: int, random: bool = False) -> None:
-        """Overwrite a range (wipes), in bounded chunks."""
-        end = offset + length
-        while offset < end:
-            n = min(_CHUNK, end - offset)
-            self.write(offset, os.urandom(n) if random else bytes(n))
-            offset += n
-
-    def sync(self) -> None:
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
+def _device(path: PathLike, write: bool, create: bool = False,
+            ) -> contextlib.AbstractContextManager[Device]:
+    """``path`` opened and flocked (exclusively to write), with this module's settings."""
+    return luks_io.open_device(path, write, create, lock_timeout=LOCK_TIMEOUT_S,
+                               before_write=_call_write_hook)
 
 
-@contextlib.contextmanager
-def _device(path: PathLike, write: bool, create: bool = False) -> Iterator[_Dev]:
-    dev = _Dev(path, write, create)
-    try:
-        dev.lock(write)
-        yield dev
-    finally:
-        dev.close()
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    version: int
-    v1: luks1.Header | None = None
-    v2: luks2.Header | None = None
-
-    @property
-    def h1(self) -> luks1.Header:
-        assert self.v1 is not None
-        return self.v1
-
-    @property
-    def h2(self) -> luks2.Header:
-        assert self.v2 is not None
-        return self.v2
-
-
-def _load(dev: _Dev) -> _Loaded:
-    return _load_blob(dev.read(0, luks2.READ_SIZE))
+def _call_write_hook(offset: int, data: bytes) -> None:
+    # read at each write, not at open: a test's hook may clear itself mid-operation
+    if write_hook is not None:
+        write_hook(offset, data)
 
 
 def _meta_path(path: PathLike, header: PathLike | None) -> PathLike:
+    """Where the header lives: the volume itself or its detached header file."""
     return path if header is None else header
 
 
@@ -214,106 +127,7 @@ def _secret(passphrase: bytes | None, key_file: PathLike | None, what: str = "pa
 
 # -- unlocking -----------------------------------------------------------------------
 
-def _candidates(loaded: _Loaded, slot: int | None) -> list[int]:
-    """The slots to try, in cryptsetup's order: LUKS2 high priority first, never those
-    marked ignore (priority 0) unless named."""
-    if loaded.version == 1:
-        if slot is not None and not 0 <= slot < luks1.SLOTS:
-            raise KeyslotError(f"LUKS1 key slot {slot} does not exist (0..7)")
-        return [i for i in range(luks1.SLOTS)
-                if loaded.h1.slots[i].active and slot in (None, i)]
-    meta = loaded.h2.metadata
-    _, digest = meta.segment_digest(0)
-    if slot is not None:
-        if slot not in meta.keyslots:
-            raise KeyslotError(f"keyslot {slot} is not active")
-        return [slot] if slot in digest.keyslots else []
-    ids = [i for i in sorted(meta.keyslots) if i in digest.keyslots]
-    high = [i for i in ids if meta.keyslots[i].priority == 2]
-    normal = [i for i in ids if meta.keyslots[i].priority not in (0, 2)]
-    return high + normal
-
-
-def _slot_kdf(loaded: _Loaded, i: int) -> kdfs.KdfParams:
-    if loaded.version == 2:
-        return loaded.h2.metadata.keyslots[i].kdf
-    return kdfs.Pbkdf2(loaded.h1.hash_spec, loaded.h1.slots[i].iterations)
-
-
-def _try_slot(dev: _Dev, loaded: _Loaded, i: int, secret: bytes) -> bytes | None:
-    if loaded.version == 2:
-        meta = loaded.h2.metadata
-        ks = meta.keyslots[i]
-        area = dev.read_exact(ks.area.offset, keyslots.luks2_material_size(ks),
-                              f"keyslot {i} area")
-        return keyslots.open_luks2(ks, meta.segment_digest(0)[1], secret, area)
-    h = loaded.h1
-    material = dev.read_exact(h.slots[i].offset * luks1.SECTOR,
-                              keyslots.luks1_material_size(h), f"key slot {i} material")
-    return keyslots.open_luks1(h, i, secret, material)
-
-
-def _open_key(dev: _Dev, loaded: _Loaded, secret: bytes | None, volume_key: bytes | None,
-              slot: int | None = None) -> tuple[int | None, bytes]:
-    """(slot, volume key) for the passphrase or volume key given."""
-    if loaded.version == 2:
-        loaded.h2.metadata.check_supported()
-    if volume_key is not None:
-        ok = (keyslots.check_luks2_key(loaded.h2.metadata.segment_digest(0)[1], volume_key)
-              if loaded.version == 2 else keyslots.check_luks1_key(loaded.h1, volume_key))
-        if not ok:
-            raise WrongPassphrase("the volume key does not match the header's digest")
-        return None, bytes(volume_key)
-    if secret is None:
-        raise InvalidRequest("give a passphrase, a key file or a volume key")
-    # one slot that cannot be tried (hostile costs, unknown cipher) must not lock out the
-    # others; its error is reported only if no other slot opens
-    refused: CryptoplaneError | None = None
-    spent = 0.0  # a header with many costly slots must not make one unlock take hours
-    for i in _candidates(loaded, slot):
-        params = _slot_kdf(loaded, i)
-        try:
-            kdfs.check(params)  # a slot over the limits is skipped, not tried
-        except (CorruptHeader, NotSupported) as e:
-            refused = refused or e
-            continue
-        spent += kdfs.cost(params)
-        if spent > kdfs.LIMITS.total_work:
-            raise refused or KdfLimitExceeded(
-                "the keyslots together ask for more KDF work than one unlock may spend")
-        try:
-            key = _try_slot(dev, loaded, i, secret)
-        except (CorruptHeader, NotSupported) as e:
-            refused = refused or e
-            continue
-        if key is not None:
-            return i, key
-    if refused is not None:
-        raise refused
-    raise WrongPassphrase("no keyslot opens with this passphrase")
-
-
-def _layout(loaded: _Loaded, volume_key: bytes, data_size: int) -> DataLayout:
-    if loaded.version == 1:
-        h = loaded.h1
-        offset = h.payload_offset * luks1.SECTOR
-        cipher, sector_size, iv_offset, fixed = h.cipher, 512, 0, None
-    else:
-        seg = loaded.h2.metadata.segments[0]
-        offset, cipher, sector_size = seg.offset, seg.encryption, seg.sector_size
-        iv_offset = seg.iv_tweak * 512 // sector_size  # dm-crypt: 512-byte units, shifted
-        fixed = seg.size
-    if data_size < offset:
-        raise CorruptHeader(f"the data device ({data_size} bytes) ends before the data "
-                            f"offset {offset}")
-    size = fixed if fixed is not None else (data_size - offset) // sector_size * sector_size
-    if offset + size > data_size:
-        raise CorruptHeader(f"the data segment ends at {offset + size}, past the device's "
-                            f"{data_size} bytes")
-    return DataLayout(cipher, volume_key, offset, size, sector_size, iv_offset)
-
-
-def _data_size(path: PathLike, header: PathLike | None, meta_dev: _Dev) -> int:
+def _data_size(path: PathLike, header: PathLike | None, meta_dev: Device) -> int:
     if header is None:
         return meta_dev.size()
     with _device(path, False) as data:
@@ -327,10 +141,10 @@ def unlock(path: PathLike, *, passphrase: bytes | None = None,
     ``CorruptHeader`` for a damaged header, ``NotSupported`` for unimplemented features."""
     secret = _secret(passphrase, key_file)
     with _device(_meta_path(path, header), False) as dev:
-        loaded = _load(dev)
-        _, key = _open_key(dev, loaded, secret, volume_key, slot)
+        loaded = read_header(dev)
+        _, key = open_key(dev, loaded, secret, volume_key, slot)
         size = _data_size(path, header, dev)
-    return _layout(loaded, key, size)
+    return data_layout(loaded, key, size)
 
 
 def test_passphrase(path: PathLike, *, passphrase: bytes | None = None,
@@ -341,87 +155,12 @@ def test_passphrase(path: PathLike, *, passphrase: bytes | None = None,
     if secret is None:
         raise InvalidRequest("give a passphrase or a key file")
     with _device(_meta_path(path, header), False) as dev:
-        found, _ = _open_key(dev, _load(dev), secret, None, slot)
+        found, _ = open_key(dev, read_header(dev), secret, None, slot)
     assert found is not None
     return found
 
 
-# -- writing LUKS2 -------------------------------------------------------------------
-
-def _write_luks2(dev: _Dev, old: luks2.Header, meta: luks2.Metadata) -> luks2.Header:
-    new = old.replace(metadata=meta, seqid=old.seqid + 1, primary_ok=True,
-                      secondary_ok=True)
-    copies = [(0, luks2.encode_copy(new, False)),
-              (meta.hdr_size, luks2.encode_copy(new, True))]
-    if old.primary_ok and not old.secondary_ok:
-        copies.reverse()  # never overwrite the only valid copy first
-    for offset, data in copies:
-        dev.write(offset, data)
-        dev.sync()
-    return new
-
-
-def _seal_luks2(dev: _Dev, meta: luks2.Metadata, volume_key: bytes, secret: bytes,
-                params: kdfs.KdfParams) -> luks2.Keyslot:
-    """Write a new keyslot's material to a free area (fsynced); return its keyslot."""
-    encryption, area_key = keyslots.area_cipher(meta, len(volume_key))
-    size = af.material_size(len(volume_key))
-    offset = keyslots.free_area(meta, size)
-    sealed = keyslots.seal(volume_key, secret, params, encryption, area_key)
-    dev.write(offset, sealed.material)
-    dev.sync()
-    area = luks2.Area(offset, -(-size // 4096) * 4096, encryption, area_key)
-    return luks2.Keyslot(len(volume_key), area, params, sealed.salt)
-
-
-def _check_writable(loaded: _Loaded) -> None:
-    if loaded.version == 2:
-        loaded.h2.metadata.check_supported()
-    else:
-        parse_spec(loaded.h1.cipher)
-
-
-def _params_for(loaded: _Loaded, kdf_name: str | None, kdf_params: KdfArg,
-                iter_time_ms: int | None, key_size: int) -> kdfs.KdfParams:
-    if loaded.version == 1:
-        if kdf_name not in (None, "pbkdf2"):
-            raise InvalidRequest("LUKS1 keyslots use pbkdf2 only")
-        params = kdfs.resolve("pbkdf2", kdf_params, iter_time_ms,
-                             hash_name=loaded.h1.hash_spec, key_size=key_size)
-        if not isinstance(params, kdfs.Pbkdf2) or params.hash != loaded.h1.hash_spec:
-            raise InvalidRequest(f"LUKS1 keyslots use pbkdf2 with the header's hash "
-                                 f"{loaded.h1.hash_spec}")
-        return params
-    return kdfs.resolve(kdf_name or "argon2id", kdf_params, iter_time_ms, key_size=key_size)
-
-
-# -- writing LUKS1 -------------------------------------------------------------------
-
-def _write_phdr(dev: _Dev, h: luks1.Header) -> None:
-    dev.write(0, h.encode())
-    dev.sync()
-
-
-def _seal_luks1(dev: _Dev, h: luks1.Header, index: int, volume_key: bytes, secret: bytes,
-                params: kdfs.KdfParams) -> luks1.Header:
-    """Material to slot ``index``'s sectors (fsynced), then the phdr enabling it."""
-    assert isinstance(params, kdfs.Pbkdf2)
-    sealed = keyslots.seal(volume_key, secret, params, h.cipher, h.key_bytes, h.hash_spec)
-    dev.write(h.slots[index].offset * luks1.SECTOR, sealed.material)
-    dev.sync()
-    new = h.with_slot(index, luks1.Slot(True, params.iterations, sealed.salt,
-                                        h.slots[index].offset))
-    _write_phdr(dev, new)
-    return new
-
-
-def _wipe_luks1(dev: _Dev, h: luks1.Header, index: int) -> None:
-    dev.fill(h.slots[index].offset * luks1.SECTOR, keyslots.luks1_material_size(h),
-             random=True)
-    dev.sync()
-
-
-# -- public operations ---------------------------------------------------------------
+# -- formatting ----------------------------------------------------------------------
 
 def _new_volume_key(spec_text: str, key_size: int, volume_key: bytes | None) -> bytes:
     spec = parse_spec(spec_text)
@@ -510,8 +249,8 @@ def format(path: PathLike, passphrase: bytes, *, version: int = 2,
             with _device(path, False):
                 pass  # the data device must exist
         dev.fill(0, meta.areas_end)
-        ks = _seal_luks2(dev, meta, key, secret, params)
-        _write_luks2(dev, hdr, keyslots.with_keyslot(meta, 0, ks))
+        ks = seal_luks2_keyslot(dev, meta, key, secret, params)
+        write_luks2_header(dev, hdr, keyslots.with_keyslot(meta, 0, ks))
     return LuksInfo(2, the_uuid, cipher, 8 * len(key), sector_size, offset, 0)
 
 
@@ -546,9 +285,32 @@ def _format_luks1(path: PathLike, secret: bytes, cipher: str, key: bytes,
             with _device(path, False):
                 pass
         dev.fill(0, end * luks1.SECTOR)
-        _write_phdr(dev, h)
-        _seal_luks1(dev, h, 0, key, secret, params)
+        write_luks1_phdr(dev, h)
+        seal_luks1_slot(dev, h, 0, key, secret, params)
     return LuksInfo(1, the_uuid, cipher, 8 * len(key), 512, payload * luks1.SECTOR, 0)
+
+
+# -- changing keyslots ---------------------------------------------------------------
+
+def _check_writable(loaded: LuksHeader) -> None:
+    if loaded.version == 2:
+        loaded.h2.metadata.check_supported()
+    else:
+        parse_spec(loaded.h1.cipher)
+
+
+def _params_for(loaded: LuksHeader, kdf_name: str | None, kdf_params: KdfArg,
+                iter_time_ms: int | None, key_size: int) -> kdfs.KdfParams:
+    if loaded.version == 1:
+        if kdf_name not in (None, "pbkdf2"):
+            raise InvalidRequest("LUKS1 keyslots use pbkdf2 only")
+        params = kdfs.resolve("pbkdf2", kdf_params, iter_time_ms,
+                             hash_name=loaded.h1.hash_spec, key_size=key_size)
+        if not isinstance(params, kdfs.Pbkdf2) or params.hash != loaded.h1.hash_spec:
+            raise InvalidRequest(f"LUKS1 keyslots use pbkdf2 with the header's hash "
+                                 f"{loaded.h1.hash_spec}")
+        return params
+    return kdfs.resolve(kdf_name or "argon2id", kdf_params, iter_time_ms, key_size=key_size)
 
 
 def add_key(path: PathLike, *, passphrase: bytes | None = None,
@@ -566,20 +328,20 @@ def add_key(path: PathLike, *, passphrase: bytes | None = None,
     if new is None:
         raise InvalidRequest("give the new passphrase or key file")
     with _device(_meta_path(path, header), True) as dev:
-        loaded = _load(dev)
+        loaded = read_header(dev)
         _check_writable(loaded)
-        _, key = _open_key(dev, loaded, secret, volume_key)
+        _, key = open_key(dev, loaded, secret, volume_key)
         params = _params_for(loaded, kdf, kdf_params, iter_time_ms, len(key))
         if loaded.version == 2:
             meta = loaded.h2.metadata
             index = keyslots.free_slot(meta.keyslots, luks2.MAX_OBJECTS, slot)
-            ks = _seal_luks2(dev, meta, key, new, params)
-            _write_luks2(dev, loaded.h2, keyslots.with_keyslot(meta, index, ks))
+            ks = seal_luks2_keyslot(dev, meta, key, new, params)
+            write_luks2_header(dev, loaded.h2, keyslots.with_keyslot(meta, index, ks))
         else:
             h = loaded.h1
             index = keyslots.free_slot({i for i, s in enumerate(h.slots) if s.active},
                                luks1.SLOTS, slot)
-            _seal_luks1(dev, h, index, key, new, params)
+            seal_luks1_slot(dev, h, index, key, new, params)
     return index
 
 
@@ -592,10 +354,10 @@ def remove_key(path: PathLike, *, slot: int | None = None, passphrase: bytes | N
     if (slot is None) == (secret is None):
         raise InvalidRequest("give either a slot number or a passphrase")
     with _device(_meta_path(path, header), True) as dev:
-        loaded = _load(dev)
+        loaded = read_header(dev)
         _check_writable(loaded)
         if slot is None:
-            found, _ = _open_key(dev, loaded, secret, None)
+            found, _ = open_key(dev, loaded, secret, None)
             assert found is not None
             slot = found
         if loaded.version == 2:
@@ -607,15 +369,15 @@ def remove_key(path: PathLike, *, slot: int | None = None, passphrase: bytes | N
             area = meta.keyslots[slot].area
             dev.fill(area.offset, area.size, random=True)
             dev.sync()
-            _write_luks2(dev, loaded.h2, keyslots.with_keyslot(meta, slot, None))
+            write_luks2_header(dev, loaded.h2, keyslots.with_keyslot(meta, slot, None))
         else:
             h = loaded.h1
             if not 0 <= slot < luks1.SLOTS or not h.slots[slot].active:
                 raise KeyslotError(f"key slot {slot} is not active")
             if sum(s.active for s in h.slots) == 1 and not allow_last:
                 raise KeyslotError("refusing to remove the last key slot")
-            _wipe_luks1(dev, h, slot)
-            _write_phdr(dev, luks1.disabled(h, slot))
+            wipe_luks1_slot(dev, h, slot)
+            write_luks1_phdr(dev, luks1.disabled(h, slot))
     return slot
 
 
@@ -633,37 +395,39 @@ def change_key(path: PathLike, old: bytes | None = None, new: bytes | None = Non
     if secret is None or fresh is None:
         raise InvalidRequest("give the old and the new passphrase")
     with _device(_meta_path(path, header), True) as dev:
-        loaded = _load(dev)
+        loaded = read_header(dev)
         _check_writable(loaded)
-        found, key = _open_key(dev, loaded, secret, None, slot)
+        found, key = open_key(dev, loaded, secret, None, slot)
         assert found is not None
         params = _params_for(loaded, kdf, kdf_params, iter_time_ms, len(key))
         if loaded.version == 2:
             meta = loaded.h2.metadata
             old_ks = meta.keyslots[found]
-            ks = dataclasses.replace(_seal_luks2(dev, meta, key, fresh, params),
+            ks = dataclasses.replace(seal_luks2_keyslot(dev, meta, key, fresh, params),
                                      priority=old_ks.priority)
-            _write_luks2(dev, loaded.h2, keyslots.with_keyslot(meta, found, ks))
+            write_luks2_header(dev, loaded.h2, keyslots.with_keyslot(meta, found, ks))
             dev.fill(old_ks.area.offset, old_ks.area.size, random=True)
             dev.sync()
             return found
         h = loaded.h1
         active = {i for i, s in enumerate(h.slots) if s.active}
         target = keyslots.free_slot(active, luks1.SLOTS, None)
-        h = _seal_luks1(dev, h, target, key, fresh, params)
-        _write_phdr(dev, luks1.disabled(h, found))
-        _wipe_luks1(dev, h, found)
+        h = seal_luks1_slot(dev, h, target, key, fresh, params)
+        write_luks1_phdr(dev, luks1.disabled(h, found))
+        wipe_luks1_slot(dev, h, found)
     return target
 
+
+# -- dump, header backup and restore, erase ------------------------------------------
 
 def dump(path: PathLike, header: PathLike | None = None) -> dict[str, Any]:
     """The header as a JSON-able dict, without salts, digests or any secret."""
     with _device(_meta_path(path, header), False) as dev:
-        loaded = _load(dev)
+        loaded = read_header(dev)
     return luks1.describe(loaded.h1) if loaded.version == 1 else luks2.describe(loaded.h2)
 
 
-def _header_extent(loaded: _Loaded) -> int:
+def _header_extent(loaded: LuksHeader) -> int:
     if loaded.version == 2:
         return loaded.h2.metadata.areas_end
     h = loaded.h1
@@ -676,7 +440,7 @@ def backup_header(path: PathLike, out_file: PathLike, header: PathLike | None = 
     """Copy the header and keyslot areas to a new file (``luksHeaderBackup``);
     returns its size."""
     with _device(_meta_path(path, header), False) as dev:
-        extent = _header_extent(_load(dev))
+        extent = _header_extent(read_header(dev))
         data = dev.read_exact(0, extent, "the header backup")
     try:
         # read-only for its owner, as cryptsetup makes it (the fd itself can write)
@@ -699,14 +463,14 @@ def restore_header(path: PathLike, backup_file: PathLike,
     """Write a header backup back (``luksHeaderRestore``), after validating it fully and
     checking that its data offset agrees with the header now on the device."""
     with _device(backup_file, False) as src:
-        backup = _load_blob(src.read(0, luks2.READ_SIZE))
+        backup = decode_header(src.read(0, luks2.READ_SIZE))
         extent = _header_extent(backup)
         blob = src.read(0, extent)
     if len(blob) < extent:
         raise CorruptHeader(f"header backup is truncated: {len(blob)} of {extent} bytes")
     with _device(_meta_path(path, header), True, create=header is not None) as dev:
         try:
-            current: _Loaded | None = _load(dev)
+            current: LuksHeader | None = read_header(dev)
         except CorruptHeader:
             current = None
         if current is not None and _data_offset(current) != _data_offset(backup):
@@ -718,14 +482,7 @@ def restore_header(path: PathLike, backup_file: PathLike,
         dev.sync()
 
 
-def _load_blob(blob: bytes) -> _Loaded:
-    version = luks2.probe_version(blob)
-    if version == 1:
-        return _Loaded(1, v1=luks1.decode(blob))
-    return _Loaded(2, v2=luks2.decode(blob))
-
-
-def _data_offset(loaded: _Loaded) -> int:
+def _data_offset(loaded: LuksHeader) -> int:
     if loaded.version == 1:
         return loaded.h1.payload_offset * luks1.SECTOR
     return min(s.offset for s in loaded.h2.metadata.segments.values())
@@ -736,7 +493,7 @@ def erase(path: PathLike, header: PathLike | None = None) -> None:
     (both LUKS2 copies), so no passphrase opens the volume again. Only the header region
     is written, whatever the volume's size."""
     with _device(_meta_path(path, header), True) as dev:
-        loaded = _load(dev)
+        loaded = read_header(dev)
         if loaded.version == 2:
             h = loaded.h2
             meta = h.metadata
@@ -744,13 +501,13 @@ def erase(path: PathLike, header: PathLike | None = None) -> None:
             dev.sync()
             for slot in list(meta.keyslots):
                 meta = keyslots.with_keyslot(meta, slot, None)
-            _write_luks2(dev, h, meta)
+            write_luks2_header(dev, h, meta)
         else:
             h1 = loaded.h1
             for i in range(luks1.SLOTS):
-                _wipe_luks1(dev, h1, i)
+                wipe_luks1_slot(dev, h1, i)
                 h1 = luks1.disabled(h1, i)
-            _write_phdr(dev, h1)
+            write_luks1_phdr(dev, h1)
 
 
 __all__ = ["CorruptHeader", "LuksInfo", "WrongPassphrase", "add_key", "backup_header",

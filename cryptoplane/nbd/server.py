@@ -1,0 +1,668 @@
+"""The NBD server: asyncio (uvloop) transport around the sans-I/O codec.
+
+Each export is one shared ``BlockDevice`` object: every connection to an export calls
+the same device, which is what makes ``NBD_FLAG_CAN_MULTI_CONN`` honest — a FLUSH on any
+connection calls ``device.flush()``, which must make every write completed through that
+device durable, whichever connection (thread) issued it (``FileDevice`` fdatasyncs the
+one shared descriptor). A WRITE reaches the device only once its whole payload arrived.
+
+Small requests run inline on the event loop (a thread hop costs more than a 4 KiB
+read); big ones run in a small thread pool so the loop keeps receiving while the device
+(decryption, for a volume) works without the GIL. Every request parsed from one receive
+is handled before the replies go out in one ``writelines``. Per connection the number
+and bytes of requests in flight are bounded: past the bound the connection stops
+reading until replies drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import errno
+import functools
+import logging
+import os
+import signal
+import socket
+import ssl
+import stat
+import threading
+import warnings
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+from cryptoplane.blockdev import BlockDevice, FileDevice
+from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
+from cryptoplane.nbd import codec as C
+from cryptoplane.nbd import protocol as P
+
+log = logging.getLogger("cryptoplane.nbd")
+
+INLINE_LIMIT = 64 * 1024  # requests up to this size run on the loop thread
+MAX_INFLIGHT = 64  # requests handed to the pool, per connection
+MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
+SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get at shutdown
+POOL_BYTES = 64 * 1024 * 1024  # read buffers kept for reuse, per server
+POOL_MIN = 16 * 1024  # smaller buffers are cheaper to allocate than to track
+SOCKET_BUFFER = 4 * 1024 * 1024
+WRITE_HIGH_WATER = 4 * 1024 * 1024  # replies queued before the client counts as slow
+BATCH_BYTES = 4 * 1024 * 1024  # read data gathered before replies are handed over
+
+Ready = Callable[[list[str]], None]
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, InvalidRequest):
+        return P.EINVAL
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return P.ENOSPC
+        if exc.errno in (errno.EPERM, errno.EROFS, errno.EACCES):
+            return P.EPERM
+        if exc.errno == errno.ENOMEM:
+            return P.ENOMEM
+    if not isinstance(exc, OSError | CryptoplaneError):
+        log.error("unexpected error from the device", exc_info=exc)
+    return P.EIO
+
+
+def _trim(dev: BlockDevice, offset: int, length: int, fua: bool) -> None:
+    dev.trim(offset, length)
+    if fua:
+        dev.flush()
+
+
+class Export:
+    """One named export: a device and what negotiation says about it.
+
+    ``inline_limit``: requests up to this many bytes run on the event loop, bigger ones in
+    the thread pool. ``None`` picks: everything inline for a plain ``FileDevice`` (its
+    work is a memcpy from the page cache, cheaper than two thread hand-offs), else
+    ``INLINE_LIMIT`` (a volume's big requests decrypt without the GIL while the loop
+    goes on receiving).
+    """
+
+    def __init__(self, name: str, device: BlockDevice, *, read_only: bool = False,
+                 description: str = "", inline_limit: int | None = None) -> None:
+        if len(name.encode("utf-8")) > P.MAX_NAME:
+            raise InvalidRequest("export names are at most 4096 bytes")
+        self.name = name
+        self.device = device
+        if inline_limit is None:
+            inline_limit = P.MAX_PAYLOAD if type(device) is FileDevice else INLINE_LIMIT
+        self.inline_limit = inline_limit
+        block = max(1, device.block_size)
+        self.info = C.ExportInfo(
+            name=name, size=device.size, read_only=read_only or device.read_only,
+            min_block=block, preferred_block=max(block, 4096),
+            max_payload=P.MAX_PAYLOAD - P.MAX_PAYLOAD % block, description=description)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.codec = C.ServerConnection(tls_available=server.tls is not None,
+                                        tls_required=server.tls is not None)
+        self.transport: asyncio.Transport | None = None
+        self.device: BlockDevice | None = None
+        self.inline_limit = INLINE_LIMIT
+        self.inflight = 0
+        self.inflight_bytes = 0
+        self.read_paused = False  # by us, for backpressure or shutdown
+        self.write_paused = False  # by the transport: the client does not read replies
+        self.closing = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.batch_bytes = 0  # read data gathered in the current batch
+        # read buffers handed to the transport, with where they end in the byte stream
+        self.sent: collections.deque[tuple[int, bytearray]] = collections.deque()
+        self.written = 0  # bytes handed to the transport so far
+
+    # ---- transport callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but they are one
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        if self.server.stopping:
+            transport.close()
+            return
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_HIGH_WATER // 4)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # bigger kernel buffers: fewer partial writes and wake-ups per 256 KiB reply
+            # (the kernel caps these at net.core.[rw]mem_max)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        transport.write(self.codec.greeting())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.codec.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.codec.buffer_updated(nbytes)
+        self._drain()
+
+    def eof_received(self) -> bool | None:
+        # a half-received WRITE is simply never applied; in-flight replies are dropped
+        self.closing = True
+        return None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+        self._drain()
+
+    # ---- request handling -------------------------------------------------------------
+
+    def _blocked(self) -> bool:
+        return (self.write_paused or self.inflight >= MAX_INFLIGHT
+                or self.inflight_bytes >= MAX_INFLIGHT_BYTES)
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        want_pause = self._blocked() or self.closing or self.server.stopping
+        if want_pause and not self.read_paused:
+            t.pause_reading()
+            self.read_paused = True
+        elif not want_pause and self.read_paused:
+            t.resume_reading()
+            self.read_paused = False
+
+    def _buffer(self, size: int) -> bytearray:
+        spare = self.server.free.get(size)
+        if spare:
+            self.server.free_bytes -= size
+            return spare.pop()
+        return bytearray(size)
+
+    def _send(self, out: list[Any]) -> None:
+        """Hand replies to the transport, noting where each big read buffer ends."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.writelines(out)
+        if self.codec.tls_active:
+            return  # the TLS layer's queue counts other bytes: no reuse there
+        pos = self.written
+        for item in out:
+            pos += len(item)
+            if len(item) >= POOL_MIN and type(item) is bytearray:
+                self.sent.append((pos, item))
+        self.written = pos
+        if len(self.sent) > 1024:  # a client that reads nothing: stop tracking
+            self.sent.clear()
+
+    def _reclaim(self) -> None:
+        """Take back read buffers the transport has finished with. The stream is sent in
+        order and the transport's write buffer size counts every byte it still has to
+        send (uvloop counts libuv's queue too), so a buffer ending before
+        ``written - queued`` is no longer read by anyone."""
+        t = self.transport
+        if t is None:
+            return
+        done = self.written - t.get_write_buffer_size()
+        server = self.server
+        sent = self.sent
+        while sent and sent[0][0] <= done:
+            buf = sent.popleft()[1]
+            if server.free_bytes + len(buf) <= POOL_BYTES:
+                server.free.setdefault(len(buf), []).append(buf)
+                server.free_bytes += len(buf)
+
+    def _drain(self) -> None:
+        out: list[Any] = []
+        codec = self.codec
+        if self.sent:
+            self._reclaim()
+        if self.transport is None:
+            return
+        more = True
+        while more:
+            more = False
+            self.batch_bytes = 0
+            try:
+                while not self.closing and not self._blocked():
+                    ev = codec.next_event()
+                    if type(ev) is C.Read and ev.length <= self.inline_limit:
+                        self._read_inline(ev, out)  # the hot path, first
+                        if self.batch_bytes < BATCH_BYTES:
+                            continue
+                    elif isinstance(ev, C.NeedData) or not self._handle(ev, out):
+                        break
+                    if self.batch_bytes >= BATCH_BYTES:
+                        # bounded memory: send what is read so far, and go on only if
+                        # the transport has not asked us to pause
+                        more = True
+                        break
+            except C.ProtocolError as exc:
+                log.info("closing an NBD connection: %s", exc)
+                self.closing = True
+            if out:
+                self._send(out)
+                out = []
+        if self.closing and self.inflight == 0:
+            self._close()
+        else:
+            self._update_reading()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _read_inline(self, ev: C.Read, out: list[Any]) -> None:
+        codec = self.codec
+        assert self.device is not None
+        # header and data in one buffer: one item per reply for writelines
+        head = codec.read_header_size
+        size = head + ev.length
+        buf = self._buffer(size) if size >= POOL_MIN else bytearray(size)
+        codec.pack_read_header(buf, ev.cookie, ev.offset, ev.length)
+        self.batch_bytes += size
+        try:
+            self.device.preadinto(ev.offset, memoryview(buf)[head:])
+        except Exception as exc:
+            out.append(codec.error_reply(ev.cookie, _errno_of(exc), "read failed"))
+        else:
+            out.append(buf)
+
+    def _handle(self, ev: C.Event, out: list[Any]) -> bool:
+        """Handle one event; False stops the batch."""
+        codec = self.codec
+        t = type(ev)
+        dev = self.device
+        if t is C.Read:
+            assert isinstance(ev, C.Read)
+            if ev.length <= self.inline_limit:
+                self._read_inline(ev, out)
+                return True
+            head = codec.read_header_size
+            buf = self._buffer(head + ev.length)
+            codec.pack_read_header(buf, ev.cookie, ev.offset, ev.length)
+            self._offload(ev.cookie, ev.length, self._read_job, ev.offset, buf, head)
+            return True
+        if t is C.Write:
+            assert isinstance(ev, C.Write) and dev is not None
+            if len(ev.data) <= self.inline_limit:
+                try:
+                    dev.pwrite(ev.offset, ev.data, fua=ev.fua)
+                except Exception as exc:
+                    out.append(codec.error_reply(ev.cookie, _errno_of(exc), "write failed"))
+                else:
+                    out.append(codec.reply(ev.cookie))
+                codec.recycle(ev.data)
+            else:
+                self._offload(ev.cookie, len(ev.data), self._reply_of,
+                              functools.partial(dev.pwrite, fua=ev.fua), ev.offset, ev.data,
+                              payload=ev.data)
+            return True
+        if t is C.Flush:
+            assert isinstance(ev, C.Flush) and dev is not None
+            self._offload(ev.cookie, 0, self._reply_of, dev.flush)
+            return True
+        if t is C.Trim:
+            assert isinstance(ev, C.Trim) and dev is not None
+            self._offload(ev.cookie, 0, self._reply_of, _trim, dev, ev.offset, ev.length,
+                          ev.fua)
+            return True
+        if t is C.WriteZeroes:
+            assert isinstance(ev, C.WriteZeroes) and dev is not None
+            self._offload(ev.cookie, 0, self._reply_of,
+                          functools.partial(dev.write_zeroes, fua=ev.fua), ev.offset, ev.length)
+            return True
+        if t is C.CommandError:
+            assert isinstance(ev, C.CommandError)
+            out.append(codec.error_reply(ev.cookie, ev.error, ev.message))
+            return True
+        if t is C.Disconnect:
+            self.closing = True
+            return False
+        return self._negotiate(ev, out)
+
+    def _negotiate(self, ev: C.Event, out: list[Any]) -> bool:
+        codec = self.codec
+        server = self.server
+        if isinstance(ev, C.OptionError):
+            out.append(codec.option_error(ev.option, ev.code, ev.message))
+        elif isinstance(ev, C.ListExports):
+            out.append(codec.list_reply(list(server.exports)))
+        elif isinstance(ev, C.StructuredReplies):
+            out.append(codec.ack(ev))
+        elif isinstance(ev, C.Abort):
+            out.append(codec.ack(ev))
+            self.closing = True
+            return False
+        elif isinstance(ev, C.StartTLS):
+            out.append(codec.ack(ev))
+            assert self.transport is not None
+            self.transport.writelines(out)
+            out.clear()
+            # nothing may be read in the clear between the ACK and the handshake
+            self.transport.pause_reading()
+            self.read_paused = True
+            server.spawn(self._start_tls())
+            return False
+        elif isinstance(ev, C.InfoRequest | C.ExportName):
+            export = server.lookup(ev.name)
+            if server.stopping:
+                if isinstance(ev, C.ExportName):
+                    raise C.ProtocolError("shutting down")
+                out.append(codec.option_error(P.OPT_GO if ev.go else P.OPT_INFO,
+                                              P.REP_ERR_SHUTDOWN, "the server is stopping"))
+            elif export is None:
+                if isinstance(ev, C.ExportName):
+                    raise C.ProtocolError(f"no export named {ev.name!r}")
+                out.append(codec.option_error(P.OPT_GO if ev.go else P.OPT_INFO,
+                                              P.REP_ERR_UNKNOWN, f"no export named {ev.name!r}"))
+            elif isinstance(ev, C.ExportName):
+                out.append(codec.export_name_reply(export.info))
+                self.device, self.inline_limit = export.device, export.inline_limit
+            else:
+                out.append(codec.info_reply(ev, export.info))
+                if codec.state is C.State.TRANSMISSION:
+                    self.device, self.inline_limit = export.device, export.inline_limit
+        return True
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self.server.tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(self.transport, self, self.server.tls,
+                                       server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("TLS handshake failed: %s", exc)
+            self.closing = True
+            self._close()
+            return
+        if new is None:
+            return
+        self.transport = new
+        self.read_paused = False
+        self.codec.tls_established()
+        self._drain()
+
+    # ---- the thread pool ----------------------------------------------------------------
+
+    def _offload(self, cookie: int, nbytes: int, job: Callable[..., list[Any]],
+                 *args: Any, payload: bytes | bytearray | None = None) -> None:
+        self.inflight += 1
+        self.inflight_bytes += nbytes
+        self.idle.clear()
+        fut = self.server.loop.run_in_executor(self.server.pool, job, cookie, *args)
+        fut.add_done_callback(lambda f: self._finished(f, nbytes, payload))
+
+    def _finished(self, fut: asyncio.Future[list[Any]], nbytes: int,
+                  payload: bytes | bytearray | None) -> None:
+        self.inflight -= 1
+        self.inflight_bytes -= nbytes
+        t = self.transport
+        if not fut.cancelled() and t is not None and not t.is_closing():
+            exc = fut.exception()
+            if exc is not None:  # the jobs turn device errors into replies
+                log.error("NBD request job failed", exc_info=exc)
+                self.closing = True
+            else:
+                self._send(fut.result())
+        if payload is not None:
+            self.codec.recycle(payload)
+        if self.inflight == 0:
+            self.idle.set()
+        if self.closing:
+            if self.inflight == 0:
+                self._close()
+        else:
+            self._drain()
+
+    def _read_job(self, cookie: int, offset: int, buf: bytearray, head: int) -> list[Any]:
+        assert self.device is not None
+        try:
+            self.device.preadinto(offset, memoryview(buf)[head:])
+        except Exception as exc:
+            return [self.codec.error_reply(cookie, _errno_of(exc), "read failed")]
+        return [buf]
+
+    def _reply_of(self, cookie: int, fn: Callable[..., object], *args: Any) -> list[Any]:
+        try:
+            fn(*args)
+        except Exception as exc:
+            return [self.codec.error_reply(cookie, _errno_of(exc), "request failed")]
+        return [self.codec.reply(cookie)]
+
+    # ---- shutdown -------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Stop reading; requests already received are finished."""
+        if self.codec.state is not C.State.TRANSMISSION:
+            self.closing = True
+        self._update_reading()
+        if self.closing and self.inflight == 0:
+            self._close()
+
+
+class _Server:
+    def __init__(self, exports: dict[str, BlockDevice], *, tls: ssl.SSLContext | None,
+                 read_only: bool, inline_limit: int | None, workers: int) -> None:
+        if not exports:
+            raise InvalidRequest("serve needs at least one export")
+        self.exports = {name: Export(name, dev, read_only=read_only,
+                                     inline_limit=inline_limit)
+                        for name, dev in exports.items()}
+        self.tls = tls
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "cryptoplane-nbd")
+        self.connections: set[_Connection] = set()
+        self.stopping = False
+        self.loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.free: dict[int, list[bytearray]] = {}  # read buffers for reuse, by size
+        self.free_bytes = 0
+
+    def lookup(self, name: str) -> Export | None:
+        if name == "" and name not in self.exports:
+            return next(iter(self.exports.values()))  # qemu's default export name
+        return self.exports.get(name)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        for conn in list(self.connections):
+            conn.begin_shutdown()
+        busy = [c.idle.wait() for c in self.connections if c.inflight]
+        if busy:
+            _, pending = await asyncio.wait([asyncio.ensure_future(b) for b in busy],
+                                            timeout=SHUTDOWN_GRACE)
+            if pending:
+                log.warning("%d NBD connections still busy at shutdown", len(pending))
+        for export in self.exports.values():
+            if not export.info.read_only:
+                try:
+                    await self.loop.run_in_executor(self.pool, export.device.flush)
+                except (OSError, CryptoplaneError) as exc:
+                    log.error("flushing export %r failed: %s", export.name, exc)
+        for conn in list(self.connections):
+            conn.closing = True
+            conn._close()
+        self.pool.shutdown(wait=True)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a server that died; refuse a live one or another file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InvalidRequest(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+    else:
+        raise InvalidRequest(f"another server is listening on {path}")
+    finally:
+        probe.close()
+
+
+def urls(names: list[str], *, unix: str | None = None, tcp: tuple[str, int] | None = None,
+         tls: bool = False) -> list[str]:
+    """NBD URIs (as qemu and libnbd read them) for each export."""
+    out = []
+    s = "s" if tls else ""
+    for name in names:
+        if unix is not None:
+            out.append(f"nbd{s}+unix:///{name}?socket={unix}")
+        if tcp is not None:
+            host = f"[{tcp[0]}]" if ":" in tcp[0] else tcp[0]
+            out.append(f"nbd{s}://{host}:{tcp[1]}/{name}")
+    return out
+
+
+async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = None,
+                      tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
+                      read_only: bool = False, ready: Ready | None = None,
+                      stop: asyncio.Event | None = None, inline_limit: int | None = None,
+                      workers: int = 4) -> None:
+    """Serve ``exports`` until ``stop`` is set, then shut down gracefully."""
+    if unix is None and tcp is None:
+        raise InvalidRequest("serve needs a Unix socket path or a TCP address")
+    loop = asyncio.get_running_loop()
+    server = _Server(exports, tls=tls, read_only=read_only, inline_limit=inline_limit,
+                     workers=workers)
+    listeners: list[asyncio.AbstractServer] = []
+    bound_tcp = None
+    own_socket: str | None = None  # removed at exit only if this server made it
+    try:
+        if unix is not None:
+            _remove_stale_socket(unix)
+            listeners.append(await loop.create_unix_server(lambda: _Connection(server),
+                                                           unix))
+            own_socket = unix
+        if tcp is not None:
+            tcp_srv = await loop.create_server(lambda: _Connection(server), tcp[0], tcp[1])
+            listeners.append(tcp_srv)
+            bound_tcp = (tcp[0], tcp_srv.sockets[0].getsockname()[1])
+        if ready is not None:
+            ready(urls(list(server.exports), unix=unix, tcp=bound_tcp, tls=tls is not None))
+        await (stop or asyncio.Event()).wait()
+    finally:
+        for listener in listeners:
+            listener.close()
+        await server.shutdown()
+        for listener in listeners:
+            await listener.wait_closed()
+        if own_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(own_socket)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop, or asyncio's (slower: its writelines copies) with a warning."""
+    try:
+        import uvloop
+    except ImportError:
+        warnings.warn("uvloop is not installed: the NBD server runs on plain asyncio, "
+                      "slower", RuntimeWarning, stacklevel=2)
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
+          tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
+          read_only: bool = False, ready: Ready | None = None,
+          inline_limit: int | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight requests, flush and close."""
+    loop = new_event_loop()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve_async(exports, unix=unix, tcp=tcp, tls=tls, read_only=read_only,
+                              ready=ready, stop=stop, inline_limit=inline_limit)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+class ServerThread:
+    """An NBD server on a background thread (for tests): ``with ServerThread(...) as s``."""
+
+    def __init__(self, exports: dict[str, BlockDevice], *, socket_path: str | None = None,
+                 tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
+                 read_only: bool = False, inline_limit: int | None = None) -> None:
+        self.socket_path = socket_path
+        self._kw: dict[str, Any] = dict(unix=socket_path, tcp=tcp, tls=tls,
+                                        read_only=read_only, inline_limit=inline_limit)
+        self._exports = exports
+        self.urls: list[str] = []
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nbd-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The first export's URL."""
+        return self.urls[0]
+
+    def url_for(self, name: str) -> str:
+        return next(u for u in self.urls if u.split("?")[0].endswith("/" + name))
+
+    def _run(self) -> None:
+        loop = self._loop = new_event_loop()
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            await serve_async(self._exports, ready=self._on_ready, stop=self._stop,
+                              **self._kw)
+        try:
+            loop.run_until_complete(main())
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+            loop.close()
+
+    def _on_ready(self, urls_: list[str]) -> None:
+        self.urls = urls_
+        self._ready.set()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError("the NBD server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive() and self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
