@@ -97,14 +97,14 @@ def _progress(size: int | None, label: str) -> Iterator[Callable[[int], None] | 
 
 def _input(path: str | None) -> tuple[Any, int | None]:
     if path is None or path == "-":
-        return click.get_binary_stream("stdin"), None
+        return sys.stdin.buffer, None
     return path, os.stat(path).st_size
 
 
 def _output(path: str | None, binary: bool) -> Any:
     if path is not None and path != "-":
         return path
-    out: BinaryIO = click.get_binary_stream("stdout")
+    out: BinaryIO = sys.stdout.buffer
     if binary and out.isatty():
         raise _fail("refusing to write binary output to a terminal: use -o FILE or -a")
     return out

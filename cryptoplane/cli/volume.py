@@ -28,16 +28,18 @@ EXIT_WRONG_PASSPHRASE = 2  # as cryptsetup
 
 
 class _Failed(click.ClickException):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = code
+    exit_code = 1
+
+
+class _WrongPassphraseFailed(_Failed):
+    exit_code = EXIT_WRONG_PASSPHRASE
 
 
 def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except WrongPassphrase as e:
-        raise _Failed(str(e), EXIT_WRONG_PASSPHRASE) from None
+        raise _WrongPassphraseFailed(str(e)) from None
     except CryptoplaneError as e:
         raise _Failed(f"{type(e).__name__}: {e}") from None
 
