@@ -110,17 +110,22 @@ def make_images(workdir: Path, data_size: int) -> Images:
         chunk = os.urandom(MIB)
         for _ in range(data_size // MIB):
             f.write(chunk)
-    os.truncate(raw, data_size)
+    _sized(raw, data_size)
     images = {}
     for name, version, sector in (("luks1", 1, 512), ("luks2", 2, 4096)):
         path = workdir / f"{name}.img"
-        path.touch()
-        os.truncate(path, (16 << 20) + data_size)  # room for any header; trimmed below
+        _sized(path, (16 << 20) + data_size)  # room for any header; trimmed below
         info = luks.format(path, PASSPHRASE, version=version, sector_size=sector,
                            kdf="pbkdf2", kdf_params=_FAST_KDF)
         os.truncate(path, info.data_offset + data_size)
         images[name] = path
     return Images(workdir, raw, images["luks1"], images["luks2"], key_file, source, data_size)
+
+
+def _sized(path: Path, size: int) -> None:
+    """A sparse file of ``size`` bytes (what a fresh disk reads as: zeros)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
 
 
 # -- servers --------------------------------------------------------------------------------

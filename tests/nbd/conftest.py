@@ -23,26 +23,10 @@ def sockdir() -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def make_image(path: Path, size: int, *, seed: int = 1) -> bytes:
-    """An image of pseudo-random bytes (so misplaced data shows)."""
-    import random
-
-    data = random.Random(seed).randbytes(size)
-    path.write_bytes(data)
-    return data
+from nbdtools import make_image  # noqa: E402
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> tuple[Path, bytes]:
     p = tmp_path / "disk.img"
     return p, make_image(p, 16 << 20)
-
-
-def tool(name: str) -> str:
-    import support
-
-    path = shutil.which(name)
-    if path is None:
-        support.unavailable(f"{name} is not installed")
-    return path
-

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_image, tool
+from nbdtools import make_image, tool
 
 from cryptoplane.cli.serve import serve
 

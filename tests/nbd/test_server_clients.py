@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nbdclient as nc
 import pytest
-from conftest import make_image, tool
+from nbdtools import make_image, tool
 
 from cryptoplane.blockdev import FileDevice
 from cryptoplane.nbd import protocol as P

@@ -228,7 +228,7 @@ def test_starttls(image: tuple[Path, bytes], tmp_path: Path, sockdir: str) -> No
 def test_libnbd_over_tls(image: tuple[Path, bytes], tmp_path: Path, sockdir: str) -> None:
     import subprocess
 
-    from conftest import tool
+    from nbdtools import tool
 
     nbdcopy = tool("nbdcopy")
     path, data = image
