@@ -12,6 +12,9 @@ read); big ones run in a small thread pool so the loop keeps receiving while the
 is handled before the replies go out in one ``writelines``. Per connection the number
 and bytes of requests in flight are bounded: past the bound the connection stops
 reading until replies drain.
+
+Listening, the event loop, signals and the background-thread server for tests live in
+``cryptoplane.nbd.runner``; its entry points are importable from here too.
 """
 
 from __future__ import annotations
@@ -23,13 +26,8 @@ import contextlib
 import errno
 import functools
 import logging
-import os
-import signal
 import socket
 import ssl
-import stat
-import threading
-import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
@@ -37,6 +35,14 @@ from cryptoplane.blockdev import BlockDevice, FileDevice
 from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
 from cryptoplane.nbd import codec as C
 from cryptoplane.nbd import protocol as P
+
+# the CLI, tests and benchmarks import the runner's entry points from this module
+from cryptoplane.nbd.runner import Ready as Ready
+from cryptoplane.nbd.runner import ServerThread as ServerThread
+from cryptoplane.nbd.runner import new_event_loop as new_event_loop
+from cryptoplane.nbd.runner import serve as serve
+from cryptoplane.nbd.runner import serve_async as serve_async
+from cryptoplane.nbd.runner import urls as urls
 
 log = logging.getLogger("cryptoplane.nbd")
 
@@ -49,8 +55,6 @@ POOL_MIN = 16 * 1024  # smaller buffers are cheaper to allocate than to track
 SOCKET_BUFFER = 4 * 1024 * 1024
 WRITE_HIGH_WATER = 4 * 1024 * 1024  # replies queued before the client counts as slow
 BATCH_BYTES = 4 * 1024 * 1024  # read data gathered before replies are handed over
-
-Ready = Callable[[list[str]], None]
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -499,170 +503,3 @@ class _Server:
             conn.closing = True
             conn._close()
         self.pool.shutdown(wait=True)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by a server that died; refuse a live one or another file."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise InvalidRequest(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: stale
-    else:
-        raise InvalidRequest(f"another server is listening on {path}")
-    finally:
-        probe.close()
-
-
-def urls(names: list[str], *, unix: str | None = None, tcp: tuple[str, int] | None = None,
-         tls: bool = False) -> list[str]:
-    """NBD URIs (as qemu and libnbd read them) for each export."""
-    out = []
-    s = "s" if tls else ""
-    for name in names:
-        if unix is not None:
-            out.append(f"nbd{s}+unix:///{name}?socket={unix}")
-        if tcp is not None:
-            host = f"[{tcp[0]}]" if ":" in tcp[0] else tcp[0]
-            out.append(f"nbd{s}://{host}:{tcp[1]}/{name}")
-    return out
-
-
-async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = None,
-                      tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
-                      read_only: bool = False, ready: Ready | None = None,
-                      stop: asyncio.Event | None = None, inline_limit: int | None = None,
-                      workers: int = 4) -> None:
-    """Serve ``exports`` until ``stop`` is set, then shut down gracefully."""
-    if unix is None and tcp is None:
-        raise InvalidRequest("serve needs a Unix socket path or a TCP address")
-    loop = asyncio.get_running_loop()
-    server = _Server(exports, tls=tls, read_only=read_only, inline_limit=inline_limit,
-                     workers=workers)
-    listeners: list[asyncio.AbstractServer] = []
-    bound_tcp = None
-    own_socket: str | None = None  # removed at exit only if this server made it
-    try:
-        if unix is not None:
-            _remove_stale_socket(unix)
-            listeners.append(await loop.create_unix_server(lambda: _Connection(server),
-                                                           unix))
-            own_socket = unix
-        if tcp is not None:
-            tcp_srv = await loop.create_server(lambda: _Connection(server), tcp[0], tcp[1])
-            listeners.append(tcp_srv)
-            bound_tcp = (tcp[0], tcp_srv.sockets[0].getsockname()[1])
-        if ready is not None:
-            ready(urls(list(server.exports), unix=unix, tcp=bound_tcp, tls=tls is not None))
-        await (stop or asyncio.Event()).wait()
-    finally:
-        for listener in listeners:
-            listener.close()
-        await server.shutdown()
-        for listener in listeners:
-            await listener.wait_closed()
-        if own_socket is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(own_socket)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop, or asyncio's (slower: its writelines copies) with a warning."""
-    try:
-        import uvloop
-    except ImportError:
-        warnings.warn("uvloop is not installed: the NBD server runs on plain asyncio, "
-                      "slower", RuntimeWarning, stacklevel=2)
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
-          tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
-          read_only: bool = False, ready: Ready | None = None,
-          inline_limit: int | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests, flush and close."""
-    loop = new_event_loop()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await serve_async(exports, unix=unix, tcp=tcp, tls=tls, read_only=read_only,
-                              ready=ready, stop=stop, inline_limit=inline_limit)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
-
-
-class ServerThread:
-    """An NBD server on a background thread (for tests): ``with ServerThread(...) as s``."""
-
-    def __init__(self, exports: dict[str, BlockDevice], *, socket_path: str | None = None,
-                 tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
-                 read_only: bool = False, inline_limit: int | None = None) -> None:
-        self.socket_path = socket_path
-        self._kw: dict[str, Any] = dict(unix=socket_path, tcp=tcp, tls=tls,
-                                        read_only=read_only, inline_limit=inline_limit)
-        self._exports = exports
-        self.urls: list[str] = []
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="nbd-server", daemon=True)
-
-    @property
-    def url(self) -> str:
-        """The first export's URL."""
-        return self.urls[0]
-
-    def url_for(self, name: str) -> str:
-        return next(u for u in self.urls if u.split("?")[0].endswith("/" + name))
-
-    def _run(self) -> None:
-        loop = self._loop = new_event_loop()
-
-        async def main() -> None:
-            self._stop = asyncio.Event()
-            await serve_async(self._exports, ready=self._on_ready, stop=self._stop,
-                              **self._kw)
-        try:
-            loop.run_until_complete(main())
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._ready.set()
-            loop.close()
-
-    def _on_ready(self, urls_: list[str]) -> None:
-        self.urls = urls_
-        self._ready.set()
-
-    def __enter__(self) -> ServerThread:
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise TimeoutError("the NBD server did not start")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive() and self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
