@@ -199,7 +199,7 @@ class EnginePaths:
                 free = None if cell.algorithm in HASHES else _key(cell)
                 if free is not None:
                     plane.session(free)  # unbound: the balancer chooses
-                size = batch(plane, cell.nbytes)
+                size = batch(plane, 0 if cell.algorithm in XTS else cell.nbytes)
                 out.loops[name] = batch_loop(plane, requests(plane, cell, free, size), size)
                 out.auto_mode = f"map x{size}"
         for loop in out.loops.values():
@@ -244,7 +244,9 @@ BATCH_BYTES = 8 << 20
 
 def batch(plane: Plane, nbytes: int = 0) -> int:
     """Requests per ``map`` batch for auto: every engine but inline filled, and as many
-    again for the caller to run while it waits; fewer for big requests (BATCH_BYTES)."""
+    again for the caller to run while it waits; for big requests whose results map
+    allocates (``nbytes`` given), fewer (BATCH_BYTES). Sector runs write into buffers
+    of their own, and need requests enough for several bursts per lane."""
     fill = 2 * sum(e.capacity for n, e in plane.engines.items() if n != "inline")
     return max(4, min(fill, BATCH_BYTES // nbytes)) if nbytes else fill
 

@@ -19,10 +19,14 @@ def test_group_cuts_runs_of_one_key_and_type() -> None:
     plan = group(reqs, lanes=1, groupable=lambda r: r.key is not None)
     counts = [c for c, _ in plan]
     assert sum(counts) == len(reqs)
-    assert counts == [5, 1, 3, 1]  # 10 requests, 2 per lane: bursts of 5; b's run of 3
-    assert isinstance(plan[0][1], Burst) and plan[0][1].count == 5
-    assert plan[0][1].nbytes == 5 and plan[0][1].largest == 1
-    assert not isinstance(plan[1][1], Burst)  # a run's lone tail stays a plain request
+    # 10 requests, 4 bursts per lane: bursts of 3; a's run of 6 is two, b's run of 3 one
+    assert counts == [3, 3, 3, 1]
+    assert isinstance(plan[0][1], Burst) and plan[0][1].count == 3
+    assert plan[0][1].nbytes == 3 and plan[0][1].largest == 1
+    assert not isinstance(plan[3][1], Burst)  # not groupable: stays a plain request
+    lone = group(reqs[:7], lanes=1, groupable=lambda r: r.key is not None)
+    assert [c for c, _ in lone] == [2, 2, 2, 1]  # a run's lone tail stays a plain request
+    assert not isinstance(lone[3][1], Burst)
 
 
 def test_map_with_bursts_keeps_order_and_each_error() -> None:
