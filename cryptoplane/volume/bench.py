@@ -111,6 +111,7 @@ def make_images(workdir: Path, data_size: int) -> Images:
         for _ in range(data_size // MIB):
             f.write(chunk)
     _sized(raw, data_size)
+    _fill(raw, 0, chunk)
     images = {}
     for name, version, sector in (("luks1", 1, 512), ("luks2", 2, 4096)):
         path = workdir / f"{name}.img"
@@ -118,14 +119,26 @@ def make_images(workdir: Path, data_size: int) -> Images:
         info = luks.format(path, PASSPHRASE, version=version, sector_size=sector,
                            kdf="pbkdf2", kdf_params=_FAST_KDF)
         os.truncate(path, info.data_offset + data_size)
+        _fill(path, info.data_offset, chunk)
         images[name] = path
     return Images(workdir, raw, images["luks1"], images["luks2"], key_file, source, data_size)
 
 
 def _sized(path: Path, size: int) -> None:
-    """A sparse file of ``size`` bytes (what a fresh disk reads as: zeros)."""
     with open(path, "wb") as f:
         f.truncate(size)
+
+
+def _fill(path: Path, start: int, chunk: bytes) -> None:
+    """Write every byte from ``start`` on: a sparse tmpfs file allocates its pages on the
+    first write, which would make whichever server writes first look 5-7x slower."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        end = os.fstat(fd).st_size
+        for offset in range(start, end, len(chunk)):
+            os.pwrite(fd, chunk[:end - offset], offset)
+    finally:
+        os.close(fd)
 
 
 # -- servers --------------------------------------------------------------------------------
