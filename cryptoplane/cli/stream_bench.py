@@ -9,22 +9,8 @@ import sys
 import click
 from rich.console import Console
 
+from cryptoplane.cli.sizes import parse_size
 from cryptoplane.stream import bench as sb
-
-_SIZES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def _size(text: str) -> int:
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = _SIZES.get(t[-1:], 1)
-    number = t[:-1] if t[-1:] in _SIZES else t
-    try:
-        value = int(float(number) * mult)
-    except ValueError:
-        raise click.BadParameter(f"not a size: {text!r} (e.g. 256M, 1G)") from None
-    if value < 1 << 20:
-        raise click.BadParameter("the bench needs at least 1M")
-    return value
 
 
 @click.command("bench")
@@ -44,7 +30,8 @@ def bench(size: str, rounds: int, workdir: str, as_json: bool) -> None:
     """
     console = Console(stderr=as_json)
     try:
-        rows = sb.run_bench(_size(size), workdir=workdir, rounds=rounds, console=console)
+        rows = sb.run_bench(parse_size(size, least=1 << 20), workdir=workdir, rounds=rounds,
+                            console=console)
     except sb.BenchError as exc:
         Console(stderr=True).print(f"[red]error:[/] {exc}")
         sys.exit(1)

@@ -10,23 +10,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from cryptoplane.cli.sizes import parse_size
 from cryptoplane.exceptions import CryptoplaneError
 from cryptoplane.volume import bench as vb
-
-_SIZES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def _size(text: str) -> int:
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = _SIZES.get(t[-1:], 1)
-    number = t[:-1] if t[-1:] in _SIZES else t
-    try:
-        value = int(float(number) * mult)
-    except ValueError:
-        raise click.BadParameter(f"not a size: {text!r} (e.g. 256M, 1G)") from None
-    if value < 16 << 20:
-        raise click.BadParameter("the bench needs at least 16M")
-    return value - value % (1 << 20)
 
 
 @click.command("bench")
@@ -57,7 +43,8 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
     every command, so any figure can be reproduced by hand.
     """
     console = Console(stderr=True)
-    data_size = _size("256M" if quick and size == "1G" else size)
+    data_size = parse_size("256M" if quick and size == "1G" else size, least=16 << 20)
+    data_size -= data_size % (1 << 20)
     if quick:
         runtime = min(runtime, 2.0)
         servers = servers or ("ours-raw", "ours-luks2-4k", "ours-luks1", "nbdkit-luks")
