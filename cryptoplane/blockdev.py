@@ -58,6 +58,25 @@ class BlockDevice(Protocol):
     def close(self) -> None: ...
 
 
+def pread_full(fd: int, pos: int, view: memoryview) -> None:
+    """Fill ``view`` from ``fd`` at ``pos``, however many reads that takes; a file that
+    ends first is a typed error (it shrank under us), never a short buffer."""
+    done, n = 0, len(view)
+    while done < n:
+        got = os.preadv(fd, [view[done:]], pos + done)
+        if got == 0:
+            raise InvalidRequest(f"short read at byte {pos + done}: the file or device "
+                                 "shrank")
+        done += got
+
+
+def pwrite_full(fd: int, pos: int, view: memoryview) -> None:
+    """Write all of ``view`` to ``fd`` at ``pos``, however many writes that takes."""
+    done, n = 0, len(view)
+    while done < n:
+        done += os.pwrite(fd, view[done:], pos + done)
+
+
 class FileDevice:
     """An image file (or block device) served as it is."""
 
@@ -93,21 +112,14 @@ class FileDevice:
     def preadinto(self, offset: int, buf: Any) -> None:
         view = memoryview(buf).cast("B")
         self._check(offset, len(view))
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise InvalidRequest(f"short read at {offset + done}: the file shrank")
-            done += n
+        pread_full(self._fd, offset, view)
 
     def pwrite(self, offset: int, data: Any, *, fua: bool = False) -> None:
         if self._read_only:
             raise InvalidRequest("the device is read-only")
         view = memoryview(data).cast("B")
         self._check(offset, len(view))
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+        pwrite_full(self._fd, offset, view)
         if fua:
             os.fdatasync(self._fd)
 

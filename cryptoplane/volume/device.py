@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from cryptoplane.blockdev import pread_full, pwrite_full
 from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.plane import Plane
 
@@ -115,19 +116,7 @@ class Volume:
             raise InvalidRequest("preadinto needs a writable buffer")
         if n == 0:
             return
-        step, ss = self._chunk, self._ss
-        region = offset // step
-        if (offset | n) & (ss - 1) or (offset + n - 1) // step != region:
-            self._read(offset, view)
-            return
-        # aligned and inside one region (most requests): straight into the caller's
-        # buffer, decrypted there
-        with self._stripes[region % _STRIPES]:
-            pos = self._base + offset
-            got = os.preadv(self._fd, [view], pos)
-            if got != n:
-                self._pread_full(pos + got, view[got:])
-            self._cipher.decrypt(view, self._iv0 + offset // ss, view)
+        self._read(offset, view)
 
     def pwrite(self, offset: int, data: Any, *, fua: bool = False) -> None:
         """Encrypt and write ``data`` at ``offset``; with ``fua``, durable on return."""
@@ -205,20 +194,6 @@ class Volume:
             buf = self._local.sector = memoryview(bytearray(self._ss))
         return buf
 
-    def _pread_full(self, pos: int, view: memoryview) -> None:
-        done, n = 0, len(view)
-        while done < n:
-            got = os.preadv(self._fd, [view[done:]], pos + done)
-            if got == 0:
-                raise InvalidRequest(f"short read at byte {pos + done} of the data device: "
-                                     "it shrank")
-            done += got
-
-    def _pwrite_full(self, pos: int, view: memoryview) -> None:
-        done, n = 0, len(view)
-        while done < n:
-            done += os.pwrite(self._fd, view[done:], pos + done)
-
     def _pieces(self, offset: int, n: int) -> Iterator[tuple[int, int, threading.Lock]]:
         """``(start, length, lock)`` for the parts of a request cut at region boundaries:
         each part lies in one region, whose stripe lock it is done under."""
@@ -230,38 +205,31 @@ class Volume:
             offset = stop
 
     def _read(self, offset: int, view: memoryview) -> None:
+        self._by_region(offset, view, self._read_piece)
+
+    def _write(self, offset: int, view: memoryview) -> None:
+        self._by_region(offset, view, self._write_piece)
+
+    def _by_region(self, offset: int, view: memoryview,
+                   piece: Callable[[int, memoryview], None]) -> None:
+        """``piece`` over each part of the request that lies in one region, under that
+        region's stripe lock."""
         step = self._chunk
         region = offset // step
         if (offset + len(view) - 1) // step == region:  # one region: most requests
             with self._stripes[region % _STRIPES]:
-                self._read_piece(offset, view)
+                piece(offset, view)
             return
         done = 0
         for start, n, lock in self._pieces(offset, len(view)):
             with lock:
-                self._read_piece(start, view[done:done + n])
-            done += n
-
-    def _write(self, offset: int, view: memoryview) -> None:
-        step = self._chunk
-        region = offset // step
-        if (offset + len(view) - 1) // step == region:
-            with self._stripes[region % _STRIPES]:
-                self._write_piece(offset, view)
-            return
-        done = 0
-        for start, n, lock in self._pieces(offset, len(view)):
-            with lock:
-                self._write_piece(start, view[done:done + n])
+                piece(start, view[done:done + n])
             done += n
 
     def _read_piece(self, offset: int, view: memoryview) -> None:
         ss, n = self._ss, len(view)
         if not (offset | n) & (ss - 1):  # the common case: straight into the caller's buffer
-            pos = self._base + offset
-            got = os.preadv(self._fd, [view], pos)
-            if got != n:
-                self._pread_full(pos + got, view[got:])
+            pread_full(self._fd, self._base + offset, view)
             self._cipher.decrypt(view, self._iv0 + offset // ss, view)
             return
         end = offset + n
@@ -278,14 +246,14 @@ class Volume:
         mid = n - head - tail
         if mid:
             part = view[head:head + mid]
-            self._pread_full(self._base + offset + head, part)
+            pread_full(self._fd, self._base + offset + head, part)
             self._cipher.decrypt(part, self._iv0 + (offset + head) // ss, part)
         if tail:
             self._read_sector(last, sec)
             view[n - tail:] = sec[:tail]
 
     def _read_sector(self, index: int, sec: memoryview) -> None:
-        self._pread_full(self._base + index * self._ss, sec)
+        pread_full(self._fd, self._base + index * self._ss, sec)
         self._cipher.decrypt(sec, self._iv0 + index, sec)
 
     def _write_piece(self, offset: int, view: memoryview) -> None:
@@ -302,7 +270,7 @@ class Volume:
         if mid:
             out = self._scratch()[:mid]
             self._cipher.encrypt(view[head:head + mid], self._iv0 + (offset + head) // ss, out)
-            self._pwrite_full(self._base + offset + head, out)
+            pwrite_full(self._fd, self._base + offset + head, out)
         if tail:
             self._rmw(last, 0, view[n - tail:])
 
@@ -312,8 +280,8 @@ class Volume:
         sec = self._sector_buf()
         pos = self._base + index * self._ss
         iv = self._iv0 + index
-        self._pread_full(pos, sec)
+        pread_full(self._fd, pos, sec)
         self._cipher.decrypt(sec, iv, sec)
         sec[at:at + len(data)] = data
         self._cipher.encrypt(sec, iv, sec)
-        self._pwrite_full(pos, sec)
+        pwrite_full(self._fd, pos, sec)
