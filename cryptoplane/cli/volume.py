@@ -92,6 +92,14 @@ def _secret_options(fn: F) -> F:
     return fn
 
 
+def _new_secret_options(fn: F) -> F:
+    fn = click.option("--new-passphrase-fd", type=int, metavar="N",
+                      help="New passphrase: one line from file descriptor N.")(fn)
+    fn = click.option("--new-key-file", metavar="FILE",
+                      help="New passphrase: this file's contents.")(fn)
+    return fn
+
+
 def _header_option(fn: F) -> F:
     return click.option("--header", metavar="FILE", type=click.Path(dir_okay=False),
                         help="Detached LUKS header file (like cryptsetup --header).")(fn)
@@ -272,12 +280,20 @@ def dump_cmd(path: str, as_json: bool, header: str | None) -> None:
     console.print(ks)
 
 
+def _params_for(path: str, header: str | None, pbkdf: str | None, iterations: int | None,
+                memory: int | None, parallel: int | None, hash_name: str,
+                iter_time: int | None) -> Any:
+    """The KDF costs for a new keyslot of the volume at ``path`` (its version decides
+    what is allowed)."""
+    version = _version_of(path, header)
+    return _run(lambda: _kdf_params(pbkdf, version, iterations, memory, parallel, hash_name,
+                                    iter_time))
+
+
 @volume.command("add-key")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--key-slot", "-S", type=int, help="Put the new passphrase in this slot.")
-@click.option("--new-key-file", metavar="FILE", help="New passphrase: this file's contents.")
-@click.option("--new-passphrase-fd", type=int, metavar="N",
-              help="New passphrase: one line from file descriptor N.")
+@_new_secret_options
 @_kdf_options
 @_secret_options
 @_header_option
@@ -289,9 +305,8 @@ def add_key_cmd(path: str, key_slot: int | None, new_key_file: str | None,
     """Add a passphrase, authorised by an existing one."""
     old = _secret(key_file, passphrase_fd, "Existing passphrase")
     new = _secret(new_key_file, new_passphrase_fd, "New passphrase", new=True)
-    version = _version_of(path, header)
-    params = _run(lambda: _kdf_params(pbkdf, version, pbkdf_force_iterations, pbkdf_memory,
-                                      pbkdf_parallel, hash_name, iter_time))
+    params = _params_for(path, header, pbkdf, pbkdf_force_iterations, pbkdf_memory,
+                         pbkdf_parallel, hash_name, iter_time)
     slot = _run(lambda: luks.add_key(path, passphrase=old, new_passphrase=new, slot=key_slot,
                                      kdf=pbkdf, kdf_params=params, iter_time_ms=iter_time,
                                      header=header))
@@ -323,9 +338,7 @@ def remove_key_cmd(path: str, key_slot: int | None, yes: bool, key_file: str | N
 @volume.command("change-key")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--key-slot", "-S", type=int, help="Change this slot only.")
-@click.option("--new-key-file", metavar="FILE", help="New passphrase: this file's contents.")
-@click.option("--new-passphrase-fd", type=int, metavar="N",
-              help="New passphrase: one line from file descriptor N.")
+@_new_secret_options
 @_kdf_options
 @_secret_options
 @_header_option
@@ -337,9 +350,8 @@ def change_key_cmd(path: str, key_slot: int | None, new_key_file: str | None,
     """Change a passphrase, crash-safely (the old one works until the new one does)."""
     old = _secret(key_file, passphrase_fd, "Current passphrase")
     new = _secret(new_key_file, new_passphrase_fd, "New passphrase", new=True)
-    version = _version_of(path, header)
-    params = _run(lambda: _kdf_params(pbkdf, version, pbkdf_force_iterations, pbkdf_memory,
-                                      pbkdf_parallel, hash_name, iter_time))
+    params = _params_for(path, header, pbkdf, pbkdf_force_iterations, pbkdf_memory,
+                         pbkdf_parallel, hash_name, iter_time)
     slot = _run(lambda: luks.change_key(path, old, new, slot=key_slot, kdf=pbkdf,
                                         kdf_params=params, iter_time_ms=iter_time,
                                         header=header))

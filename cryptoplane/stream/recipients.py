@@ -17,8 +17,8 @@ from __future__ import annotations
 import hmac
 import os
 import re
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -287,19 +287,29 @@ def unwrap_file_key(header: Header, identities: Iterable[Identity]) -> bytes | N
     return None
 
 
-def parse_identities(text: str) -> list[X25519Identity]:
-    """An identity file as age-keygen writes it: one key a line, ``#`` comments."""
+_K = TypeVar("_K")
+
+
+def _parse_lines(text: str, parse: Callable[[str], _K], file: str, item: str) -> list[_K]:
+    """Each line of a key file through ``parse``: ``#`` comments and blank lines
+    skipped; a bad line is named by number (never by its contents: it may be a key)."""
     out = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         try:
-            out.append(X25519Identity.parse(line))
+            out.append(parse(line))
         except UnsupportedRecipient:
             raise
         except KeyRejected:
-            raise KeyRejected(f"line {number} of the identity file is not an identity") from None
+            raise KeyRejected(f"line {number} of the {file} file is not {item}") from None
+    return out
+
+
+def parse_identities(text: str) -> list[X25519Identity]:
+    """An identity file as age-keygen writes it: one key a line, ``#`` comments."""
+    out = _parse_lines(text, X25519Identity.parse, "identity", "an identity")
     if not out:
         raise KeyRejected("the identity file holds no identity")
     return out
@@ -307,18 +317,7 @@ def parse_identities(text: str) -> list[X25519Identity]:
 
 def parse_recipients(text: str) -> list[X25519Recipient]:
     """A recipients file: one ``age1...`` a line, ``#`` comments and blank lines."""
-    out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            out.append(X25519Recipient.parse(line))
-        except UnsupportedRecipient:
-            raise
-        except KeyRejected:
-            raise KeyRejected(f"line {number} of the recipients file is not a recipient") from None
-    return out
+    return _parse_lines(text, X25519Recipient.parse, "recipients", "a recipient")
 
 
 __all__ = [
