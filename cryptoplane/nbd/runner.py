@@ -62,8 +62,10 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
                       tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
                       read_only: bool = False, ready: Ready | None = None,
                       stop: asyncio.Event | None = None, inline_limit: int | None = None,
-                      workers: int = 4) -> None:
-    """Serve ``exports`` until ``stop`` is set, then shut down gracefully."""
+                      workers: int | None = None) -> None:
+    """Serve ``exports`` until ``stop`` is set, then shut down gracefully. ``workers``:
+    threads for big requests, one per core by default (measured on 2 cores: 2 workers
+    beat 3 and 4 for nbdcopy by 10-15%, the extra threads only contend for the GIL)."""
     # server.py re-exports this module's names, so a module-level import would be circular
     from cryptoplane.nbd.server import _Connection, _Server
 
@@ -71,7 +73,7 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
         raise InvalidRequest("serve needs a Unix socket path or a TCP address")
     loop = asyncio.get_running_loop()
     server = _Server(exports, tls=tls, read_only=read_only, inline_limit=inline_limit,
-                     workers=workers)
+                     workers=workers or os.cpu_count() or 2)
     listeners: list[asyncio.AbstractServer] = []
     bound_tcp = None
     own_socket: str | None = None  # removed at exit only if this server made it

@@ -35,6 +35,7 @@ from cryptoplane.blockdev import BlockDevice, FileDevice
 from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
 from cryptoplane.nbd import codec as C
 from cryptoplane.nbd import protocol as P
+from cryptoplane.nbd.offload import Offloader
 
 # the CLI, tests and benchmarks import the runner's entry points from this module
 from cryptoplane.nbd.runner import Ready as Ready
@@ -123,6 +124,7 @@ class _Connection(asyncio.BufferedProtocol):
         # read buffers handed to the transport, with where they end in the byte stream
         self.sent: collections.deque[tuple[int, bytearray]] = collections.deque()
         self.written = 0  # bytes handed to the transport so far
+        self.replies: list[Any] = []  # of offloaded requests completed, not yet sent
 
     # ---- transport callbacks --------------------------------------------------------
 
@@ -405,23 +407,30 @@ class _Connection(asyncio.BufferedProtocol):
         self.inflight += 1
         self.inflight_bytes += nbytes
         self.idle.clear()
-        fut = self.server.loop.run_in_executor(self.server.pool, job, cookie, *args)
-        fut.add_done_callback(lambda f: self._finished(f, nbytes, payload))
+        self.server.offloader.submit(job, (cookie, *args), self, (nbytes, payload))
 
-    def _finished(self, fut: asyncio.Future[list[Any]], nbytes: int,
-                  payload: bytes | bytearray | None) -> None:
+    def completed(self, token: tuple[int, bytes | bytearray | None], result: list[Any] | None,
+                  error: BaseException | None) -> None:
+        """An offloaded request is done (on the loop's thread); its reply goes out with
+        the others of the same batch in ``settle``."""
+        nbytes, payload = token
         self.inflight -= 1
         self.inflight_bytes -= nbytes
-        t = self.transport
-        if not fut.cancelled() and t is not None and not t.is_closing():
-            exc = fut.exception()
-            if exc is not None:  # the jobs turn device errors into replies
-                log.error("NBD request job failed", exc_info=exc)
-                self.closing = True
-            else:
-                self._send(fut.result())
+        if error is not None:  # the jobs turn device errors into replies
+            log.error("NBD request job failed", exc_info=error)
+            self.closing = True
+        elif result is not None:
+            self.replies.extend(result)
         if payload is not None:
             self.codec.recycle(payload)
+
+    def settle(self) -> None:
+        """After a batch of completions: send their replies at once, read on."""
+        if self.replies:
+            out, self.replies = self.replies, []
+            t = self.transport
+            if t is not None and not t.is_closing():
+                self._send(out)
         if self.inflight == 0:
             self.idle.set()
         if self.closing:
@@ -465,10 +474,12 @@ class _Server:
                                      inline_limit=inline_limit)
                         for name, dev in exports.items()}
         self.tls = tls
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "cryptoplane-nbd")
+        self.loop = asyncio.get_running_loop()
+        self.offloader = Offloader(self.loop, workers)
+        # for the rare blocking call outside a connection (the flush at shutdown)
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, "cryptoplane-nbd-admin")
         self.connections: set[_Connection] = set()
         self.stopping = False
-        self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         self.free: dict[int, list[bytearray]] = {}  # read buffers for reuse, by size
         self.free_bytes = 0
@@ -502,4 +513,5 @@ class _Server:
         for conn in list(self.connections):
             conn.closing = True
             conn._close()
+        self.offloader.shutdown()
         self.pool.shutdown(wait=True)

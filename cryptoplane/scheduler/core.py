@@ -207,7 +207,9 @@ class Scheduler:
         """New work queued (the lock is held): one of each kind of taker that could run
         it looks at it. Waking the dispatcher for work only pulling workers can take
         would cost a context switch and a turn of the GIL per request for nothing."""
-        if any(n == "inline" or not self.engines[n].pulls for n in t.engines):
+        if any(not self.engines[n].pulls for n in t.engines if n != "inline") or (
+                "inline" in t.engines and not self._threads_cover_cores(
+                    t, [self.engines[n] for n in t.engines])):
             self._cv.notify()
         self._pull_cv.notify()
         if self._helpers:

@@ -10,23 +10,34 @@ import pytest
 import cryptoplane as cp
 from cryptoplane import requests as rq
 from cryptoplane.burst import Burst, group
+from cryptoplane.burst import sizes as burst_sizes
 
 
 def test_group_cuts_runs_of_one_key_and_type() -> None:
     a = cp.Key.generate("ecdsa-p256-sha256")
     b = cp.Key.generate("ecdsa-p256-sha256")
     reqs = [rq.Sign(a, b"m")] * 6 + [rq.Sign(b, b"m")] * 3 + [rq.Digest("sha256", b"x")]
-    plan = group(reqs, lanes=1, groupable=lambda r: r.key is not None)
+    plan = group(reqs, lanes=2, groupable=lambda r: r.key is not None)
     counts = [c for c, _ in plan]
     assert sum(counts) == len(reqs)
-    # 10 requests, 4 bursts per lane: bursts of 3; a's run of 6 is two, b's run of 3 one
-    assert counts == [3, 3, 3, 1]
+    # guided: each burst takes half of what is left of its run (2 lanes), so a's run of
+    # 6 is 3, 2, 1 and b's run of 3 is 2, 1; the digest is not groupable
+    assert counts == [3, 2, 1, 2, 1, 1]
     assert isinstance(plan[0][1], Burst) and plan[0][1].count == 3
     assert plan[0][1].nbytes == 3 and plan[0][1].largest == 1
-    assert not isinstance(plan[3][1], Burst)  # not groupable: stays a plain request
-    lone = group(reqs[:7], lanes=1, groupable=lambda r: r.key is not None)
-    assert [c for c, _ in lone] == [2, 2, 2, 1]  # a run's lone tail stays a plain request
-    assert not isinstance(lone[3][1], Burst)
+    assert not isinstance(plan[2][1], Burst)  # a run's lone tail stays a plain request
+    assert not isinstance(plan[5][1], Burst)  # not groupable: stays a plain request
+    assert [c for c, _ in group(reqs[:6], lanes=1, groupable=lambda r: True)] == [6]
+
+
+def test_guided_sizes_shrink_to_single_requests() -> None:
+    for n in (1, 2, 7, 48, 1000):
+        for lanes in (1, 2, 3, 16):
+            sizes = burst_sizes(n, lanes)
+            assert sum(sizes) == n
+            assert sizes == sorted(sizes, reverse=True)
+            assert sizes[-1] == 1 or lanes == 1  # one lane: nobody to even out with
+            assert sizes[0] == -(-n // lanes)  # the first takes one lane's share
 
 
 def test_map_with_bursts_keeps_order_and_each_error() -> None:
