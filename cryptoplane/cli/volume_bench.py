@@ -26,14 +26,17 @@ from cryptoplane.volume import bench as vb
               help="Only these servers (repeatable); default: all.")
 @click.option("--load", "load_names", multiple=True,
               help="Only these loads (repeatable, e.g. 'fio rand read 4k QD32').")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1),
+              help="Measure every cell this many times, the servers interleaved, and "
+                   "report the median (this VM's single runs moved by up to 2x).")
 @click.option("--quick", is_flag=True,
-              help="A short run (~1 min): 256M images, 2 s per fio load; ours on LUKS2 "
+              help="A short run (~1 min): 256M images, 2 s per fio load, one round; ours on LUKS2 "
                    "and LUKS1 beside nbdkit + luks filter and our unencrypted server.")
 @click.option("--dir", "workdir", default="/dev/shm", show_default=True,
               help="Where the images are made (RAM-backed, so the disk is not measured).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple[str, ...],
-          quick: bool, workdir: str, as_json: bool) -> None:
+          rounds: int, quick: bool, workdir: str, as_json: bool) -> None:
     """Serve a LUKS volume over NBD and load it with fio and nbdcopy, beside the peers.
 
     Makes a raw image, a LUKS1 and a LUKS2 (4096-byte sectors) volume in /dev/shm, then
@@ -47,6 +50,7 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
     data_size -= data_size % (1 << 20)
     if quick:
         runtime = min(runtime, 2.0)
+        rounds = 1
         servers = servers or ("ours-raw", "ours-luks2-4k", "ours-luks1", "nbdkit-luks")
         load_names = load_names or ("nbdcopy read", "nbdcopy write", "fio rand read 4k QD32",
                                     "fio rand write 4k QD32")
@@ -54,6 +58,7 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
         with console.status("preparing images") as status:
             results = vb.run_bench(data_size, runtime, only=servers or None,
                                    load_names=load_names or None, workdir=workdir,
+                                   rounds=rounds,
                                    progress=lambda what: status.update(what))
     except (CryptoplaneError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -62,7 +67,8 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
         click.echo(json.dumps([r.__dict__ for r in results], indent=1))
         return
     out = Console()
-    table = Table(title=f"NBD over a Unix socket, {data_size >> 20} MiB images in {workdir}")
+    table = Table(title=f"NBD over a Unix socket, {data_size >> 20} MiB images in {workdir}"
+                        + (f", median of {rounds} rounds" if rounds > 1 else ""))
     table.add_column("load")
     names = list(dict.fromkeys(r.server for r in results))
     for name in names:
@@ -72,7 +78,9 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
         cells = []
         for name in names:
             r = by.get((name, load))
-            cells.append("" if r is None else f"{r.value:,.0f} {r.unit}")
+            cells.append("" if r is None else f"{r.value:,.0f} {r.unit}" + (
+                f" ({min(r.samples):,.0f}-{max(r.samples):,.0f})" if len(r.samples) > 1
+                else ""))
         table.add_row(load, *cells)
     out.print(table)
     rows = vb.ratios(results)

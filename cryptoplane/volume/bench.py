@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +71,9 @@ class Result:
     server: str
     load: str
     unit: str
-    value: float
+    value: float  # the median of the rounds' samples
     command: str
+    samples: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -270,21 +272,43 @@ def run_load(server: Server, load: Load, img: Images) -> Result:
 
 def run_bench(data_size: int = 1 << 30, runtime: float = 5.0, *,
               only: Sequence[str] | None = None, load_names: Sequence[str] | None = None,
-              workdir: str = "/dev/shm",
+              workdir: str = "/dev/shm", rounds: int = 1,
               progress: Callable[[str], None] | None = None) -> list[Result]:
-    """Measure every server under every load; images are made and removed here."""
+    """Measure every server under every load, ``rounds`` times, and keep each cell's
+    median; images are made and removed here.
+
+    Rounds interleave the servers (each round starts each server in turn, in an order
+    rotated by one every round) so that a ratio compares figures taken minutes apart
+    at most, not a drift of the shared machine: single runs of the same cell moved by
+    up to 2x here. Servers run one at a time: several share the LUKS1 image, and
+    qemu-nbd locks it."""
     need("fio", "nbdcopy", "nbdkit", "qemu-nbd")
-    results: list[Result] = []
+    if rounds < 1:
+        raise BenchError("the bench needs at least one round")
+    samples: dict[tuple[str, str], list[Result]] = {}
     with tempfile.TemporaryDirectory(prefix="cryptoplane-bench-", dir=workdir) as tmp:
         img = make_images(Path(tmp), data_size)
         chosen = [ld for ld in loads(img, runtime) if not load_names or ld.name in load_names]
-        for server in servers(img, only):
-            with running(server):
-                for load in chosen:
-                    if progress:
-                        progress(f"{server.name}: {load.name}")
-                    results.append(run_load(server, load, img))
-    return results
+        every = servers(img, only)
+        for rnd in range(rounds):
+            shift = rnd % max(1, len(every))
+            for server in every[shift:] + every[:shift]:
+                with running(server):
+                    for load in chosen:
+                        if progress:
+                            progress(f"round {rnd + 1}/{rounds}, {server.name}: {load.name}")
+                        samples.setdefault((server.name, load.name), []).append(
+                            run_load(server, load, img))
+    order = {s.name: i for i, s in enumerate(every)}
+    load_order = {ld.name: i for i, ld in enumerate(chosen)}
+    out = []
+    for key in sorted(samples, key=lambda k: (order[k[0]], load_order[k[1]])):
+        runs = samples[key]
+        values = [r.value for r in runs]
+        first = runs[0]
+        out.append(Result(first.server, first.load, first.unit, statistics.median(values),
+                          first.command, values))
+    return out
 
 
 # -- the comparison ---------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""``cryptoplane volume bench`` on tiny images: real servers, real loads, medians of rounds.
+
+What the bench reports must be what it measured: each cell's value is the median of its
+rounds' samples, every sample is a positive rate from the real program, and the ratios
+are computed from those medians."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+
+import support
+
+from cryptoplane.volume import bench as vb
+
+
+def test_rounds_interleave_servers_and_report_medians(tmp_path: Path) -> None:
+    missing = [p for p in ("fio", "nbdcopy", "nbdkit", "qemu-nbd") if not shutil.which(p)]
+    if missing:
+        support.unavailable(f"needs {', '.join(missing)} (Debian: fio libnbd-bin nbdkit "
+                            "qemu-utils)")
+    seen: list[str] = []
+    results = vb.run_bench(16 << 20, 0.5, only=["ours-raw", "ours-luks1"],
+                           load_names=["nbdcopy read", "fio seq read 1M"],
+                           workdir=str(tmp_path), rounds=3, progress=seen.append)
+    assert [(r.server, r.load) for r in results] == [
+        ("ours-raw", "nbdcopy read"), ("ours-raw", "fio seq read 1M"),
+        ("ours-luks1", "nbdcopy read"), ("ours-luks1", "fio seq read 1M")]
+    for r in results:
+        assert len(r.samples) == 3 and all(v > 0 for v in r.samples)
+        assert r.value == statistics.median(r.samples)
+    # the second round starts with the other server: drift is shared, not one-sided
+    firsts = [line for line in seen if line.endswith("nbdcopy read")]
+    assert "ours-raw" in firsts[0] and "ours-luks1" in firsts[2]
+    by = {(r.server, r.load): r.value for r in results}
+    rows = {(load, peer): ratio for load, _, peer, ratio, _, _ in vb.ratios(results)}
+    assert rows[("fio seq read 1M", "ours-raw")] == (
+        by[("ours-luks1", "fio seq read 1M")] / by[("ours-raw", "fio seq read 1M")])
+    assert not list(tmp_path.iterdir())  # images removed
