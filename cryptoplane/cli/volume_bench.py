@@ -66,7 +66,7 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=1))
         return
-    out = Console()
+    out = Console(width=None if sys.stdout.isatty() else 200)  # a log keeps whole rows
     table = Table(title=f"NBD over a Unix socket, {data_size >> 20} MiB images in {workdir}"
                         + (f", median of {rounds} rounds" if rounds > 1 else ""))
     table.add_column("load")
