@@ -7,8 +7,9 @@ device durable, whichever connection (thread) issued it (``FileDevice`` fdatasyn
 one shared descriptor). A WRITE reaches the device only once its whole payload arrived.
 
 Small requests run inline on the event loop (a thread hop costs more than a 4 KiB
-read); big ones run in a small thread pool so the loop keeps receiving while the device
-(decryption, for a volume) works without the GIL. Every request parsed from one receive
+read); big ones run on worker threads (``offload.py``: one per core, completions handed
+back in batches) so the loop keeps receiving while the device (decryption, for a volume)
+works without the GIL. Every request parsed from one receive
 is handled before the replies go out in one ``writelines``. Per connection the number
 and bytes of requests in flight are bounded: past the bound the connection stops
 reading until replies drain.
