@@ -329,13 +329,20 @@ class Scheduler:
     def cheap_inline(self, request: Request) -> bool:
         """Measured to take less inline than a few thread hand-offs (ECDSA signing,
         RSA verification: ~25 µs here): not worth sending anywhere. Never measured
-        counts as cheap: the first one runs inline, and that measures it."""
+        counts as cheap: the first one runs inline, and that measures it.
+
+        Any in-process engine's figure counts, as they all run the same kernel: with
+        inline's alone, one slow first call (a key's lazy set-up) sent the work to
+        threads for good, where inline was never measured again."""
         inline = self.engines.get("inline")
         if inline is None:
             return False
-        n = request.count
-        e = inline.meter.estimate(request.algorithm.name, request.op.value, request.nbytes // n)
-        return e is None or e.latency * n < CHEAP_SECONDS
+        alg, op, n = request.algorithm.name, request.op.value, request.count
+        if inline.meter.estimate(alg, op, request.nbytes // n) is None:
+            return True
+        known = [x.latency for e in self.engines.values() if e.in_process
+                 if (x := e.meter.estimate(alg, op, request.nbytes // n)) is not None]
+        return min(known) * n < CHEAP_SECONDS
 
     def _head(self, now: float) -> tuple[str, Ticket] | None:
         """The ticket the priority rule serves next, dropping finished or expired ones."""
