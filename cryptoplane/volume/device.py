@@ -4,15 +4,17 @@ Reads land in the caller's buffer and are decrypted there in place: one ``pread`
 native call per chunk, no per-sector Python work, no copy. Writes are encrypted into a
 per-thread buffer (the caller's data is never touched) and written with ``pwrite``.
 Requests are cut at ``chunk``-aligned region boundaries (1 MiB by default) so the buffer
-stays small and the data stays in cache between the cipher and the system call, and
-each part runs under its region's stripe lock. That lock is what makes unaligned writes
-safe (their edge sectors are read, modified and written under it, so concurrent writers
-sharing a sector lose nothing) and what makes every sector read whole: the page cache
+stays small and the data stays in cache between the cipher and the system call. Each
+region belongs to a stripe: a lock and a sequence number. Writes run under the lock,
+which makes unaligned writes safe (their edge sectors are read, modified and written
+under it, so concurrent writers sharing a sector lose nothing). Reads take no lock: the
+sequence (a seqlock) tells them when a write to their stripe overlapped them, and they
+read again under the lock. That is what makes every sector read whole: the page cache
 does not order a ``pread`` against a concurrent ``pwrite`` of the same page, and a torn
 ciphertext sector decrypts to garbage that is neither the old data nor the new
 (measured on tmpfs: raw 512-byte sectors read torn within seconds). One uncontended
-lock per MiB costs next to nothing; parts in different regions run in parallel, with
-the GIL released.
+lock per MiB written costs next to nothing; parts in different regions, and reads of
+the same region, run in parallel with the GIL released.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class Volume:
         self._chunk = chunk
         self._local = threading.local()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        # per stripe: odd while a write holds its lock; bumped before and after each
+        self._seq = [0] * _STRIPES
         self._closed = False
 
     # -- the BlockDevice protocol ---------------------------------------------------------
@@ -194,37 +198,62 @@ class Volume:
             buf = self._local.sector = memoryview(bytearray(self._ss))
         return buf
 
-    def _pieces(self, offset: int, n: int) -> Iterator[tuple[int, int, threading.Lock]]:
-        """``(start, length, lock)`` for the parts of a request cut at region boundaries:
-        each part lies in one region, whose stripe lock it is done under."""
+    def _pieces(self, offset: int, n: int) -> Iterator[tuple[int, int, int]]:
+        """``(start, length, stripe)`` for the parts of a request cut at region
+        boundaries: each part lies in one region, whose stripe guards it."""
         step = self._chunk
         end = offset + n
         while offset < end:
             stop = min(end, (offset // step + 1) * step)
-            yield offset, stop - offset, self._stripes[offset // step % _STRIPES]
+            yield offset, stop - offset, offset // step % _STRIPES
             offset = stop
 
     def _read(self, offset: int, view: memoryview) -> None:
-        self._by_region(offset, view, self._read_piece)
+        self._by_region(offset, view, self._read_region)
 
     def _write(self, offset: int, view: memoryview) -> None:
-        self._by_region(offset, view, self._write_piece)
+        self._by_region(offset, view, self._write_region)
 
     def _by_region(self, offset: int, view: memoryview,
-                   piece: Callable[[int, memoryview], None]) -> None:
-        """``piece`` over each part of the request that lies in one region, under that
-        region's stripe lock."""
+                   part: Callable[[int, memoryview, int], None]) -> None:
+        """``part(start, view, stripe)`` for each part of the request that lies in one
+        region."""
         step = self._chunk
-        region = offset // step
-        if (offset + len(view) - 1) // step == region:  # one region: most requests
-            with self._stripes[region % _STRIPES]:
-                piece(offset, view)
+        if (offset + len(view) - 1) // step == offset // step:  # one region: most requests
+            part(offset, view, offset // step % _STRIPES)
             return
         done = 0
-        for start, n, lock in self._pieces(offset, len(view)):
-            with lock:
-                piece(start, view[done:done + n])
+        for start, n, stripe in self._pieces(offset, len(view)):
+            part(start, view[done:done + n], stripe)
             done += n
+
+    def _read_region(self, offset: int, view: memoryview, stripe: int) -> None:
+        """A read within one region, as a seqlock reader: without the stripe's lock,
+        kept only if no write to the stripe began or ended meanwhile, else done again
+        under the lock. Readers never wait for each other: with the lock, two workers
+        reading the same MiB (nbdcopy's 256 KiB requests from four connections) took
+        turns, and a third of their time went to waiting for it."""
+        seq = self._seq
+        before = seq[stripe]
+        if not before & 1:  # no write in progress
+            self._read_piece(offset, view)
+            if seq[stripe] == before:
+                return
+        with self._stripes[stripe]:
+            self._read_piece(offset, view)
+
+    def _write_region(self, offset: int, view: memoryview, stripe: int) -> None:
+        """A write within one region, under its stripe's lock (writers exclude each
+        other, so an unaligned write's read-modify-write of an edge sector loses no
+        other write), with the stripe's sequence odd while it runs (readers of the
+        stripe that overlapped it read again)."""
+        seq = self._seq
+        with self._stripes[stripe]:
+            seq[stripe] += 1
+            try:
+                self._write_piece(offset, view)
+            finally:
+                seq[stripe] += 1
 
     def _read_piece(self, offset: int, view: memoryview) -> None:
         ss, n = self._ss, len(view)

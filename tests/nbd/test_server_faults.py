@@ -134,6 +134,59 @@ def test_pipelined_requests_beyond_the_inflight_bound(image: tuple[Path, bytes],
         c.close()
 
 
+@pytest.mark.parametrize("inline_limit", [0, None], ids=["offloaded", "inline"])
+def test_a_slow_reader_gets_every_reply_whole(image: tuple[Path, bytes], sockdir: str,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              inline_limit: int | None) -> None:
+    """Replies are written straight to the socket while the transport has nothing
+    queued; what the socket does not take goes to the transport. A client that reads
+    late and in small pieces makes both happen (partial writes, full socket), and must
+    still get every reply whole, in one piece each, with the right data: no reused read
+    buffer overwritten before it was sent."""
+    import os
+
+    import cryptoplane.nbd.server as server_mod
+
+    real_writev = os.writev
+    partial = [0, 0]  # writes the socket took in part, writes it refused (full)
+
+    def counting_writev(fd: int, buffers: Any) -> int:
+        try:
+            n = real_writev(fd, buffers)
+        except BlockingIOError:
+            partial[1] += 1
+            raise
+        if n < sum(len(b) for b in buffers):
+            partial[0] += 1
+        return n
+
+    monkeypatch.setattr(server_mod.os, "writev", counting_writev)
+    path, data = image
+    sock = f"{sockdir}/s"
+    with FileDevice(path) as dev, ServerThread({"disk": dev}, socket_path=sock,
+                                               inline_limit=inline_limit):
+        c = nc.Client(sock)
+        c.go("disk")
+        n, size = 200, 196 * 1024
+        reqs = b"".join(nc.request(P.CMD_READ, i, (i * 7919 * 4096) % ((16 << 20) - size),
+                                   size) for i in range(n))
+        sender = threading.Thread(target=c.sock.sendall, args=(reqs,))
+        sender.start()
+        time.sleep(0.5)  # let the socket fill up
+        seen = {}
+        for _ in range(n):
+            _, err, cookie = P.SIMPLE_REPLY.unpack(c.recv_exact(16))
+            assert err == 0
+            seen[cookie] = b"".join(c.recv_exact(4096) for _ in range(size // 4096))
+        sender.join(10)
+        assert sorted(seen) == list(range(n))
+        for i, got in seen.items():
+            off = (i * 7919 * 4096) % ((16 << 20) - size)
+            assert got == data[off:off + size], f"reply {i} differs"
+        c.close()
+    assert partial[0] + partial[1] > 0, "the socket never filled: the test tests nothing"
+
+
 class FailingDevice(FileDevice):
     def preadinto(self, offset: int, buf: Any) -> None:
         if offset == 0:
