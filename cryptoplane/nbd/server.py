@@ -10,7 +10,9 @@ Small requests run inline on the event loop (a thread hop costs more than a 4 Ki
 read); big ones run on worker threads (``offload.py``: one per core, completions handed
 back in batches) so the loop keeps receiving while the device (decryption, for a volume)
 works without the GIL. Every request parsed from one receive
-is handled before the replies go out in one ``writelines``. Per connection the number
+is handled before the replies go out together: in one ``os.writev`` while the
+transport has nothing queued (it copies without the GIL, which uvloop's ``writelines``
+holds), else through the transport. Per connection the number
 and bytes of requests in flight are bounded: past the bound the connection stops
 reading until replies drain.
 
