@@ -98,6 +98,17 @@ def _choose() -> tuple[type[fallback.XtsKey], str, str]:
 XtsKey, BACKEND, BACKEND_REASON = _choose()
 
 
+def guard_mapped_reads() -> bool:
+    """Make the native kernel's SIGBUS guard the first handler (ahead of faulthandler,
+    say), so that decrypting from a mapping whose file shrank raises ``OSError``
+    quietly. False when the native kernel is not the one in use: reads must not then
+    decrypt from a mapping at all (the fallback has no guard)."""
+    if BACKEND != "native":
+        return False
+    _sectors.guard_sigbus()
+    return True
+
+
 def openssl_version() -> str:
     """The libcrypto behind the native kernel, or "" when it is not loaded."""
     if NativeXtsKey is None:

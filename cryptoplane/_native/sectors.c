@@ -9,6 +9,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -82,6 +86,86 @@ raise_openssl(PyObject *exc, const char *what)
     }
     ERR_clear_error();
     return NULL;
+}
+
+/* ---- the SIGBUS guard ----
+ *
+ * A volume may hand us its ciphertext straight from a shared mapping of the image
+ * (saving a copy per read).  If the file shrinks under the mapping, touching the lost
+ * pages raises SIGBUS, which would kill the process.  Every run is therefore guarded:
+ * a fault inside it jumps back to run_guarded(), which reports it, and the caller
+ * raises OSError(EIO), as a short pread would have.  Faults outside a guarded run go to
+ * whatever handler was installed before ours (faulthandler, or the default action).
+ *
+ * sigsetjmp(.., 0) does not save the signal mask (a system call per run otherwise), so
+ * the recovery path unblocks SIGBUS itself.  The thread-local jump target is written
+ * before any guarded access, so the handler never touches uninitialised TLS.
+ */
+static _Thread_local sigjmp_buf *guard_jump = NULL;
+static struct sigaction guard_previous;
+
+static void
+guard_on_sigbus(int sig, siginfo_t *info, void *uctx)
+{
+    sigjmp_buf *jump = guard_jump;
+    if (jump != NULL) {
+        guard_jump = NULL;
+        siglongjmp(*jump, 1);
+    }
+    if (guard_previous.sa_flags & SA_SIGINFO) {
+        if (guard_previous.sa_sigaction != NULL) {
+            guard_previous.sa_sigaction(sig, info, uctx);
+            return;
+        }
+    }
+    else if (guard_previous.sa_handler != SIG_DFL && guard_previous.sa_handler != SIG_IGN) {
+        guard_previous.sa_handler(sig);
+        return;
+    }
+    /* The default action: returning repeats the faulting access, which then takes it. */
+    signal(SIGBUS, SIG_DFL);
+}
+
+/* Put our handler first, chaining to the one installed now (unless that is ours). */
+static int
+guard_install(void)
+{
+    struct sigaction sa, current;
+    if (sigaction(SIGBUS, NULL, &current) != 0) {
+        return -1;
+    }
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == guard_on_sigbus) {
+        return 0;
+    }
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = guard_on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    guard_previous = current;
+    if (sigaction(SIGBUS, &sa, NULL) != 0) {
+        return -1;
+    }
+    return 0;
+}
+
+/* xts_run, with a SIGBUS in it turned into a return of -1 (else 0, and *ok is set). */
+static int
+run_guarded(int direct, int size, int enc, void *ctx, const unsigned char *src,
+            unsigned char *dst, size_t nsectors, int sector_size, uint64_t first,
+            int tweak, int *ok)
+{
+    sigjmp_buf jump;
+    if (sigsetjmp(jump, 0) != 0) {
+        sigset_t bus;
+        sigemptyset(&bus);
+        sigaddset(&bus, SIGBUS);
+        pthread_sigmask(SIG_UNBLOCK, &bus, NULL);
+        return -1;
+    }
+    guard_jump = &jump;
+    *ok = xts_run(direct, size, enc, ctx, src, dst, nsectors, sector_size, first, tweak);
+    guard_jump = NULL;
+    return 0;
 }
 
 /* ---- the XtsKey type ---- */
@@ -198,7 +282,7 @@ XtsKey_crypt(XtsKeyObject *self, PyObject *args, PyObject *kwds, int enc)
     Py_buffer src, dst;
     PyObject *first_obj, *out = Py_None, *result = NULL;
     unsigned long long first;
-    int sector_size, tweak = TWEAK_PLAIN64, ok;
+    int sector_size, tweak = TWEAK_PLAIN64, ok = 0, faulted;
     void *ctx;
     unsigned char *dst_ptr;
     size_t nsectors;
@@ -288,9 +372,22 @@ XtsKey_crypt(XtsKeyObject *self, PyObject *args, PyObject *kwds, int enc)
     }
     Py_BEGIN_ALLOW_THREADS
     ERR_clear_error();
-    ok = xts_run(self->direct, self->size, enc, ctx, (const unsigned char *)src.buf,
-                 dst_ptr, nsectors, sector_size, (uint64_t)first, tweak);
+    faulted = run_guarded(self->direct, self->size, enc, ctx,
+                          (const unsigned char *)src.buf, dst_ptr, nsectors, sector_size,
+                          (uint64_t)first, tweak, &ok);
     Py_END_ALLOW_THREADS
+    if (faulted) {
+        /* Interrupted midway: the context's state is unknown, so it is not pooled. */
+        xts_ctx_free(self->direct, self->size, ctx);
+        PyObject *exc_args = Py_BuildValue(
+            "(is)", EIO, "the data vanished while it was read (SIGBUS: the mapped file "
+            "shrank under the mapping)");
+        if (exc_args != NULL) {
+            PyErr_SetObject(PyExc_OSError, exc_args);
+            Py_DECREF(exc_args);
+        }
+        goto fail;
+    }
     if (!ok) {
         /* A context that failed midway may hold odd state: do not pool it. */
         xts_ctx_free(self->direct, self->size, ctx);
@@ -400,7 +497,20 @@ openssl_version(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
     return PyUnicode_FromString(OpenSSL_version(OPENSSL_VERSION));
 }
 
+static PyObject *
+guard_sigbus(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    if (guard_install() != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"guard_sigbus", guard_sigbus, METH_NOARGS,
+     "guard_sigbus()\n--\n\nPut the SIGBUS guard of sector runs before whatever handler is "
+     "installed now\n(e.g. faulthandler's, which would report the fault before passing "
+     "it on).\nCall before decrypting from a mapping."},
     {"openssl_version", openssl_version, METH_NOARGS,
      "openssl_version()\n--\n\nThe version string of the libcrypto in use."},
     {NULL, NULL, 0, NULL},
@@ -432,6 +542,9 @@ PyInit__sectors(void)
                              "libcrypto provides no AES-XTS (FIPS-only provider?)");
     }
     dispatch = xts_choose_dispatch();
+    if (guard_install() != 0) {
+        return PyErr_SetFromErrno(PyExc_ImportError);
+    }
     if (PyType_Ready(&XtsKeyType) < 0) {
         return NULL;
     }

@@ -1,7 +1,12 @@
 """``Volume``: an opened encrypted volume as a ``BlockDevice`` — the user-space dm-crypt.
 
-Reads land in the caller's buffer and are decrypted there in place: one ``pread`` and one
-native call per chunk, no per-sector Python work, no copy. Writes are encrypted into a
+Reads land in the caller's buffer in one native call per chunk, no per-sector Python
+work: with AES-XTS and the native sector kernel, decrypted into it straight from a
+read-only shared mapping of the image (the page cache, without the copy a ``pread``
+makes: nbdcopy and fio read 1 MiB requests 15-20% faster that way here), else read with
+``pread`` and decrypted in place. A mapped file that shrinks under us would raise
+SIGBUS: the kernel guards its runs and turns that into an error, like a short read.
+Writes are encrypted into a
 per-thread buffer (the caller's data is never touched) and written with ``pwrite``.
 Requests are cut at ``chunk``-aligned region boundaries (1 MiB by default) so the buffer
 stays small and the data stays in cache between the cipher and the system call. Each
@@ -20,16 +25,19 @@ the same region, run in parallel with the GIL released.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from cryptoplane import _native
 from cryptoplane.blockdev import pread_full, pwrite_full
 from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.plane import Plane
 
-from .ciphers import SectorCipher, sector_cipher
+from .ciphers import SectorCipher, XtsPlain, sector_cipher
 from .layout import DataLayout
 
 DEFAULT_CHUNK = 1 << 20
@@ -79,6 +87,9 @@ class Volume:
         self._read_only = read_only
         self._chunk = chunk
         self._local = threading.local()
+        self._image = _map_image(fd, layout.offset + layout.size, cipher)
+        self._map = memoryview(self._image) if self._image is not None else None
+        self._file = stat.S_ISREG(os.fstat(fd).st_mode)  # its size can be checked cheaply
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         # per stripe: odd while a write holds its lock; bumped before and after each
         self._seq = [0] * _STRIPES
@@ -158,6 +169,12 @@ class Volume:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._map is not None and self._image is not None:
+                view, image, self._map, self._image = self._map, self._image, None, None
+                # a read still running holds an export: the mapping then goes with it
+                with contextlib.suppress(BufferError):
+                    view.release()
+                    image.close()
             os.close(self._fd)
             if self._plane is not None:  # the volume's own
                 self._plane.close()
@@ -258,8 +275,21 @@ class Volume:
     def _read_piece(self, offset: int, view: memoryview) -> None:
         ss, n = self._ss, len(view)
         if not (offset | n) & (ss - 1):  # the common case: straight into the caller's buffer
-            pread_full(self._fd, self._base + offset, view)
-            self._cipher.decrypt(view, self._iv0 + offset // ss, view)
+            image = self._map
+            if image is None:
+                pread_full(self._fd, self._base + offset, view)
+                self._cipher.decrypt(view, self._iv0 + offset // ss, view)
+                return
+            at = self._base + offset
+            try:
+                self._cipher.decrypt(image[at:at + n], self._iv0 + offset // ss, view)
+            except OSError:  # SIGBUS, caught by the kernel: the file shrank
+                raise InvalidRequest(f"short read at byte {at}: the file or device "
+                                     "shrank") from None
+            # a file cut inside a page maps zeros after its end, not SIGBUS
+            if self._file and os.fstat(self._fd).st_size < at + n:
+                raise InvalidRequest(f"short read at byte {at}: the file or device "
+                                     "shrank")
             return
         end = offset + n
         head, tail = -offset % ss, end % ss
@@ -314,3 +344,18 @@ class Volume:
         sec[at:at + len(data)] = data
         self._cipher.encrypt(sec, iv, sec)
         pwrite_full(self._fd, pos, sec)
+
+
+def _map_image(fd: int, length: int, cipher: SectorCipher) -> mmap.mmap | None:
+    """A read-only shared mapping of the image's first ``length`` bytes, for reads to
+    decrypt from: only for AES-XTS on the native kernel, whose runs are guarded against
+    SIGBUS (the Python fallback and the per-sector ciphers would copy out of it
+    unguarded). None where the descriptor cannot be mapped: reads then use pread."""
+    if not isinstance(cipher, XtsPlain):
+        return None
+    try:
+        if not _native.guard_mapped_reads():
+            return None
+        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError, OverflowError):
+        return None

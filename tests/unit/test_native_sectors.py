@@ -367,3 +367,47 @@ def test_ieee1619_vectors(subdir: str, name: str) -> None:
             assert fallback.xts_data_unit(key, tweak, ct, False) == pt, v
         checked += 1
     assert checked >= 500  # the files hold 1000 entries, 600 of them byte-granular
+
+
+# -- the SIGBUS guard: runs over a mapping whose file shrank ---------------------------------
+
+def test_a_run_over_a_vanished_mapping_raises_eio(tmp_path: Path) -> None:
+    """Decrypting straight from a mapping (as volumes read) whose file was truncated: the
+    lost pages raise SIGBUS inside the run, which the guard turns into OSError(EIO), as
+    often as it happens; the key stays usable."""
+    cls = native()
+    assert _native.guard_mapped_reads()  # ahead of pytest's faulthandler: no report
+    key = cls(os.urandom(64))
+    img = tmp_path / "img"
+    img.write_bytes(os.urandom(64 * 4096))
+    with open(img, "rb") as f:
+        image = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    view = memoryview(image)
+    good = key.decrypt(view[:4096], 0, 4096)
+    os.truncate(img, 8 * 4096)
+    for _ in range(3):
+        with pytest.raises(OSError) as info:
+            key.decrypt(view[16 * 4096:32 * 4096], 16, 4096, bytearray(16 * 4096))
+        assert info.value.errno == 5
+    assert key.decrypt(view[:4096], 0, 4096) == good
+    view.release()
+    image.close()
+
+
+def test_a_fault_outside_a_run_is_not_swallowed(tmp_path: Path) -> None:
+    """The guard catches faults inside sector runs only: Python code touching a lost
+    page still dies of SIGBUS (an error elsewhere must not be hidden)."""
+    native()
+    img = tmp_path / "img"
+    img.write_bytes(bytes(64 * 4096))
+    code = (
+        "import mmap, os, sys\n"
+        "from cryptoplane import _native\n"
+        "assert _native.guard_mapped_reads()\n"
+        f"f = open({str(img)!r}, 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        f"os.truncate({str(img)!r}, 4096)\n"
+        "print(m[40 * 4096])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -7, (proc.returncode, proc.stderr[-500:])  # -SIGBUS

@@ -9,11 +9,14 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from support import unavailable
 
 import cryptoplane as cp
+from cryptoplane import _native
 from cryptoplane.blockdev import BlockDevice
 from cryptoplane.exceptions import InvalidRequest, KeyRejected, NotSupported
 from cryptoplane.volume.device import Volume
@@ -288,24 +291,39 @@ def test_readers_see_whole_sectors_old_or_new(tmp_path: Path, plane: cp.Plane) -
 
 
 @pytest.mark.parametrize("sectors_apart", [0, 1], ids=["same-sectors", "same-region"])
+@pytest.mark.parametrize("source", ["mapped", "pread"])
 def test_a_read_overlapped_by_a_write_is_read_again(
         tmp_path: Path, plane: cp.Plane, monkeypatch: pytest.MonkeyPatch,
-        sectors_apart: int) -> None:
+        sectors_apart: int, source: str) -> None:
     """Reads take no lock (a seqlock). A write that runs while a read is half done (the
     torn read the page cache allows, made deterministic here) must send the read round
     again, under the lock: what it returns is one version throughout, never half old
-    and half new, and never garbage decrypted from a torn ciphertext."""
+    and half new, and never garbage decrypted from a torn ciphertext. Both read paths:
+    decrypting straight from the mapped image, and pread then decrypt."""
     import cryptoplane.volume.device as device_mod
 
+    if source == "pread":
+        monkeypatch.setattr(device_mod, "_map_image", lambda *a: None)
     ss, sectors = 512, 8
     img, layout = make(tmp_path, 64 * ss, ss)
-    real_pread = device_mod.pread_full
     armed = threading.Event()
     calls: list[int] = []
 
     with Volume(img, layout, plane) as vol:
+        if source == "mapped" and _native.BACKEND != "native":
+            unavailable(f"the mapped read path needs the native sector kernel: "
+                        f"{_native.BACKEND_REASON}")
+        assert (vol._map is not None) == (source == "mapped")
         vol.pwrite(0, b"\x11" * (sectors * ss))
         new = b"\x22" * (sectors * ss)
+
+        def write_meanwhile() -> None:
+            writer = threading.Thread(
+                target=vol.pwrite, args=(sectors_apart * sectors * ss, new))
+            writer.start()
+            writer.join(10)
+
+        real_pread, real_decrypt = device_mod.pread_full, vol._cipher.decrypt
 
         def pread_torn(fd: int, pos: int, view: memoryview) -> None:
             calls.append(len(view))
@@ -315,13 +333,24 @@ def test_a_read_overlapped_by_a_write_is_read_again(
             armed.clear()
             half = len(view) // 2
             real_pread(fd, pos, view[:half])
-            writer = threading.Thread(
-                target=vol.pwrite, args=(sectors_apart * sectors * ss, new))
-            writer.start()
-            writer.join(10)
+            write_meanwhile()
             real_pread(fd, pos + half, view[half:])
 
-        monkeypatch.setattr(device_mod, "pread_full", pread_torn)
+        def decrypt_torn(data: Any, sector: int, out: Any) -> None:
+            calls.append(len(data))
+            if not armed.is_set():
+                real_decrypt(data, sector, out)
+                return
+            armed.clear()
+            half = len(data) // 2
+            real_decrypt(data[:half], sector, out[:half])
+            write_meanwhile()  # the mapping shows the new ciphertext from here on
+            real_decrypt(data[half:], sector + half // ss, out[half:])
+
+        if source == "pread":
+            monkeypatch.setattr(device_mod, "pread_full", pread_torn)
+        else:
+            monkeypatch.setattr(vol._cipher, "decrypt", decrypt_torn)
         armed.set()
         got = vol.read(0, sectors * ss)
         assert len(calls) == 2, "the overlapped read was not done again"
@@ -331,6 +360,29 @@ def test_a_read_overlapped_by_a_write_is_read_again(
             assert got == b"\x11" * (sectors * ss)  # other sectors: unchanged either way
         calls.clear()
         assert vol.read(0, sectors * ss) == got and len(calls) == 1  # no write: one read
+
+
+def test_a_mapped_image_that_shrinks_gives_an_error_not_a_crash(
+        tmp_path: Path, plane: cp.Plane) -> None:
+    """Reads decrypt straight from a mapping of the image; if the file is truncated
+    under it, the pages are gone and touching them raises SIGBUS. The kernel's guard
+    turns that into the same typed error as a short pread, and the process lives on."""
+    if _native.BACKEND != "native":
+        unavailable(f"the mapped read path needs the native sector kernel: "
+                    f"{_native.BACKEND_REASON}")
+    ss = 4096
+    img, layout = make(tmp_path, 64 * ss, ss)
+    with Volume(img, layout, plane) as vol:
+        assert vol._map is not None
+        data = os.urandom(64 * ss)
+        vol.pwrite(0, data)
+        assert vol.read(0, 64 * ss) == data
+        os.truncate(img, OFFSET + 16 * ss)  # the last 48 sectors are gone
+        with pytest.raises(InvalidRequest, match="shrank"):
+            vol.read(32 * ss, 8 * ss)
+        with pytest.raises(InvalidRequest, match="shrank"):  # and again: still guarded
+            vol.read(60 * ss, ss)
+        assert vol.read(0, 16 * ss) == data[:16 * ss]  # what is still there reads
 
 
 def test_without_a_plane_the_volume_brings_its_own(tmp_path: Path) -> None:
