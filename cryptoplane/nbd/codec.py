@@ -100,6 +100,7 @@ class ServerConnection:
         self._payload_req: tuple[int, int, bool] = (0, 0, False)
         self._error: str | None = None
         self._spare: list[bytearray] = []  # payload buffers given back by ``recycle``
+        self._header_only = False  # ask for one request header next (see get_buffer)
 
     # ---- input ----------------------------------------------------------------------
 
@@ -109,6 +110,12 @@ class ServerConnection:
             return memoryview(self._payload)[self._payload_have:]
         if self._start == self._end:
             self._start = self._end = 0
+            if self._header_only:
+                # After a big WRITE the next request is likely one too: take just its
+                # header, so that its payload lands in its own buffer rather than here,
+                # to be copied out (nbdcopy's 256 KiB writes had 54% of each copied).
+                self._header_only = False
+                return self._view[:P.REQUEST.size]
         elif self._end == len(self._buf) or self._start > len(self._buf) // 2:
             n = self._end - self._start
             self._buf[:n] = self._view[self._start:self._end]
@@ -285,6 +292,7 @@ class ServerConnection:
                 return NEED_DATA
             payload, self._payload = self._payload, None
             cookie, offset, fua = self._payload_req
+            self._header_only = True
             return Write(cookie, offset, payload, fua)
         if self._skip:
             if not self._take_skip():

@@ -295,6 +295,36 @@ def test_big_write_is_received_in_place() -> None:
     assert ev == Write(5, 0, payload, False) and isinstance(ev.data, bytearray)
 
 
+def test_after_a_big_write_only_a_header_is_asked_for() -> None:
+    """A transport fills whatever get_buffer offers. After a big WRITE the codec offers
+    one request header, so a following big WRITE's payload goes straight into its own
+    buffer instead of into the receive buffer (to be copied out). Whatever comes next,
+    every byte still parses the same way."""
+    conn = negotiated()
+    payload = bytes(range(256)) * 1024  # 256 KiB, over the small-write threshold
+    recv_size = len(conn.get_buffer())
+    stream = b"".join([nc.request(P.CMD_WRITE, 1, 0, len(payload)), payload,
+                       nc.request(P.CMD_WRITE, 2, 0, len(payload)), payload,
+                       nc.request(P.CMD_READ, 3, 0, 4096)])
+    pos, got, offered = 0, [], []
+    for _ in range(100):
+        buf = conn.get_buffer()
+        offered.append(len(buf))
+        n = min(len(buf), len(stream) - pos)
+        buf[:n] = stream[pos:pos + n]
+        conn.buffer_updated(n)
+        pos += n
+        while (ev := conn.next_event()) is not NEED_DATA:
+            got.append(ev)
+        if pos == len(stream):
+            break
+    assert got == [Write(1, 0, payload, False), Write(2, 0, payload, False),
+                   Read(3, 0, 4096)]
+    # the first read took header 1 and most of payload 1 (copied out), the next its
+    # last 28 bytes; then header 2 alone (28 bytes), then payload 2 whole, in place
+    assert offered[:4] == [recv_size, 28, 28, len(payload)], offered
+
+
 def test_incomplete_write_is_never_an_event() -> None:
     conn = negotiated()
     conn.receive_data(nc.request(P.CMD_WRITE, 1, 0, 4096) + bytes(4095))
