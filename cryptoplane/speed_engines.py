@@ -236,10 +236,13 @@ def window(plane: Plane, engine: str) -> int:
     return 2 * plane.engines[engine].capacity
 
 
-# What one batch's payloads and results may take: a quarter of this machine's 32 MiB L3,
-# so a batch of big requests is not timed streaming from DRAM (48 results of 1 MiB ran
-# at 0.75x the same work in batches of 8, measured here).
-BATCH_BYTES = 8 << 20
+# What one batch's results may take. A batch's results stay alive together until map
+# returns, where a loop of synchronous calls drops each before making the next (which
+# then reuses the same, cached memory): with 1 MiB AES-GCM results, a plain list of 8
+# ran at 0.81-0.92x that loop, and `cryptoplane speed` measured auto at 0.84-0.86x
+# inline with batches of 8 MiB, 0.89-0.92x with batches of 2 MiB (two of this machine's
+# 1 MiB L2 per core; benchmarks/map_footprint.py). Batches of 48 ran at 0.75x those of 8.
+BATCH_BYTES = 2 << 20
 
 
 def batch(plane: Plane, nbytes: int = 0) -> int:
@@ -248,7 +251,7 @@ def batch(plane: Plane, nbytes: int = 0) -> int:
     allocates (``nbytes`` given), fewer (BATCH_BYTES). Sector runs write into buffers
     of their own, and need requests enough for several bursts per lane."""
     fill = 2 * sum(e.capacity for n, e in plane.engines.items() if n != "inline")
-    return max(4, min(fill, BATCH_BYTES // nbytes)) if nbytes else fill
+    return max(2, min(fill, BATCH_BYTES // nbytes)) if nbytes else fill
 
 
 def _key(cell: Cell) -> Key:
