@@ -8,9 +8,11 @@ import os
 import pytest
 
 import cryptoplane as cp
+from cryptoplane import batch
 from cryptoplane import requests as rq
 from cryptoplane.burst import Burst, group
 from cryptoplane.burst import sizes as burst_sizes
+from cryptoplane.engines.threads import ThreadsEngine
 from cryptoplane.scheduler import core
 
 
@@ -88,6 +90,29 @@ def test_map_runs_work_quicker_than_a_hand_off_here(monkeypatch: pytest.MonkeyPa
         assert st["scheduler"]["submitted"] == 0
         assert st["engines"]["threads"]["requests"] == 0
         assert st["engines"]["inline"]["requests"] >= 64
+
+
+@pytest.mark.parametrize("workers", [1, None], ids=["a-core-free", "every-core"])
+def test_the_caller_runs_a_burst_only_when_the_threads_leave_it_a_core(
+        workers: int | None) -> None:
+    """The caller takes the last burst itself only when the burst-taking threads leave a
+    core free: where they cover every core, a third runner only delayed a worker's start
+    (48-request RSA batches ran 6-20% faster with the caller waiting, measured
+    interleaved). Either way, the batch's results are the same."""
+    cores = os.cpu_count() or 1
+    eng = ThreadsEngine(workers=workers)
+    with cp.Plane(engines=["inline", eng]) as plane:
+        key = cp.Key.generate("rsa-pss-sha256", size=2048)
+        plane.session(key)
+        reqs = [rq.Sign(key, bytes([i])) for i in range(12)]
+        plane.map(reqs[:4])  # measured: RSA signing is no quick work to keep here
+        free = eng.workers < cores
+        assert batch.lanes(plane) == min(eng.workers, cores) + (1 if free else 0)
+        plan = group(reqs, batch.lanes(plane), lambda r: batch.burstable(plane, r))
+        assert sum(1 for count, _ in plan if count > 1) >= 2
+        assert (batch.burst_here(plane, plan) is not None) == free
+        for r, sig in zip(reqs, plane.map(reqs), strict=True):
+            plane.verify(key.public_key(), r.data, sig)
 
 
 def test_bursts_never_reach_an_engine_that_cannot_take_them() -> None:
