@@ -115,6 +115,32 @@ def test_the_caller_runs_a_burst_only_when_the_threads_leave_it_a_core(
             plane.verify(key.public_key(), r.data, sig)
 
 
+def test_burstability_is_asked_once_per_kind_of_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning a batch asks ``burstable`` once per type, key and size, not per request
+    (asked of each, it was most of the planning time), and the batch still runs right."""
+    rsa = cp.Key.generate("rsa-pss-sha256", size=2048)
+    other = cp.Key.generate("rsa-pss-sha256", size=2048)
+    asked: list[tuple[object, int]] = []
+    real = batch.burstable
+
+    def counting(plane: cp.Plane, r: rq.Request) -> bool:
+        asked.append((r.key, r.nbytes))
+        return real(plane, r)
+
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        plane.map([rq.Sign(rsa, b"x")] * 4)  # measured: RSA signing goes in bursts
+        monkeypatch.setattr(batch, "burstable", counting)
+        reqs = ([rq.Sign(rsa, b"a")] * 10 + [rq.Sign(rsa, b"bb")] * 5
+                + [rq.Sign(other, b"a")] * 5 + [rq.Sign(rsa, b"c")] * 6)
+        sigs = plane.map(reqs)
+        assert sorted(asked, key=lambda a: (a[0] is rsa, a[1])) == [
+            (other, 1), (rsa, 1), (rsa, 2)]
+        for r, sig in zip(reqs, sigs, strict=True):
+            assert r.key is not None
+            plane.verify(r.key.public_key(), r.data, sig)
+
+
 def test_bursts_never_reach_an_engine_that_cannot_take_them() -> None:
     key = cp.Key.generate("ecdsa-p256-sha256")
     with cp.Plane(engines=["inline", "threads"]) as plane:
