@@ -8,6 +8,7 @@ import random
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +308,7 @@ def test_a_read_overlapped_by_a_write_is_read_again(
     ss, sectors = 512, 8
     img, layout = make(tmp_path, 64 * ss, ss)
     armed = threading.Event()
-    calls: list[int] = []
+    calls: list[int] = []  # calls of the torn function
 
     with Volume(img, layout, plane) as vol:
         if source == "mapped" and _native.BACKEND != "native":
@@ -323,34 +324,39 @@ def test_a_read_overlapped_by_a_write_is_read_again(
             writer.start()
             writer.join(10)
 
-        real_pread, real_decrypt = device_mod.pread_full, vol._cipher.decrypt
+        def torn(real: Callable[..., None],
+                 halves: Callable[..., tuple[tuple[Any, ...], tuple[Any, ...]]],
+                 ) -> Callable[..., None]:
+            """``real``, which once armed runs in two halves with a whole write
+            between them (the mapping and the file show the new data from then on)."""
+            def call(*args: Any) -> None:
+                calls.append(1)
+                if not armed.is_set():
+                    real(*args)
+                    return
+                armed.clear()
+                first, second = halves(*args)
+                real(*first)
+                write_meanwhile()
+                real(*second)
+            return call
 
-        def pread_torn(fd: int, pos: int, view: memoryview) -> None:
-            calls.append(len(view))
-            if not armed.is_set():
-                real_pread(fd, pos, view)
-                return
-            armed.clear()
-            half = len(view) // 2
-            real_pread(fd, pos, view[:half])
-            write_meanwhile()
-            real_pread(fd, pos + half, view[half:])
+        def pread_halves(fd: int, pos: int, view: memoryview) -> tuple[tuple[Any, ...],
+                                                                        tuple[Any, ...]]:
+            h = len(view) // 2
+            return (fd, pos, view[:h]), (fd, pos + h, view[h:])
 
-        def decrypt_torn(data: Any, sector: int, out: Any) -> None:
-            calls.append(len(data))
-            if not armed.is_set():
-                real_decrypt(data, sector, out)
-                return
-            armed.clear()
-            half = len(data) // 2
-            real_decrypt(data[:half], sector, out[:half])
-            write_meanwhile()  # the mapping shows the new ciphertext from here on
-            real_decrypt(data[half:], sector + half // ss, out[half:])
+        def decrypt_halves(data: Any, sector: int, out: Any) -> tuple[tuple[Any, ...],
+                                                                      tuple[Any, ...]]:
+            h = len(data) // 2
+            return (data[:h], sector, out[:h]), (data[h:], sector + h // ss, out[h:])
 
         if source == "pread":
-            monkeypatch.setattr(device_mod, "pread_full", pread_torn)
+            monkeypatch.setattr(device_mod, "pread_full",
+                                torn(device_mod.pread_full, pread_halves))
         else:
-            monkeypatch.setattr(vol._cipher, "decrypt", decrypt_torn)
+            monkeypatch.setattr(vol._cipher, "decrypt",
+                                torn(vol._cipher.decrypt, decrypt_halves))
         armed.set()
         got = vol.read(0, sectors * ss)
         assert len(calls) == 2, "the overlapped read was not done again"
