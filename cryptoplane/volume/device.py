@@ -284,10 +284,10 @@ class Volume:
             try:
                 self._cipher.decrypt(image[at:at + n], self._iv0 + offset // ss, view)
             except OSError:  # SIGBUS, caught by the kernel: the file shrank
-                raise InvalidRequest(f"short read at byte {at}: the file or device "
-                                     "shrank") from None
-            # a file cut inside a page maps zeros after its end, not SIGBUS
-            if self._file and os.fstat(self._fd).st_size < at + n:
+                shrank = True
+            else:  # a file cut inside a page maps zeros after its end, not SIGBUS
+                shrank = self._file and os.fstat(self._fd).st_size < at + n
+            if shrank:
                 raise InvalidRequest(f"short read at byte {at}: the file or device "
                                      "shrank")
             return
