@@ -5,8 +5,9 @@ Every request that goes through the scheduler costs ~20-40 µs of Python under t
 is the difference between 1.9x and 1.3x on two cores: the GIL-held part is what the
 threads serialise on. ``plane.map`` therefore cuts a batch of GIL-free work on one key
 into bursts of shrinking size over the lanes (each thread of the engines that take
-bursts, and the caller's own thread): each burst is one ticket, its requests run back to
-back on one kernel, and a lane that finishes early takes the next burst.
+bursts, and the caller's own thread when those leave a core free: ``batch.lanes``): each
+burst is one ticket, its requests run back to back on one kernel, and a lane that
+finishes early takes the next burst.
 
 Only work that releases the GIL is grouped (GIL-holding work runs inline at submit time
 anyway), only for engines that declare ``takes_bursts`` (in-process ones: a pool worker
