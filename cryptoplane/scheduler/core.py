@@ -338,11 +338,12 @@ class Scheduler:
         if inline is None:
             return False
         alg, op, n = request.algorithm.name, request.op.value, request.count
-        if inline.meter.estimate(alg, op, request.nbytes // n) is None:
+        size = request.nbytes // n
+        estimates = {name: e.meter.estimate(alg, op, size)
+                     for name, e in self.engines.items() if e.in_process}
+        if estimates.get("inline") is None:
             return True
-        known = [x.latency for e in self.engines.values() if e.in_process
-                 if (x := e.meter.estimate(alg, op, request.nbytes // n)) is not None]
-        return min(known) * n < CHEAP_SECONDS
+        return min(x.latency for x in estimates.values() if x is not None) * n < CHEAP_SECONDS
 
     def _head(self, now: float) -> tuple[str, Ticket] | None:
         """The ticket the priority rule serves next, dropping finished or expired ones."""
