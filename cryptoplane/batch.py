@@ -5,9 +5,10 @@ Three lanes, chosen per request:
 * GIL-holding work the balancer keeps inline (AES-GCM on 1 MiB) runs here at once, like
   the fast path: its verdict is cached per kind of request and reviewed every
   ``REVIEW_EVERY`` requests on one that takes the measured path (``Router.inline_verdict``);
-* GIL-free work on one key (RSA, sector runs) goes in bursts (``burst.py``), the last of
-  which the caller runs itself when the workers leave it a core; GIL-free work measured
-  to be quicker than a hand-off (ECDSA signing) runs here at once instead;
+* GIL-free work on one key (RSA, sector runs) goes in runs that a few lane jobs share
+  (``burst.py``), one of which the caller runs itself when the workers leave it a core;
+  GIL-free work measured to be quicker than a hand-off (ECDSA signing) runs here at
+  once instead;
 * everything else is submitted as usual, and the caller lends its thread while it waits.
 
 Order is kept; each request ends in its own result or error.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from . import burst
 from . import requests as rq
@@ -36,14 +37,24 @@ if TYPE_CHECKING:
 def run_map(plane: Plane, items: list[Submittable], *, return_exceptions: bool,
             priority: str | None, client: str | None, timeout: float | None) -> list[Any]:
     limits = has_limits(plane)
-    plan = (burst.group(items, lanes(plane), burstable_by_kind(plane))
+    plan = (burst.group(items, burstable_by_kind(plane))
             if len(items) >= 4 and not limits else [(1, r) for r in items])
-    # each slot: a future, or the outcomes of work already done here
-    slots: list[Future[Any] | list[tuple[bool, Any]]] = []
-    here = burst_here(plane, plan)
-    for i, (_, r) in enumerate(plan):
-        if i == here:
-            slots.append([])  # filled below, once the other bursts are queued
+    width = lanes(plane)
+    # each slot: a future, the outcomes of work already done here, or a run's lane jobs
+    slots: list[Future[Any] | list[tuple[bool, Any]] | RunSlot] = []
+    here: burst.Lane | None = None  # the lane this thread runs itself
+    for _, r in plan:
+        if isinstance(r, burst.Run):
+            jobs = r.lanes(width)
+            if here is None and len(jobs) > 1 and caller_runs_a_lane(plane, r):
+                here = jobs.pop()
+            futures: list[Future[Any]] = []
+            for job in jobs:
+                try:
+                    futures.append(plane._submit(job, priority, client, timeout, True, lend=False))
+                except CryptoplaneError as e:
+                    futures.append(_failed(e))
+            slots.append(RunSlot(r, futures))
             continue
         s = None if limits else inline_now(plane, r)
         if s is not None:
@@ -59,18 +70,22 @@ def run_map(plane: Plane, items: list[Submittable], *, return_exceptions: bool,
             slots.append(plane._submit(r, priority, client, timeout, True, lend=lend))
         except CryptoplaneError as e:
             slots.append([(False, e)])
-    if here is not None:
-        count, b = plan[here]
-        try:
-            slots[here] = plane._router.run_inline(cast(burst.Burst, b),
-                                                  client or _client_of(b))
-        except CryptoplaneError as e:
-            slots[here] = [(False, e)] * count
-    plane._router.help_while_waiting([f for f in slots if isinstance(f, Future)])
+    if here is not None:  # its requests' own errors go in the run: it raises none
+        plane._router.run_inline(here, client or _client_of(here))
+    waiting = [f for slot in slots for f in (
+        slot.futures if isinstance(slot, RunSlot) else [slot] if isinstance(slot, Future)
+        else [])]
+    plane._router.help_while_waiting(waiting)
     out: list[Any] = []
     first_error: BaseException | None = None
-    for (count, _), slot in zip(plan, slots, strict=True):
-        outcomes = slot if isinstance(slot, list) else burst.outcomes(slot, count)
+    for slot in slots:
+        if isinstance(slot, RunSlot):
+            outcomes = slot.run.collect(burst.failure(slot.futures))
+        elif isinstance(slot, Future):
+            err = slot.exception()
+            outcomes = [(False, err)] if err is not None else [(True, slot.result())]
+        else:
+            outcomes = slot
         for ok, value in outcomes:
             if not ok and first_error is None:
                 first_error = value
@@ -80,22 +95,29 @@ def run_map(plane: Plane, items: list[Submittable], *, return_exceptions: bool,
     return out
 
 
+class RunSlot(NamedTuple):
+    run: burst.Run
+    futures: list[Future[Any]]
 
-def burst_here(plane: Plane, plan: list[tuple[int, Any]]) -> int | None:
-    """Which burst the caller runs itself, at once: the last, when there are several,
-    its session may run inline, and the burst-taking threads leave a core free. Its
-    native call releases the GIL, which lets the woken workers start theirs (~150 µs
+
+def _failed(error: BaseException) -> Future[Any]:
+    f: Future[Any] = Future()
+    f.set_exception(error)
+    return f
+
+
+def caller_runs_a_lane(plane: Plane, run: burst.Run) -> bool:
+    """Whether the caller runs one of ``run``'s lanes itself, at once: when the
+    burst-taking threads leave a core free and the run's session may run inline. Its
+    native calls release the GIL, which lets the woken workers start theirs (~150 µs
     sooner than when the caller waits: it holds the GIL until it blocks). When the
     threads already cover every core, a third runner only delays a worker's start:
     measured interleaved on two cores, 48-request batches ran 6-20% faster (RSA
     signing) and 0-3% faster (1 MiB XTS runs) with the caller waiting."""
     if _burst_threads(plane) >= _CORES:
-        return None
-    bursts = [i for i, (count, _) in enumerate(plan) if count > 1]
-    if len(bursts) < 2:
-        return None
-    s = plane._session_of(plan[bursts[-1]][1])
-    return bursts[-1] if s is None or s.engine is None else None
+        return False
+    s = plane._session_of(run.requests[0])
+    return s is None or s.engine is None
 
 
 def inline_now(plane: Plane, r: Submittable) -> Session | None:
@@ -151,7 +173,7 @@ def run_here(plane: Plane, s: Session, r: rq.Request) -> tuple[bool, Any]:
 def lanes(plane: Plane) -> int:
     """Lanes a burst can run in at once: each thread of the engines that take bursts
     (no more than the cores: they share them), and the caller's own thread when those
-    threads leave a core free (``burst_here``)."""
+    threads leave a core free (``caller_runs_a_lane``)."""
     threads = _burst_threads(plane)
     return min(threads, _CORES) + (0 if threads >= _CORES else 1)
 

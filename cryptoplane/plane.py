@@ -419,10 +419,11 @@ class Plane:
     def map(self, requests: Iterable[Submittable], *, return_exceptions: bool = False,
             priority: str | None = None, client: str | None = None,
             timeout: float | None = None) -> list[Any]:
-        """Run a batch; results in order. Work is queued in one go (engines take it in
-        bursts) and this thread runs what it can inline while it waits. With
-        ``return_exceptions`` errors take the place of results; otherwise the first
-        error is raised, after every request has completed."""
+        """Run a batch; results in order. Work is queued in one go (a GIL-free run on
+        one key as a few lane jobs that share it) and this thread runs what it can
+        inline while it waits. With ``return_exceptions`` errors take the place of
+        results; otherwise the first error is raised, after every request has
+        completed."""
         return batch.run_map(self, list(requests), return_exceptions=return_exceptions,
                              priority=priority, client=client, timeout=timeout)
 

@@ -53,7 +53,7 @@ class Request:
     def nbytes(self) -> int:
         return 0
 
-    # a burst (``burst.Burst``) stands for several requests; a request for one
+    # a lane (``burst.Lane``) stands for several requests; a request for one
     burst: ClassVar[bool] = False
 
     @property

@@ -60,9 +60,12 @@ def run_request(request: Request) -> Any:
 
 
 def record(meter: Meter, request: Request, work: float, caller: float) -> None:
-    """Feed ``meter`` one request's cost; a burst's as that of each of its requests, so
-    estimates stay per request whatever the burst size."""
+    """Feed ``meter`` one request's cost; a lane's as that of each request it ran, so
+    estimates stay per request whatever the share (a lane that found its run done
+    teaches nothing)."""
     n = request.count
+    if n == 0:
+        return
     if n == 1:
         meter.record(request.algorithm.name, request.op.value, request.nbytes, work, caller)
     else:
@@ -106,7 +109,7 @@ class Engine:
     # False: the scheduler's dispatcher hands it batches through submit()
     pulls = False
     capacity: int = 1 << 30  # requests it accepts in flight before submit() refuses
-    # runs a burst (many requests on one key, one job) in one of its lanes; in-process
+    # runs a lane job (a share of a run of requests on one key: burst.Lane); in-process
     # engines can, a pool would need every payload of it in shared memory
     takes_bursts = False
 

@@ -141,8 +141,9 @@ class Scheduler:
         processes and a pool of threads are not two machines' worth of lanes, so their
         backlog is counted together and their parallelism capped at the core count;
         then what separates them is each one's own cost (latency, caller's share)."""
-        # per request: a burst is compared engine to engine by what each of its requests costs
-        alg, op, n = request.algorithm.name, request.op.value, request.nbytes // request.count
+        # per request: a lane is compared engine to engine by what each of its requests costs
+        alg, op = request.algorithm.name, request.op.value
+        n = request.nbytes // max(1, request.count)
         queued = len(self._queues)
         # work that holds the GIL runs one at a time in this process, however many
         # threads offer to run it: for it, in-process engines have a single lane
@@ -337,7 +338,7 @@ class Scheduler:
         inline = self.engines.get("inline")
         if inline is None:
             return False
-        alg, op, n = request.algorithm.name, request.op.value, request.count
+        alg, op, n = request.algorithm.name, request.op.value, max(1, request.count)
         size = request.nbytes // n
         estimates = {name: e.meter.estimate(alg, op, size)
                      for name, e in self.engines.items() if e.in_process}

@@ -4,14 +4,15 @@ per-request errors, statistics and capability routing must be as without them.""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 
 import cryptoplane as cp
 from cryptoplane import batch
 from cryptoplane import requests as rq
-from cryptoplane.burst import Burst, group
-from cryptoplane.burst import sizes as burst_sizes
+from cryptoplane.burst import Lane, Run, group
 from cryptoplane.engines.threads import ThreadsEngine
 from cryptoplane.scheduler import core
 
@@ -19,28 +20,78 @@ from cryptoplane.scheduler import core
 def test_group_cuts_runs_of_one_key_and_type() -> None:
     a = cp.Key.generate("ecdsa-p256-sha256")
     b = cp.Key.generate("ecdsa-p256-sha256")
-    reqs = [rq.Sign(a, b"m")] * 6 + [rq.Sign(b, b"m")] * 3 + [rq.Digest("sha256", b"x")]
-    plan = group(reqs, lanes=2, groupable=lambda r: r.key is not None)
-    counts = [c for c, _ in plan]
-    assert sum(counts) == len(reqs)
-    # guided: each burst takes half of what is left of its run (2 lanes), so a's run of
-    # 6 is 3, 2, 1 and b's run of 3 is 2, 1; the digest is not groupable
-    assert counts == [3, 2, 1, 2, 1, 1]
-    assert isinstance(plan[0][1], Burst) and plan[0][1].count == 3
-    assert plan[0][1].nbytes == 3 and plan[0][1].largest == 1
-    assert not isinstance(plan[2][1], Burst)  # a run's lone tail stays a plain request
-    assert not isinstance(plan[5][1], Burst)  # not groupable: stays a plain request
-    assert [c for c, _ in group(reqs[:6], lanes=1, groupable=lambda r: True)] == [6]
+    reqs = ([rq.Sign(a, b"m")] * 6 + [rq.Sign(b, b"mm")] * 3 + [rq.Digest("sha256", b"x")]
+            + [rq.Sign(a, b"m")])
+    plan = group(reqs, groupable=lambda r: r.key is not None)
+    assert [c for c, _ in plan] == [6, 3, 1, 1]
+    first, second = plan[0][1], plan[1][1]
+    assert isinstance(first, Run) and isinstance(second, Run)
+    assert first.requests == tuple(reqs[:6]) and second.requests == tuple(reqs[6:9])
+    assert second.nbytes == 6 and second.largest == 2
+    assert not isinstance(plan[2][1], Run)  # not groupable: stays a plain request
+    assert not isinstance(plan[3][1], Run)  # a lone groupable request stays plain too
 
 
-def test_guided_sizes_shrink_to_single_requests() -> None:
-    for n in (1, 2, 7, 48, 1000):
-        for lanes in (1, 2, 3, 16):
-            sizes = burst_sizes(n, lanes)
-            assert sum(sizes) == n
-            assert sizes == sorted(sizes, reverse=True)
-            assert sizes[-1] == 1 or lanes == 1  # one lane: nobody to even out with
-            assert sizes[0] == -(-n // lanes)  # the first takes one lane's share
+class Slow(rq.Request):
+    """A request that takes ``delay`` seconds with the GIL released, or fails."""
+
+    __slots__ = ("delay", "value")
+    op = rq.Sign.op
+
+    def __init__(self, key: cp.Key, value: int, delay: float) -> None:
+        self.key, self.value, self.delay = key, value, delay
+
+    @property
+    def nbytes(self) -> int:
+        return 10
+
+    def apply(self, kernel: object) -> int:
+        time.sleep(self.delay)
+        if self.value % 5 == 4:
+            raise cp.InvalidRequest(f"request {self.value} refused")
+        return self.value
+
+
+def test_lanes_share_a_run_and_a_late_lane_runs_less() -> None:
+    """Lanes take the run's next request until none is left, so a lane that starts late
+    runs fewer than its planned share (with shares cut in advance it would end last, a
+    whole share late); every request runs exactly once, its own error in its place, and
+    the lanes' counts add up to the run before and after."""
+    key = cp.Key.generate("ecdsa-p256-sha256")
+    run = Run([Slow(key, i, 0.002) for i in range(40)])
+    lanes = run.lanes(2)
+    assert [lane.count for lane in lanes] == [20, 20]
+    assert sum(lane.nbytes for lane in lanes) == run.nbytes == 400
+    early = threading.Thread(target=lanes[0].apply, args=(None,))
+    early.start()
+    time.sleep(0.03)  # the other lane starts ~15 requests late
+    lanes[1].apply(None)
+    early.join()
+    assert lanes[1].count < 20 < lanes[0].count
+    assert sum(lane.count for lane in lanes) == 40
+    assert sum(lane.nbytes for lane in lanes) == 400
+    outcomes = run.collect(None)
+    for i, (ok, value) in enumerate(outcomes):
+        if i % 5 == 4:
+            assert not ok and isinstance(value, cp.InvalidRequest) and str(i) in str(value)
+        else:
+            assert ok and value == i
+    assert [lane.count for lane in run.lanes(16)] == [3] * 8 + [2] * 8  # 40 over 16
+    assert len(Run([Slow(key, 0, 0)] * 3).lanes(8)) == 3  # no lane without a request
+
+
+def test_a_run_collected_early_ends_what_no_lane_ran_with_the_failure() -> None:
+    key = cp.Key.generate("ecdsa-p256-sha256")
+    run = Run([Slow(key, i, 0) for i in range(6)])
+    lane, late = run.lanes(2)
+    run.take(), run.take()  # two taken by a lane whose job then failed as a whole
+    lane.apply(None)
+    gone = cp.EngineFailed("the lane's engine broke")
+    outcomes = run.collect(gone)
+    assert outcomes[:2] == [(False, gone)] * 2
+    assert [outcomes[i] for i in (2, 3, 5)] == [(True, 2), (True, 3), (True, 5)]
+    assert isinstance(outcomes[4][1], cp.InvalidRequest)
+    assert late.apply(None) == 0 and late.count == 0  # closed: a late lane runs nothing
 
 
 def test_map_with_bursts_keeps_order_and_each_error() -> None:
@@ -93,12 +144,12 @@ def test_map_runs_work_quicker_than_a_hand_off_here(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("workers", [1, None], ids=["a-core-free", "every-core"])
-def test_the_caller_runs_a_burst_only_when_the_threads_leave_it_a_core(
-        workers: int | None) -> None:
-    """The caller takes the last burst itself only when the burst-taking threads leave a
-    core free: where they cover every core, a third runner only delayed a worker's start
-    (48-request RSA batches ran 6-20% faster with the caller waiting, measured
-    interleaved). Either way, the batch's results are the same."""
+def test_the_caller_runs_a_lane_only_when_the_threads_leave_it_a_core(
+        workers: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller runs one of a run's lanes itself only when the burst-taking threads
+    leave a core free: where they cover every core, a third runner only delayed a
+    worker's start (48-request RSA batches ran 6-20% faster with the caller waiting,
+    measured interleaved). Either way, the batch's results are the same."""
     cores = os.cpu_count() or 1
     eng = ThreadsEngine(workers=workers)
     with cp.Plane(engines=["inline", eng]) as plane:
@@ -108,11 +159,54 @@ def test_the_caller_runs_a_burst_only_when_the_threads_leave_it_a_core(
         plane.map(reqs[:4])  # measured: RSA signing is no quick work to keep here
         free = eng.workers < cores
         assert batch.lanes(plane) == min(eng.workers, cores) + (1 if free else 0)
-        plan = group(reqs, batch.lanes(plane), lambda r: batch.burstable(plane, r))
-        assert sum(1 for count, _ in plan if count > 1) >= 2
-        assert (batch.burst_here(plane, plan) is not None) == free
-        for r, sig in zip(reqs, plane.map(reqs), strict=True):
+        here: list[Lane] = []
+        real = plane._router.run_inline
+
+        def spy(request: rq.Request, client: str) -> object:
+            if isinstance(request, Lane):
+                here.append(request)
+            return real(request, client)
+
+        monkeypatch.setattr(plane._router, "run_inline", spy)
+        assert batch.caller_runs_a_lane(plane, Run(reqs)) == free
+        sigs = plane.map(reqs)
+        assert len(here) == (1 if free else 0)
+        for r, sig in zip(reqs, sigs, strict=True):
             plane.verify(key.public_key(), r.data, sig)
+
+
+def test_a_lane_that_cannot_be_queued_loses_no_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's lane whose job fails as a whole (here: refused at submit) leaves its
+    share to the other lanes; when every lane fails, every request ends with that
+    error, once."""
+    monkeypatch.setattr(batch, "_CORES", 2)  # two lanes, on any machine
+    key = cp.Key.generate("rsa-pss-sha256", size=2048)
+    with cp.Plane(engines=["inline", ThreadsEngine(workers=2)]) as plane:
+        plane.session(key)
+        plane.map([rq.Sign(key, b"x")] * 4)  # measured: RSA signing goes in runs
+        assert batch.lanes(plane) == 2
+        real, refused = plane._submit, []
+
+        def refuse_first_lane(r: object, *a: object, **kw: object) -> object:
+            if isinstance(r, Lane) and not refused:
+                refused.append(r)
+                raise cp.Busy("full")
+            return real(r, *a, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(plane, "_submit", refuse_first_lane)
+        msgs = [bytes([i]) for i in range(10)]
+        sigs = plane.map([rq.Sign(key, m) for m in msgs])
+        assert refused
+        for m, sig in zip(msgs, sigs, strict=True):
+            plane.verify(key.public_key(), m, sig)
+
+        def refuse(r: object, *a: object, **kw: object) -> object:
+            raise cp.Busy("full")
+
+        monkeypatch.setattr(plane, "_submit", refuse)
+        out = plane.map([rq.Sign(key, m) for m in msgs], return_exceptions=True)
+        assert len(out) == 10 and all(isinstance(o, cp.Busy) for o in out)
 
 
 def test_burstability_is_asked_once_per_kind_of_request(
@@ -141,10 +235,10 @@ def test_burstability_is_asked_once_per_kind_of_request(
             plane.verify(r.key.public_key(), r.data, sig)
 
 
-def test_bursts_never_reach_an_engine_that_cannot_take_them() -> None:
+def test_lanes_never_reach_an_engine_that_cannot_take_them() -> None:
     key = cp.Key.generate("ecdsa-p256-sha256")
     with cp.Plane(engines=["inline", "threads"]) as plane:
-        burst = Burst([rq.Sign(key, b"a"), rq.Sign(key, b"b")])
+        burst = Run([rq.Sign(key, b"a"), rq.Sign(key, b"b")]).lanes(1)[0]
         assert plane.engines["threads"].can_serve(burst)
         plane.engines["threads"].takes_bursts = False
         try:
