@@ -50,8 +50,8 @@ class Key:
     keys; ``key.public_key()`` for the public half.
     """
 
-    __slots__ = ("__weakref__", "_handle", "_kernel", "_material", "_obj", "_session",
-                 "algorithm")
+    __slots__ = ("__weakref__", "_handle", "_kernel", "_material", "_obj", "_private",
+                 "_session", "algorithm")
 
     algorithm: Algorithm
     _material: bytes | None
@@ -68,6 +68,7 @@ class Key:
         self._handle = secrets.token_hex(4)
         self._obj = None
         self._material = None
+        self._private = True  # symmetric, or the private half of a raw key pair
         raw = bytes(material)
         if alg.kind in (Kind.HASH, Kind.RNG):
             raise KeyRejected(f"{alg.name} takes no key")
@@ -95,6 +96,9 @@ class Key:
         key._material = None
         _check_asymmetric(alg, obj)
         key._obj = obj
+        # once: every Sign request asks, and the isinstance checks against
+        # cryptography's key ABCs cost ~0.5 µs each time
+        key._private = not _is_public(obj)
         return key
 
     @classmethod
@@ -173,7 +177,7 @@ class Key:
     @property
     def is_private(self) -> bool:
         """True for symmetric keys and private halves of key pairs."""
-        return self._material is not None or not _is_public(self._obj)
+        return self._private
 
     @property
     def size(self) -> int:
