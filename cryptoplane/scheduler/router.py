@@ -34,7 +34,7 @@ class Router:
         self.inline = engines.get(INLINE)
         self.scheduler = scheduler
         self.fast_path_limit = fast_path_limit
-        self._verdicts: dict[tuple[str, str, int], int] = {}
+        self._verdicts: dict[tuple[type, str, int], int] = {}
 
     def candidates(self, request: Request, bound: str | None) -> list[Engine]:
         if bound is not None:
@@ -113,12 +113,24 @@ class Router:
                                not_before=self.scheduler.now() + wait if wait else 0.0)
         return fut
 
+    def take_verdict(self, request: Request, count: int) -> bool:
+        """Whether ``count`` requests of ``request``'s kind may run inline on the
+        balancer's cached verdict (``inline_verdict``), which then has that many fewer
+        left. Only GIL-holding work ever gets a verdict. Never renews one: a kind
+        without enough left is asked one request at a time, and renewed there."""
+        k = (type(request), request.algorithm.name, request.nbytes.bit_length())
+        left = self._verdicts.get(k, 0)
+        if left < count:
+            return False
+        self._verdicts[k] = left - count
+        return True
+
     def inline_verdict(self, request: Request) -> bool:
         """Whether ``request`` (GIL-holding, on a session the fast path serves) may run
         inline without asking the balancer: the balancer's last answer for its kind,
         kept for ``REVIEW_EVERY`` requests. A request that finds no verdict gets False,
         takes the measured path (so inline's estimates stay fresh), and renews it."""
-        k = (request.algorithm.name, request.op.value, request.nbytes.bit_length())
+        k = (type(request), request.algorithm.name, request.nbytes.bit_length())
         left = self._verdicts.get(k, 0)
         if left > 0:
             self._verdicts[k] = left - 1

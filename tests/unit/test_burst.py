@@ -268,3 +268,53 @@ def test_map_runs_gil_holding_work_here_on_the_balancers_verdict() -> None:
         assert st["encrypt"]["requests"] == 300
         assert st["decrypt"]["requests"] == 300 + 299
         assert st["decrypt"]["errors"] == {"AuthenticationFailed": 1}
+
+
+def test_a_uniform_batch_runs_here_on_one_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small batches of one kind of GIL-holding request (type, key, size class) run
+    here on one verdict for the whole batch, which then has that many fewer left; the
+    verdict is still reviewed on a measured request once it runs out. Per-request
+    errors and counts stay exact, and a mixed batch is decided request by request."""
+    key = cp.Key.generate("aes-256-gcm")
+    data = os.urandom(100_000)  # above the fast-path limit: the balancer decides
+    nonces = [i.to_bytes(12, "big") for i in range(4)]
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        router = plane._router
+        for _ in range(40):  # until the balancer has measured both engines and says
+            plane.map([rq.Encrypt(key, data, nonce=n) for n in nonces * 5])
+            if max(router._verdicts.values(), default=0) >= 8:
+                break
+        asked: list[bool] = []
+        real = router.inline_verdict
+
+        def one_by_one(r: rq.Request) -> bool:
+            asked.append(real(r))
+            return asked[-1]
+
+        monkeypatch.setattr(router, "inline_verdict", one_by_one)
+        encrypted = plane.stats()["algorithms"]["aes-256-gcm"]["encrypt"]["requests"]
+        (k, left), = router._verdicts.items()
+        assert left >= 8, "no verdict to run a batch on"
+        cts = plane.map([rq.Encrypt(key, data, nonce=n) for n in nonces])
+        assert router._verdicts[k] == left - 4 and not asked  # one decision, four runs
+        assert [plane.decrypt(key, ct, nonce=n) for n, ct in zip(nonces, cts,
+                                                                 strict=True)] == [data] * 4
+        bad = [cts[0], cts[1][:-1] + bytes([cts[1][-1] ^ 1]), cts[2], cts[3]]
+        out = plane.map([rq.Decrypt(key, c, nonce=n) for n, c in zip(nonces, bad, strict=True)],
+                        return_exceptions=True)
+        assert out[0] == out[2] == out[3] == data
+        assert isinstance(out[1], cp.AuthenticationFailed)
+        with pytest.raises(cp.AuthenticationFailed):  # raised after all four ran
+            plane.map([rq.Decrypt(key, c, nonce=n) for n, c in zip(nonces, bad, strict=True)])
+        mixed = [rq.Encrypt(key, data, nonce=nonces[0]),
+                 rq.Encrypt(key, data[:50], nonce=nonces[1])]
+        assert [len(c) for c in plane.map(mixed)] == [100_016, 66]
+        assert asked, "a mixed batch is decided per request"
+        asked.clear()
+        for _ in range(20):  # 80 requests: more than a verdict lasts
+            plane.map([rq.Encrypt(key, data, nonce=n) for n in nonces])
+        assert False in asked, "the verdict ran out and was not reviewed"
+        st = plane.stats()["algorithms"]["aes-256-gcm"]
+        assert st["encrypt"]["requests"] == encrypted + 4 + 2 + 80
+        assert st["decrypt"]["requests"] == 4 + 6 and st["decrypt"]["errors"] == {
+            "AuthenticationFailed": 2}
