@@ -165,6 +165,20 @@ def test_engine_defaults_and_parse() -> None:
     assert {k[:3] for k in se.TARGETS} <= cells
 
 
+def test_auto_batches_hold_about_batch_seconds_of_work_or_batch_bytes() -> None:
+    import cryptoplane as cp
+
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        fill = 2 * plane.engines["threads"].capacity
+        assert se.batch(plane) == fill  # nothing measured: fill the engines twice
+        # ~250 µs requests (RSA-2048 signing): BATCH_SECONDS of them, not 2 x capacity
+        assert se.batch(plane, 0, 250e-6) == round(se.BATCH_SECONDS / 250e-6) > fill
+        assert se.batch(plane, 0, 1.0) == fill  # slow requests: still the engines filled
+        # big results are held until map returns: their bytes bound the batch
+        assert se.batch(plane, 1 << 20, 1e-6) == se.BATCH_BYTES >> 20
+        assert se.batch(plane, 64 << 20, 1e-6) == 2
+
+
 @pytest.mark.skipif(plot_available(), reason="matplotlib is installed")
 def test_plot_without_matplotlib_says_how_to_install(tmp_path: Any) -> None:
     result = CliRunner().invoke(cli, ["speed", "--plot", str(tmp_path / "x.svg")])
