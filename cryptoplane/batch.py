@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from . import burst
@@ -37,11 +37,16 @@ if TYPE_CHECKING:
 def run_map(plane: Plane, items: list[Submittable], *, return_exceptions: bool,
             priority: str | None, client: str | None, timeout: float | None) -> list[Any]:
     limits = has_limits(plane)
-    s = None if limits or not items else inline_batch(plane, items)
+    same = not limits and bool(items) and uniform(items)
+    s = inline_batch(plane, items) if same else None
     if s is not None:
         return run_all_here(plane, s, cast(list[rq.Request], items), return_exceptions)
-    plan = (burst.group(items, burstable_by_kind(plane))
-            if len(items) >= 4 and not limits else [(1, r) for r in items])
+    if limits or len(items) < 4:
+        plan: list[tuple[int, Any]] = [(1, r) for r in items]
+    elif same and burstable(plane, cast(rq.Request, items[0])):
+        plan = [(len(items), burst.Run(cast(list[rq.Request], items)))]  # no grouping
+    else:
+        plan = burst.group(items, burstable_by_kind(plane))
     width = 0
     # each slot: a future, the outcomes of work already done here, or a run's lane jobs
     slots: list[Future[Any] | list[tuple[bool, Any]] | RunSlot] = []
@@ -79,7 +84,11 @@ def run_map(plane: Plane, items: list[Submittable], *, return_exceptions: bool,
     waiting = [f for slot in slots for f in (
         slot.futures if isinstance(slot, RunSlot) else [slot] if isinstance(slot, Future)
         else [])]
-    plane._router.help_while_waiting(waiting)
+    if len(waiting) > sum(len(slot.futures) for slot in slots if isinstance(slot, RunSlot)) \
+            or _burst_threads(plane) < _CORES:
+        plane._router.help_while_waiting(waiting)
+    else:  # only lanes, which threads on every core run: nothing for this thread to take
+        wait(waiting)
     outcomes: list[tuple[bool, Any]] = []
     for slot in slots:
         if isinstance(slot, RunSlot):
@@ -102,23 +111,28 @@ def _results(outcomes: list[tuple[bool, Any]], return_exceptions: bool) -> list[
     return [value for _, value in outcomes]
 
 
-def inline_batch(plane: Plane, items: list[Submittable]) -> Session | None:
-    """The session of a uniform batch (requests all of one type, on one key, of one
-    size class) that the balancer's cached verdict keeps inline, with enough of the
-    verdict left for all of them: the whole batch then runs here on one decision.
-    Deciding per request was most of map's cost for big AEAD messages run here (~9
-    µs a call with the caches cold from 1 MiB of cipher work, on ~110 µs of it)."""
+def uniform(items: list[Submittable]) -> bool:
+    """Requests all of one type, on one key, of one size class: one decision can serve
+    the whole batch (the common case; deciding and grouping request by request was
+    most of map's own cost)."""
     first = items[0]
     if not isinstance(first, rq.Request) or first.key is None:
-        return None
-    key = first.key
-    s = key._session
+        return False
+    kind, key, size = type(first), first.key, first.nbytes.bit_length()
+    return all(type(r) is kind and r.key is key and r.nbytes.bit_length() == size
+               for r in items)
+
+
+def inline_batch(plane: Plane, items: list[Submittable]) -> Session | None:
+    """The session of a uniform batch that the balancer's cached verdict keeps inline,
+    with enough of the verdict left for all of them: the whole batch then runs here on
+    one decision. Deciding per request cost ~9 µs a call for big AEAD messages (the
+    caches cold from 1 MiB of cipher work) on ~110 µs of work."""
+    first = cast(rq.Request, items[0])
+    assert first.key is not None
+    s = first.key._session
     if s.fast_plane is not plane:  # unbound, elsewhere, or a key's first use here
         return None
-    kind, size = type(first), first.nbytes.bit_length()
-    for r in items:
-        if type(r) is not kind or r.key is not key or r.nbytes.bit_length() != size:
-            return None
     return s if plane._router.take_verdict(first, len(items)) else None  # type: ignore[no-any-return]
 
 
