@@ -112,15 +112,20 @@ def _results(outcomes: list[tuple[bool, Any]], return_exceptions: bool) -> list[
 
 
 def uniform(items: list[Submittable]) -> bool:
-    """Requests all of one type, on one key, of one size class: one decision can serve
-    the whole batch (the common case; deciding and grouping request by request was
-    most of map's own cost)."""
+    """Requests all of one type, on one key, and (for GIL-holding work, whose verdict
+    is per size class) of one size class: one decision can serve the whole batch (the
+    common case; deciding and grouping request by request was most of map's own
+    cost)."""
     first = items[0]
     if not isinstance(first, rq.Request) or first.key is None:
         return False
-    kind, key, size = type(first), first.key, first.nbytes.bit_length()
-    return all(type(r) is kind and r.key is key and r.nbytes.bit_length() == size
-               for r in items)
+    kind, key = type(first), first.key
+    if not all(type(r) is kind and r.key is key for r in items):
+        return False
+    if releases_gil(first):
+        return True  # one run, whatever the sizes
+    size = first.nbytes.bit_length()
+    return all(r.nbytes.bit_length() == size for r in items)  # type: ignore[union-attr]
 
 
 def inline_batch(plane: Plane, items: list[Submittable]) -> Session | None:

@@ -36,7 +36,7 @@ Outcome = tuple[bool, Any]  # (True, result) or (False, the request's own error)
 class Run:
     """Requests of one type on one key, in order, and their outcomes as lanes fill them."""
 
-    __slots__ = ("closed", "largest", "nbytes", "outcomes", "requests", "retry_safe", "take")
+    __slots__ = ("closed", "largest", "nbytes", "outcomes", "requests", "take")
 
     def __init__(self, requests: Sequence[Request]) -> None:
         if not requests:
@@ -46,9 +46,13 @@ class Run:
         # the next index to run; next() on a count is atomic under the GIL
         self.take = itertools.count().__next__
         self.closed = False  # set once the batch has its outcomes: late lanes stop
-        self.nbytes = sum(r.nbytes for r in self.requests)
-        self.largest = max(r.nbytes for r in self.requests)
-        self.retry_safe = all(r.retry_safe for r in self.requests)
+        sizes = [r.nbytes for r in self.requests]
+        self.nbytes, self.largest = sum(sizes), max(sizes)
+
+    @property
+    def retry_safe(self) -> bool:
+        """Asked only when an engine failed under one of its lanes."""
+        return all(r.retry_safe for r in self.requests)
 
     def __len__(self) -> int:
         return len(self.requests)
