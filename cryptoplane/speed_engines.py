@@ -213,7 +213,8 @@ class EnginePaths:
                 free = None if cell.algorithm in HASHES else _key(cell)
                 if free is not None:
                     plane.session(free)  # unbound: the balancer chooses
-                size = batch(plane, 0 if cell.algorithm in XTS else cell.nbytes, per_call_s)
+                size = (batch(plane, cell.nbytes, per_call_s, RING_BYTES)
+                        if cell.algorithm in XTS else batch(plane, cell.nbytes, per_call_s))
                 out.loops[name] = batch_loop(plane, requests(plane, cell, free, outs), size)
                 out.auto_mode = f"map x{size}"
         # auto right after inline: the targeted ratios' two paths back to back in every
@@ -240,7 +241,7 @@ class EnginePaths:
         """Output buffers for a sector cell: as many as any path has requests in flight."""
         sizes = [window(p, n) for n, p in self.planes.items() if n in BOUND]
         if "auto" in self.planes:
-            sizes.append(batch(self.planes["auto"], 0, per_call_s))
+            sizes.append(batch(self.planes["auto"], cell.nbytes, per_call_s, RING_BYTES))
         return max(sizes, default=1)
 
     def finish(self, cell: Cell, prepared: CellPaths, results: list[Result]) -> list[Ratio]:
@@ -281,23 +282,29 @@ BATCH_BYTES = 2 << 20
 
 
 # What one batch's requests may take, inline: a batch's fixed cost (building it, waking
-# the lanes, the last request's tail, the gap before the next call: ~0.5 ms of the
-# lanes' time on two cores) stays a few per cent of it. Measured interleaved against
-# synchronous calls: RSA-2048 signing 1.73x in batches of 48 (~12 ms), 1.81x in
-# batches of 96; 1 MiB XTS runs 1.70x and 1.79x.
-BATCH_SECONDS = 0.02
+# the lanes from idle, the last request's tail, the gap before the next call) stays a
+# few per cent of it. On this VM that cost is larger than the ~0.5 ms the timeline of
+# one batch shows (idle cores wake slowly): measured interleaved against synchronous
+# calls, RSA-2048 signing ran 1.46x in batches of 82 (~20 ms inline), 1.74-1.80x of
+# 205 and 1.87x of 410; 1 MiB XTS runs 1.65-1.68x of 100-120, 1.76-1.79x of 250.
+BATCH_SECONDS = 0.05
+# Sector runs write into output buffers of their own, one per request of a batch.
+RING_BYTES = 256 << 20
+# An --engine run's default --seconds: rounds of 0.2 s hold several of auto's batches.
+ENGINE_SECONDS = 2.0
 
 
-def batch(plane: Plane, nbytes: int = 0, per_request_s: float = 0.0) -> int:
+def batch(plane: Plane, nbytes: int = 0, per_request_s: float = 0.0,
+          budget: int = BATCH_BYTES) -> int:
     """Requests per ``map`` batch for auto: every engine but inline filled, and as many
     again for the caller to run while it waits, or more where requests are quick
     enough for BATCH_SECONDS of work (``per_request_s``, inline); for big requests
-    whose results map allocates (``nbytes`` given), fewer (BATCH_BYTES). Sector runs
-    write into buffers of their own."""
+    whose outputs the batch holds (``nbytes`` given), no more than ``budget`` bytes of
+    them (results map allocates: BATCH_BYTES; sector runs' own buffers: RING_BYTES)."""
     fill = 2 * sum(e.capacity for n, e in plane.engines.items() if n != "inline")
     if per_request_s > 0:
         fill = max(fill, round(BATCH_SECONDS / per_request_s))
-    return max(2, min(fill, BATCH_BYTES // nbytes)) if nbytes else fill
+    return max(2, min(fill, budget // nbytes)) if nbytes else fill
 
 
 def _key(cell: Cell) -> Key:

@@ -247,8 +247,9 @@ def build_config(algorithms: str | None, sizes: str | None, sector_sizes: str | 
         algorithms=parse_algorithms(algorithms) if algorithms else default_algorithms,
         sizes=parse_sizes(sizes) if sizes else default_sizes,
         sector_sizes=_sector_sizes(sector_sizes) if sector_sizes else default_sectors,
-        seconds=seconds if seconds is not None else (sp.QUICK_SECONDS if quick
-                                                     else sp.DEFAULT_SECONDS),
+        seconds=seconds if seconds is not None else (
+            sp.QUICK_SECONDS if quick else se.ENGINE_SECONDS if engines
+            else sp.DEFAULT_SECONDS),
         rounds=rounds, openssl=openssl, all_paths=all_paths, engines=engines)
 
 
@@ -285,7 +286,8 @@ def execute(config: sp.Config, *, as_json: bool, plot_path: str | None) -> sp.Re
 @click.option("--sector-sizes", metavar="N,M",
               help="Sector sizes for XTS sector runs (default 512,4096).")
 @click.option("--seconds", type=float, help="Seconds per path per cell, split over the "
-              f"rounds (default {sp.DEFAULT_SECONDS:g}; {sp.QUICK_SECONDS:g} with --quick).")
+              f"rounds (default {sp.DEFAULT_SECONDS:g}; {se.ENGINE_SECONDS:g} with --engine; "
+              f"{sp.QUICK_SECONDS:g} with --quick).")
 @click.option("--rounds", type=int, default=sp.DEFAULT_ROUNDS, show_default=True,
               help="Interleaved rounds per cell, the median reported (at most one per "
               "20 ms of --seconds: shorter chunks would time the scheduler).")

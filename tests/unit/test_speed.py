@@ -156,6 +156,7 @@ def test_engine_defaults_and_parse() -> None:
     config = build_config(None, None, None, None, 3, "inline,threads,pool,auto", False, True,
                           False)
     assert config.engines == se.PATHS
+    assert config.seconds == se.ENGINE_SECONDS  # rounds long enough for auto's batches
     assert (config.algorithms, config.sizes, config.sector_sizes) == (
         se.ALGORITHMS, se.SIZES, se.SECTOR_SIZES)
     plain = build_config(None, None, None, None, 3, None, False, True, False)
@@ -177,6 +178,8 @@ def test_auto_batches_hold_about_batch_seconds_of_work_or_batch_bytes() -> None:
         # big results are held until map returns: their bytes bound the batch
         assert se.batch(plane, 1 << 20, 1e-6) == se.BATCH_BYTES >> 20
         assert se.batch(plane, 64 << 20, 1e-6) == 2
+        # sector runs' own output buffers: a bigger budget, still a bound
+        assert se.batch(plane, 1 << 20, 1e-6, se.RING_BYTES) == se.RING_BYTES >> 20
 
 
 @pytest.mark.skipif(plot_available(), reason="matplotlib is installed")
