@@ -213,6 +213,9 @@ def run_all_here(plane: Plane, s: Session, batch: list[rq.Request],
         index = _TALLY_INDEX[kind] = OP_INDEX.get(batch[0].op.value)
     if index is None:
         return _results([run_here(plane, s, r) for r in batch], return_exceptions)
+    if kind is rq.Encrypt or kind is rq.Decrypt:
+        return _run_aead_here(plane, s, cast(list[rq._Cipher], batch), index,
+                              return_exceptions)
     kernel, add, out = s.kernel, s.tally.add, []
     error: CryptoplaneError | None = None
     for r in batch:
@@ -224,6 +227,32 @@ def run_all_here(plane: Plane, s: Session, batch: list[rq.Request],
             value = e
         else:
             add(index, r.nbytes)
+        out.append(value)
+    if error is not None and not return_exceptions:
+        raise error
+    return out
+
+
+def _run_aead_here(plane: Plane, s: Session, batch: list[rq._Cipher], index: int,
+                   return_exceptions: bool) -> list[Any]:
+    """Encryptions or decryptions through the session's own AEAD call, as the fast
+    path makes them: the kernel's Python layer (~1.5% of a 1 MiB AES-GCM call here, its
+    caches cold) only where that call fails, to name the error; CBC padding through
+    the kernel."""
+    op = batch[0].op.value
+    call, kernel, add, out = (s.enc if op == "encrypt" else s.dec), s.kernel, s.tally.add, []
+    error: CryptoplaneError | None = None
+    for r in batch:
+        try:
+            value = r.apply(kernel) if r.padding else call(r.nonce, r.data, r.aad)
+        except Exception as e:  # typed and counted as the fast path does, or raised
+            typed = plane._fast_error(s, op, e, r.data, r.nonce, r.aad)
+            if not isinstance(typed, CryptoplaneError):
+                raise typed from None
+            error = error or typed
+            value = typed
+        else:
+            add(index, len(r.data))
         out.append(value)
     if error is not None and not return_exceptions:
         raise error
