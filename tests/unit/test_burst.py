@@ -318,3 +318,21 @@ def test_a_uniform_batch_runs_here_on_one_decision(monkeypatch: pytest.MonkeyPat
         assert st["encrypt"]["requests"] == encrypted + 4 + 2 + 80
         assert st["decrypt"]["requests"] == 4 + 6 and st["decrypt"]["errors"] == {
             "AuthenticationFailed": 2}
+
+
+def test_a_uniform_batch_with_cbc_padding_runs_through_the_kernel() -> None:
+    """The uniform lane calls the session's AEAD method directly; padded CBC has none
+    and must still go through the kernel (which pads), with the same bytes."""
+    key = cp.Key.generate("aes-256-cbc")
+    data = os.urandom(100_001)  # not a multiple of 16: only padding makes it valid
+    ivs = [i.to_bytes(16, "big") for i in range(4)]
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        router = plane._router
+        for _ in range(40):
+            plane.map([rq.Encrypt(key, data, nonce=iv, padding=True) for iv in ivs * 5])
+            if max(router._verdicts.values(), default=0) >= 8:
+                break
+        assert max(router._verdicts.values(), default=0) >= 8, "no verdict to run on"
+        cts = plane.map([rq.Encrypt(key, data, nonce=iv, padding=True) for iv in ivs])
+        for iv, ct in zip(ivs, cts, strict=True):
+            assert plane.decrypt(key, ct, nonce=iv, padding=True) == data
