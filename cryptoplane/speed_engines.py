@@ -173,7 +173,8 @@ class EnginePaths:
                 f"fast path up to {plane.fast_path_limit} bytes (symmetric); else "
                 f"plane.map batches of {batch(plane)} or more (about "
                 f"{BATCH_SECONDS * 1e3:.0f} ms of inline work; at most "
-                f"{BATCH_BYTES >> 20} MiB of results)")}
+                f"{BATCH_BYTES >> 20} MiB of results, {RING_BYTES >> 20} MiB of sector "
+                f"buffers)")}
         return out
 
     # -- one cell -----------------------------------------------------------------------
@@ -284,13 +285,14 @@ BATCH_BYTES = 2 << 20
 # What one batch's requests may take, inline: a batch's fixed cost (building it, waking
 # the lanes from idle, the last request's tail, the gap before the next call) stays a
 # few per cent of it. On this VM that cost is larger than the ~0.5 ms the timeline of
-# one batch shows (idle cores wake slowly): measured interleaved against synchronous
-# calls, RSA-2048 signing ran 1.46x in batches of 82 (~20 ms inline), 1.74-1.80x of
-# 205 and 1.87x of 410; 1 MiB XTS runs 1.65-1.68x of 100-120, 1.76-1.79x of 250.
-BATCH_SECONDS = 0.05
+# one batch shows (idle cores wake slowly): ``benchmarks/map_batch.py``, interleaved
+# against synchronous calls, gave RSA-2048 signing 1.61x in batches of 82 (~20 ms
+# inline), 1.73x of 205 and 1.83x of 410, two bare threads 1.86x; 1 MiB XTS runs 1.67x,
+# 1.86x and 1.89x, two bare threads 1.92x.
+BATCH_SECONDS = 0.1
 # Sector runs write into output buffers of their own, one per request of a batch.
 RING_BYTES = 256 << 20
-# An --engine run's default --seconds: rounds of 0.2 s hold several of auto's batches.
+# An --engine run's default --seconds: rounds of 0.2 s hold two or more of auto's batches.
 ENGINE_SECONDS = 2.0
 
 
