@@ -44,24 +44,21 @@ class Capability:
 def releases_gil_op(alg: Algorithm, op: Op) -> bool:
     """Whether the work runs with the GIL released (measured with two threads here:
     RSA and ECDSA ~1.9x, the native sector kernel; AEAD, hashes, Ed25519 and X25519 in
-    ``cryptography`` 48 hold it and gain nothing)."""
-    if op in (Op.ENCRYPT_SECTORS, Op.DECRYPT_SECTORS):
-        return True
-    return alg.kind is Kind.AKCIPHER and alg.name != "ed25519"
+    ``cryptography`` 48 hold it and gain nothing). Asked per request on map's paths,
+    so kept per algorithm and op (the rule's enum and property lookups cost ~0.4 µs)."""
+    k = (alg.name, op)
+    free = _GIL_FREE.get(k)
+    if free is None:
+        free = _GIL_FREE[k] = (op in (Op.ENCRYPT_SECTORS, Op.DECRYPT_SECTORS) or (
+            alg.kind is Kind.AKCIPHER and alg.name != "ed25519"))
+    return free
 
 
-# (algorithm name, op) -> releases_gil_op: asked per request on map's paths, where the
-# enum and property lookups of the rule cost ~0.4 µs a time
 _GIL_FREE: dict[tuple[str, str], bool] = {}
 
 
 def releases_gil(request: Request) -> bool:
-    alg, op = request.algorithm, request.op
-    k = (alg.name, op)
-    free = _GIL_FREE.get(k)
-    if free is None:
-        free = _GIL_FREE[k] = releases_gil_op(alg, op)
-    return free
+    return releases_gil_op(request.algorithm, request.op)
 
 
 def run_request(request: Request) -> Any:

@@ -113,12 +113,13 @@ class Router:
                                not_before=self.scheduler.now() + wait if wait else 0.0)
         return fut
 
-    def take_verdict(self, request: Request, count: int) -> bool:
-        """Whether ``count`` requests of ``request``'s kind may run inline on the
-        balancer's cached verdict (``inline_verdict``), which then has that many fewer
-        left. Only GIL-holding work ever gets a verdict. Never renews one: a kind
-        without enough left is asked one request at a time, and renewed there."""
-        k = (type(request), request.algorithm.name, request.nbytes.bit_length())
+    def take_verdict(self, kind: tuple[type, str, int], count: int) -> bool:
+        """Whether ``count`` requests of ``kind`` (type, algorithm name, size class: see
+        ``inline_verdict``) may run inline on the balancer's cached verdict, which then
+        has that many fewer left. Only GIL-holding work ever gets a verdict. Never
+        renews one: a kind without enough left is asked one request at a time, and
+        renewed there."""
+        k = kind
         left = self._verdicts.get(k, 0)
         if left < count:
             return False
