@@ -13,15 +13,21 @@ paths of the cell:
 * ``auto``: ``Plane(engines=["inline", "threads", "pool"])``, no binding: the balancer
   decides. It is used the way a user gets the most from the plane: small symmetric
   requests (at most ``plane.fast_path_limit`` bytes) take the synchronous fast path, which
-  the balancer never sees; everything else goes in ``plane.map`` batches, during which
-  the caller's thread runs queued work too.
+  the balancer never sees; everything else goes in ``plane.map`` batches of about
+  ``BATCH_SECONDS`` of inline work (a batch's fixed cost, mostly waking idle cores here,
+  is then a few per cent of it), during which the caller's thread runs queued work too.
+
+Sector runs write into output buffers given with each request: every path of such a
+cell rotates through the same ring of them, and ``auto`` is timed right after
+``inline`` in every round (the targeted ratios' two paths back to back).
 
 Why two ways of submitting: the caller's thread only ever takes queued work that inline
 may run, so it has nothing to do for a session bound to threads or pool, and ``map``
 would only add a barrier at the end of every batch (lanes idle while the last requests
 finish). A window that is refilled as the oldest request completes keeps every lane of
-the engine busy all the time. ``auto`` has the caller as one more lane, which only
-``map`` lends.
+the engine busy all the time. ``auto`` is how the plane is meant to be used for
+throughput: ``map`` lends the caller's thread, and hands a run of GIL-free requests on
+one key to the threads as one job per lane.
 
 The balancer measures an engine before trusting it (it explores engines it has no
 figure for first), so every engine path runs a warm-up phase per cell before timing, and
