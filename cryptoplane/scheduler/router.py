@@ -70,6 +70,41 @@ class Router:
             raise error
         return result
 
+    def measured(self, request: Request) -> bool:
+        """Whether inline has a figure for requests like ``request``."""
+        return self.inline is not None and self.inline.meter.estimate(
+            request.algorithm.name, request.op.value, request.nbytes) is not None
+
+    def run_inline_batch(self, requests: Sequence[Request],
+                         client: str) -> list[tuple[bool, Any]]:
+        """``run_inline`` for requests of one kind, measured as one: per request only
+        the call, its latency and its tally; one CPU-time reading for the meter, which
+        learns each one's share. For quick GIL-free work (ECDSA signing, RSA verifying:
+        ~25 µs) the per-request measured path cost ~8 µs (auto ran them at 0.69x
+        synchronous calls)."""
+        assert self.inline is not None and requests
+        first = requests[0]
+        alg, op = first.algorithm.name, first.op.value
+        stats = self.scheduler.registry.get(INLINE, alg, op, client)
+        kernel, clock, latency = first.kernel(), time.perf_counter, stats.latency
+        out: list[tuple[bool, Any]] = []
+        work = time.thread_time()
+        for r in requests:
+            t0 = clock()
+            try:
+                value = r.apply(kernel)
+            except CryptoplaneError as e:
+                stats.error(e)
+                out.append((False, e))
+                continue
+            latency.record(clock() - t0)
+            stats.requests += 1
+            stats.bytes += r.nbytes
+            out.append((True, value))
+        work = (time.thread_time() - work) / len(requests)
+        self.inline.meter.record(alg, op, first.nbytes, work, work)
+        return out
+
     def run_inline(self, request: Request, client: str) -> Any:
         """Run in this thread, counted like any engine's work."""
         registry = self.scheduler.registry

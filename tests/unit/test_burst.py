@@ -357,3 +357,43 @@ def test_a_verdict_lasts_review_seconds_of_inline_work(monkeypatch: pytest.Monke
         expected = round(router_module.REVIEW_SECONDS / inline.latency)
         assert router._verdicts[k] == max(router_module.REVIEW_EVERY, min(1 << 16, expected))
         assert router._verdicts[k] > router_module.REVIEW_EVERY  # ~30 µs requests here
+
+
+def test_a_uniform_batch_of_quick_gil_free_work_is_measured_as_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once measured quick, a uniform batch of GIL-free work (RSA verification) runs
+    here as one measured job: no ticket, one meter sample for the batch, and per
+    request its result or its own error, each counted."""
+    monkeypatch.setattr(core, "CHEAP_SECONDS", 1.0)  # routing, not this machine's speed
+    key = cp.Key.generate("rsa-pss-sha256", size=2048)
+    pub = key.public_key()
+    msgs = [bytes([i]) * 20 for i in range(12)]
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        sigs = [plane.sign(key, m) for m in msgs]
+        plane.map([rq.Verify(pub, m, s) for m, s in zip(msgs[:3], sigs[:3], strict=True)])
+        meter = plane.engines["inline"].meter
+        before = meter.estimate("rsa-pss-sha256", "verify", 20)
+        assert before is not None, "not measured yet"
+        samples = before.samples
+        ran_as_one: list[int] = []
+        real = plane._router.run_inline_batch
+
+        def spy(requests: list[rq.Request], client: str) -> object:
+            ran_as_one.append(len(requests))
+            return real(requests, client)
+
+        monkeypatch.setattr(plane._router, "run_inline_batch", spy)
+        checks = [rq.Verify(pub, m, s if i % 5 else sigs[(i + 1) % 12])
+                  for i, (m, s) in enumerate(zip(msgs, sigs, strict=True))]
+        out = plane.map(checks, return_exceptions=True)
+        assert ran_as_one == [12]
+        assert [isinstance(o, cp.InvalidSignature) for o in out] == [i % 5 == 0 for i in range(12)]
+        assert all(o is None for i, o in enumerate(out) if i % 5)
+        with pytest.raises(cp.InvalidSignature):
+            plane.map(checks)
+        after = meter.estimate("rsa-pss-sha256", "verify", 20)
+        assert after is not None and after.samples == samples + 2  # one per batch
+        st = plane.stats()
+        verify = st["algorithms"]["rsa-pss-sha256"]["verify"]
+        assert verify["requests"] == 3 + 2 * 9 and verify["errors"] == {"InvalidSignature": 6}
+        assert st["scheduler"]["submitted"] == 0
