@@ -73,12 +73,12 @@ class Run:
 
 class Lane(Request):
     """One lane's job over a ``Run``: runs its next request until none is left; one
-    failing request does not stop it. ``count`` and ``nbytes`` are the planned share
-    until it has run (what the balancer weighs and the plane counts as submitted), then
-    what it ran (what statistics and meters count), so the lanes of a run add up to the
-    run either way."""
+    failing request does not stop it (``failed`` lists those). ``count`` and ``nbytes``
+    are the planned share until it has run (what the balancer weighs and the plane
+    counts as submitted), then what it ran (what statistics and meters count), so the
+    lanes of a run add up to the run either way."""
 
-    __slots__ = ("_count", "_nbytes", "_op", "run")
+    __slots__ = ("_count", "_nbytes", "_op", "failed", "run")
     burst = True
 
     def __init__(self, run: Run, share: int) -> None:
@@ -88,6 +88,7 @@ class Lane(Request):
         self.run = run
         self._count = share
         self._nbytes = run.nbytes * share // len(run)
+        self.failed: list[tuple[BaseException, int]] = []
 
     @property  # type: ignore[misc]  # per instance here: a lane is of its requests' op
     def op(self) -> Op:  # type: ignore[override]
@@ -129,6 +130,7 @@ class Lane(Request):
                 outcomes[i] = (True, r.apply(kernel))
             except Exception as e:  # the request's own outcome, delivered in its place
                 outcomes[i] = (False, e)
+                self.failed.append((e, r.nbytes))
             done += 1
             nbytes += r.nbytes
         self._count, self._nbytes = done, nbytes

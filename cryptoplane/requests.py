@@ -9,6 +9,7 @@ payload size) is a plain attribute.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from .algorithms import Algorithm, Kind, Op, lookup
@@ -60,6 +61,10 @@ class Request:
     def count(self) -> int:
         """Requests this stands for (statistics count each)."""
         return 1
+
+    # of the requests this stands for, those that failed on their own (a lane's), with
+    # their payload sizes: statistics count them as errors, not as requests done
+    failed: Sequence[tuple[BaseException, int]] = ()
 
     @property
     def largest(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 from ..engines.base import Engine, Job, record, releases_gil, run_measured
 from ..exceptions import Busy, EngineFailed, NotSupported, Timeout
 from ..requests import Request
-from ..stats import Registry
+from ..stats import OpStats, Registry
 from .bucket import Clock, Limit
 from .policy import EngineView, LeastCompletion, Policy
 from .queues import PriorityQueues
@@ -253,9 +253,9 @@ class Scheduler:
         stats = self.registry.get(engine.name, req.algorithm.name, req.op.value, t.client)
         stats.latency.record(now - t.t_submit)
         if error is None:
-            stats.requests += req.count
-            stats.bytes += req.nbytes
-            self.counters["completed"] += req.count
+            ok, failed = count_done(stats, req)
+            self.counters["completed"] += ok
+            self.counters["failed"] += failed
         else:
             stats.error(error)
             self.counters["failed"] += req.count
@@ -550,6 +550,22 @@ class Scheduler:
         for t in leftovers:
             self._fail(t, EngineFailed("the plane closed before this request ran"))
         self._thread.join(timeout)
+
+
+def count_done(stats: OpStats, req: Request) -> tuple[int, int]:
+    """Count a completed job in ``stats``: its requests done and their bytes, and the
+    errors of those that failed on their own (a lane's). Returns (done, failed)."""
+    failed = req.failed
+    if not failed:
+        stats.requests += req.count
+        stats.bytes += req.nbytes
+        return req.count, 0
+    for e, _ in failed:
+        stats.error(e)
+    done = req.count - len(failed)
+    stats.requests += done
+    stats.bytes += req.nbytes - sum(n for _, n in failed)
+    return done, len(failed)
 
 
 def _settle(future: Future[Any], result: Any, error: BaseException | None) -> None:

@@ -19,7 +19,7 @@ from ..engines.base import Engine, record, run_measured
 from ..exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from ..requests import Request
 from ..session import Session
-from .core import Scheduler, _Done
+from .core import Scheduler, _Done, count_done
 
 INLINE = "inline"
 # how many GIL-holding requests of one kind run inline on a cached verdict before one of
@@ -115,8 +115,7 @@ class Router:
         except CryptoplaneError as e:
             stats.error(e)
             raise
-        stats.requests += request.count
-        stats.bytes += request.nbytes
+        count_done(stats, request)
         stats.latency.record(time.perf_counter() - t0)
         return out
 

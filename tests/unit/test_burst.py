@@ -397,3 +397,39 @@ def test_a_uniform_batch_of_quick_gil_free_work_is_measured_as_one(
         verify = st["algorithms"]["rsa-pss-sha256"]["verify"]
         assert verify["requests"] == 3 + 2 * 9 and verify["errors"] == {"InvalidSignature": 6}
         assert st["scheduler"]["submitted"] == 0
+
+
+def test_requests_that_fail_in_a_lane_count_as_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that fails inside a lane job is counted as its own error (by type) and
+    not as a request done, by the scheduler's counters and the statistics alike."""
+    monkeypatch.setattr(core, "CHEAP_SECONDS", 0.0)  # nothing is quick: verify in lanes
+    key = cp.Key.generate("rsa-pss-sha256", size=2048)
+    pub = key.public_key()
+    msgs = [bytes([i]) * 10 for i in range(20)]
+    with cp.Plane(engines=["inline", "threads"]) as plane:
+        sigs = [plane.sign(key, m) for m in msgs]
+        plane.map([rq.Verify(pub, m, s) for m, s in zip(msgs[:4], sigs[:4], strict=True)])
+        lanes: list[Lane] = []
+        real = plane._submit
+
+        def spy(r: object, *a: object, **kw: object) -> object:
+            if isinstance(r, Lane):
+                lanes.append(r)
+            return real(r, *a, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(plane, "_submit", spy)
+        before = plane.stats()
+        checks = [rq.Verify(pub, m, s if i % 5 else sigs[(i + 1) % 20])
+                  for i, (m, s) in enumerate(zip(msgs, sigs, strict=True))]
+        out = plane.map(checks, return_exceptions=True)
+        assert lanes, "the batch did not go to lanes"
+        assert sum(isinstance(o, cp.InvalidSignature) for o in out) == 4
+        st = plane.stats()
+        verify = st["algorithms"]["rsa-pss-sha256"]["verify"]
+        was = before["algorithms"]["rsa-pss-sha256"]["verify"]
+        assert verify["requests"] - was["requests"] == 16
+        assert verify["errors"] == {"InvalidSignature": 4}
+        sched, then = st["scheduler"], before["scheduler"]
+        assert sched["failed"] - then["failed"] == 4
+        assert sched["completed"] - then["completed"] == 16
+        assert sched["completed"] + sched["failed"] == sched["submitted"]
