@@ -22,6 +22,7 @@ under a QoS limit (a lane would count as one op).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -73,12 +74,13 @@ class Run:
 
 class Lane(Request):
     """One lane's job over a ``Run``: runs its next request until none is left; one
-    failing request does not stop it (``failed`` lists those). ``count`` and ``nbytes``
+    failing request does not stop it (``failed`` lists those; ``elapsed`` when each
+    ended, for its latency). ``count`` and ``nbytes``
     are the planned share until it has run (what the balancer weighs and the plane
     counts as submitted), then what it ran (what statistics and meters count), so the
     lanes of a run add up to the run either way."""
 
-    __slots__ = ("_count", "_nbytes", "_op", "failed", "run")
+    __slots__ = ("_count", "_nbytes", "_op", "elapsed", "failed", "run")
     burst = True
 
     def __init__(self, run: Run, share: int) -> None:
@@ -89,6 +91,7 @@ class Lane(Request):
         self._count = share
         self._nbytes = run.nbytes * share // len(run)
         self.failed: list[tuple[BaseException, int]] = []
+        self.elapsed: list[float] = []
 
     @property  # type: ignore[misc]  # per instance here: a lane is of its requests' op
     def op(self) -> Op:  # type: ignore[override]
@@ -121,6 +124,8 @@ class Lane(Request):
         run = self.run
         requests, outcomes, take, n = run.requests, run.outcomes, run.take, len(run)
         done = nbytes = 0
+        clock, ended = time.perf_counter, self.elapsed.append
+        start = clock()
         while not run.closed:
             i = take()
             if i >= n:
@@ -131,6 +136,7 @@ class Lane(Request):
             except Exception as e:  # the request's own outcome, delivered in its place
                 outcomes[i] = (False, e)
                 self.failed.append((e, r.nbytes))
+            ended(clock() - start)
             done += 1
             nbytes += r.nbytes
         self._count, self._nbytes = done, nbytes

@@ -65,6 +65,9 @@ class Request:
     # of the requests this stands for, those that failed on their own (a lane's), with
     # their payload sizes: statistics count them as errors, not as requests done
     failed: Sequence[tuple[BaseException, int]] = ()
+    # per request this stands for (a lane's): seconds from the job's start to that
+    # request's end, so that each gets its own latency sample
+    elapsed: Sequence[float] = ()
 
     @property
     def largest(self) -> int:

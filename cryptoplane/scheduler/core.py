@@ -251,12 +251,12 @@ class Scheduler:
         now = self._clock()
         req = t.request
         stats = self.registry.get(engine.name, req.algorithm.name, req.op.value, t.client)
-        stats.latency.record(now - t.t_submit)
         if error is None:
-            ok, failed = count_done(stats, req)
+            ok, failed = count_done(stats, req, now - t.t_submit)
             self.counters["completed"] += ok
             self.counters["failed"] += failed
         else:
+            stats.latency.record(now - t.t_submit)
             stats.error(error)
             self.counters["failed"] += req.count
         _settle(t.future, result, error)
@@ -552,16 +552,26 @@ class Scheduler:
         self._thread.join(timeout)
 
 
-def count_done(stats: OpStats, req: Request) -> tuple[int, int]:
-    """Count a completed job in ``stats``: its requests done and their bytes, and the
-    errors of those that failed on their own (a lane's). Returns (done, failed)."""
+def count_done(stats: OpStats, req: Request, latency: float) -> tuple[int, int]:
+    """Count a completed job in ``stats``: its requests done and their bytes, the
+    errors of those that failed on their own (a lane's), and a latency sample per
+    request (``latency``: the job's, from submission to completion; a lane's requests
+    each waited as long as it did before it started, then until they ended). Returns
+    (done, failed)."""
+    elapsed = req.elapsed
+    if elapsed:
+        waited = latency - elapsed[-1]
+        for ended in elapsed:
+            stats.latency.record(waited + ended)
+    else:
+        stats.latency.record(latency)
     failed = req.failed
     if not failed:
         stats.requests += req.count
         stats.bytes += req.nbytes
         return req.count, 0
-    for e, _ in failed:
-        stats.error(e)
+    for error, _ in failed:
+        stats.error(error)
     done = req.count - len(failed)
     stats.requests += done
     stats.bytes += req.nbytes - sum(n for _, n in failed)

@@ -115,8 +115,7 @@ class Router:
         except CryptoplaneError as e:
             stats.error(e)
             raise
-        count_done(stats, request)
-        stats.latency.record(time.perf_counter() - t0)
+        count_done(stats, request, time.perf_counter() - t0)
         return out
 
     def submit(self, request: Request, session: Session | None, *, priority: str | None,
