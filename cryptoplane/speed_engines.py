@@ -370,12 +370,15 @@ def window_loop(plane: Plane, make: Callable[[int], rq.Request], depth: int) -> 
 
 
 def batch_loop(plane: Plane, make: Callable[[int], rq.Request], size: int) -> Loop:
+    """``n`` requests in ``map`` batches of at most ``size``, as even as can be: a timed
+    chunk's 2,060 XTS runs are 9 batches of ~229, not 8 of 256 and one of 12, whose
+    fixed cost would be paid for a twentieth of the work."""
     def loop(n: int) -> None:
         run = plane.map
-        while n > 0:
-            k = min(n, size)
+        batches = -(-n // size)
+        for j in range(batches):
+            k = n // batches + (j < n % batches)
             run([make(i) for i in range(k)])
-            n -= k
     return loop
 
 

@@ -182,6 +182,21 @@ def test_auto_batches_hold_about_batch_seconds_of_work_or_batch_bytes() -> None:
         assert se.batch(plane, 1 << 20, 1e-6, se.RING_BYTES) == se.RING_BYTES >> 20
 
 
+def test_auto_batches_of_a_chunk_are_even() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def map(self, items: list[int]) -> None:
+            self.batches.append(len(items))
+
+    for n, size, expected in ((2060, 256, [229] * 8 + [228]), (10, 256, [10]),
+                              (512, 256, [256, 256]), (0, 5, [])):
+        rec = Recorder()
+        se.batch_loop(rec, lambda i: i, size)(n)  # type: ignore[arg-type]
+        assert rec.batches == expected  # no tiny last batch paying a whole fixed cost
+
+
 @pytest.mark.skipif(plot_available(), reason="matplotlib is installed")
 def test_plot_without_matplotlib_says_how_to_install(tmp_path: Any) -> None:
     result = CliRunner().invoke(cli, ["speed", "--plot", str(tmp_path / "x.svg")])
