@@ -287,9 +287,9 @@ def run_here(plane: Plane, s: Session, r: rq.Request) -> tuple[bool, Any]:
 
 
 def lanes(plane: Plane) -> int:
-    """Lanes a burst can run in at once: each thread of the engines that take bursts
-    (no more than the cores: they share them), and the caller's own thread when those
-    threads leave a core free (``caller_runs_a_lane``)."""
+    """Lanes that share a run at once: each thread of the engines that take lane jobs
+    (``takes_bursts``; no more than the cores: they share them), and the caller's own
+    thread when those threads leave a core free (``caller_runs_a_lane``)."""
     threads = _burst_threads(plane)
     return min(threads, _CORES) + (0 if threads >= _CORES else 1)
 
@@ -305,7 +305,7 @@ def has_limits(plane: Plane) -> bool:
 
 
 def burstable(plane: Plane, r: rq.Request) -> bool:
-    """GIL-free work whose session may run on an engine that takes bursts."""
+    """GIL-free work whose session may run on an engine that takes lane jobs."""
     if not releases_gil(r) or plane._router.small(r):
         return False
     s = plane._session_of(r)
@@ -315,7 +315,7 @@ def burstable(plane: Plane, r: rq.Request) -> bool:
 def burstable_by_kind(plane: Plane) -> Callable[[rq.Request], bool]:
     """``burstable``, decided once per type, key and size of request within a batch:
     asked of each of 48 RSA requests, it took 126 µs of the 161 µs that grouping them
-    cost, while the workers waited for their first burst."""
+    cost, while the workers waited for their first job."""
     seen: dict[tuple[type, int, int], bool] = {}
 
     def test(r: rq.Request) -> bool:
