@@ -40,7 +40,8 @@ def run_map(plane: Plane, items: list[Submittable], *, return_exceptions: bool,
     same = not limits and bool(items) and uniform(items)
     s = inline_batch(plane, items) if same else None
     if s is not None:
-        return run_all_here(plane, s, items, return_exceptions)  # type: ignore[arg-type]
+        return _results(run_all_here(plane, s, items),  # type: ignore[arg-type]
+                        return_exceptions)
     # one kind of GIL-free work measured to be quick here (measured: work never seen
     # counts as quick, and a batch measured as one would run a whole first batch of
     # RSA signatures here before anyone knew better)
@@ -147,8 +148,7 @@ def inline_batch(plane: Plane, items: list[Submittable]) -> Session | None:
     s = key._session
     if s.fast_plane is not plane:  # unbound, elsewhere, or a key's first use here
         return None
-    kind = (type(first), key.algorithm.name, first.nbytes.bit_length())
-    return s if plane._router.take_verdict(kind, len(items)) else None  # type: ignore[no-any-return]
+    return s if plane._router.take_verdict(first, len(items)) else None  # type: ignore[no-any-return]
 
 
 class RunSlot(NamedTuple):
@@ -209,49 +209,26 @@ def run_measured_here(plane: Plane, r: rq.Request, client: str | None) -> tuple[
         return False, e
 
 
-# request type -> its op's index in a session's tally (None: not a fast-path op)
-_TALLY_INDEX: dict[type, int | None] = {}
-
-
-def run_all_here(plane: Plane, s: Session, batch: list[rq.Request],
-                 return_exceptions: bool) -> list[Any]:
+def run_all_here(plane: Plane, s: Session,
+                 batch: list[rq.Request]) -> list[tuple[bool, Any]]:
     """A uniform batch run here like the fast path: per request, the call and its
-    tally. Unless ``return_exceptions``, the first error is raised after all ran."""
+    tally (``run_here``); encryptions and decryptions through the session's own AEAD
+    call."""
     kind = type(batch[0])
-    index = _TALLY_INDEX.get(kind, -1)
-    if index == -1:  # a request type's first batch here (Op.value is slow to read)
-        index = _TALLY_INDEX[kind] = OP_INDEX.get(batch[0].op.value)
-    if index is None:
-        return _results([run_here(plane, s, r) for r in batch], return_exceptions)
     if kind is rq.Encrypt or kind is rq.Decrypt:
         return _run_aead_here(plane, s, batch,  # type: ignore[arg-type]
-                              "encrypt" if kind is rq.Encrypt else "decrypt", index,
-                              return_exceptions)
-    kernel, add, out = s.kernel, s.tally.add, []
-    error: CryptoplaneError | None = None
-    for r in batch:
-        try:
-            value = r.apply(kernel)
-        except CryptoplaneError as e:
-            plane._counter(s, r.op.value).error(e)
-            error = error or e
-            value = e
-        else:
-            add(index, r.nbytes)
-        out.append(value)
-    if error is not None and not return_exceptions:
-        raise error
-    return out
+                              "encrypt" if kind is rq.Encrypt else "decrypt")
+    return [run_here(plane, s, r) for r in batch]
 
 
-def _run_aead_here(plane: Plane, s: Session, batch: list[rq._Cipher], op: str, index: int,
-                   return_exceptions: bool) -> list[Any]:
+def _run_aead_here(plane: Plane, s: Session, batch: list[rq._Cipher],
+                   op: str) -> list[tuple[bool, Any]]:
     """Encryptions or decryptions through the session's own AEAD call, as the fast
     path makes them: the kernel's Python layer (~1.5% of a 1 MiB AES-GCM call here, its
     caches cold) only where that call fails, to name the error; CBC padding through
     the kernel."""
-    call, kernel, add, out = (s.enc if op == "encrypt" else s.dec), s.kernel, s.tally.add, []
-    error: CryptoplaneError | None = None
+    call = s.enc if op == "encrypt" else s.dec
+    kernel, add, index, out = s.kernel, s.tally.add, OP_INDEX[op], []
     for r in batch:
         try:
             value = r.apply(kernel) if r.padding else call(r.nonce, r.data, r.aad)
@@ -259,13 +236,10 @@ def _run_aead_here(plane: Plane, s: Session, batch: list[rq._Cipher], op: str, i
             typed = plane._fast_error(s, op, e, r.data, r.nonce, r.aad)
             if not isinstance(typed, CryptoplaneError):
                 raise typed from None
-            error = error or typed
-            value = typed
+            out.append((False, typed))
         else:
             add(index, len(r.data))
-        out.append(value)
-    if error is not None and not return_exceptions:
-        raise error
+            out.append((True, value))
     return out
 
 

@@ -32,6 +32,12 @@ REVIEW_EVERY = 64
 REVIEW_SECONDS = 0.05
 
 
+def verdict_kind(request: Request) -> tuple[type, str, int]:
+    """What a cached inline verdict is kept per: request type, algorithm and size class
+    (a power of two)."""
+    return type(request), request.algorithm.name, request.nbytes.bit_length()
+
+
 class Router:
     def __init__(self, engines: dict[str, Engine], scheduler: Scheduler,
                  fast_path_limit: int) -> None:
@@ -151,13 +157,12 @@ class Router:
                                not_before=self.scheduler.now() + wait if wait else 0.0)
         return fut
 
-    def take_verdict(self, kind: tuple[type, str, int], count: int) -> bool:
-        """Whether ``count`` requests of ``kind`` (type, algorithm name, size class: see
-        ``inline_verdict``) may run inline on the balancer's cached verdict, which then
-        has that many fewer left. Only GIL-holding work ever gets a verdict. Never
-        renews one: a kind without enough left is asked one request at a time, and
-        renewed there."""
-        k = kind
+    def take_verdict(self, request: Request, count: int) -> bool:
+        """Whether ``count`` requests of ``request``'s kind (``verdict_kind``) may run
+        inline on the balancer's cached verdict, which then has that many fewer left.
+        Only GIL-holding work ever gets a verdict. Never renews one: a kind without
+        enough left is asked one request at a time, and renewed there."""
+        k = verdict_kind(request)
         left = self._verdicts.get(k, 0)
         if left < count:
             return False
@@ -170,7 +175,7 @@ class Router:
         kept for ``REVIEW_EVERY`` requests or ``REVIEW_SECONDS`` of inline work, whichever
         is more. A request that finds no verdict gets False, takes the measured path
         (so inline's estimates stay fresh), and renews it."""
-        k = (type(request), request.algorithm.name, request.nbytes.bit_length())
+        k = verdict_kind(request)
         left = self._verdicts.get(k, 0)
         if left > 0:
             self._verdicts[k] = left - 1
