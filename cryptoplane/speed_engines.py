@@ -188,12 +188,12 @@ class EnginePaths:
     def prepare(self, cell: Cell) -> CellPaths:
         """Loops for ``cell`` on every engine path, warmed up."""
         out = CellPaths({}, [])
-        per_call_s = self._inline_seconds(cell)
+        size = self._auto_batch(cell)
         # sector runs write into buffers given with the request: every path rotates
         # through the same ring, one buffer per request a path may have in flight (auto:
         # a batch), so that no path is timed writing into cache-hot memory where another
         # writes into cold (one reused 1 MiB output ran 5% faster than a ring of 100)
-        outs = [bytearray(cell.nbytes) for _ in range(self._ring(cell, per_call_s))] \
+        outs = [bytearray(cell.nbytes) for _ in range(self._ring(size))] \
             if cell.algorithm in XTS else []
         for name in self.names:
             plane = self.planes.get(name)
@@ -201,9 +201,8 @@ class EnginePaths:
                 out.skipped.append(Result(cell, name, note=self.unavailable.get(name)))
                 continue
             if name == "inline":
-                out.loops[name] = loops_for(plane, cell)["plane"]
-                if cell.algorithm in XTS:
-                    out.loops[name] = ring_loop(plane, cell, outs)
+                out.loops[name] = (ring_loop(plane, cell, outs) if cell.algorithm in XTS
+                                   else loops_for(plane, cell)["plane"])
             elif name in BOUND:
                 if cell.algorithm in HASHES:
                     out.skipped.append(Result(cell, name, note=(
@@ -220,8 +219,6 @@ class EnginePaths:
                 free = None if cell.algorithm in HASHES else _key(cell)
                 if free is not None:
                     plane.session(free)  # unbound: the balancer chooses
-                size = (batch(plane, cell.nbytes, per_call_s, RING_BYTES)
-                        if cell.algorithm in XTS else batch(plane, cell.nbytes, per_call_s))
                 out.loops[name] = batch_loop(plane, requests(plane, cell, free, outs), size)
                 out.auto_mode = f"map x{size}"
         # auto right after inline: the targeted ratios' two paths back to back in every
@@ -234,22 +231,25 @@ class EnginePaths:
             out.before = engine_requests(self.planes["auto"])
         return out
 
-    def _inline_seconds(self, cell: Cell) -> float:
-        """Seconds a request of ``cell`` takes inline (what sizes auto's batches), or 0
-        where auto does not batch it."""
+    def _auto_batch(self, cell: Cell) -> int:
+        """Requests per ``map`` batch on the auto path (``batch``, sized by what a
+        request of ``cell`` takes inline), or 0 where auto does not batch the cell."""
         plane = self.planes.get("auto")
         inline = self.planes.get("inline")
-        if plane is None or inline is None or takes_fast_path(plane, cell):
-            return 0.0
-        _, per_call_ns = calibrate(loops_for(inline, cell)["plane"], int(BATCH_SECONDS * 1e9))
-        return per_call_ns / 1e9
+        if plane is None or takes_fast_path(plane, cell):
+            return 0
+        per_call_s = 0.0
+        if inline is not None:
+            _, per_call_ns = calibrate(loops_for(inline, cell)["plane"],
+                                       int(BATCH_SECONDS * 1e9))
+            per_call_s = per_call_ns / 1e9
+        budget = RING_BYTES if cell.algorithm in XTS else BATCH_BYTES
+        return batch(plane, cell.nbytes, per_call_s, budget)
 
-    def _ring(self, cell: Cell, per_call_s: float) -> int:
+    def _ring(self, auto_batch: int) -> int:
         """Output buffers for a sector cell: as many as any path has requests in flight."""
-        sizes = [window(p, n) for n, p in self.planes.items() if n in BOUND]
-        if "auto" in self.planes:
-            sizes.append(batch(self.planes["auto"], cell.nbytes, per_call_s, RING_BYTES))
-        return max(sizes, default=1)
+        windows = [window(p, n) for n, p in self.planes.items() if n in BOUND]
+        return max([*windows, auto_batch, 1])
 
     def finish(self, cell: Cell, prepared: CellPaths, results: list[Result]) -> list[Ratio]:
         """Note what ``auto`` used for the cell; the engine ratios."""
