@@ -290,7 +290,7 @@ def test_a_uniform_batch_runs_here_on_one_decision(monkeypatch: pytest.MonkeyPat
         # the balancer's verdict, given here: whether it keeps this work inline depends
         # on this machine's figures of the moment (tested elsewhere), what a batch does
         # with a verdict does not
-        k = (rq.Encrypt, "aes-256-gcm", len(data).bit_length())
+        k = router_module.verdict_kind(rq.Encrypt(key, data, nonce=nonces[0]))
         router._verdicts[k] = left = 100
         asked: list[bool] = []
         real = router.inline_verdict
@@ -335,7 +335,7 @@ def test_a_uniform_batch_with_cbc_padding_runs_through_the_kernel() -> None:
     ivs = [i.to_bytes(16, "big") for i in range(4)]
     with cp.Plane(engines=["inline", "threads"]) as plane:
         plane.map([rq.Encrypt(key, data, nonce=iv, padding=True) for iv in ivs * 5])
-        kind = (rq.Encrypt, "aes-256-cbc", len(data).bit_length())
+        kind = router_module.verdict_kind(rq.Encrypt(key, data, nonce=ivs[0], padding=True))
         plane._router._verdicts[kind] = 100  # the balancer's verdict, given here
         cts = plane.map([rq.Encrypt(key, data, nonce=iv, padding=True) for iv in ivs])
         assert plane._router._verdicts[kind] == 96  # the uniform lane ran them
@@ -356,12 +356,22 @@ def test_a_verdict_lasts_review_seconds_of_inline_work(monkeypatch: pytest.Monke
         monkeypatch.setattr(plane._scheduler.policy, "choose",
                             lambda nbytes, views, explore=True: views[0])  # inline wins
         router = plane._router
-        k = (rq.Encrypt, "aes-256-gcm", len(data).bit_length())
+        k = router_module.verdict_kind(probe)
         router._verdicts[k] = 0
         assert router.inline_verdict(probe) is False  # this one takes the measured path
         expected = round(router_module.REVIEW_SECONDS / inline.latency)
         assert router._verdicts[k] == max(router_module.REVIEW_EVERY, min(1 << 16, expected))
         assert router._verdicts[k] > router_module.REVIEW_EVERY  # ~30 µs requests here
+
+
+def verifications(plane: cp.Plane, key: cp.Key, n: int, size: int) -> list[rq.Verify]:
+    """``n`` RSA verifications of ``size``-byte messages signed here; every fifth one
+    (0, 5, ...) carries its neighbour's signature, so it fails."""
+    pub = key.public_key()
+    msgs = [bytes([i]) * size for i in range(n)]
+    sigs = [plane.sign(key, m) for m in msgs]
+    return [rq.Verify(pub, m, sigs[i] if i % 5 else sigs[(i + 1) % n])
+            for i, m in enumerate(msgs)]
 
 
 def test_a_uniform_batch_of_quick_gil_free_work_is_measured_as_one(
@@ -371,18 +381,14 @@ def test_a_uniform_batch_of_quick_gil_free_work_is_measured_as_one(
     request its result or its own error, each counted."""
     monkeypatch.setattr(core, "CHEAP_SECONDS", 1.0)  # routing, not this machine's speed
     key = cp.Key.generate("rsa-pss-sha256", size=2048)
-    pub = key.public_key()
-    msgs = [bytes([i]) * 20 for i in range(12)]
     with cp.Plane(engines=["inline", "threads"]) as plane:
-        sigs = [plane.sign(key, m) for m in msgs]
-        plane.map([rq.Verify(pub, m, s) for m, s in zip(msgs[:3], sigs[:3], strict=True)])
+        checks = verifications(plane, key, 12, 20)
+        plane.map(checks[1:4])  # three that verify: inline measures them
         meter = plane.engines["inline"].meter
         before = meter.estimate("rsa-pss-sha256", "verify", 20)
         assert before is not None, "not measured yet"
         samples = before.samples
         ran_as_one = spy(monkeypatch, plane._router, "run_inline_batch")
-        checks = [rq.Verify(pub, m, s if i % 5 else sigs[(i + 1) % 12])
-                  for i, (m, s) in enumerate(zip(msgs, sigs, strict=True))]
         out = plane.map(checks, return_exceptions=True)
         assert [len(b) for b in ran_as_one] == [12]  # type: ignore[arg-type]
         assert [isinstance(o, cp.InvalidSignature) for o in out] == [i % 5 == 0 for i in range(12)]
@@ -402,15 +408,11 @@ def test_requests_that_fail_in_a_lane_count_as_errors(monkeypatch: pytest.Monkey
     not as a request done, by the scheduler's counters and the statistics alike."""
     monkeypatch.setattr(core, "CHEAP_SECONDS", 0.0)  # nothing is quick: verify in lanes
     key = cp.Key.generate("rsa-pss-sha256", size=2048)
-    pub = key.public_key()
-    msgs = [bytes([i]) * 10 for i in range(20)]
     with cp.Plane(engines=["inline", "threads"]) as plane:
-        sigs = [plane.sign(key, m) for m in msgs]
-        plane.map([rq.Verify(pub, m, s) for m, s in zip(msgs[:4], sigs[:4], strict=True)])
+        checks = verifications(plane, key, 20, 10)
+        plane.map(checks[1:5])  # four that verify: measured, and not quick
         submitted = spy(monkeypatch, plane, "_submit")
         before = plane.stats()
-        checks = [rq.Verify(pub, m, s if i % 5 else sigs[(i + 1) % 20])
-                  for i, (m, s) in enumerate(zip(msgs, sigs, strict=True))]
         out = plane.map(checks, return_exceptions=True)
         assert any(isinstance(r, Lane) for r in submitted), "the batch went to no lane"
         assert sum(isinstance(o, cp.InvalidSignature) for o in out) == 4
