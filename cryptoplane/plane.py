@@ -347,29 +347,34 @@ class Plane:
 
     def encrypt_sectors(self, key: Key, data: Buffer, *, sector: int = 0,
                         sector_size: int = 4096, out: Any = None,
-                        tweak: str = "plain64") -> Any:
-        """XTS over a run of sectors in one native call; ``out`` may be ``data`` itself."""
+                        tweak: str = "plain64", tweak_unit: int | None = None) -> Any:
+        """XTS over a run of sectors in one native call; ``out`` may be ``data`` itself.
+        Sector ``i`` of the run takes tweak ``sector + i``; with ``tweak_unit=512`` the
+        tweak counts 512-byte units, as dm-crypt's LUKS2 IVs do at every sector size
+        (the second 4096-byte sector's tweak is ``sector + 8``)."""
         s = key._session
         if s.fast_plane is not self:
             s = self._session(key)
             if s.fast_plane is not self:
                 return self.run(rq.EncryptSectors(key, data, sector=sector,
-                                                  sector_size=sector_size, out=out, tweak=tweak))
-        layout = rq.check_sectors(data, sector, sector_size, tweak)
+                                                  sector_size=sector_size, out=out, tweak=tweak,
+                                                  tweak_unit=tweak_unit))
+        layout = rq.check_sectors(data, sector, sector_size, tweak, tweak_unit)
         result = self._on_kernel(s, "encrypt_sectors", data, sector, sector_size, out, layout)
         s.tally.add(OP_ENCRYPT_SECTORS, len(data))
         return result
 
     def decrypt_sectors(self, key: Key, data: Buffer, *, sector: int = 0,
                         sector_size: int = 4096, out: Any = None,
-                        tweak: str = "plain64") -> Any:
+                        tweak: str = "plain64", tweak_unit: int | None = None) -> Any:
         s = key._session
         if s.fast_plane is not self:
             s = self._session(key)
             if s.fast_plane is not self:
                 return self.run(rq.DecryptSectors(key, data, sector=sector,
-                                                  sector_size=sector_size, out=out, tweak=tweak))
-        layout = rq.check_sectors(data, sector, sector_size, tweak)
+                                                  sector_size=sector_size, out=out, tweak=tweak,
+                                                  tweak_unit=tweak_unit))
+        layout = rq.check_sectors(data, sector, sector_size, tweak, tweak_unit)
         result = self._on_kernel(s, "decrypt_sectors", data, sector, sector_size, out, layout)
         s.tally.add(OP_DECRYPT_SECTORS, len(data))
         return result

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from ._native import tweak_step
 from .algorithms import Algorithm, Kind, Op, lookup
 from .exceptions import InvalidRequest, KeyRejected
 from .kernels import Buffer, Kernel
@@ -281,7 +282,9 @@ TWEAK_LAYOUTS = ("plain64", "plain64be")
 
 
 class _Sectors(Request):
-    """A run of sectors under XTS; sector ``i`` of the run uses tweak ``sector + i``."""
+    """A run of sectors under XTS; sector ``i`` of the run uses tweak ``sector + i``, or
+    ``sector + i * sector_size // tweak_unit`` where the tweak counts smaller units
+    (``tweak_unit=512``: dm-crypt's numbering for LUKS2 at every sector size)."""
 
     __slots__ = ("data", "out", "sector", "sector_size", "tweak")
 
@@ -291,19 +294,21 @@ class _Sectors(Request):
         return self.out is None or self.out is not self.data
 
     def __init__(self, key: Key, data: Buffer, *, sector: int = 0, sector_size: int = 4096,
-                 out: Any = None, tweak: str = "plain64") -> None:
+                 out: Any = None, tweak: str = "plain64",
+                 tweak_unit: int | None = None) -> None:
         self.key = _need_key(key, self.op)
         self.data, self.out = data, out
         self.sector, self.sector_size = sector, sector_size
-        self.tweak = check_sectors(data, sector, sector_size, tweak)
+        self.tweak = check_sectors(data, sector, sector_size, tweak, tweak_unit)
 
     @property
     def nbytes(self) -> int:
         return len(self.data)
 
 
-def check_sectors(data: object, sector: object, sector_size: object, tweak: str) -> int:
-    """Validate a sector run; returns the native tweak-layout code."""
+def check_sectors(data: object, sector: object, sector_size: object, tweak: str,
+                  tweak_unit: int | None = None) -> int:
+    """Validate a sector run; returns the native tweak code (layout and step)."""
     if sector_size not in SECTOR_SIZES:
         raise InvalidRequest(f"sector_size must be one of {SECTOR_SIZES}, got {sector_size!r}")
     if not isinstance(sector, int) or not 0 <= sector < 1 << 64:
@@ -315,10 +320,16 @@ def check_sectors(data: object, sector: object, sector_size: object, tweak: str)
             f"a sector run must be a non-zero multiple of {sector_size} bytes, got {n}"
         )
     try:
-        return TWEAKS[tweak]
+        code = TWEAKS[tweak]
     except KeyError:
         raise InvalidRequest(f"tweak layout must be one of {TWEAK_LAYOUTS}, "
                              f"got {tweak!r}") from None
+    if tweak_unit is None or tweak_unit == sector_size:
+        return code
+    if tweak_unit not in SECTOR_SIZES or tweak_unit > sector_size:
+        raise InvalidRequest(f"tweak_unit must be 512, 1024, 2048 or 4096 and at most the "
+                             f"sector size {sector_size}, got {tweak_unit!r}")
+    return code | tweak_step(sector_size // tweak_unit)
 
 
 class EncryptSectors(_Sectors):

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from cryptoplane._native import fallback
-from cryptoplane._native.fallback import TWEAK_PLAIN64, TWEAK_PLAIN64BE
+from cryptoplane._native.fallback import TWEAK_PLAIN64, TWEAK_PLAIN64BE, tweak_step
 
 __all__ = [
     "BACKEND",
@@ -66,6 +66,7 @@ __all__ = [
     "open_chunks",
     "openssl_version",
     "seal_chunks",
+    "tweak_step",
 ]
 
 PythonXtsKey = fallback.XtsKey

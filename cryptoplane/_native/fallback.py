@@ -21,12 +21,31 @@ __all__ = [
     "TWEAK_PLAIN64BE",
     "XtsKey",
     "sector_tweak",
+    "tweak_step",
     "xts_data_unit",
 ]
 
 TWEAK_PLAIN64 = 0
 TWEAK_PLAIN64BE = 1
 SECTOR_SIZES = (512, 1024, 2048, 4096)
+_LAYOUT_MASK = 0xFF
+_STEP_SHIFT = 8
+
+
+def tweak_step(step: int) -> int:
+    """The bits of a tweak code that make each sector's tweak ``step`` more than the
+    previous one's (1, 2, 4 or 8). dm-crypt counts LUKS2 IVs in 512-byte units at every
+    sector size, so a run of 4096-byte sectors takes ``TWEAK_PLAIN64 | tweak_step(8)``:
+    tweaks 0, 8, 16, ... The default, step 1, counts whole sectors (dm-crypt's
+    ``iv_large_sectors``)."""
+    if step not in (1, 2, 4, 8):
+        raise ValueError(f"the tweak step must be 1, 2, 4 or 8, got {step}")
+    return (step.bit_length() - 1) << _STEP_SHIFT
+
+
+def _valid_code(tweak: object) -> bool:
+    return (isinstance(tweak, int) and not tweak & ~0x3FF
+            and tweak & _LAYOUT_MASK in (TWEAK_PLAIN64, TWEAK_PLAIN64BE))
 
 _U64 = (1 << 64) - 1
 
@@ -37,6 +56,8 @@ def sector_tweak(sector: int, tweak: int = TWEAK_PLAIN64) -> bytes:
     plain64: little-endian in bytes 0..7; plain64be: big-endian in bytes 8..15.
     """
     sector &= _U64
+    if _valid_code(tweak):
+        tweak &= _LAYOUT_MASK
     if tweak == TWEAK_PLAIN64:
         return sector.to_bytes(8, "little") + bytes(8)
     if tweak == TWEAK_PLAIN64BE:
@@ -132,7 +153,8 @@ class XtsKey:
         out: object = None,
         tweak: int = TWEAK_PLAIN64,
     ) -> object:
-        """Encrypt a run of sectors; sector i uses tweak first_sector + i (mod 2**64).
+        """Encrypt a run of sectors; sector i uses tweak first_sector + i * step (mod
+        2**64), the step being 1 unless ``tweak`` carries a ``tweak_step``.
 
         Returns new bytes, or ``out`` when given (which may be ``src`` itself).
         """
@@ -168,8 +190,9 @@ class XtsKey:
         sector_size = _as_int(sector_size, "sector_size")
         if sector_size not in SECTOR_SIZES:
             raise ValueError(f"sector_size must be 512, 1024, 2048 or 4096, got {sector_size}")
-        if tweak not in (TWEAK_PLAIN64, TWEAK_PLAIN64BE):
-            raise ValueError(f"tweak must be TWEAK_PLAIN64 (0) or TWEAK_PLAIN64BE (1), got {tweak}")
+        if not _valid_code(tweak):
+            raise ValueError("tweak must be TWEAK_PLAIN64 (0) or TWEAK_PLAIN64BE (1), plus "
+                             f"tweak_step(n) for n in 0..3, got {tweak}")
         n = len(source)
         if n == 0 or n % sector_size:
             raise ValueError(
@@ -177,10 +200,11 @@ class XtsKey:
                 f"got {n} bytes with sector_size {sector_size}"
             )
         key = self.__key
+        step = 1 << (tweak >> _STEP_SHIFT)
         units = (
             xts_data_unit(
                 key,
-                sector_tweak(first_sector + i, tweak),
+                sector_tweak(first_sector + i * step, tweak),
                 source[lo : lo + sector_size],
                 encrypt,
             )

@@ -315,10 +315,10 @@ XtsKey_crypt(XtsKeyObject *self, PyObject *args, PyObject *kwds, int enc)
                      "sector_size must be 512, 1024, 2048 or 4096, got %d", sector_size);
         goto fail;
     }
-    if (tweak != TWEAK_PLAIN64 && tweak != TWEAK_PLAIN64BE) {
+    if (!TWEAK_VALID(tweak)) {
         PyErr_Format(PyExc_ValueError,
-                     "tweak must be TWEAK_PLAIN64 (0) or TWEAK_PLAIN64BE (1), got %d",
-                     tweak);
+                     "tweak must be TWEAK_PLAIN64 (0) or TWEAK_PLAIN64BE (1), plus "
+                     "tweak_step(n) for n in 0..3, got %d", tweak);
         goto fail;
     }
     if (src.len == 0 || src.len % sector_size != 0) {
@@ -447,7 +447,8 @@ XtsKey_get_key_size(XtsKeyObject *self, void *Py_UNUSED(closure))
 
 PyDoc_STRVAR(encrypt_doc,
 "encrypt(src, first_sector, sector_size, out=None, tweak=TWEAK_PLAIN64)\n--\n\n"
-"Encrypt a run of sectors; sector i uses tweak first_sector + i (mod 2**64).\n"
+"Encrypt a run of sectors; sector i uses tweak first_sector + i * step (mod 2**64),\n"
+"where step is 1 << (tweak >> 8) (see tweak_step in the Python layer).\n"
 "Returns new bytes, or `out` when given (which may be `src` itself).");
 
 PyDoc_STRVAR(decrypt_doc,

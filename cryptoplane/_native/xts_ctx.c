@@ -110,7 +110,7 @@ static void
 make_iv(unsigned char iv[16], uint64_t sector, int tweak)
 {
     int k;
-    if (tweak == TWEAK_PLAIN64) {
+    if ((tweak & TWEAK_LAYOUT_MASK) == TWEAK_PLAIN64) {
         for (k = 0; k < 8; k++) {
             iv[k] = (unsigned char)(sector >> (8 * k));
         }
@@ -126,7 +126,8 @@ make_iv(unsigned char iv[16], uint64_t sector, int tweak)
  * The unlocked loop.  Returns 1 on success, 0 on an OpenSSL failure (the error stays
  * on this thread's queue for the caller to report once the GIL is back).  XTS treats
  * every update as one data unit, so each sector gets its own IV and exactly one update.
- * Sector numbers are uint64_t so they wrap modulo 2^64, as dm-crypt's do.
+ * Sector numbers are uint64_t so they wrap modulo 2^64, as dm-crypt's do; each sector's
+ * IV is the previous one plus the code's step.
  */
 int
 xts_run(int direct, int size, int enc, void *ctx, const unsigned char *src,
@@ -135,13 +136,14 @@ xts_run(int direct, int size, int enc, void *ctx, const unsigned char *src,
 {
     unsigned char iv[16];
     size_t i;
+    const uint64_t step = (uint64_t)1 << TWEAK_STEP_LOG2(tweak);
 
     memset(iv, 0, sizeof(iv));
     if (direct) {
         const ProvFns *f = &prov_fns[size];
         OSSL_FUNC_cipher_encrypt_init_fn *init = enc ? f->einit : f->dinit;
         size_t outl;
-        for (i = 0; i < nsectors; i++, sector++) {
+        for (i = 0; i < nsectors; i++, sector += step) {
             make_iv(iv, sector, tweak);
             if (!init(ctx, NULL, 0, iv, sizeof(iv), NULL)
                 || !f->update(ctx, dst, &outl, (size_t)sector_size, src,
@@ -156,7 +158,7 @@ xts_run(int direct, int size, int enc, void *ctx, const unsigned char *src,
     else {
         EVP_CIPHER_CTX *c = (EVP_CIPHER_CTX *)ctx;
         int outl;
-        for (i = 0; i < nsectors; i++, sector++) {
+        for (i = 0; i < nsectors; i++, sector += step) {
             make_iv(iv, sector, tweak);
             if (EVP_CipherInit_ex(c, NULL, NULL, NULL, iv, -1) != 1
                 || EVP_CipherUpdate(c, dst, &outl, src, sector_size) != 1

@@ -14,6 +14,17 @@
 
 #define TWEAK_PLAIN64 0
 #define TWEAK_PLAIN64BE 1
+/*
+ * A tweak code is a layout (the low byte: TWEAK_PLAIN64 or TWEAK_PLAIN64BE) plus, in
+ * bits 8 and 9, the log2 of how far the IV advances per sector.  dm-crypt counts LUKS2
+ * IVs in 512-byte units whatever the sector size, so a 4096-byte sector advances it by
+ * 8 (TWEAK_STEP_SHIFT(3)); 0 counts whole sectors (dm-crypt's iv_large_sectors).
+ */
+#define TWEAK_LAYOUT_MASK 0xff
+#define TWEAK_STEP_SHIFT(log2) ((log2) << 8)
+#define TWEAK_STEP_LOG2(code) (((code) >> 8) & 3)
+#define TWEAK_VALID(code) \
+    (((code) & ~0x3ff) == 0 && ((code) & TWEAK_LAYOUT_MASK) <= TWEAK_PLAIN64BE)
 
 /* Whether new keys use the provider's dispatch table; set by xts_choose_dispatch. */
 extern int xts_use_direct;

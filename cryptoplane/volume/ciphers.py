@@ -7,9 +7,11 @@ fast path: the plane's native kernel does a whole run in one call with the GIL r
 The other modes qemu and cryptsetup make for LUKS1 run one ``cryptography`` Cipher per
 sector: correct and interoperable, an order of magnitude slower, and rare in practice.
 
-Sector numbers are what the IV counts: the caller adds the segment's ``iv_offset`` and
-counts in ``sector_size`` units (LUKS2 sets dm-crypt's ``iv_large_sectors``; LUKS1's
-sectors are always 512 bytes, where the two numberings agree).
+A run starts at an IV number (the segment's ``iv_offset`` plus the run's position), and
+each following sector's IV is ``iv_step`` more: dm-crypt counts IVs in 512-byte units
+at every sector size for LUKS1 and LUKS2, so a 4096-byte sector advances the IV by 8.
+Only with dm-crypt's ``iv_large_sectors`` (plain dm-crypt devices, BitLocker, and the
+volumes cryptoplane wrote before it learnt this) does the IV count whole sectors.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class SectorCipher(Protocol):
 
     spec: str
     sector_size: int
+    iv_step: int  # how far the IV advances from one sector to the next
 
     def encrypt(self, data: Any, sector: int, out: Any) -> None: ...
 
@@ -76,20 +79,23 @@ def parse_spec(spec: str) -> tuple[str, str, str, str]:
 
 
 def sector_cipher(spec: str, volume_key: bytes, sector_size: int,
-                  plane: Plane | None = None) -> SectorCipher:
+                  plane: Plane | None = None, *,
+                  iv_large_sectors: bool = False) -> SectorCipher:
     """The transform for ``spec`` keyed with ``volume_key`` (dm-crypt's key sizes: XTS
     takes two AES keys, 32 or 64 bytes; CBC and CTR one of 16, 24 or 32). XTS with plain
-    IVs needs ``plane`` (the fast path); the other modes do not use it."""
+    IVs needs ``plane`` (the fast path); the other modes do not use it. IVs count
+    512-byte units, as dm-crypt's do for LUKS, unless ``iv_large_sectors``."""
     _, chain, ivmode, ivopts = parse_spec(spec)
     if sector_size not in SECTOR_SIZES:
         raise InvalidRequest(f"sector size must be one of {SECTOR_SIZES}, got {sector_size}")
     key = bytes(volume_key)
     _check_key(spec, chain, key)
+    step = 1 if iv_large_sectors else sector_size // 512
     if chain == "xts" and ivmode != "essiv":
         if plane is None:
             raise InvalidRequest(f"cipher {spec!r} runs on the plane: pass plane=")
-        return XtsPlain(spec, key, sector_size, plane, ivmode)
-    return PerSector(spec, key, sector_size, chain, ivmode, ivopts)
+        return XtsPlain(spec, key, sector_size, plane, ivmode, step)
+    return PerSector(spec, key, sector_size, chain, ivmode, ivopts, step)
 
 
 def _check_key(spec: str, chain: str, key: bytes) -> None:
@@ -112,9 +118,12 @@ class XtsPlain:
     where a ``plain`` tweak wraps at 2**32, since below the wrap it equals plain64)."""
 
     def __init__(self, spec: str, key: bytes, sector_size: int, plane: Plane,
-                 ivmode: str) -> None:
+                 ivmode: str, iv_step: int = 1) -> None:
         self.spec = spec
         self.sector_size = sector_size
+        self.iv_step = iv_step
+        # the tweak counts units of this many bytes: the sector, or 512 (dm-crypt's LUKS)
+        self._unit = sector_size // iv_step
         self._plane = plane
         self._key = Key("aes-256-xts" if len(key) == 64 else "aes-128-xts", key)
         self._tweak = "plain64be" if ivmode == "plain64be" else "plain64"
@@ -126,7 +135,7 @@ class XtsPlain:
         else:  # one call, nothing else: this is every read and write of most volumes
             self._plane.encrypt_sectors(self._key, data, sector=sector & _U64,
                                         sector_size=self.sector_size, out=out,
-                                        tweak=self._tweak)
+                                        tweak=self._tweak, tweak_unit=self._unit)
 
     def decrypt(self, data: Any, sector: int, out: Any) -> None:
         if self._wrap:
@@ -134,22 +143,23 @@ class XtsPlain:
         else:
             self._plane.decrypt_sectors(self._key, data, sector=sector & _U64,
                                         sector_size=self.sector_size, out=out,
-                                        tweak=self._tweak)
+                                        tweak=self._tweak, tweak_unit=self._unit)
 
     def _split(self, fn: Callable[..., Any], data: Any, sector: int, out: Any) -> None:
-        ss = self.sector_size
+        ss, step = self.sector_size, self.iv_step
         src, dst = memoryview(data), memoryview(out)
         done, count = 0, len(src) // ss
         while done < count:
-            low = (sector + done) % _PLAIN_WRAP
-            n = min(count - done, _PLAIN_WRAP - low)
+            low = (sector + done * step) % _PLAIN_WRAP
+            n = min(count - done, -(-(_PLAIN_WRAP - low) // step))  # IVs below the wrap
             a, b = done * ss, (done + n) * ss
             fn(self._key, src[a:b], sector=low, sector_size=ss, out=dst[a:b],
-               tweak="plain64")
+               tweak="plain64", tweak_unit=self._unit)
             done += n
 
     def __repr__(self) -> str:
-        return f"<XtsPlain {self.spec} sector_size={self.sector_size}>"
+        return (f"<XtsPlain {self.spec} sector_size={self.sector_size} "
+                f"iv_step={self.iv_step}>")
 
 
 class PerSector:
@@ -158,9 +168,10 @@ class PerSector:
     one ECB call on the IV cipher (keyed once with the hash of the volume key)."""
 
     def __init__(self, spec: str, key: bytes, sector_size: int, chain: str, ivmode: str,
-                 ivopts: str) -> None:
+                 ivopts: str, iv_step: int = 1) -> None:
         self.spec = spec
         self.sector_size = sector_size
+        self.iv_step = iv_step
         self._alg = algorithms.AES(key)
         self._mode: Callable[[bytes], Any] = {
             "xts": modes.XTS, "cbc": modes.CBC, "ctr": modes.CTR}[chain]
@@ -174,16 +185,14 @@ class PerSector:
             self._essiv = Cipher(algorithms.AES(h.finalize()), modes.ECB()).encryptor()
 
     def ivs(self, sector: int, count: int) -> list[bytes]:
-        """The 16-byte IVs of ``count`` sectors from ``sector``."""
+        """The 16-byte IVs of ``count`` sectors, the first numbered ``sector``."""
         mode = self._ivmode
+        numbers = range(sector, sector + count * self.iv_step, self.iv_step)
         if mode == "plain":
-            return [((sector + i) % _PLAIN_WRAP).to_bytes(4, "little") + bytes(12)
-                    for i in range(count)]
+            return [(n % _PLAIN_WRAP).to_bytes(4, "little") + bytes(12) for n in numbers]
         if mode == "plain64be":
-            return [bytes(8) + ((sector + i) & _U64).to_bytes(8, "big")
-                    for i in range(count)]
-        plain = [((sector + i) & _U64).to_bytes(8, "little") + bytes(8)
-                 for i in range(count)]
+            return [bytes(8) + (n & _U64).to_bytes(8, "big") for n in numbers]
+        plain = [(n & _U64).to_bytes(8, "little") + bytes(8) for n in numbers]
         if mode == "plain64":
             return plain
         with self._essiv_lock:  # a cryptography context serves one caller at a time
@@ -209,4 +218,5 @@ class PerSector:
             dst[a:a + ss] = ctx.update(src[a:a + ss])
 
     def __repr__(self) -> str:
-        return f"<PerSector {self.spec} sector_size={self.sector_size}>"
+        return (f"<PerSector {self.spec} sector_size={self.sector_size} "
+                f"iv_step={self.iv_step}>")

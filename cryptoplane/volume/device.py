@@ -65,7 +65,8 @@ class Volume:
             if plane is None:
                 plane = Plane()
                 undo.callback(plane.close)
-            cipher = sector_cipher(layout.cipher, layout.volume_key, ss, plane)
+            cipher = sector_cipher(layout.cipher, layout.volume_key, ss, plane,
+                                   iv_large_sectors=layout.iv_large_sectors)
             if isinstance(source, int):
                 fd = os.dup(source)
             else:
@@ -84,6 +85,9 @@ class Volume:
         self._base = layout.offset
         self._size = layout.size
         self._iv0 = layout.iv_offset
+        # a sector-aligned byte offset // this = its IV less iv0 (ss // iv_step: 512 for LUKS)
+        self._iv_unit = ss // layout.iv_step
+        self._iv_step = layout.iv_step
         self._read_only = read_only
         self._chunk = chunk
         self._local = threading.local()
@@ -278,11 +282,11 @@ class Volume:
             image = self._map
             if image is None:
                 pread_full(self._fd, self._base + offset, view)
-                self._cipher.decrypt(view, self._iv0 + offset // ss, view)
+                self._cipher.decrypt(view, self._iv0 + offset // self._iv_unit, view)
                 return
             at = self._base + offset
             try:
-                self._cipher.decrypt(image[at:at + n], self._iv0 + offset // ss, view)
+                self._cipher.decrypt(image[at:at + n], self._iv0 + offset // self._iv_unit, view)
             except OSError:  # SIGBUS, caught by the kernel: the file shrank
                 shrank = True
             else:  # a file cut inside a page maps zeros after its end, not SIGBUS
@@ -306,14 +310,14 @@ class Volume:
         if mid:
             part = view[head:head + mid]
             pread_full(self._fd, self._base + offset + head, part)
-            self._cipher.decrypt(part, self._iv0 + (offset + head) // ss, part)
+            self._cipher.decrypt(part, self._iv0 + (offset + head) // self._iv_unit, part)
         if tail:
             self._read_sector(last, sec)
             view[n - tail:] = sec[:tail]
 
     def _read_sector(self, index: int, sec: memoryview) -> None:
         pread_full(self._fd, self._base + index * self._ss, sec)
-        self._cipher.decrypt(sec, self._iv0 + index, sec)
+        self._cipher.decrypt(sec, self._iv0 + index * self._iv_step, sec)
 
     def _write_piece(self, offset: int, view: memoryview) -> None:
         ss, n = self._ss, len(view)
@@ -328,7 +332,8 @@ class Volume:
         mid = n - head - tail
         if mid:
             out = self._scratch()[:mid]
-            self._cipher.encrypt(view[head:head + mid], self._iv0 + (offset + head) // ss, out)
+            iv = self._iv0 + (offset + head) // self._iv_unit
+            self._cipher.encrypt(view[head:head + mid], iv, out)
             pwrite_full(self._fd, self._base + offset + head, out)
         if tail:
             self._rmw(last, 0, view[n - tail:])
@@ -338,7 +343,7 @@ class Volume:
         held: no other request reads or writes the sector meanwhile)."""
         sec = self._sector_buf()
         pos = self._base + index * self._ss
-        iv = self._iv0 + index
+        iv = self._iv0 + index * self._iv_step
         pread_full(self._fd, pos, sec)
         self._cipher.decrypt(sec, iv, sec)
         sec[at:at + len(data)] = data

@@ -13,8 +13,12 @@ class DataLayout:
     ``cipher`` is cryptsetup's spec (``aes-xts-plain64``, ``aes-cbc-essiv:sha256``, ...).
     ``offset`` and ``size`` are bytes on the data device (``size`` a multiple of
     ``sector_size``; for LUKS2's ``dynamic`` segments, the device's size less ``offset``).
-    ``iv_offset`` is the number of the first data sector, counted in ``sector_size``
-    units, that the IV/tweak of the segment's first sector takes (LUKS2's ``iv_tweak``).
+    ``iv_offset`` is the IV/tweak of the segment's first sector (LUKS2's ``iv_tweak``),
+    and each following sector's IV is ``sector_size // 512`` more: dm-crypt counts LUKS
+    IVs in 512-byte units at every sector size. ``iv_large_sectors`` (dm-crypt's flag of
+    that name) counts them in ``sector_size`` units instead, ``iv_offset`` included: no
+    LUKS volume is written so, except those cryptoplane wrote with sectors over 512
+    bytes before it learnt the rule (``cryptoplane volume convert-ivs`` rewrites them).
     The volume key never appears in ``repr``.
     """
 
@@ -24,3 +28,9 @@ class DataLayout:
     size: int
     sector_size: int = 512
     iv_offset: int = 0
+    iv_large_sectors: bool = False
+
+    @property
+    def iv_step(self) -> int:
+        """How far the IV advances from one sector to the next."""
+        return 1 if self.iv_large_sectors else self.sector_size // 512

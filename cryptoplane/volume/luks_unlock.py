@@ -102,9 +102,11 @@ def open_key(dev: Device, loaded: LuksHeader, secret: bytes | None,
     raise WrongPassphrase("no keyslot opens with this passphrase")
 
 
-def data_layout(loaded: LuksHeader, volume_key: bytes, data_size: int) -> DataLayout:
+def data_layout(loaded: LuksHeader, volume_key: bytes, data_size: int, *,
+                legacy_ivs: bool = False) -> DataLayout:
     """Where the data segment lies on a data device of ``data_size`` bytes, and how its
-    sectors are encrypted."""
+    sectors are encrypted. ``legacy_ivs``: as cryptoplane wrote LUKS2 data before it
+    counted IVs in 512-byte units (for ``convert-ivs`` to read such data, nothing else)."""
     if loaded.version == 1:
         h = loaded.h1
         offset = h.payload_offset * luks1.SECTOR
@@ -112,7 +114,9 @@ def data_layout(loaded: LuksHeader, volume_key: bytes, data_size: int) -> DataLa
     else:
         seg = loaded.h2.metadata.segments[0]
         offset, cipher, sector_size = seg.offset, seg.encryption, seg.sector_size
-        iv_offset = seg.iv_tweak * 512 // sector_size  # dm-crypt: 512-byte units, shifted
+        # dm-crypt counts LUKS2 IVs in 512-byte units at every sector size (it never sets
+        # iv_large_sectors for LUKS2): iv_tweak is the first sector's IV as it stands
+        iv_offset = seg.iv_tweak // (sector_size // 512) if legacy_ivs else seg.iv_tweak
         fixed = seg.size
     if data_size < offset:
         raise CorruptHeader(f"the data device ({data_size} bytes) ends before the data "
@@ -121,7 +125,8 @@ def data_layout(loaded: LuksHeader, volume_key: bytes, data_size: int) -> DataLa
     if offset + size > data_size:
         raise CorruptHeader(f"the data segment ends at {offset + size}, past the device's "
                             f"{data_size} bytes")
-    return DataLayout(cipher, volume_key, offset, size, sector_size, iv_offset)
+    return DataLayout(cipher, volume_key, offset, size, sector_size, iv_offset,
+                      iv_large_sectors=legacy_ivs and sector_size > 512)
 
 
 __all__ = ["data_layout", "open_key"]

@@ -108,7 +108,8 @@ def serving(image: Path, key_file: Path, sock: Path) -> Iterator[str]:
 
 def xts_plain(image: Path, info: dict[str, int], offset: int, n: int) -> bytes:
     """The plaintext of ``n`` bytes at ``offset`` of the volume, decrypted from the
-    image with ``cryptography`` alone (what dm-crypt would read)."""
+    image with ``cryptography`` alone, by dm-crypt's IV rule (cryptsetup's own code is
+    the oracle in tests/volume/test_dmcrypt_oracle.py)."""
     sector = info["sector_size"]
     key = info["key"].to_bytes(info["key_len"], "big")
     out = bytearray()
@@ -116,7 +117,8 @@ def xts_plain(image: Path, info: dict[str, int], offset: int, n: int) -> bytes:
         for s in range(offset // sector, (offset + n + sector - 1) // sector):
             f.seek(info["offset"] + s * sector)
             data = f.read(sector)
-            dec = Cipher(algorithms.AES(key), modes.XTS(s.to_bytes(16, "little"))).decryptor()
+            iv = s * sector // 512  # dm-crypt counts LUKS IVs in 512-byte units
+            dec = Cipher(algorithms.AES(key), modes.XTS(iv.to_bytes(16, "little"))).decryptor()
             out += dec.update(data) + dec.finalize()
     start = offset % sector
     return bytes(out[start:start + n])

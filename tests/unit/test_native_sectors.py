@@ -47,11 +47,14 @@ def reference_tweak(sector: int, layout: int) -> bytes:
     return struct.pack(">QQ", 0, sector)
 
 
-def reference(key: bytes, data: bytes, first: int, ss: int, layout: int, enc: bool) -> bytes:
-    """`cryptography`'s XTS, one data unit per sector, each with its own tweak."""
+def reference(key: bytes, data: bytes, first: int, ss: int, code: int, enc: bool) -> bytes:
+    """`cryptography`'s XTS, one data unit per sector, each with its own tweak: the
+    layout is the code's low byte, and the tweak advances by 2**(code >> 8) per sector."""
     parts = []
+    layout, step = code & 0xFF, 1 << (code >> 8)
     for i in range(len(data) // ss):
-        cipher = Cipher(algorithms.AES(key), modes.XTS(reference_tweak(first + i, layout)))
+        tweak = reference_tweak(first + i * step, layout)
+        cipher = Cipher(algorithms.AES(key), modes.XTS(tweak))
         ctx = cipher.encryptor() if enc else cipher.decryptor()
         parts.append(ctx.update(data[i * ss : (i + 1) * ss]) + ctx.finalize())
     return b"".join(parts)
@@ -68,7 +71,10 @@ first_sectors = st.one_of(
     st.integers(U64 - 8, U64 - 1),  # runs that wrap past 2**64 - 1 back to 0
     st.integers(0, 1 << 33),
 )
-layouts = st.sampled_from([_native.TWEAK_PLAIN64, _native.TWEAK_PLAIN64BE])
+# a layout, and how far the tweak advances per sector (8: dm-crypt's 4096-byte LUKS2 sectors)
+layouts = st.sampled_from([layout | _native.tweak_step(step)
+                           for layout in (_native.TWEAK_PLAIN64, _native.TWEAK_PLAIN64BE)
+                           for step in (1, 2, 4, 8)])
 
 
 @st.composite
@@ -223,8 +229,9 @@ def test_bad_arguments(impl: Any) -> None:
             k.encrypt(data, first, 512)
     with pytest.raises(TypeError):
         k.encrypt(data, 1.5, 512)
-    with pytest.raises(ValueError, match="TWEAK_PLAIN64"):
-        k.encrypt(data, 0, 512, tweak=2)
+    for bad in (2, 0x400, -1, 0x102):
+        with pytest.raises(ValueError, match="TWEAK_PLAIN64"):
+            k.encrypt(data, 0, 512, tweak=bad)
     with pytest.raises(TypeError):
         k.encrypt("not bytes", 0, 512)
     shared = bytearray(2048)
@@ -411,3 +418,19 @@ def test_a_fault_outside_a_run_is_not_swallowed(tmp_path: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert proc.returncode == -7, (proc.returncode, proc.stderr[-500:])  # -SIGBUS
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tweak_step_counts_512_byte_units(impl: Any) -> None:
+    """dm-crypt's LUKS2 rule: the second 4096-byte sector's tweak is 8, not 1, and a run
+    is the concatenation of its sectors, each encrypted alone with its own tweak."""
+    k = impl(bytes(range(64)))
+    data = os.urandom(4 * 4096)
+    code = _native.TWEAK_PLAIN64 | _native.tweak_step(8)
+    run = k.encrypt(data, 16, 4096, tweak=code)
+    for i in range(4):
+        alone = k.encrypt(data[i * 4096:(i + 1) * 4096], 16 + 8 * i, 4096)
+        assert run[i * 4096:(i + 1) * 4096] == alone
+    assert run != k.encrypt(data, 16, 4096)
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        _native.tweak_step(3)

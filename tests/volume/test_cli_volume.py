@@ -102,8 +102,9 @@ def test_format_wipe_writes_encrypted_zeros(tmp_path: Path) -> None:
     layout = luks.unlock(img, key_file=pw)
     raw = img.read_bytes()[layout.offset:]
     assert len(raw) == 256 << 10 and raw != bytes(len(raw))
-    for n in (0, 63):
-        c = Cipher(algorithms.AES(layout.volume_key), modes.XTS(n.to_bytes(16, "little")))
+    for n in (0, 1, 63):  # 4096-byte sectors: dm-crypt's IVs are 0, 8, ..., 504
+        iv = n * 4096 // 512
+        c = Cipher(algorithms.AES(layout.volume_key), modes.XTS(iv.to_bytes(16, "little")))
         d = c.decryptor()
         block = raw[n * 4096:(n + 1) * 4096]
         assert d.update(block) + d.finalize() == bytes(4096)

@@ -164,7 +164,8 @@ def test_luks2_sizes_round_down_and_iv_tweak(tmp_path: Path) -> None:
     luks.format(img, b"pw", kdf_params=ARGON_FAST)
     layout = luks.unlock(img, passphrase=b"pw")
     assert layout.size == (4 << 20) and layout.sector_size == 4096
-    # iv_tweak counts 512-byte sectors (dm-crypt's iv_offset): 80 -> 10 4096-byte sectors
+    # iv_tweak is the first sector's IV, in 512-byte units as every IV of a LUKS2 segment
+    # (dm-crypt's iv_offset, never shifted: LUKS2 does not set iv_large_sectors)
     blob = img.read_bytes()[:luks2.READ_SIZE]
     h = luks2.decode(blob)
     seg = h.metadata.segments[0]
@@ -176,7 +177,8 @@ def test_luks2_sizes_round_down_and_iv_tweak(tmp_path: Path) -> None:
         f.write(luks2.encode_copy(new, False))
         f.seek(h.hdr_size)
         f.write(luks2.encode_copy(new, True))
-    assert luks.unlock(img, passphrase=b"pw").iv_offset == 10
+    opened = luks.unlock(img, passphrase=b"pw")
+    assert (opened.iv_offset, opened.iv_step, opened.iv_large_sectors) == (80, 8, False)
 
 
 # -- damage --------------------------------------------------------------------------

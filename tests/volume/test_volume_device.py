@@ -36,7 +36,8 @@ def make(tmp_path: Path, size: int, sector_size: int = 512, cipher: str = "aes-x
 
 
 def xts_sector(layout: DataLayout, i: int, data: bytes) -> bytes:
-    tweak = (layout.iv_offset + i).to_bytes(16, "little")
+    """Sector ``i`` decrypted by dm-crypt's rule: its IV counts 512-byte units."""
+    tweak = (layout.iv_offset + i * layout.sector_size // 512).to_bytes(16, "little")
     return Cipher(algorithms.AES(layout.volume_key), modes.XTS(tweak)).decryptor().update(data)
 
 

@@ -103,8 +103,9 @@ def _size(img: Path, offset: int) -> int:
 
 
 def xts(layout: DataLayout, sector: int, data: bytes, *, encrypt: bool) -> bytes:
-    """One sector with ``cryptography``'s XTS and plain64 tweak: the independent oracle."""
-    tweak = (layout.iv_offset + sector).to_bytes(16, "little")
+    """One sector with ``cryptography``'s XTS and plain64 tweak, counted in 512-byte units
+    (cryptsetup's own code is the oracle in test_dmcrypt_oracle.py)."""
+    tweak = (layout.iv_offset + sector * layout.sector_size // 512).to_bytes(16, "little")
     c = Cipher(algorithms.AES(layout.volume_key), modes.XTS(tweak))
     ctx = c.encryptor() if encrypt else c.decryptor()
     return ctx.update(data) + ctx.finalize()
