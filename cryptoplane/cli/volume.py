@@ -263,8 +263,14 @@ def dump_cmd(path: str, as_json: bool, header: str | None) -> None:
         ks.add_column(col)
     for i, k in d["keyslots"].items():
         kd = k["kdf"]
-        cost = (f"{kd['iterations']} iterations ({kd['hash']})" if kd["type"] == "pbkdf2"
-                else f"time {kd['time']}, {kd['memory']} KiB, {kd['cpus']} lanes")
+        if "unusable" in k:
+            cost = f"unusable: {k['unusable']}"
+        elif kd["type"] == "pbkdf2":
+            cost = f"{kd['iterations']} iterations ({kd['hash']})"
+        else:
+            cost = f"time {kd['time']}, {kd['memory']} KiB, {kd['cpus']} lanes"
+        if k.get("bound") is False:
+            cost += " (unbound)"
         ks.add_row(i, kd["type"], cost, str(k["area_offset"]), str(k["area_size"]))
     console.print(ks)
 

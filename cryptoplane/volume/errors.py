@@ -24,9 +24,17 @@ class KdfLimitExceeded(CorruptHeader):
     sane limits this reader accepts: refused before any work is done."""
 
 
+class RepairNeeded(CorruptHeader):
+    """The header could be recovered from its one good copy, but the device also carries
+    another signature (an LVM label, a file system): which of the two is current cannot be
+    told, so nothing is read or written until ``cryptsetup repair`` (or a header restore)
+    settles it, as cryptsetup refuses."""
+
+
 class KeyslotError(InvalidRequest):
     """A keyslot operation cannot be done: no free slot or area, the slot asked for is
     in use or inactive, or removing it would remove the last one."""
 
 
-__all__ = ["CorruptHeader", "KdfLimitExceeded", "KeyslotError", "WrongPassphrase"]
+__all__ = ["CorruptHeader", "KdfLimitExceeded", "KeyslotError", "RepairNeeded",
+           "WrongPassphrase"]

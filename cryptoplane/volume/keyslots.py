@@ -57,6 +57,8 @@ def open_luks2(slot: luks2.Keyslot, digest: luks2.Digest, passphrase: bytes,
                area: bytes, limits: kdf.Limits | None = None) -> bytes | None:
     """The volume key if ``passphrase`` opens ``slot`` (whose area bytes are ``area``),
     else None."""
+    if slot.kdf is None or slot.unusable is not None:
+        raise NotSupported(f"keyslot cannot be opened: {slot.unusable or 'unknown KDF'}")
     size = luks2_material_size(slot)
     if len(area) < size:
         raise CorruptHeader(f"keyslot area truncated: {len(area)} of {size} bytes")

@@ -155,7 +155,7 @@ def test_passphrase(path: PathLike, *, passphrase: bytes | None = None,
     if secret is None:
         raise InvalidRequest("give a passphrase or a key file")
     with _device(_meta_path(path, header), False) as dev:
-        found, _ = open_key(dev, read_header(dev), secret, None, slot)
+        found, _ = open_key(dev, read_header(dev), secret, None, slot, for_data=False)
     assert found is not None
     return found
 
@@ -339,8 +339,8 @@ def add_key(path: PathLike, *, passphrase: bytes | None = None,
             write_luks2_header(dev, loaded.h2, keyslots.with_keyslot(meta, index, ks))
         else:
             h = loaded.h1
-            index = keyslots.free_slot({i for i, s in enumerate(h.slots) if s.active},
-                               luks1.SLOTS, slot)
+            index = keyslots.free_slot({i for i, s in enumerate(h.slots) if s.in_use},
+                                       luks1.SLOTS, slot)
             seal_luks1_slot(dev, h, index, key, new, params)
     return index
 
@@ -410,8 +410,8 @@ def change_key(path: PathLike, old: bytes | None = None, new: bytes | None = Non
             dev.sync()
             return found
         h = loaded.h1
-        active = {i for i, s in enumerate(h.slots) if s.active}
-        target = keyslots.free_slot(active, luks1.SLOTS, None)
+        in_use = {i for i, s in enumerate(h.slots) if s.in_use}
+        target = keyslots.free_slot(in_use, luks1.SLOTS, None)
         h = seal_luks1_slot(dev, h, target, key, fresh, params)
         write_luks1_phdr(dev, luks1.disabled(h, found))
         wipe_luks1_slot(dev, h, found)
@@ -463,7 +463,7 @@ def restore_header(path: PathLike, backup_file: PathLike,
     """Write a header backup back (``luksHeaderRestore``), after validating it fully and
     checking that its data offset agrees with the header now on the device."""
     with _device(backup_file, False) as src:
-        backup = decode_header(src.read(0, luks2.READ_SIZE))
+        backup = decode_header(src.read(0, luks2.READ_SIZE), src.size())
         extent = _header_extent(backup)
         blob = src.read(0, extent)
     if len(blob) < extent:

@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from cryptoplane.exceptions import NotSupported
 from cryptoplane.volume.af import STRIPES
 from cryptoplane.volume.errors import CorruptHeader
 
@@ -27,6 +28,7 @@ INACTIVE = 0x0000DEAD
 DIGEST_SIZE = 20
 SALT_SIZE = 32
 KEY_SIZES = (16, 24, 32, 48, 64)
+_SHORT_HASHES = frozenset({"md4", "md5"})  # shorter than the 20-byte digest
 
 _HEAD = struct.Struct(">6sH32s32s32sII20s32sI40s")
 _SLOT = struct.Struct(">II32sII")
@@ -42,6 +44,14 @@ class Slot:
     salt: bytes = dataclasses.field(repr=False)
     offset: int
     stripes: int = STRIPES
+    # a state word other than active/inactive, kept as read: cryptsetup loads such a
+    # header, never opens the slot and never reuses it until it is killed
+    marker: int | None = None
+
+    @property
+    def in_use(self) -> bool:
+        """Active, or in a state that forbids reusing it."""
+        return self.active or self.marker is not None
 
 
 @dataclass(frozen=True)
@@ -110,38 +120,59 @@ def decode(data: bytes) -> Header:
         raise CorruptHeader("LUKS1 volume key digest has zero iterations")
     slots = []
     for i in range(SLOTS):
-        active, iters, salt, offset, stripes = _SLOT.unpack_from(data, _HEAD.size + i * 48)
-        if active not in (ACTIVE, INACTIVE):
-            raise CorruptHeader(f"LUKS1 key slot {i} has an invalid state 0x{active:08x}")
-        if active == ACTIVE and (iters < 1 or stripes != STRIPES):
-            raise CorruptHeader(f"LUKS1 key slot {i} is active with iterations {iters} "
-                                f"and {stripes} stripes (needs >= 1 and {STRIPES})")
-        slots.append(Slot(active == ACTIVE, iters, salt, offset, stripes))
+        state, iters, salt, offset, stripes = _SLOT.unpack_from(data, _HEAD.size + i * 48)
+        # an active slot with absurd costs is refused when tried, as cryptsetup does,
+        # so that it cannot lock out the other slots
+        slots.append(Slot(state == ACTIVE, iters, salt, offset, stripes,
+                          None if state in (ACTIVE, INACTIVE) else state))
     header = Header(_text(name, "cipher name"), _text(mode, "cipher mode"),
                     _text(hash_spec, "hash spec"), payload, key_bytes, digest, dsalt, diter,
                     _text(uuid, "UUID"), tuple(slots))
+    # cryptsetup refuses a hash its crypto backend lacks or whose output is shorter than
+    # the 20-byte digest; which hashes a backend has varies (whirlpool), so only what no
+    # backend can use is refused here, and other hashes when a slot is opened
+    if not header.hash_spec or header.hash_spec in _SHORT_HASHES:
+        raise NotSupported(f"LUKS1 hash {header.hash_spec!r} is not supported")
     validate(header)
     return header
 
 
 def validate(header: Header) -> None:
-    """Key material areas must lie after the phdr, apart, and before the payload."""
+    """Every key slot's material, used or not, must lie after the phdr, before the
+    payload and apart from the others' (cryptsetup refuses such a header, since a slot
+    added later would overwrite the phdr, another slot or the user's data)."""
     size = header.material_sectors()
-    spans = []
+    payload = header.payload_offset
     for i, s in enumerate(header.slots):
-        if not s.active:
-            continue
+        if s.stripes != STRIPES:
+            raise CorruptHeader(f"LUKS1 key slot {i} is invalid: {s.stripes} AF stripes, "
+                                f"not {STRIPES}")
         if s.offset * SECTOR < PHDR_SIZE:
-            raise CorruptHeader(f"LUKS1 key slot {i} material overlaps the header")
-        end = s.offset + size
-        if header.payload_offset and end > header.payload_offset:
-            raise CorruptHeader(f"LUKS1 key slot {i} material (sectors {s.offset}..{end}) "
-                                f"runs into the payload at sector {header.payload_offset}")
-        spans.append((s.offset, end, i))
-    spans.sort()
-    for (_, end_a, a), (start_b, _, b) in itertools.pairwise(spans):
-        if start_b < end_a:
-            raise CorruptHeader(f"LUKS1 key slots {a} and {b} have overlapping material")
+            raise CorruptHeader(f"LUKS1 key slot {i} is invalid: its material at sector "
+                                f"{s.offset} overlaps the header")
+        # a detached header (payload 0) has no payload to run into
+        if payload and s.offset + size > payload:
+            raise CorruptHeader(f"LUKS1 key slot {i} is invalid: its material (sectors "
+                                f"{s.offset}..{s.offset + size}) runs into the payload at "
+                                f"sector {payload}")
+    spans = sorted((s.offset, i) for i, s in enumerate(header.slots))
+    for (start_a, a), (start_b, b) in itertools.pairwise(spans):
+        if start_b < start_a + size:
+            raise CorruptHeader(f"LUKS1 key slot {a} is invalid: its material overlaps "
+                                f"key slot {b}'s")
+
+
+def header_sectors(header: Header) -> int:
+    """Sectors the phdr and all key material take: what the device must hold."""
+    return max(s.offset for s in header.slots) + header.material_sectors()
+
+
+def check_device_size(header: Header, device_size: int) -> None:
+    """Refuse a header whose key material runs past the end of its device."""
+    need = header_sectors(header) * SECTOR
+    if device_size // SECTOR * SECTOR < need:
+        raise CorruptHeader(f"the device is too small (truncated?): {device_size} bytes, "
+                            f"the LUKS1 header and key material need at least {need}")
 
 
 def encode(header: Header) -> bytes:
@@ -154,8 +185,8 @@ def encode(header: Header) -> bytes:
         header.payload_offset, header.key_bytes, header.mk_digest, header.mk_digest_salt,
         header.mk_digest_iterations, _pad(header.uuid, 40, "UUID")))
     for s in header.slots:
-        out += _SLOT.pack(ACTIVE if s.active else INACTIVE, s.iterations, s.salt, s.offset,
-                          s.stripes)
+        state = s.marker if s.marker is not None else ACTIVE if s.active else INACTIVE
+        out += _SLOT.pack(state, s.iterations, s.salt, s.offset, s.stripes)
     return bytes(out)
 
 
@@ -185,9 +216,10 @@ def describe(h: Header) -> dict[str, Any]:
                               "area_offset": s.offset * SECTOR,
                               "area_size": h.material_sectors() * SECTOR,
                               "stripes": s.stripes}
-                     for i, s in enumerate(h.slots) if s.active}}
+                     for i, s in enumerate(h.slots) if s.active},
+        "invalid_keyslots": {str(i): f"state 0x{s.marker:08x}"
+                             for i, s in enumerate(h.slots) if s.marker is not None}}
 
 
-__all__ = ["MAGIC", "PHDR_SIZE", "SLOTS", "Header", "Slot", "decode", "describe", "disabled",
-           "encode",
-           "slot_offsets", "validate"]
+__all__ = ["MAGIC", "PHDR_SIZE", "SLOTS", "Header", "Slot", "check_device_size", "decode",
+           "describe", "disabled", "encode", "header_sectors", "slot_offsets", "validate"]

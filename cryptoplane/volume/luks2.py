@@ -233,6 +233,31 @@ def probe_version(first: bytes) -> int:
                         "secondary header")
 
 
+def check_device_size(meta: Metadata, device_size: int) -> None:
+    """Refuse metadata whose header copies and keyslots area run past the device's end
+    (a keyslot written there would be lost, or grow a header file)."""
+    if meta.areas_end > device_size:
+        raise CorruptHeader(f"the device is too small (truncated?): {device_size} bytes, "
+                            f"the LUKS2 header and keyslots area need at least "
+                            f"{meta.areas_end}")
+
+
+def _describe_keyslot(meta: Metadata, i: int, k: Keyslot) -> dict[str, Any]:
+    bound = [d for d, digest in sorted(meta.digests.items()) if i in digest.keyslots]
+    out: dict[str, Any] = {
+        "type": k.type, "key_size": 8 * k.key_size, "priority": k.priority,
+        "kdf": kdf.describe(k.kdf) if k.kdf is not None else {"type": k.kdf_type},
+        "cipher": k.area.encryption, "cipher_key_size": 8 * k.area.key_size,
+        "af": {"stripes": k.af_stripes, "hash": k.af_hash},
+        "area_offset": k.area.offset, "area_size": k.area.size,
+        "digest": bound[0] if bound else None,
+        # cryptsetup's "(unbound)": its key opens no data segment
+        "bound": any(meta.digests[d].segments for d in bound)}
+    if k.unusable is not None:
+        out["unusable"] = k.unusable
+    return out
+
+
 def describe(h2: Header) -> dict[str, Any]:
     """The header as a JSON-able dict, without salts or digests."""
     meta = h2.metadata
@@ -249,11 +274,7 @@ def describe(h2: Header) -> dict[str, Any]:
                               "integrity": None if s.integrity is None else
                               s.integrity.get("type")}
                      for i, s in sorted(meta.segments.items())},
-        "keyslots": {str(i): {"key_size": 8 * k.key_size, "priority": k.priority,
-                              "kdf": kdf.describe(k.kdf), "cipher": k.area.encryption,
-                              "cipher_key_size": 8 * k.area.key_size,
-                              "af": {"stripes": k.af_stripes, "hash": k.af_hash},
-                              "area_offset": k.area.offset, "area_size": k.area.size}
+        "keyslots": {str(i): _describe_keyslot(meta, i, k)
                      for i, k in sorted(meta.keyslots.items())},
         "digests": {str(i): {"type": d.type, "hash": d.hash, "iterations": d.iterations,
                              "keyslots": list(d.keyslots), "segments": list(d.segments)}
@@ -264,5 +285,6 @@ def describe(h2: Header) -> dict[str, Any]:
 
 
 __all__ = ["BIN_SIZE", "HDR_SIZES", "READ_SIZE", "Area", "Config", "Copy", "Digest", "Header",
-           "Keyslot", "Metadata", "Segment", "decode", "decode_copy", "describe", "encode_copy",
-           "metadata_from_json", "metadata_to_json", "parse_json_area", "probe_version"]
+           "Keyslot", "Metadata", "Segment", "check_device_size", "decode", "decode_copy",
+           "describe", "encode_copy", "metadata_from_json", "metadata_to_json",
+           "parse_json_area", "probe_version"]

@@ -51,13 +51,31 @@ class Area:
 
 @dataclass(frozen=True)
 class Keyslot:
+    """A keyslot. One that cryptoplane cannot open (an unknown type or KDF, odd AF
+    parameters: what cryptsetup loads but may not open either) has ``unusable`` saying
+    why, ``kdf`` None if its KDF is unknown, and ``raw``, its JSON object, which is
+    written back unchanged: it is shown, skipped when unlocking, and never overwritten."""
+
     key_size: int
     area: Area
-    kdf: kdf.KdfParams
+    kdf: kdf.KdfParams | None
     salt: bytes = field(repr=False)
     af_hash: str = "sha256"
     af_stripes: int = 4000
     priority: int | None = None
+    unusable: str | None = None
+    raw: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        return str(self.raw.get("type")) if self.raw is not None else "luks2"
+
+    @property
+    def kdf_type(self) -> str:
+        if self.kdf is not None:
+            return self.kdf.type
+        jkdf = self.raw.get("kdf") if self.raw is not None else None
+        return str(jkdf.get("type")) if isinstance(jkdf, dict) else "unknown"
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,13 @@ class Metadata:
         if seg.encryption.startswith("capi:") or "-random" in seg.encryption:
             raise NotSupported(f"AEAD/crypto API segment encryption {seg.encryption!r} "
                                f"is not supported")
+
+    def keyslot_digest(self, keyslot: int) -> tuple[int, Digest]:
+        """The digest that checks what ``keyslot`` opens (validation makes it unique)."""
+        for i, d in sorted(self.digests.items()):
+            if keyslot in d.keyslots:
+                return i, d
+        raise CorruptHeader(f"keyslot {keyslot} has no digest")
 
     def segment_digest(self, segment: int = 0) -> tuple[int, Digest]:
         for i, d in sorted(self.digests.items()):
@@ -243,45 +268,63 @@ def _numbered(section: Mapping[str, Any], name: str) -> dict[int, dict[str, Any]
     return out
 
 
+def _kdf(where: str, jkdf: Mapping[str, Any]) -> kdf.KdfParams | None:
+    """A keyslot's KDF costs, None for a KDF this reader does not know. Fields the KDF
+    does not use are ignored (older cryptsetup left argon2 fields in pbkdf2 keyslots and
+    back; cryptsetup drops them on load, as the next write here does)."""
+    kind = _str(jkdf, "type", f"{where} kdf")
+    if kind == "pbkdf2":
+        return kdf.Pbkdf2(_str(jkdf, "hash", f"{where} kdf"),
+                          _int(jkdf, "iterations", f"{where} kdf"))
+    if kind in ("argon2i", "argon2id"):
+        return kdf.Argon2(kind, _int(jkdf, "time", f"{where} kdf"),
+                          _int(jkdf, "memory", f"{where} kdf"),
+                          _int(jkdf, "cpus", f"{where} kdf"))
+    return None
+
+
 def _keyslot(i: int, j: Mapping[str, Any]) -> Keyslot:
+    """Validate a keyslot as cryptsetup does: what every keyslot needs (type, key size,
+    an area), then what a ``luks2`` keyslot needs (kdf, af and raw area objects with
+    their fields). What passes but cannot be opened here is an unusable keyslot, not a
+    broken header."""
     where = f"keyslot {i}"
     ktype = _str(j, "type", where)
-    if ktype != "luks2":
-        raise NotSupported(f"LUKS2 keyslot {i} type {ktype!r} is not supported")
     key_size = _int(j, "key_size", where)
-    jkdf, jaf, jarea = _obj(j, "kdf", where), _obj(j, "af", where), _obj(j, "area", where)
-    kind = _str(jkdf, "type", f"{where} kdf")
-    salt = _b64(jkdf, "salt", f"{where} kdf")
-    params: kdf.KdfParams
-    if kind == "pbkdf2":
-        params = kdf.Pbkdf2(_str(jkdf, "hash", f"{where} kdf"),
-                            _int(jkdf, "iterations", f"{where} kdf"))
-    elif kind in ("argon2i", "argon2id"):
-        if set(jkdf) != {"type", "salt", "time", "memory", "cpus"}:
-            raise _fail(f"{where} argon2 kdf has fields other than time, memory, cpus, salt")
-        params = kdf.Argon2(kind, _int(jkdf, "time", f"{where} kdf"),
-                            _int(jkdf, "memory", f"{where} kdf"),
-                            _int(jkdf, "cpus", f"{where} kdf"))
-    else:
-        raise NotSupported(f"LUKS2 keyslot {i} KDF {kind!r} is not supported")
-    if len(salt) != SALT_SIZE:
-        raise _fail(f"{where} kdf salt is {len(salt)} bytes, not {SALT_SIZE}")
+    jarea = _obj(j, "area", where)
+    atype = _str(jarea, "type", f"{where} area")
+    offset = _u64(jarea, "offset", f"{where} area")
+    size = _u64(jarea, "size", f"{where} area")
+    priority = _int(j, "priority", where, 2) if "priority" in j else None
+    if ktype != "luks2":
+        return Keyslot(key_size, Area(offset, size, "", 0), None, b"", priority=priority,
+                       unusable=f"keyslot type {ktype!r} is not supported", raw=dict(j))
+    jkdf, jaf = _obj(j, "kdf", where), _obj(j, "af", where)
+    params = _kdf(where, jkdf)
+    salt_text = _str(jkdf, "salt", f"{where} kdf")
     if _str(jaf, "type", f"{where} af") != "luks1":
-        raise NotSupported(f"LUKS2 keyslot {i} AF type {jaf.get('type')!r} is not supported")
+        raise _fail(f"{where} AF type {jaf.get('type')!r} is not luks1")
+    af_hash = _str(jaf, "hash", f"{where} af")
     stripes = _int(jaf, "stripes", f"{where} af")
-    if stripes != 4000:
-        raise _fail(f"{where} has {stripes} AF stripes; LUKS uses 4000")
-    if _str(jarea, "type", f"{where} area") != "raw":
-        raise NotSupported(f"LUKS2 keyslot {i} area type {jarea.get('type')!r} "
-                           f"is not supported")
-    area = Area(_u64(jarea, "offset", f"{where} area"), _u64(jarea, "size", f"{where} area"),
-                _str(jarea, "encryption", f"{where} area"),
+    if atype != "raw":
+        raise _fail(f"{where} area type {atype!r} is not raw")
+    area = Area(offset, size, _str(jarea, "encryption", f"{where} area"),
                 _int(jarea, "key_size", f"{where} area"))
-    priority = None
-    if "priority" in j:
-        priority = _int(j, "priority", where, 2)
-    return Keyslot(key_size, area, params, salt, _str(jaf, "hash", f"{where} af"), stripes,
-                   priority)
+    try:
+        salt = base64.b64decode(salt_text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        salt = b""
+    unusable = None
+    if params is None:
+        unusable = f"KDF {jkdf['type']!r} is not supported"
+    elif len(salt) != SALT_SIZE:
+        unusable = f"its kdf salt is not {SALT_SIZE} bytes of base64"
+    elif stripes != 4000:
+        unusable = f"it has {stripes} AF stripes; LUKS uses 4000"
+    elif af_hash not in HASHES:
+        unusable = f"AF hash {af_hash!r} is not supported"
+    return Keyslot(key_size, area, params, salt, af_hash, stripes, priority, unusable,
+                   dict(j) if unusable else None)
 
 
 def _segment(i: int, j: Mapping[str, Any]) -> Segment:
@@ -371,8 +414,21 @@ def metadata_from_json(j: Any, json_area_size: int) -> Metadata:
         _str(t, "type", f"token {i}")
         _refs(t, "keyslots", f"token {i}", keyslots)
     meta = Metadata(keyslots, tokens, segments, digests, config)
+    _validate_bindings(meta)
     _validate_layout(meta)
     return meta
+
+
+def _validate_bindings(meta: Metadata) -> None:
+    """Each luks2 keyslot is checked by exactly one digest: with none, what it opens
+    cannot be verified; with two, which key it holds is ambiguous."""
+    for i, k in sorted(meta.keyslots.items()):
+        if k.type != "luks2":
+            continue
+        owners = [d for d, digest in sorted(meta.digests.items()) if i in digest.keyslots]
+        if len(owners) != 1:
+            raise _fail(f"keyslot {i} is bound to {len(owners)} digests "
+                        f"({', '.join(map(str, owners)) or 'none'}); exactly one is required")
 
 
 def _validate_layout(meta: Metadata) -> None:
@@ -411,6 +467,9 @@ def metadata_to_json(meta: Metadata) -> dict[str, Any]:
 
     keyslots: dict[str, Any] = {}
     for i, k in sorted(meta.keyslots.items()):
+        if k.raw is not None or k.kdf is None:
+            keyslots[str(i)] = dict(k.raw or {})
+            continue
         ks: dict[str, Any] = {
             "type": "luks2", "key_size": k.key_size,
             "af": {"type": "luks1", "stripes": k.af_stripes, "hash": k.af_hash},

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptoplane.exceptions import Busy, InvalidRequest
-from cryptoplane.volume import af, keyslots, luks1, luks2
+from cryptoplane.volume import af, keyslots, luks1, luks2, signatures
 from cryptoplane.volume import kdf as kdfs
-from cryptoplane.volume.errors import CorruptHeader
+from cryptoplane.volume.errors import CorruptHeader, RepairNeeded
 
 PathLike = str | os.PathLike[str]
 WriteHook = Callable[[int, bytes], None]
@@ -153,16 +153,33 @@ class LuksHeader:
         return self.v2
 
 
-def decode_header(blob: bytes) -> LuksHeader:
-    """The header in a device's first bytes (``luks2.READ_SIZE`` is always enough)."""
+def decode_header(blob: bytes, device_size: int | None = None) -> LuksHeader:
+    """The header in a device's first bytes (``luks2.READ_SIZE`` is always enough),
+    checked as cryptsetup checks it before anything is read or written: with
+    ``device_size``, the device must hold all the header's areas; a LUKS2 header that
+    only one copy gives is refused (``RepairNeeded``) if another signature is there."""
     version = luks2.probe_version(blob)
     if version == 1:
-        return LuksHeader(1, v1=luks1.decode(blob))
-    return LuksHeader(2, v2=luks2.decode(blob))
+        h1 = luks1.decode(blob)
+        if device_size is not None:
+            luks1.check_device_size(h1, device_size)
+        return LuksHeader(1, v1=h1)
+    h2 = luks2.decode(blob)
+    if device_size is not None:
+        luks2.check_device_size(h2.metadata, device_size)
+    if not h2.in_sync:
+        other = signatures.foreign(blob)
+        if other is not None:
+            which = "secondary" if h2.primary_ok else "primary"
+            raise RepairNeeded(f"the LUKS2 {which} header copy is invalid or stale and the "
+                               f"device also carries a {other} signature: refusing to "
+                               f"recover the header; run 'cryptsetup repair' (or restore a "
+                               f"header backup)")
+    return LuksHeader(2, v2=h2)
 
 
 def read_header(dev: Device) -> LuksHeader:
-    return decode_header(dev.read(0, luks2.READ_SIZE))
+    return decode_header(dev.read(0, luks2.READ_SIZE), dev.size())
 
 
 # -- writing LUKS2 -------------------------------------------------------------------

@@ -20,20 +20,25 @@ from cryptoplane.volume.layout import DataLayout
 from cryptoplane.volume.luks_io import Device, LuksHeader
 
 
-def _candidates(loaded: LuksHeader, slot: int | None) -> list[int]:
+def _candidates(loaded: LuksHeader, slot: int | None, for_data: bool) -> list[int]:
     """The slots to try, in cryptsetup's order: LUKS2 high priority first, never those
-    marked ignore (priority 0) unless named."""
+    marked ignore (priority 0) unless named. Without ``slot``, only keyslots whose key
+    opens the data segment; a named slot is tried whatever its binding, unless
+    ``for_data`` (a key that opens no data must not be taken for the volume key)."""
     if loaded.version == 1:
         if slot is not None and not 0 <= slot < luks1.SLOTS:
             raise KeyslotError(f"LUKS1 key slot {slot} does not exist (0..7)")
         return [i for i in range(luks1.SLOTS)
-                if loaded.h1.slots[i].active and slot in (None, i)]
+                if loaded.h1.slots[i].in_use and slot in (None, i)]
     meta = loaded.h2.metadata
     _, digest = meta.segment_digest(0)
     if slot is not None:
         if slot not in meta.keyslots:
             raise KeyslotError(f"keyslot {slot} is not active")
-        return [slot] if slot in digest.keyslots else []
+        if for_data and slot not in digest.keyslots:
+            raise KeyslotError(f"keyslot {slot} is not bound to the data segment: its key "
+                               f"cannot open the data")
+        return [slot]
     ids = [i for i in sorted(meta.keyslots) if i in digest.keyslots]
     high = [i for i in ids if meta.keyslots[i].priority == 2]
     normal = [i for i in ids if meta.keyslots[i].priority not in (0, 2)]
@@ -42,8 +47,14 @@ def _candidates(loaded: LuksHeader, slot: int | None) -> list[int]:
 
 def _slot_kdf(loaded: LuksHeader, i: int) -> kdfs.KdfParams:
     if loaded.version == 2:
-        return loaded.h2.metadata.keyslots[i].kdf
-    return kdfs.Pbkdf2(loaded.h1.hash_spec, loaded.h1.slots[i].iterations)
+        ks = loaded.h2.metadata.keyslots[i]
+        if ks.kdf is None or ks.unusable is not None:
+            raise NotSupported(f"keyslot {i} cannot be opened: {ks.unusable}")
+        return ks.kdf
+    s = loaded.h1.slots[i]
+    if s.marker is not None:
+        raise CorruptHeader(f"LUKS1 key slot {i} is in an invalid state 0x{s.marker:08x}")
+    return kdfs.Pbkdf2(loaded.h1.hash_spec, s.iterations)
 
 
 def _try_slot(dev: Device, loaded: LuksHeader, i: int, secret: bytes) -> bytes | None:
@@ -53,7 +64,7 @@ def _try_slot(dev: Device, loaded: LuksHeader, i: int, secret: bytes) -> bytes |
         ks = meta.keyslots[i]
         area = dev.read_exact(ks.area.offset, keyslots.luks2_material_size(ks),
                               f"keyslot {i} area")
-        return keyslots.open_luks2(ks, meta.segment_digest(0)[1], secret, area)
+        return keyslots.open_luks2(ks, meta.keyslot_digest(i)[1], secret, area)
     h = loaded.h1
     material = dev.read_exact(h.slots[i].offset * luks1.SECTOR,
                               keyslots.luks1_material_size(h), f"key slot {i} material")
@@ -61,11 +72,14 @@ def _try_slot(dev: Device, loaded: LuksHeader, i: int, secret: bytes) -> bytes |
 
 
 def open_key(dev: Device, loaded: LuksHeader, secret: bytes | None,
-             volume_key: bytes | None, slot: int | None = None,
-             ) -> tuple[int | None, bytes]:
+             volume_key: bytes | None, slot: int | None = None, *,
+             for_data: bool = True) -> tuple[int | None, bytes]:
     """(slot, volume key) for the passphrase or volume key given (slot None for a volume
-    key). ``slot`` limits the search to that keyslot."""
-    if loaded.version == 2:
+    key). ``slot`` limits the search to that keyslot. ``for_data``: the key is to open
+    the data (or change keyslots), so the header's features must all be supported and
+    the key must be the data segment's; without it only the passphrase is checked, as
+    ``cryptsetup open --test-passphrase`` does."""
+    if loaded.version == 2 and for_data:
         loaded.h2.metadata.check_supported()
     if volume_key is not None:
         ok = (keyslots.check_luks2_key(loaded.h2.metadata.segment_digest(0)[1], volume_key)
@@ -75,30 +89,40 @@ def open_key(dev: Device, loaded: LuksHeader, secret: bytes | None,
         return None, bytes(volume_key)
     if secret is None:
         raise InvalidRequest("give a passphrase, a key file or a volume key")
-    # one slot that cannot be tried (hostile costs, unknown cipher) must not lock out the
-    # others; its error is reported only if no other slot opens
-    refused: CryptoplaneError | None = None
+    # a slot that cannot be tried must not lock out the others. One over the KDF limits
+    # (it may hold this passphrase) is named if nothing opens; one this reader cannot
+    # open at all (unknown type or KDF) only if no slot could be tried
+    over_limit: CryptoplaneError | None = None
+    unusable: CryptoplaneError | None = None
+    tried = False
     spent = 0.0  # a header with many costly slots must not make one unlock take hours
-    for i in _candidates(loaded, slot):
-        params = _slot_kdf(loaded, i)
+    for i in _candidates(loaded, slot, for_data):
+        try:
+            params = _slot_kdf(loaded, i)
+        except (CorruptHeader, NotSupported) as e:
+            unusable = unusable or e
+            continue
         try:
             kdfs.check(params)  # a slot over the limits is skipped, not tried
         except (CorruptHeader, NotSupported) as e:
-            refused = refused or e
+            over_limit = over_limit or e
             continue
         spent += kdfs.cost(params)
         if spent > kdfs.LIMITS.total_work:
-            raise refused or KdfLimitExceeded(
+            raise over_limit or KdfLimitExceeded(
                 "the keyslots together ask for more KDF work than one unlock may spend")
         try:
             key = _try_slot(dev, loaded, i, secret)
         except (CorruptHeader, NotSupported) as e:
-            refused = refused or e
+            over_limit = over_limit or e
             continue
+        tried = True
         if key is not None:
             return i, key
-    if refused is not None:
-        raise refused
+    if over_limit is not None:
+        raise over_limit
+    if unusable is not None and not tried:
+        raise unusable
     raise WrongPassphrase("no keyslot opens with this passphrase")
 
 

@@ -4,8 +4,10 @@ LUKS1/LUKS2 header codecs, checked against independent computations and their ru
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -155,11 +157,30 @@ def test_luks1_rules() -> None:
     with pytest.raises(CorruptHeader, match="truncated"):
         luks1.decode(h.encode()[:500])
     overlap = h.with_slot(1, luks1.Slot(True, 1000, bytes(32), 100))
-    with pytest.raises(CorruptHeader, match="overlapping"):
+    with pytest.raises(CorruptHeader, match="overlaps key slot 1"):
         luks1.decode(overlap.encode())
     into_payload = h.with_slot(7, luks1.Slot(True, 1000, bytes(32), 4000))
-    with pytest.raises(CorruptHeader, match="payload"):
+    with pytest.raises(CorruptHeader, match=r"slot 7 .*payload"):
         luks1.decode(into_payload.encode())
+    # every slot is checked, used or not: a disabled one is where the next key goes
+    for bad, what in ((luks1.Slot(False, 0, bytes(32), 4000), "slot 7 .*payload"),
+                      (luks1.Slot(False, 0, bytes(32), 1), "slot 7 .*header"),
+                      (luks1.Slot(False, 0, bytes(32), 3536 - 10), "slot 6 .*overlaps"),
+                      (luks1.Slot(False, 0, bytes(32), 3536, 3999), "slot 7 .*stripes")):
+        with pytest.raises(CorruptHeader, match=what):
+            luks1.decode(h.with_slot(7, bad).encode())
+    # a detached header (payload 0) has no payload to run into
+    luks1.decode(dataclasses.replace(h, payload_offset=0).encode())
+    with pytest.raises(CorruptHeader, match="too small"):
+        luks1.check_device_size(h, 3536 * 512 + 250 * 512 - 1)
+    luks1.check_device_size(h, luks1.header_sectors(h) * 512)
+    # an unknown slot state is kept (written back as read) and the slot counts as used
+    raw = bytearray(h.encode())
+    raw[208 + 48 * 3:208 + 48 * 3 + 4] = (0x1234).to_bytes(4, "big")
+    odd = luks1.decode(bytes(raw))
+    assert odd.slots[3].marker == 0x1234 and odd.slots[3].in_use and not odd.slots[3].active
+    assert odd.encode() == bytes(raw)
+    assert luks1.describe(odd)["invalid_keyslots"] == {"3": "state 0x00001234"}
     raw = bytearray(h.encode())
     raw[108:112] = (40).to_bytes(4, "big")
     with pytest.raises(CorruptHeader, match="key size"):
@@ -222,10 +243,25 @@ JSON_CASES = {
     "bad sector": lambda j: j["segments"]["0"].__setitem__("sector_size", 1000),
     "json_size": lambda j: j["config"].__setitem__("json_size", "4096"),
     "keyslot id": lambda j: j["keyslots"].__setitem__("99", j["keyslots"]["0"]),
-    "bad salt": lambda j: j["keyslots"]["0"]["kdf"].__setitem__("salt", "!!"),
-    "extra argon field": lambda j: j["keyslots"]["0"]["kdf"].__setitem__("x", 1),
-    "stripes": lambda j: j["keyslots"]["0"]["af"].__setitem__("stripes", 10),
     "no config": lambda j: j.pop("config"),
+    "keyslot in no digest": lambda j: j["digests"]["0"].__setitem__("keyslots", []),
+    "keyslot in two digests": lambda j: j["digests"].__setitem__("1", j["digests"]["0"]),
+    "af type": lambda j: j["keyslots"]["0"]["af"].__setitem__("type", "luks2"),
+    "area type": lambda j: j["keyslots"]["0"]["area"].__setitem__("type", "dm-crypt"),
+    "argon2 without memory": lambda j: j["keyslots"]["0"]["kdf"].pop("memory"),
+    "any keyslot without area": lambda j: j["keyslots"].__setitem__("1", {"type": "x",
+                                                                          "key_size": 64}),
+}
+
+# what cryptsetup loads though this reader cannot open the slot: it is kept, unusable
+UNUSABLE_CASES = {
+    "bad salt": (lambda j: j["keyslots"]["0"]["kdf"].__setitem__("salt", "!!"), "salt"),
+    "stripes": (lambda j: j["keyslots"]["0"]["af"].__setitem__("stripes", 10), "stripes"),
+    "unknown kdf": (lambda j: j["keyslots"]["0"]["kdf"].__setitem__("type", "argon2"),
+                    "KDF 'argon2'"),
+    "unknown type": (lambda j: j["keyslots"]["0"].__setitem__("type", "luks3"),
+                     "type 'luks3'"),
+    "af hash": (lambda j: j["keyslots"]["0"]["af"].__setitem__("hash", "md4"), "md4"),
 }
 
 
@@ -233,6 +269,34 @@ JSON_CASES = {
 def test_luks2_json_rules(case: str) -> None:
     with pytest.raises(CorruptHeader):
         luks2.decode_copy(patched(JSON_CASES[case]), 0, False)
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE_CASES))
+def test_luks2_unusable_keyslots_are_kept(case: str) -> None:
+    mutate, reason = UNUSABLE_CASES[case]
+    copy = luks2.decode_copy(patched(mutate), 0, False)
+    ks = copy.metadata.keyslots[0]
+    assert ks.unusable is not None and reason in ks.unusable
+    assert (ks.area.offset, ks.area.size) == (32768, 258048)
+    # written back exactly as it was read
+    j = luks2.metadata_to_json(luks2_header().metadata)
+    mutate(j)
+    assert luks2.metadata_to_json(copy.metadata)["keyslots"]["0"] == j["keyslots"]["0"]
+    with pytest.raises(NotSupported, match="cannot be opened"):
+        keyslots.open_luks2(ks, copy.metadata.keyslot_digest(0)[1], b"pw", bytes(258048))
+
+
+def test_luks2_leftover_kdf_fields_are_dropped() -> None:
+    # older cryptsetup left argon2 fields in pbkdf2 keyslots and pbkdf2 fields in argon2
+    # ones; cryptsetup ignores them and drops them on its next write, as does this reader
+    def leftover(j: dict[str, Any]) -> None:
+        j["keyslots"]["0"]["kdf"].update({"iterations": 1001, "hash": "sha256"})
+
+    copy = luks2.decode_copy(patched(leftover), 0, False)
+    ks = copy.metadata.keyslots[0]
+    assert ks.unusable is None and ks.kdf == kdf.Argon2("argon2id", 4, 32768, 2)
+    written = luks2.metadata_to_json(copy.metadata)["keyslots"]["0"]["kdf"]
+    assert set(written) == {"type", "time", "memory", "cpus", "salt"}
 
 
 def test_luks2_json_text_rules() -> None:
