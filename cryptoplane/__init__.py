@@ -40,7 +40,7 @@ from .requests import (
 )
 from .session import Session
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Algorithm", "AuthenticationFailed", "Busy", "Chain", "CryptoplaneError", "Decrypt",

@@ -12,6 +12,7 @@ from .stream import decrypt_cmd, encrypt_cmd, keygen_cmd, stream
 from .stream_bench import bench as stream_bench
 from .volume import volume
 from .volume_bench import bench as volume_bench
+from .volume_convert import convert_ivs_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,6 +29,7 @@ def cli() -> None:
 cli.add_command(engines)
 cli.add_command(stats)
 volume.add_command(volume_bench)
+volume.add_command(convert_ivs_cmd)
 cli.add_command(volume)
 cli.add_command(serve)
 # age-format streams: `cryptoplane encrypt|decrypt|keygen`, as age's own commands, and
