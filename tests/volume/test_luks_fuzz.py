@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cryptoplane.exceptions import CryptoplaneError
-from cryptoplane.volume import kdf, keyslots, luks, luks1, luks2
+from cryptoplane.volume import kdf, keyslots, luks, luks1, luks2, luks_io, signatures
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -32,6 +32,10 @@ def decode_any(blob: bytes) -> None:
             luks2.decode(blob)
     except CryptoplaneError:
         pass
+    # and with the device-size and foreign-signature checks a device read adds
+    for size in (len(blob), len(blob) // 3):
+        with contextlib.suppress(CryptoplaneError):
+            luks_io.decode_header(blob, size)
 
 
 @functools.cache
@@ -143,6 +147,10 @@ def test_mutated_json_with_valid_checksum(images: Images, data: st.DataObject,
         h = luks2.decode(blob + images[2][16384:])
     except CryptoplaneError:
         return
+    # what validates survives a write: unusable keyslots come back as they were read
+    again = luks2.decode_copy(luks2.encode_copy(h, False), 0, False).metadata
+    assert {i: k.unusable for i, k in again.keyslots.items()} == {
+        i: k.unusable for i, k in h.metadata.keyslots.items()}
     # a header that still validates must also unlock or fail cleanly, quickly: the
     # fuzzed KDF costs are capped tightly here
     small = kdf.Limits(pbkdf2_work=20_000, argon2_memory_kib=4096, argon2_time=4,
@@ -186,3 +194,11 @@ def test_unlock_of_mutated_files(images: Images, tmp_path: Path,
         img.write_bytes(bytes(blob))
         with contextlib.suppress(CryptoplaneError):
             luks.unlock(img, passphrase=b"pw")
+
+
+@settings(max_examples=60, deadline=None)
+@given(blob=st.binary(max_size=70000), at=st.integers(0, 70000))
+def test_signature_probe_takes_any_bytes(blob: bytes, at: int) -> None:
+    # a probe over any bytes names a signature or None, and never raises
+    name = signatures.foreign(blob[:at])
+    assert name is None or isinstance(name, str)
