@@ -319,17 +319,25 @@ def check_sectors(data: object, sector: object, sector_size: object, tweak: str,
         raise InvalidRequest(
             f"a sector run must be a non-zero multiple of {sector_size} bytes, got {n}"
         )
+    try:  # every volume read and write passes here: one lookup, not the checks below
+        return _TWEAK_CODES[tweak, sector_size, tweak_unit]
+    except (KeyError, TypeError):
+        pass
     try:
         code = TWEAKS[tweak]
-    except KeyError:
+    except (KeyError, TypeError):
         raise InvalidRequest(f"tweak layout must be one of {TWEAK_LAYOUTS}, "
                              f"got {tweak!r}") from None
-    if tweak_unit is None or tweak_unit == sector_size:
-        return code
-    if tweak_unit not in SECTOR_SIZES or tweak_unit > sector_size:
-        raise InvalidRequest(f"tweak_unit must be 512, 1024, 2048 or 4096 and at most the "
-                             f"sector size {sector_size}, got {tweak_unit!r}")
-    return code | tweak_step(sector_size // tweak_unit)
+    if tweak_unit is not None and tweak_unit != sector_size:
+        if tweak_unit not in SECTOR_SIZES or tweak_unit > sector_size:
+            raise InvalidRequest(f"tweak_unit must be 512, 1024, 2048 or 4096 and at most "
+                                 f"the sector size {sector_size}, got {tweak_unit!r}")
+        code |= tweak_step(sector_size // tweak_unit)
+    _TWEAK_CODES[tweak, sector_size, tweak_unit] = code
+    return code
+
+
+_TWEAK_CODES: dict[tuple[str, int, int | None], int] = {}  # the valid ones seen so far
 
 
 class EncryptSectors(_Sectors):
