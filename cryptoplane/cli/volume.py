@@ -317,10 +317,13 @@ def add_key_cmd(path: str, key_slot: int | None, new_key_file: str | None,
 @_header_option
 def remove_key_cmd(path: str, key_slot: int | None, yes: bool, key_file: str | None,
                    passphrase_fd: int | None, header: str | None) -> None:
-    """Remove the keyslot a passphrase opens, or the slot --key-slot names."""
-    secret = None
-    if key_slot is None:
-        secret = _secret(key_file, passphrase_fd, "Passphrase to remove")
+    """Remove the keyslot a passphrase opens, or the slot --key-slot names.
+
+    With --key-slot, a passphrase of another keyslot is asked for (of this one, if it is
+    the last), as cryptsetup luksKillSlot does: a wrong one exits 2 and changes nothing.
+    """
+    secret = _secret(key_file, passphrase_fd, "Passphrase to remove" if key_slot is None
+                     else "Enter any remaining passphrase")
     d = _run(lambda: luks.dump(path, header=header))
     if len(d["keyslots"]) == 1 and not yes:
         click.confirm("This is the last keyslot: the volume will be unusable. Continue?",

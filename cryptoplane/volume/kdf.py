@@ -61,22 +61,40 @@ KdfParams = Pbkdf2 | Argon2
 @dataclass(frozen=True)
 class Limits:
     """The most a header may ask for. Beyond these, opening is refused with
-    ``KdfLimitExceeded`` (cryptsetup's own maxima, and a cap on total work)."""
+    ``KdfLimitExceeded`` (cryptsetup's own maxima, and caps on work).
+
+    Work is counted before it is done, in units of the largest derivation one keyslot
+    may ask for (``pbkdf2_work`` SHA-256-equivalent iterations, or ``argon2_work_kib``
+    KiB x passes), each volume-key digest check included (at most ``digest_work``
+    iterations, a quarter unit): one unlock, whatever the passphrase, spends at most
+    ``total_work`` units, so a keyslot at the maximum and its digest fit once.
+    Measured on a 2-core machine of this project (OpenSSL's PBKDF2-SHA256 at 8.1M
+    iterations/s, Argon2id at 1-1.8 GiB x pass/s): a unit is about 12 s of PBKDF2 or
+    13-24 s of Argon2, the whole budget 15-30 s (``python benchmarks/unlock_budget.py``
+    times the worst header the caps accept). A keyslot cryptsetup makes by default
+    costs 2 s on the machine that made it.
+    """
 
     pbkdf2_iterations: int = 0xFFFFFFFF
-    pbkdf2_work: int = 200_000_000  # iterations: under a minute of sha256 here
+    pbkdf2_work: int = 100_000_000  # SHA-256-equivalent iterations
+    digest_work: int = 25_000_000  # the volume-key digest's PBKDF2 (cryptsetup: ~1M)
     argon2_memory_kib: int = ARGON2_MAX_MEMORY_KIB
     argon2_time: int = 1000
     argon2_cpus: int = 64
-    argon2_work_kib: int = 64 * 1024 * 1024  # memory x time: ~a minute here
-    total_work: float = 4.0  # one unlock may try at most this many maximal derivations
+    argon2_work_kib: int = 24 * 1024 * 1024  # memory x passes
+    total_work: float = 1.25  # one unlock: at most this many units, digests included
+
+
+# PBKDF2's cost per iteration relative to SHA-256 (SHA-512's 128-byte blocks take about
+# 2.3 times as long here); hashes not named cost as SHA-256
+_HASH_WEIGHT = {"sha512": 2.5, "sha384": 2.5, "whirlpool": 4.0}
 
 
 def cost(params: KdfParams, limits: Limits | None = None) -> float:
     """The work of one derivation as a fraction of the largest a slot may ask for."""
     limits = limits or LIMITS
     if isinstance(params, Pbkdf2):
-        return params.iterations / limits.pbkdf2_work
+        return params.iterations * _HASH_WEIGHT.get(params.hash, 1.0) / limits.pbkdf2_work
     return params.time * params.memory / limits.argon2_work_kib
 
 
@@ -90,9 +108,11 @@ def check(params: KdfParams, limits: Limits | None = None) -> None:
         hash_algorithm(params.hash)
         if params.iterations < 1:
             raise KdfLimitExceeded(f"pbkdf2 iterations {params.iterations} is below 1")
-        if params.iterations > min(limits.pbkdf2_iterations, limits.pbkdf2_work):
-            raise KdfLimitExceeded(f"pbkdf2 iterations {params.iterations} exceed the limit "
-                                   f"{min(limits.pbkdf2_iterations, limits.pbkdf2_work)}")
+        if params.iterations > limits.pbkdf2_iterations or cost(params, limits) > 1:
+            most = min(limits.pbkdf2_iterations,
+                       int(limits.pbkdf2_work / _HASH_WEIGHT.get(params.hash, 1.0)))
+            raise KdfLimitExceeded(f"pbkdf2-{params.hash} iterations {params.iterations} "
+                                   f"exceed the limit {most}")
         return
     if params.type not in ("argon2i", "argon2id"):
         raise NotSupported(f"KDF {params.type!r} is not supported")
@@ -108,6 +128,17 @@ def check(params: KdfParams, limits: Limits | None = None) -> None:
     if params.time * params.memory > limits.argon2_work_kib:
         raise KdfLimitExceeded(f"argon2 cost time x memory = {params.time * params.memory} "
                                f"KiB exceeds the limit {limits.argon2_work_kib} KiB")
+
+
+def check_digest(params: Pbkdf2, limits: Limits | None = None) -> None:
+    """Refuse a volume-key digest over its own, lower limit (it runs for every keyslot
+    tried, so it must cost a fraction of what a keyslot may)."""
+    limits = limits or LIMITS
+    check(params, limits)
+    if cost(params, limits) * limits.pbkdf2_work > limits.digest_work:
+        raise KdfLimitExceeded(f"the volume key digest's pbkdf2-{params.hash} iterations "
+                               f"{params.iterations} exceed the limit "
+                               f"{int(limits.digest_work / _HASH_WEIGHT.get(params.hash, 1.0))}")
 
 
 def derive(params: KdfParams, passphrase: bytes, salt: bytes, length: int,
@@ -226,4 +257,4 @@ def describe(params: KdfParams) -> dict[str, Any]:
 
 
 __all__ = ["LIMITS", "Argon2", "KdfParams", "Limits", "Pbkdf2", "benchmark", "check",
-           "cost", "derive", "describe", "from_mapping", "resolve", "to_json"]
+           "check_digest", "cost", "derive", "describe", "from_mapping", "resolve", "to_json"]

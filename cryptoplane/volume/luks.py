@@ -349,10 +349,15 @@ def remove_key(path: PathLike, *, slot: int | None = None, passphrase: bytes | N
                key_file: PathLike | None = None, header: PathLike | None = None,
                allow_last: bool = True) -> int:
     """Destroy one keyslot: the one ``slot`` names (``luksKillSlot``) or the one the
-    passphrase opens (``luksRemoveKey``). Its area is wiped. Returns the slot number."""
+    passphrase opens (``luksRemoveKey``). Its area is wiped. Returns the slot number.
+
+    Killing a named slot is authorised as cryptsetup's luksKillSlot does: the passphrase
+    must open another active keyslot, or this one if it is the last (``WrongPassphrase``
+    otherwise, with nothing written)."""
     secret = _secret(passphrase, key_file)
-    if (slot is None) == (secret is None):
-        raise InvalidRequest("give either a slot number or a passphrase")
+    if secret is None:
+        raise InvalidRequest("give the passphrase to remove, or with a slot number a "
+                             "passphrase of a remaining keyslot")
     with _device(_meta_path(path, header), True) as dev:
         loaded = read_header(dev)
         _check_writable(loaded)
@@ -360,6 +365,8 @@ def remove_key(path: PathLike, *, slot: int | None = None, passphrase: bytes | N
             found, _ = open_key(dev, loaded, secret, None)
             assert found is not None
             slot = found
+        else:
+            _authorise_kill(dev, loaded, slot, secret)
         if loaded.version == 2:
             meta = loaded.h2.metadata
             if slot not in meta.keyslots:
@@ -379,6 +386,23 @@ def remove_key(path: PathLike, *, slot: int | None = None, passphrase: bytes | N
             wipe_luks1_slot(dev, h, slot)
             write_luks1_phdr(dev, luks1.disabled(h, slot))
     return slot
+
+
+def _authorise_kill(dev: Device, loaded: LuksHeader, slot: int, secret: bytes) -> None:
+    if loaded.version == 2:
+        active = set(loaded.h2.metadata.keyslots)
+    else:
+        active = {i for i, s in enumerate(loaded.h1.slots) if s.active}
+    if slot not in active:
+        raise KeyslotError(f"keyslot {slot} is not active")
+    try:
+        if active == {slot}:  # the last one: its own passphrase, as cryptsetup asks
+            open_key(dev, loaded, secret, None, slot, for_data=False)
+        else:
+            open_key(dev, loaded, secret, None, for_data=False, skip=slot)
+    except WrongPassphrase:
+        raise WrongPassphrase(f"the passphrase opens no remaining keyslot: keyslot "
+                              f"{slot} was not removed") from None
 
 
 def change_key(path: PathLike, old: bytes | None = None, new: bytes | None = None, *,

@@ -56,7 +56,7 @@ def test_lifecycle(env: tuple[CliRunner, Path, Path], tmp_path: Path) -> None:
     # change via prompts: current, then new twice
     ok(runner, ["change-key", str(img), *FAST], input="secret two\nthird\nthird\n")
     assert luks.test_passphrase(img, passphrase=b"third") == 1
-    ok(runner, ["remove-key", str(img), "--key-slot", "1"])
+    ok(runner, ["remove-key", str(img), "--key-slot", "1", "--key-file", str(pw)])
     assert list(luks.dump(img)["keyslots"]) == ["0"]
     backup = tmp_path / "backup"
     ok(runner, ["backup-header", str(img), str(backup)])

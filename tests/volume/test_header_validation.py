@@ -203,7 +203,7 @@ def test_no_command_writes_to_a_refused_header(name: str, copy_of: object,
                                     new_passphrase=b"another", **fast),  # type: ignore[arg-type]
         "add-by-key": lambda: luks.add_key(img, volume_key=bytes(64),
                                            new_passphrase=b"another", **fast),  # type: ignore[arg-type]
-        "remove": lambda: luks.remove_key(img, slot=0),
+        "remove": lambda: luks.remove_key(img, slot=0, passphrase=PW0.encode()),
         "change": lambda: luks.change_key(img, PW0.encode(), b"another",
                                           **fast),  # type: ignore[arg-type]
         "erase": lambda: luks.erase(img),
@@ -219,7 +219,7 @@ def test_no_command_writes_to_a_refused_header(name: str, copy_of: object,
         ["dump", str(img)], ["open-test", str(img), "--key-file", str(pw)],
         ["add-key", str(img), "--key-file", str(pw), "--new-key-file", str(new),
          "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
-        ["remove-key", str(img), "--key-slot", "0", "--yes"],
+        ["remove-key", str(img), "--key-slot", "0", "--key-file", str(pw), "--yes"],
         ["remove-key", str(img), "--key-file", str(pw), "--yes"],
         ["change-key", str(img), "--key-file", str(pw), "--new-key-file", str(new),
          "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],

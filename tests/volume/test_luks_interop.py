@@ -233,7 +233,7 @@ def test_tokens_survive_keyslot_changes(tmp_path: Path, pw: Path) -> None:
     tokens = json.loads(run("cryptsetup", "luksDump", "--dump-json-metadata", img).stdout
                         )["tokens"]
     assert tokens["0"]["key_description"] == "vol-key" and tokens["0"]["keyslots"] == ["1"]
-    luks.remove_key(img, slot=1)
+    luks.remove_key(img, slot=1, passphrase=pw.read_bytes())
     tokens = json.loads(run("cryptsetup", "luksDump", "--dump-json-metadata", img).stdout
                         )["tokens"]
     assert tokens["0"]["keyslots"] == []

@@ -61,12 +61,12 @@ def test_add_test_change_remove(vol: tuple[Path, int]) -> None:
     assert luks.unlock(img, passphrase=b"deux").volume_key == key
     assert luks.remove_key(img, passphrase=b"deux") == new_slot
     assert not opens(img, b"deux")
-    assert luks.remove_key(img, slot=5) == 5
+    assert luks.remove_key(img, slot=5, passphrase=b"old") == 5
     assert opens(img, b"old") and not opens(img, b"three")
     with pytest.raises(KeyslotError):
-        luks.remove_key(img, slot=5)
+        luks.remove_key(img, slot=5, passphrase=b"old")
     with pytest.raises(KeyslotError):
-        luks.remove_key(img, slot=0, allow_last=False)
+        luks.remove_key(img, slot=0, passphrase=b"old", allow_last=False)
     with pytest.raises(WrongPassphrase):
         luks.add_key(img, passphrase=b"bad", new_passphrase=b"x", kdf_params=p)
     with pytest.raises(WrongPassphrase):
@@ -80,7 +80,7 @@ def test_removed_keyslot_area_is_wiped(tmp_path: Path) -> None:
     meta = luks2.decode(img.read_bytes()[:luks2.READ_SIZE]).metadata
     area = meta.keyslots[1].area
     before = img.read_bytes()[area.offset:area.offset + area.size]
-    luks.remove_key(img, slot=1)
+    luks.remove_key(img, slot=1, passphrase=b"a")
     after = img.read_bytes()[area.offset:area.offset + area.size]
     assert before != after and before[:4096] not in after
 
@@ -282,9 +282,14 @@ def test_many_costly_keyslots_are_refused_together(tmp_path: Path,
     for i in range(4):
         luks.add_key(img, passphrase=b"pw", new_passphrase=b"%d" % i, kdf="pbkdf2",
                      kdf_params=PBKDF2_FAST)
-    # each slot is within the (lowered) per-slot limit, five together are not
-    monkeypatch.setattr(kdf, "LIMITS", kdf.Limits(pbkdf2_work=1000, total_work=3.0))
+    # each slot (1,000 iterations, and 1,000 more for its digest check) is within the
+    # (lowered) per-slot limit; three slots together (6 units) are, five (10) are not
+    monkeypatch.setattr(kdf, "LIMITS", kdf.Limits(pbkdf2_work=1000, total_work=6.0))
     assert luks.test_passphrase(img, passphrase=b"1") == 2
+    with pytest.raises(KdfLimitExceeded, match="together"):
+        luks.unlock(img, passphrase=b"wrong")
+    # the digest checks count: without them the five slots would fit in 6 units
+    monkeypatch.setattr(kdf, "LIMITS", kdf.Limits(pbkdf2_work=1000, total_work=9.0))
     with pytest.raises(KdfLimitExceeded, match="together"):
         luks.unlock(img, passphrase=b"wrong")
 
