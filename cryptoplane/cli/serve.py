@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import ssl
 import sys
 from pathlib import Path
 
@@ -20,6 +19,33 @@ def _read_fd(fd: int) -> bytes:
     if len(data) > 64 * 1024:
         raise click.UsageError("the passphrase read from --passphrase-fd is over 64 KiB")
     return data.rstrip(b"\n")  # one trailing newline, as from echo, is not part of it
+
+
+def _socket_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise click.BadParameter(f"{text!r} is not an octal permission mode such as 0600",
+                                 param_hint="--socket-mode")
+    return mode
+
+
+def _exposure(socket_path: str | None, mode: int, port: int | None,
+              bind: str) -> list[str]:
+    """Why serving without client authentication lets others read the disk, if it does."""
+    from ..nbd.tls import is_loopback
+
+    out = []
+    if port is not None and not is_loopback(bind):
+        out.append(f"serving on {bind or 'every address'} (not loopback) without client "
+                   "authentication: anyone who reaches the port can read and write the "
+                   "disk; use --tls-verify-peer with --tls-ca, or --tls-psk")
+    if socket_path is not None and mode & 0o002:
+        out.append(f"the socket {socket_path} is open to every local user ({mode:04o}) "
+                   "without client authentication")
+    return out
 
 
 @click.command()
@@ -50,10 +76,22 @@ def _read_fd(fd: int) -> bytes:
               help="PEM certificate: clients must then use STARTTLS (nbds://).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
               help="PEM private key for --tls-cert.")
+@click.option("--tls-verify-peer", is_flag=True,
+              help="Require a client certificate signed by --tls-ca (else the handshake "
+                   "fails and nothing can be listed or read).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA certificate(s) that client certificates must chain to.")
+@click.option("--tls-psk", type=click.Path(exists=True, dir_okay=False),
+              help="TLS-PSK instead of certificates: a file of username:hexkey lines "
+                   "(nbdkit's and psktool's format); only clients with a key connect.")
+@click.option("--socket-mode", default="0600", show_default=True, metavar="OCTAL",
+              help="Permissions of the --socket file (0660: its group may connect too).")
 def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bind: str,
           read_only: bool, names: tuple[str, ...], raw: bool, key_file: str | None,
           passphrase_fd: int | None, header: str | None, block_size: int,
-          inline_limit: int | None, tls_cert: str | None, tls_key: str | None) -> None:
+          inline_limit: int | None, tls_cert: str | None, tls_key: str | None,
+          tls_verify_peer: bool, tls_ca: str | None, tls_psk: str | None,
+          socket_mode: str) -> None:
     """Export IMAGEs as NBD disks for qemu, nbdcopy, fio or any NBD client.
 
     Each IMAGE is a LUKS volume (LUKS2, or LUKS1 as qemu-img makes them), unlocked with a
@@ -65,6 +103,10 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
     \b
       cryptoplane serve disk.img --socket /tmp/nbd.sock
       qemu-system-x86_64 -drive file=nbd+unix:///disk?socket=/tmp/nbd.sock,format=raw
+
+    Anyone who can reach the socket or port can read the disk unless clients must
+    authenticate: --tls-cert/--tls-key with --tls-verify-peer and --tls-ca (client
+    certificates), or --tls-psk (pre-shared keys). The Unix socket is 0600 by default.
 
     Several clients and connections at once are fine (multi-conn: a flush on any
     connection makes every completed write durable). SIGTERM or Ctrl-C stops accepting,
@@ -82,14 +124,32 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
         raise click.UsageError("--raw images take no key, passphrase or header")
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_psk is not None and tls_cert is not None:
+        raise click.UsageError("--tls-psk replaces --tls-cert/--tls-key: give one or the other")
+    if tls_verify_peer and tls_cert is None:
+        raise click.UsageError("--tls-verify-peer needs --tls-cert and --tls-key")
+    if tls_verify_peer != (tls_ca is not None):
+        raise click.UsageError("--tls-verify-peer and --tls-ca go together")
+    mode = _socket_mode(socket_mode)
     export_names = list(names) or [Path(p).stem for p in images]
     if len(set(export_names)) != len(export_names):
         raise click.UsageError("two images would have the same export name: use --name")
 
-    tls = None
-    if tls_cert is not None and tls_key is not None:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(tls_cert, tls_key)
+    from ..nbd import tls as nbd_tls
+
+    tls: nbd_tls.ServerTLS | None = None
+    try:
+        if tls_psk is not None:
+            tls = nbd_tls.PSKContext(nbd_tls.load_psk_file(tls_psk))
+        elif tls_cert is not None and tls_key is not None:
+            tls = nbd_tls.certificate_context(tls_cert, tls_key, ca=tls_ca,
+                                              verify_peer=tls_verify_peer)
+    except nbd_tls.TLSConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    authenticated = tls_psk is not None or tls_verify_peer
+    if not authenticated:
+        for warning in _exposure(socket_path, mode, port, bind):
+            click.echo(f"warning: {warning}", err=True)
 
     devices: dict[str, BlockDevice] = {}
     try:
@@ -116,7 +176,7 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
             sys.stdout.flush()
 
         run_server(devices, unix=socket_path,
-                   tcp=None if port is None else (bind, port), tls=tls,
+                   tcp=None if port is None else (bind, port), tls=tls, socket_mode=mode,
                    read_only=read_only, ready=ready, inline_limit=inline_limit)
     except (CryptoplaneError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc

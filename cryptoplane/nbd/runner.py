@@ -12,8 +12,8 @@ import contextlib
 import os
 import signal
 import socket
-import ssl
 import stat
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -21,8 +21,10 @@ from typing import Any
 
 from cryptoplane.blockdev import BlockDevice
 from cryptoplane.exceptions import InvalidRequest
+from cryptoplane.nbd.tls import ServerTLS
 
 Ready = Callable[[list[str]], None]
+SOCKET_MODE = 0o600  # Unix sockets: only the owner connects, unless told otherwise
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -44,6 +46,36 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def bind_unix(path: str, mode: int = SOCKET_MODE) -> socket.socket:
+    """A Unix socket bound at ``path`` with permissions ``mode``, never more open than
+    that: it is bound in a private (0700) directory beside ``path``, given its mode
+    there, and only then linked to ``path`` (which must not exist: no clobbering)."""
+    if not 0 <= mode <= 0o777:
+        raise InvalidRequest(f"socket mode {mode:#o} is not a permission mode")
+    target = os.path.abspath(path)
+    private = tempfile.mkdtemp(prefix=".nbd-", dir=os.path.dirname(target))
+    staged = os.path.join(private, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(staged)
+        except OSError as exc:
+            if len(os.fsencode(staged)) >= 108:  # sun_path's size on Linux
+                raise InvalidRequest(f"the socket path {path} is too long to stage "
+                                     "beside it: use a shorter one") from exc
+            raise
+        os.chmod(staged, mode)
+        os.link(staged, target)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+        os.rmdir(private)
+    return sock
+
+
 def urls(names: list[str], *, unix: str | None = None, tcp: tuple[str, int] | None = None,
          tls: bool = False) -> list[str]:
     """NBD URIs (as qemu and libnbd read them) for each export."""
@@ -59,11 +91,12 @@ def urls(names: list[str], *, unix: str | None = None, tcp: tuple[str, int] | No
 
 
 async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = None,
-                      tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
+                      tcp: tuple[str, int] | None = None, tls: ServerTLS | None = None,
                       read_only: bool = False, ready: Ready | None = None,
                       stop: asyncio.Event | None = None, inline_limit: int | None = None,
-                      workers: int | None = None) -> None:
-    """Serve ``exports`` until ``stop`` is set, then shut down gracefully. ``workers``:
+                      workers: int | None = None, socket_mode: int = SOCKET_MODE) -> None:
+    """Serve ``exports`` until ``stop`` is set, then shut down gracefully. The Unix
+    socket gets permissions ``socket_mode`` (0600: its owner only). ``workers``:
     threads for big requests, one per core by default (measured on 2 cores with nbdcopy:
     2 workers read as fast as 4 and wrote 3-20% faster than 3 or 4, whose extra threads
     only contend for the GIL; 1 worker read 15-30% slower)."""
@@ -81,9 +114,10 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
     try:
         if unix is not None:
             _remove_stale_socket(unix)
-            listeners.append(await loop.create_unix_server(lambda: _Connection(server),
-                                                           unix))
+            sock = bind_unix(unix, socket_mode)
             own_socket = unix
+            listeners.append(await loop.create_unix_server(lambda: _Connection(server),
+                                                           sock=sock))
         if tcp is not None:
             tcp_srv = await loop.create_server(lambda: _Connection(server), tcp[0], tcp[1])
             listeners.append(tcp_srv)
@@ -114,9 +148,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
-          tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
+          tcp: tuple[str, int] | None = None, tls: ServerTLS | None = None,
           read_only: bool = False, ready: Ready | None = None,
-          inline_limit: int | None = None) -> None:
+          inline_limit: int | None = None, socket_mode: int = SOCKET_MODE) -> None:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests, flush and close."""
     loop = new_event_loop()
 
@@ -126,7 +160,8 @@ def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
             loop.add_signal_handler(sig, stop.set)
         try:
             await serve_async(exports, unix=unix, tcp=tcp, tls=tls, read_only=read_only,
-                              ready=ready, stop=stop, inline_limit=inline_limit)
+                              ready=ready, stop=stop, inline_limit=inline_limit,
+                              socket_mode=socket_mode)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -141,11 +176,13 @@ class ServerThread:
     """An NBD server on a background thread (for tests): ``with ServerThread(...) as s``."""
 
     def __init__(self, exports: dict[str, BlockDevice], *, socket_path: str | None = None,
-                 tcp: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None,
-                 read_only: bool = False, inline_limit: int | None = None) -> None:
+                 tcp: tuple[str, int] | None = None, tls: ServerTLS | None = None,
+                 read_only: bool = False, inline_limit: int | None = None,
+                 socket_mode: int = SOCKET_MODE) -> None:
         self.socket_path = socket_path
         self._kw: dict[str, Any] = dict(unix=socket_path, tcp=tcp, tls=tls,
-                                        read_only=read_only, inline_limit=inline_limit)
+                                        read_only=read_only, inline_limit=inline_limit,
+                                        socket_mode=socket_mode)
         self._exports = exports
         self.urls: list[str] = []
         self._ready = threading.Event()

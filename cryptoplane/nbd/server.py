@@ -48,6 +48,7 @@ from cryptoplane.nbd.runner import new_event_loop as new_event_loop
 from cryptoplane.nbd.runner import serve as serve
 from cryptoplane.nbd.runner import serve_async as serve_async
 from cryptoplane.nbd.runner import urls as urls
+from cryptoplane.nbd.tls import ServerTLS, start_tls
 
 log = logging.getLogger("cryptoplane.nbd")
 
@@ -419,14 +420,14 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def _start_tls(self) -> None:
         assert self.transport is not None and self.server.tls is not None
-        loop = asyncio.get_running_loop()
         try:
-            new = await loop.start_tls(self.transport, self, self.server.tls,
-                                       server_side=True)
+            new = await start_tls(self.transport, self, self.server.tls)
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("TLS handshake failed: %s", exc)
             self.closing = True
             self._close()
+            # the TLS layer took the transport's callbacks and will not report the loss
+            self.connection_lost(exc)
             return
         if new is None:
             return
@@ -501,7 +502,7 @@ class _Connection(asyncio.BufferedProtocol):
 
 
 class _Server:
-    def __init__(self, exports: dict[str, BlockDevice], *, tls: ssl.SSLContext | None,
+    def __init__(self, exports: dict[str, BlockDevice], *, tls: ServerTLS | None,
                  read_only: bool, inline_limit: int | None, workers: int) -> None:
         if not exports:
             raise InvalidRequest("serve needs at least one export")
