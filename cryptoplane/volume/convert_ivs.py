@@ -38,6 +38,7 @@ from cryptoplane.exceptions import InvalidRequest, NotSupported
 from cryptoplane.plane import Plane
 from cryptoplane.volume import luks2
 from cryptoplane.volume.ciphers import SectorCipher, sector_cipher
+from cryptoplane.volume.datalock import lock_data
 from cryptoplane.volume.errors import CorruptHeader
 from cryptoplane.volume.layout import DataLayout
 from cryptoplane.volume.luks_io import (
@@ -127,6 +128,7 @@ def inspect(path: str | os.PathLike[str], secret: bytes, *,
     with _ciphers(new, old, plane) as (enc_new, enc_old):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            lock_data(fd, write=False, path=path)
             return _sample(fd, new, old, enc_new, enc_old, samples)
         finally:
             os.close(fd)
@@ -188,6 +190,7 @@ def convert(path: str | os.PathLike[str], secret: bytes, *,
         with _ciphers(new, old, plane) as ciphers:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
+                lock_data(fd, write=True, path=path)  # no `serve` writes meanwhile
                 h2 = _run(dev, h2, fd, state, new, old, ciphers, progress)
             finally:
                 os.close(fd)

@@ -38,6 +38,7 @@ from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.plane import Plane
 
 from .ciphers import SectorCipher, XtsPlain, sector_cipher
+from .datalock import lock_data
 from .layout import DataLayout
 
 DEFAULT_CHUNK = 1 << 20
@@ -72,6 +73,9 @@ class Volume:
             else:
                 fd = os.open(source, os.O_RDONLY if read_only else os.O_RDWR)
             undo.callback(os.close, fd)
+            # one writer or many readers, across processes (qemu's rule for images)
+            lock_data(fd, write=not read_only,
+                      path=f"fd {source}" if isinstance(source, int) else source)
             have = os.lseek(fd, 0, os.SEEK_END)
             if have < layout.offset + layout.size:
                 raise InvalidRequest(f"the data device holds {have} bytes; the volume needs "
