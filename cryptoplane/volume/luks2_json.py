@@ -126,8 +126,11 @@ class Metadata:
         """Refuse, by name, what this implementation cannot open or change safely."""
         unknown = [r for r in self.config.mandatory if r not in _SUPPORTED_REQUIREMENTS]
         if unknown:
+            # convert_ivs.REQUIREMENT (not imported: that module builds on this one)
+            hint = (": a `cryptoplane volume convert-ivs` was interrupted; run it again "
+                    "to finish" if "cryptoplane-convert-ivs" in unknown else "")
             raise NotSupported(f"LUKS2 mandatory requirement(s) not supported: "
-                               f"{', '.join(unknown)}")
+                               f"{', '.join(unknown)}{hint}")
         if len(self.segments) != 1:
             raise NotSupported(f"{len(self.segments)} data segments (reencryption in "
                                f"progress?) are not supported; one is")
