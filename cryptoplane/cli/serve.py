@@ -11,6 +11,14 @@ import click
 
 from ..blockdev import BlockDevice, FileDevice
 from ..exceptions import CryptoplaneError
+from ..nbd.limits import MIN_BUDGET, Limits
+from .sizes import parse_size
+
+_DEFAULTS = Limits()
+
+
+def _budget(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    return parse_size(value, least=MIN_BUDGET)
 
 
 def _read_fd(fd: int) -> bytes:
@@ -72,6 +80,25 @@ def _exposure(socket_path: str | None, mode: int, port: int | None,
 @click.option("--inline-limit", type=click.IntRange(0, 32 << 20), default=None,
               help="Requests up to this many bytes run on the event loop, bigger ones in a "
                    "thread pool (default: all inline for --raw, 64 KiB for volumes).")
+@click.option("--memory-budget", default="256M", show_default=True, callback=_budget,
+              help="Memory for request payloads and replies, all clients together; past "
+                   "it, clients wait (their sockets are not read) until some is freed.")
+@click.option("--max-connections", type=click.IntRange(1), show_default=True,
+              default=_DEFAULTS.max_connections,
+              help="Connections served at once; more are closed as soon as accepted.")
+@click.option("--handshake-timeout", type=click.FloatRange(0, min_open=True),
+              default=_DEFAULTS.handshake_timeout, show_default=True, metavar="SECONDS",
+              help="Close a connection that has not finished negotiating (TLS included).")
+@click.option("--idle-timeout", type=click.FloatRange(0), show_default=True,
+              default=_DEFAULTS.idle_timeout, metavar="SECONDS",
+              help="Close a connection with nothing pending that sends nothing for this "
+                   "long (0: never; a quiet disk is no fault).")
+@click.option("--stall-timeout", type=click.FloatRange(0, min_open=True), show_default=True,
+              default=_DEFAULTS.stall_timeout, metavar="SECONDS",
+              help="Close a connection that makes no progress (sends nothing, reads none "
+                   "of its replies) while a request or reply of its holds memory.")
+@click.option("--max-options", type=click.IntRange(1), default=_DEFAULTS.max_options,
+              show_default=True, help="Negotiation options allowed per connection.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
               help="PEM certificate: clients must then use STARTTLS (nbds://).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
@@ -89,7 +116,9 @@ def _exposure(socket_path: str | None, mode: int, port: int | None,
 def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bind: str,
           read_only: bool, names: tuple[str, ...], raw: bool, key_file: str | None,
           passphrase_fd: int | None, header: str | None, block_size: int,
-          inline_limit: int | None, tls_cert: str | None, tls_key: str | None,
+          inline_limit: int | None, memory_budget: int, max_connections: int,
+          handshake_timeout: float, idle_timeout: float, stall_timeout: float,
+          max_options: int, tls_cert: str | None, tls_key: str | None,
           tls_verify_peer: bool, tls_ca: str | None, tls_psk: str | None,
           socket_mode: str) -> None:
     """Export IMAGEs as NBD disks for qemu, nbdcopy, fio or any NBD client.
@@ -109,8 +138,9 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
     certificates), or --tls-psk (pre-shared keys). The Unix socket is 0600 by default.
 
     Several clients and connections at once are fine (multi-conn: a flush on any
-    connection makes every completed write durable). SIGTERM or Ctrl-C stops accepting,
-    finishes requests in flight, flushes and exits.
+    connection makes every completed write durable), up to --max-connections; what
+    they can make the server hold is bounded by --memory-budget and the timeouts.
+    SIGTERM or Ctrl-C stops accepting, finishes requests in flight, flushes and exits.
     """
     from ..nbd.server import serve as run_server
 
@@ -151,6 +181,9 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
         for warning in _exposure(socket_path, mode, port, bind):
             click.echo(f"warning: {warning}", err=True)
 
+    limits = Limits(memory_budget=memory_budget, max_connections=max_connections,
+                    handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
+                    stall_timeout=stall_timeout, max_options=max_options)
     devices: dict[str, BlockDevice] = {}
     try:
         if raw:
@@ -177,7 +210,8 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
 
         run_server(devices, unix=socket_path,
                    tcp=None if port is None else (bind, port), tls=tls, socket_mode=mode,
-                   read_only=read_only, ready=ready, inline_limit=inline_limit)
+                   read_only=read_only, ready=ready, inline_limit=inline_limit,
+                   limits=limits)
     except (CryptoplaneError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

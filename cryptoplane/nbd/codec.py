@@ -8,17 +8,25 @@ NBD error to send (``OptionError``, ``CommandError``); input after which the str
 longer be trusted raises ``ProtocolError`` and the connection must be closed.
 
 Memory is bounded whatever the client sends: a fixed receive buffer, option data capped
-at ``MAX_OPTION_DATA`` (bigger options are skipped without being stored), and one WRITE
-payload of at most ``max_payload`` bytes at a time, allocated once and received into.
+at ``MAX_OPTION_DATA`` (bigger options are skipped without being stored), at most
+``max_options`` options, and one WRITE payload of at most ``max_payload`` bytes at a
+time, received into its own buffer. Buffers are anonymous mappings whose pages cost
+nothing until data lands in them, and a payload's buffer is only asked for (``allocate``)
+once its first byte has arrived: a header announcing 32 MiB, then silence, holds nothing.
+When ``allocate`` says no (the server's memory budget is spent), ``next_event`` returns
+``NEED_DATA`` and ``memory_wanted`` says how much is waited for; the caller stops
+reading and asks again once memory is given back.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any, Final
 
 from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.nbd import protocol as P
+from cryptoplane.nbd.limits import anonymous
 from cryptoplane.nbd.protocol import (  # the codec's events
     Abort,
     CommandError,
@@ -67,6 +75,10 @@ RECV_BUFFER = 256 * 1024
 # received straight into their own buffer (no copy of the bulk of the data)
 SMALL_WRITE = 64 * 1024
 MAX_SPARE = 4  # recycled payload buffers kept (each at most max_payload bytes)
+# what is received with a big WRITE's header (and copied out of the receive buffer): its
+# payload's first bytes, which are what asks for the payload's buffer
+PROBE = 4096
+MAX_OPTIONS = 32  # as nbdkit: a client that needs more is looping
 
 _WRITE_FLAGS = P.CMD_FLAG_FUA
 _ZERO_FLAGS = P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE
@@ -77,9 +89,17 @@ class ServerConnection:
     """The server side of one NBD connection (fixed newstyle)."""
 
     def __init__(self, *, tls_available: bool = False, tls_required: bool = False,
-                 structured_replies: bool = True) -> None:
+                 structured_replies: bool = True, max_options: int = MAX_OPTIONS,
+                 allocate: Callable[[int], Any] | None = None) -> None:
+        """``allocate(n)``: a writable buffer of ``n`` bytes for a WRITE payload, or None
+        when there is no memory for it now (default: an unaccounted anonymous mapping)."""
         if tls_required and not tls_available:
             raise InvalidRequest("TLS cannot be required without being available")
+        if max_options < 1:
+            raise InvalidRequest("max_options must be at least 1")
+        self.max_options = max_options
+        self._options = 0
+        self._allocate: Callable[[int], Any] = allocate or anonymous
         self.tls_available = tls_available
         self.tls_required = tls_required
         self.allow_structured = structured_replies
@@ -88,18 +108,22 @@ class ServerConnection:
         self.no_zeroes = False
         self.state = State.CLIENT_FLAGS
         self.export: ExportInfo | None = None
-        self._buf = bytearray(RECV_BUFFER)
+        # pages a client never fills are never touched: an idle connection costs one
+        self._buf = anonymous(RECV_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
         self._backlog = bytearray()  # receive_data() input not yet in the buffer
         self._skip = 0  # payload bytes to discard (refused option or refused WRITE)
         self._after_skip: Event | None = None
-        self._payload: bytearray | None = None  # a big WRITE being received
+        self._payload: Any = None  # the buffer of a big WRITE being received
+        self._want: tuple[int, int, int, bool] | None = None  # (length, cookie, offset,
+        # fua) of a big WRITE whose payload has no buffer yet
+        self._starved = False  # ``allocate`` said no for ``_want``
         self._payload_have = 0
         self._payload_req: tuple[int, int, bool] = (0, 0, False)
         self._error: str | None = None
-        self._spare: list[bytearray] = []  # payload buffers given back by ``recycle``
+        self._spare: list[Any] = []  # payload buffers given back by ``recycle``
         self._header_only = False  # ask for one request header next (see get_buffer)
 
     # ---- input ----------------------------------------------------------------------
@@ -110,15 +134,16 @@ class ServerConnection:
             return memoryview(self._payload)[self._payload_have:]
         if self._start == self._end:
             self._start = self._end = 0
-            if self._header_only:
+            if self._header_only or self._want is not None:
                 # After a big WRITE the next request is likely one too: take just its
-                # header, so that its payload lands in its own buffer rather than here,
-                # to be copied out (nbdcopy's 256 KiB writes had 54% of each copied).
+                # header and its payload's first bytes, so that the rest lands in its
+                # own buffer rather than here, to be copied out (nbdcopy's 256 KiB
+                # writes had 54% of each copied).
                 self._header_only = False
-                return self._view[:P.REQUEST.size]
+                return self._view[:P.REQUEST.size + PROBE]
         elif self._end == len(self._buf) or self._start > len(self._buf) // 2:
             n = self._end - self._start
-            self._buf[:n] = self._view[self._start:self._end]
+            self._buf.move(0, self._start, n)
             self._start, self._end = 0, n
         if self._end == len(self._buf):
             # a parseable unit always fits the buffer: the caller stopped pulling events
@@ -150,6 +175,21 @@ class ServerConnection:
     def buffered(self) -> int:
         """Bytes received and not yet parsed."""
         return self._end - self._start + len(self._backlog)
+
+    @property
+    def receiving(self) -> bool:
+        """Part of a request or option has arrived, not all of it."""
+        return (self._end > self._start or self._payload is not None
+                or self._want is not None or self._skip > 0)
+
+    @property
+    def memory_wanted(self) -> int:
+        """Bytes of a WRITE payload that ``allocate`` could not give yet, else 0."""
+        return self._want[0] if self._starved and self._want is not None else 0
+
+    def drop_spares(self) -> None:
+        """Forget the recycled payload buffers (the server wants the memory back)."""
+        self._spare.clear()
 
     @property
     def memory_in_use(self) -> int:
@@ -221,10 +261,13 @@ class ServerConnection:
         magic, option, length = P.OPTION_HEADER.unpack_from(self._buf, self._start)
         if magic != P.IHAVEOPT:
             raise self._fail("bad option magic")
+        if self._options >= self.max_options:
+            raise self._fail(f"more than {self.max_options} options")
         if length > P.MAX_OPTION_DATA:
             if option == P.OPT_EXPORT_NAME:
                 raise self._fail("export name too long")
             self._start += P.OPTION_HEADER.size
+            self._options += 1
             self._skip = length
             self._after_skip = OptionError(option, P.REP_ERR_TOO_BIG,
                                            f"option data of {length} bytes is too big")
@@ -234,6 +277,7 @@ class ServerConnection:
         begin = self._start + P.OPTION_HEADER.size
         data = bytes(self._view[begin:begin + length])
         self._start = begin + length
+        self._options += 1
         return self._decode_option(option, data)
 
     def _decode_option(self, option: int, data: bytes) -> Event:
@@ -293,7 +337,10 @@ class ServerConnection:
             payload, self._payload = self._payload, None
             cookie, offset, fua = self._payload_req
             self._header_only = True
-            return Write(cookie, offset, payload, fua)
+            # a view: compares equal to the bytes it holds, as a small WRITE's do
+            return Write(cookie, offset, memoryview(payload), fua)
+        if self._want is not None:
+            return self._take_payload()
         if self._skip:
             if not self._take_skip():
                 return NEED_DATA
@@ -326,13 +373,8 @@ class ServerConnection:
             if small:
                 self._start += length
                 return Write(cookie, offset, bytes(self._view[start + 28:self._start]), fua)
-            payload = self._payload_buffer(length)
-            have = min(length, self._end - self._start)
-            payload[:have] = self._view[self._start:self._start + have]
-            self._start += have
-            self._payload, self._payload_have = payload, have
-            self._payload_req = (cookie, offset, fua)
-            return self._parse_request()
+            self._want = (length, cookie, offset, fua)
+            return self._take_payload()
         self._start = start + 28
         if kind == P.CMD_READ:
             if length > export.max_payload:
@@ -359,18 +401,39 @@ class ServerConnection:
             return Disconnect()
         return CommandError(cookie, P.EINVAL, f"command {kind} is not supported")
 
-    def _payload_buffer(self, length: int) -> bytearray:
+    def _take_payload(self) -> Event | NeedData:
+        """Give the announced WRITE payload a buffer, once its first byte is here."""
+        assert self._want is not None
+        length, cookie, offset, fua = self._want
+        have = min(length, self._end - self._start)
+        if have == 0:
+            return NEED_DATA
+        payload = self._payload_buffer(length)
+        if payload is None:
+            self._starved = True
+            return NEED_DATA
+        self._want, self._starved = None, False
+        payload[:have] = self._view[self._start:self._start + have]
+        self._start += have
+        self._payload, self._payload_have = payload, have
+        self._payload_req = (cookie, offset, fua)
+        return self._parse_request()
+
+    def _payload_buffer(self, length: int) -> Any:
         for i, spare in enumerate(self._spare):
             if len(spare) == length:
                 return self._spare.pop(i)
-        return bytearray(length)
+        return self._allocate(length)
 
-    def recycle(self, payload: bytes | bytearray) -> None:
+    def recycle(self, payload: bytes | memoryview) -> bool:
         """Give back a big WRITE's payload once the device is done with it: the next
-        WRITE of that size is received into it (no new allocation, no page faults)."""
-        if (isinstance(payload, bytearray) and len(payload) > SMALL_WRITE
+        WRITE of that size is received into it (no new allocation, no page faults).
+        True when it was kept."""
+        if (isinstance(payload, memoryview) and len(payload) > SMALL_WRITE
                 and len(self._spare) < MAX_SPARE):
-            self._spare.append(payload)
+            self._spare.append(payload.obj)
+            return True
+        return False
 
     def _check(self, flags: int, allowed: int, offset: int, length: int,
                writes: bool) -> tuple[int, str] | None:
@@ -523,28 +586,9 @@ class ServerConnection:
 
 
 __all__ = [
-    "MAX_SPARE",
-    "NEED_DATA",
-    "RECV_BUFFER",
-    "SMALL_WRITE",
-    "Abort",
-    "CommandError",
-    "Disconnect",
-    "Event",
-    "ExportInfo",
-    "ExportName",
-    "Flush",
-    "InfoRequest",
-    "ListExports",
-    "NeedData",
-    "OptionError",
-    "ProtocolError",
-    "Read",
-    "ServerConnection",
-    "StartTLS",
-    "State",
-    "StructuredReplies",
-    "Trim",
-    "Write",
+    "MAX_OPTIONS", "MAX_SPARE", "NEED_DATA", "PROBE", "RECV_BUFFER", "SMALL_WRITE", "Abort",
+    "CommandError", "Disconnect", "Event", "ExportInfo", "ExportName", "Flush",
+    "InfoRequest", "ListExports", "NeedData", "OptionError", "ProtocolError", "Read",
+    "ServerConnection", "StartTLS", "State", "StructuredReplies", "Trim", "Write",
     "WriteZeroes",
 ]

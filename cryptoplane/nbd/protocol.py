@@ -183,7 +183,7 @@ class Read:
 class Write:
     cookie: int
     offset: int
-    data: bytes | bytearray = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
     fua: bool
 
 

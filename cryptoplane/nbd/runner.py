@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptoplane.blockdev import BlockDevice
 from cryptoplane.exceptions import InvalidRequest
+from cryptoplane.nbd.limits import Limits
 from cryptoplane.nbd.tls import ServerTLS
 
 Ready = Callable[[list[str]], None]
@@ -94,12 +95,14 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
                       tcp: tuple[str, int] | None = None, tls: ServerTLS | None = None,
                       read_only: bool = False, ready: Ready | None = None,
                       stop: asyncio.Event | None = None, inline_limit: int | None = None,
-                      workers: int | None = None, socket_mode: int = SOCKET_MODE) -> None:
+                      workers: int | None = None, limits: Limits | None = None,
+                      socket_mode: int = SOCKET_MODE) -> None:
     """Serve ``exports`` until ``stop`` is set, then shut down gracefully. The Unix
     socket gets permissions ``socket_mode`` (0600: its owner only). ``workers``:
     threads for big requests, one per core by default (measured on 2 cores with nbdcopy:
     2 workers read as fast as 4 and wrote 3-20% faster than 3 or 4, whose extra threads
-    only contend for the GIL; 1 worker read 15-30% slower)."""
+    only contend for the GIL; 1 worker read 15-30% slower). ``limits``: what clients
+    may make the server hold (``Limits()``'s defaults when None)."""
     # server.py re-exports this module's names, so a module-level import would be circular
     from cryptoplane.nbd.server import _Connection, _Server
 
@@ -107,7 +110,7 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
         raise InvalidRequest("serve needs a Unix socket path or a TCP address")
     loop = asyncio.get_running_loop()
     server = _Server(exports, tls=tls, read_only=read_only, inline_limit=inline_limit,
-                     workers=workers or os.cpu_count() or 2)
+                     workers=workers or os.cpu_count() or 2, limits=limits)
     listeners: list[asyncio.AbstractServer] = []
     bound_tcp = None
     own_socket: str | None = None  # removed at exit only if this server made it
@@ -150,7 +153,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
           tcp: tuple[str, int] | None = None, tls: ServerTLS | None = None,
           read_only: bool = False, ready: Ready | None = None,
-          inline_limit: int | None = None, socket_mode: int = SOCKET_MODE) -> None:
+          inline_limit: int | None = None, limits: Limits | None = None,
+          socket_mode: int = SOCKET_MODE) -> None:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests, flush and close."""
     loop = new_event_loop()
 
@@ -161,6 +165,7 @@ def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
         try:
             await serve_async(exports, unix=unix, tcp=tcp, tls=tls, read_only=read_only,
                               ready=ready, stop=stop, inline_limit=inline_limit,
+                              limits=limits,
                               socket_mode=socket_mode)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -178,10 +183,12 @@ class ServerThread:
     def __init__(self, exports: dict[str, BlockDevice], *, socket_path: str | None = None,
                  tcp: tuple[str, int] | None = None, tls: ServerTLS | None = None,
                  read_only: bool = False, inline_limit: int | None = None,
+                 limits: Limits | None = None,
                  socket_mode: int = SOCKET_MODE) -> None:
         self.socket_path = socket_path
         self._kw: dict[str, Any] = dict(unix=socket_path, tcp=tcp, tls=tls,
                                         read_only=read_only, inline_limit=inline_limit,
+                                        limits=limits,
                                         socket_mode=socket_mode)
         self._exports = exports
         self.urls: list[str] = []

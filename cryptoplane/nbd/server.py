@@ -16,6 +16,11 @@ holds), else through the transport. Per connection the number
 and bytes of requests in flight are bounded: past the bound the connection stops
 reading until replies drain.
 
+What clients may make the server hold is bounded by ``limits.Limits``: the number of
+connections, the time to negotiate, the time a connection may stall, and a memory
+budget (``limits.Budget``) that every payload and reply buffer is charged to. A request
+that finds no room waits, its connection no longer read, until memory is given back.
+
 Listening, the event loop, signals and the background-thread server for tests live in
 ``cryptoplane.nbd.runner``; its entry points are importable from here too.
 """
@@ -26,7 +31,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -35,10 +39,12 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from cryptoplane.blockdev import BlockDevice, FileDevice
+from cryptoplane.blockdev import BlockDevice
 from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
 from cryptoplane.nbd import codec as C
 from cryptoplane.nbd import protocol as P
+from cryptoplane.nbd.exports import INLINE_LIMIT, Export, _errno_of, _trim
+from cryptoplane.nbd.limits import Budget, Limits, ReplyBuffer, Watchdog
 from cryptoplane.nbd.offload import Offloader
 
 # the CLI, tests and benchmarks import the runner's entry points from this module
@@ -52,70 +58,32 @@ from cryptoplane.nbd.tls import ServerTLS, start_tls
 
 log = logging.getLogger("cryptoplane.nbd")
 
-INLINE_LIMIT = 64 * 1024  # requests up to this size run on the loop thread
 MAX_INFLIGHT = 64  # requests handed to the pool, per connection
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get at shutdown
 POOL_BYTES = 64 * 1024 * 1024  # read buffers kept for reuse, per server
 POOL_MIN = 16 * 1024  # smaller buffers are cheaper to allocate than to track
+# bigger read buffers are not kept: a few 32 MiB reads would pin their memory for good
+POOL_MAX_BUFFER = 4 * 1024 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 WRITE_HIGH_WATER = 4 * 1024 * 1024  # replies queued before the client counts as slow
 BATCH_BYTES = 4 * 1024 * 1024  # read data gathered before replies are handed over
 
 
-def _errno_of(exc: BaseException) -> int:
-    if isinstance(exc, InvalidRequest):
-        return P.EINVAL
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return P.ENOSPC
-        if exc.errno in (errno.EPERM, errno.EROFS, errno.EACCES):
-            return P.EPERM
-        if exc.errno == errno.ENOMEM:
-            return P.ENOMEM
-    if not isinstance(exc, OSError | CryptoplaneError):
-        log.error("unexpected error from the device", exc_info=exc)
-    return P.EIO
-
-
-def _trim(dev: BlockDevice, offset: int, length: int, fua: bool) -> None:
-    dev.trim(offset, length)
-    if fua:
-        dev.flush()
-
-
-class Export:
-    """One named export: a device and what negotiation says about it.
-
-    ``inline_limit``: requests up to this many bytes run on the event loop, bigger ones in
-    the thread pool. ``None`` picks: everything inline for a plain ``FileDevice`` (its
-    work is a memcpy from the page cache, cheaper than two thread hand-offs), else
-    ``INLINE_LIMIT`` (a volume's big requests decrypt without the GIL while the loop
-    goes on receiving).
-    """
-
-    def __init__(self, name: str, device: BlockDevice, *, read_only: bool = False,
-                 description: str = "", inline_limit: int | None = None) -> None:
-        if len(name.encode("utf-8")) > P.MAX_NAME:
-            raise InvalidRequest("export names are at most 4096 bytes")
-        self.name = name
-        self.device = device
-        if inline_limit is None:
-            inline_limit = P.MAX_PAYLOAD if type(device) is FileDevice else INLINE_LIMIT
-        self.inline_limit = inline_limit
-        block = max(1, device.block_size)
-        self.info = C.ExportInfo(
-            name=name, size=device.size, read_only=read_only or device.read_only,
-            min_block=block, preferred_block=max(block, 4096),
-            max_payload=P.MAX_PAYLOAD - P.MAX_PAYLOAD % block, description=description)
-
-
 class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: _Server) -> None:
         self.server = server
         self.codec = C.ServerConnection(tls_available=server.tls is not None,
-                                        tls_required=server.tls is not None)
+                                        tls_required=server.tls is not None,
+                                        max_options=server.limits.max_options,
+                                        allocate=server.budget.payload)
+        self.held: C.Event | None = None  # an event waiting for memory for its reply
+        self.starved = False  # waiting for the budget: not reading
+        self.activity = 0  # bumped by every receive and completion (for the timeouts)
+        self.mark: tuple[int, int] = (-1, -1)  # (activity, queued) at the last sweep
+        self.quiet_since = server.loop.time()  # and since when they have not changed
+        self.born = self.quiet_since
         self.transport: asyncio.Transport | None = None
         self.device: BlockDevice | None = None
         self.inline_limit = INLINE_LIMIT
@@ -138,6 +106,11 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but they are one
         self.transport = transport = cast(asyncio.Transport, transport)
+        if len(self.server.connections) >= self.server.limits.max_connections:
+            self.server.refuse()
+            self.closing = True
+            transport.abort()  # before the greeting: the client reads EOF
+            return
         self.server.connections.add(self)
         if self.server.stopping:
             transport.close()
@@ -156,13 +129,19 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.discard(self)
+        self.held = None
+        self.server.budget.cancel(self._memory_freed)
+        self.codec.drop_spares()
+        if self in self.server.connections:
+            self.server.connections.discard(self)
+            self.server.connection_gone()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.codec.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.codec.buffer_updated(nbytes)
+        self.activity += 1
         self._drain()
 
     def eof_received(self) -> bool | None:
@@ -182,8 +161,18 @@ class _Connection(asyncio.BufferedProtocol):
     # ---- request handling -------------------------------------------------------------
 
     def _blocked(self) -> bool:
-        return (self.write_paused or self.inflight >= MAX_INFLIGHT
+        return (self.write_paused or self.starved or self.inflight >= MAX_INFLIGHT
                 or self.inflight_bytes >= MAX_INFLIGHT_BYTES)
+
+    def _starve(self) -> None:
+        """No memory for the next request: stop reading until some is given back."""
+        self.starved = True
+        self.server.budget.wait(self._memory_freed)
+
+    def _memory_freed(self) -> None:
+        self.starved = False
+        if not self.closing:
+            self._drain()
 
     def _update_reading(self) -> None:
         t = self.transport
@@ -197,12 +186,13 @@ class _Connection(asyncio.BufferedProtocol):
             t.resume_reading()
             self.read_paused = False
 
-    def _buffer(self, size: int) -> bytearray:
+    def _buffer(self, size: int) -> bytearray | None:
+        """A reply buffer charged to the budget (None: no room now)."""
         spare = self.server.free.get(size)
         if spare:
             self.server.free_bytes -= size
             return spare.pop()
-        return bytearray(size)
+        return self.server.budget.reply(size)
 
     def _send(self, out: list[Any]) -> None:
         """Hand replies to the transport, noting where each big read buffer ends; when
@@ -261,7 +251,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _recycle(self, buf: bytearray) -> None:
         server = self.server
-        if server.free_bytes + len(buf) <= POOL_BYTES:
+        if (type(buf) is ReplyBuffer and len(buf) <= POOL_MAX_BUFFER
+                and server.free_bytes + len(buf) <= server.pool_bytes):
             server.free.setdefault(len(buf), []).append(buf)
             server.free_bytes += len(buf)
 
@@ -278,12 +269,20 @@ class _Connection(asyncio.BufferedProtocol):
             self.batch_bytes = 0
             try:
                 while not self.closing and not self._blocked():
-                    ev = codec.next_event()
+                    if self.held is None:
+                        ev = codec.next_event()
+                    else:
+                        ev, self.held = self.held, None
                     if type(ev) is C.Read and ev.length <= self.inline_limit:
-                        self._read_inline(ev, out)  # the hot path, first
+                        if not self._read_inline(ev, out):  # the hot path, first
+                            break
                         if self.batch_bytes < BATCH_BYTES:
                             continue
-                    elif isinstance(ev, C.NeedData) or not self._handle(ev, out):
+                    elif isinstance(ev, C.NeedData):
+                        if codec.memory_wanted:
+                            self._starve()
+                        break
+                    elif not self._handle(ev, out):
                         break
                     if self.batch_bytes >= BATCH_BYTES:
                         # bounded memory: send what is read so far, and go on only if
@@ -305,13 +304,18 @@ class _Connection(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def _read_inline(self, ev: C.Read, out: list[Any]) -> None:
+    def _read_inline(self, ev: C.Read, out: list[Any]) -> bool:
+        """False when there is no memory for the reply yet (``ev`` is held)."""
         codec = self.codec
         assert self.device is not None
         # header and data in one buffer: one item per reply for writelines
         head = codec.read_header_size
         size = head + ev.length
         buf = self._buffer(size) if size >= POOL_MIN else bytearray(size)
+        if buf is None:
+            self.held = ev
+            self._starve()
+            return False
         codec.pack_read_header(buf, ev.cookie, ev.offset, ev.length)
         self.batch_bytes += size
         try:
@@ -320,6 +324,7 @@ class _Connection(asyncio.BufferedProtocol):
             out.append(codec.error_reply(ev.cookie, _errno_of(exc), "read failed"))
         else:
             out.append(buf)
+        return True
 
     def _handle(self, ev: C.Event, out: list[Any]) -> bool:
         """Handle one event; False stops the batch."""
@@ -329,10 +334,13 @@ class _Connection(asyncio.BufferedProtocol):
         if t is C.Read:
             assert isinstance(ev, C.Read)
             if ev.length <= self.inline_limit:
-                self._read_inline(ev, out)
-                return True
+                return self._read_inline(ev, out)
             head = codec.read_header_size
             buf = self._buffer(head + ev.length)
+            if buf is None:
+                self.held = ev
+                self._starve()
+                return False
             codec.pack_read_header(buf, ev.cookie, ev.offset, ev.length)
             self._offload(ev.cookie, ev.length, self._read_job, ev.offset, buf, head)
             return True
@@ -439,19 +447,20 @@ class _Connection(asyncio.BufferedProtocol):
     # ---- the thread pool ----------------------------------------------------------------
 
     def _offload(self, cookie: int, nbytes: int, job: Callable[..., list[Any]],
-                 *args: Any, payload: bytes | bytearray | None = None) -> None:
+                 *args: Any, payload: bytes | memoryview | None = None) -> None:
         self.inflight += 1
         self.inflight_bytes += nbytes
         self.idle.clear()
         self.server.offloader.submit(job, (cookie, *args), self, (nbytes, payload))
 
-    def completed(self, token: tuple[int, bytes | bytearray | None], result: list[Any] | None,
-                  error: BaseException | None) -> None:
+    def completed(self, token: tuple[int, bytes | memoryview | None],
+                  result: list[Any] | None, error: BaseException | None) -> None:
         """An offloaded request is done (on the loop's thread); its reply goes out with
         the others of the same batch in ``settle``."""
         nbytes, payload = token
         self.inflight -= 1
         self.inflight_bytes -= nbytes
+        self.activity += 1
         if error is not None:  # the jobs turn device errors into replies
             log.error("NBD request job failed", exc_info=error)
             self.closing = True
@@ -503,7 +512,8 @@ class _Connection(asyncio.BufferedProtocol):
 
 class _Server:
     def __init__(self, exports: dict[str, BlockDevice], *, tls: ServerTLS | None,
-                 read_only: bool, inline_limit: int | None, workers: int) -> None:
+                 read_only: bool, inline_limit: int | None, workers: int,
+                 limits: Limits | None = None) -> None:
         if not exports:
             raise InvalidRequest("serve needs at least one export")
         self.exports = {name: Export(name, dev, read_only=read_only,
@@ -519,6 +529,11 @@ class _Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self.free: dict[int, list[bytearray]] = {}  # read buffers for reuse, by size
         self.free_bytes = 0
+        self.limits = limits = limits or Limits()
+        self.budget = Budget(limits.memory_budget, self.loop)
+        self.budget.on_pressure = self.drop_caches
+        self.pool_bytes = min(POOL_BYTES, limits.memory_budget // 4)
+        self.watchdog = Watchdog(self)
 
     def lookup(self, name: str) -> Export | None:
         if name == "" and name not in self.exports:
@@ -530,8 +545,25 @@ class _Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def drop_caches(self) -> None:
+        """Let go of the buffers kept for reuse (the budget is short)."""
+        self.free.clear()
+        self.free_bytes = 0
+        for conn in self.connections:
+            conn.codec.drop_spares()
+
+    def refuse(self) -> None:
+        self.watchdog.refuse()
+
+    def connection_gone(self) -> None:
+        if not self.connections:
+            # nobody to reuse them: give the cached buffers' memory back
+            self.drop_caches()
+        self.watchdog.trim_soon()
+
     async def shutdown(self) -> None:
         self.stopping = True
+        self.watchdog.stop()
         for conn in list(self.connections):
             conn.begin_shutdown()
         busy = [c.idle.wait() for c in self.connections if c.inflight]

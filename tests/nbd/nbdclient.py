@@ -9,7 +9,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 
-from cryptoplane.nbd import protocol as P
+import wire as P
 
 
 def client_flags(no_zeroes: bool = True) -> bytes:

@@ -3,7 +3,9 @@ conftest, and ``from conftest import`` would get whichever was imported first)."
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import support
@@ -25,3 +27,15 @@ def tool(name: str) -> str:
     if path is None:
         support.unavailable(f"{name} is not installed")
     return path
+
+
+def nbdsh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run libnbd's ``nbdsh`` (an independent NBD client: Python bindings of libnbd,
+    Debian's python3-libnbd). Its bindings are built for the system's python3, which
+    the wrapper script runs by name, so that one comes first on PATH."""
+    path = tool("nbdsh")
+    env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONHOME", None)
+    return subprocess.run([path, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, check=False)

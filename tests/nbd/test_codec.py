@@ -6,11 +6,12 @@ import struct
 
 import nbdclient as nc
 import pytest
+import wire as P
 
 from cryptoplane.exceptions import InvalidRequest
-from cryptoplane.nbd import protocol as P
 from cryptoplane.nbd.codec import (
     NEED_DATA,
+    PROBE,
     Abort,
     CommandError,
     Disconnect,
@@ -292,7 +293,7 @@ def test_big_write_is_received_in_place() -> None:
         ev = conn.next_event()
         if ev is not NEED_DATA:
             break
-    assert ev == Write(5, 0, payload, False) and isinstance(ev.data, bytearray)
+    assert ev == Write(5, 0, payload, False) and isinstance(ev.data, memoryview)
 
 
 def test_after_a_big_write_only_a_header_is_asked_for() -> None:
@@ -321,8 +322,9 @@ def test_after_a_big_write_only_a_header_is_asked_for() -> None:
     assert got == [Write(1, 0, payload, False), Write(2, 0, payload, False),
                    Read(3, 0, 4096)]
     # the first read took header 1 and most of payload 1 (copied out), the next its
-    # last 28 bytes; then header 2 alone (28 bytes), then payload 2 whole, in place
-    assert offered[:4] == [recv_size, 28, 28, len(payload)], offered
+    # last 28 bytes; then header 2 and the first PROBE bytes of payload 2 (which ask for
+    # its buffer), then the rest of payload 2, in place
+    assert offered[:4] == [recv_size, 28, 28 + PROBE, len(payload) - PROBE], offered
 
 
 def test_incomplete_write_is_never_an_event() -> None:
@@ -354,3 +356,21 @@ def test_replies_only_in_the_right_state() -> None:
         conn.list_reply([])
     with pytest.raises(ProtocolError):
         conn.tls_established()
+
+
+def test_the_servers_wire_values_are_the_documents() -> None:
+    """Every value the tests speak is typed in from proto.md (tests/nbd/wire.py); the
+    server's own module must say the same, or it speaks another protocol."""
+    import wire
+
+    from cryptoplane.nbd import protocol
+
+    names = [n for n in dir(wire) if n.isupper()]
+    assert len(names) > 50
+    for name in names:
+        theirs, ours = getattr(protocol, name), getattr(wire, name)
+        if hasattr(ours, "format"):
+            assert (theirs.format, theirs.size) == (ours.format, ours.size), name
+        else:
+            assert theirs == ours, name
+    assert wire.REP_ERR_TLS_REQD == 0x80000005  # 2^31 + 5

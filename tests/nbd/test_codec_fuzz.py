@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 import nbdclient as nc
+import wire as P
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cryptoplane.nbd import protocol as P
 from cryptoplane.nbd.codec import (
     MAX_SPARE,
     NEED_DATA,

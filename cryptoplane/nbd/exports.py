@@ -1,0 +1,63 @@
+"""One NBD export (a device and what negotiation says about it), and how device errors
+become NBD errors: what the server's connections share, apart from their transport."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from cryptoplane.blockdev import BlockDevice, FileDevice
+from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
+from cryptoplane.nbd import codec as C
+from cryptoplane.nbd import protocol as P
+
+log = logging.getLogger("cryptoplane.nbd")
+
+INLINE_LIMIT = 64 * 1024  # requests up to this size run on the loop thread
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, InvalidRequest):
+        return P.EINVAL
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return P.ENOSPC
+        if exc.errno in (errno.EPERM, errno.EROFS, errno.EACCES):
+            return P.EPERM
+        if exc.errno == errno.ENOMEM:
+            return P.ENOMEM
+    if not isinstance(exc, OSError | CryptoplaneError):
+        log.error("unexpected error from the device", exc_info=exc)
+    return P.EIO
+
+
+def _trim(dev: BlockDevice, offset: int, length: int, fua: bool) -> None:
+    dev.trim(offset, length)
+    if fua:
+        dev.flush()
+
+
+class Export:
+    """One named export: a device and what negotiation says about it.
+
+    ``inline_limit``: requests up to this many bytes run on the event loop, bigger ones in
+    the thread pool. ``None`` picks: everything inline for a plain ``FileDevice`` (its
+    work is a memcpy from the page cache, cheaper than two thread hand-offs), else
+    ``INLINE_LIMIT`` (a volume's big requests decrypt without the GIL while the loop
+    goes on receiving).
+    """
+
+    def __init__(self, name: str, device: BlockDevice, *, read_only: bool = False,
+                 description: str = "", inline_limit: int | None = None) -> None:
+        if len(name.encode("utf-8")) > P.MAX_NAME:
+            raise InvalidRequest("export names are at most 4096 bytes")
+        self.name = name
+        self.device = device
+        if inline_limit is None:
+            inline_limit = P.MAX_PAYLOAD if type(device) is FileDevice else INLINE_LIMIT
+        self.inline_limit = inline_limit
+        block = max(1, device.block_size)
+        self.info = C.ExportInfo(
+            name=name, size=device.size, read_only=read_only or device.read_only,
+            min_block=block, preferred_block=max(block, 4096),
+            max_payload=P.MAX_PAYLOAD - P.MAX_PAYLOAD % block, description=description)
