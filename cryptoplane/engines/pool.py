@@ -97,7 +97,10 @@ class _Worker:
 
     @property
     def pid(self) -> int:
-        return self.process.pid or -1
+        try:
+            return self.process.pid or -1
+        except ValueError:  # closed (reaped and its descriptors released)
+            return -1
 
 
 def _forget(ids: dict[int, int], addr: int, dropped: collections.deque[int], kid: int) -> None:
@@ -208,6 +211,7 @@ class PoolEngine(Engine):
                 w.reader.join()
         for w in workers:
             self._release(w)
+            _close_process(w.process)
 
     def _take_all(self) -> list[_Pending]:
         """Every accepted job off the books (call with the lock held)."""
@@ -545,6 +549,8 @@ class PoolEngine(Engine):
                 self._workers[self._workers.index(w)] = fresh
                 self._counters["respawns"] += 1
                 self._space.notify_all()
+        if adopted:  # out of the list, so close() never joins it: ours alone to close
+            _close_process(w.process)
         if not adopted:  # close() began while it started: it missed this one
             self._send_quietly(fresh, (pw.STOP,))
             fresh.process.join(STOP_GRACE)
@@ -554,6 +560,7 @@ class PoolEngine(Engine):
             if fresh.reader is not None:
                 fresh.reader.join()
             self._release(fresh)
+            _close_process(fresh.process)
             return
         self._pump()
 
@@ -565,6 +572,13 @@ class PoolEngine(Engine):
         with self._lock:
             self._counters["handed_off"] += len(jobs)
         hook([(p.request, p.done) for p in jobs])
+
+
+def _close_process(process: BaseProcess) -> None:
+    """Release a reaped worker's sentinel pipes now, not when the garbage collector
+    finds the Process object (two descriptors a worker, per open/close of a plane)."""
+    with contextlib.suppress(ValueError):  # still running: its reaper closes it later
+        process.close()
 
 
 class _RunInline(Exception):
