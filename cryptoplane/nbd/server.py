@@ -211,7 +211,7 @@ class _Connection(asyncio.BufferedProtocol):
         pos = self.written
         for item in out:
             pos += len(item)
-            if len(item) >= POOL_MIN and type(item) is bytearray:
+            if len(item) >= POOL_MIN and type(item) is ReplyBuffer:
                 self.sent.append((pos, item))
         self.written = pos
         if len(self.sent) > 1024:  # a client that reads nothing: stop tracking
@@ -232,7 +232,7 @@ class _Connection(asyncio.BufferedProtocol):
             if n < size:  # a partly written buffer is left to the garbage collector
                 return [memoryview(item)[n:], *out[i + 1:]] if n else out[i:]
             n -= size
-            if size >= POOL_MIN and type(item) is bytearray:
+            if size >= POOL_MIN and type(item) is ReplyBuffer:
                 self._recycle(item)
         return []
 

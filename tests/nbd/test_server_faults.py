@@ -161,6 +161,18 @@ def test_a_slow_reader_gets_every_reply_whole(image: tuple[Path, bytes], sockdir
         return n
 
     monkeypatch.setattr(server_mod.os, "writev", counting_writev)
+    # and read buffers are reused: a pool that never hands one back costs a fresh,
+    # zero-filled 196 KiB allocation per reply (it went unnoticed once)
+    reused = [0]
+    real_buffer = server_mod._Connection._buffer
+
+    def counting_buffer(self: Any, size: int) -> Any:
+        spares = sum(len(v) for v in self.server.free.values())
+        buf = real_buffer(self, size)
+        reused[0] += sum(len(v) for v in self.server.free.values()) < spares
+        return buf
+
+    monkeypatch.setattr(server_mod._Connection, "_buffer", counting_buffer)
     path, data = image
     sock = f"{sockdir}/s"
     with FileDevice(path) as dev, ServerThread({"disk": dev}, socket_path=sock,
@@ -185,6 +197,7 @@ def test_a_slow_reader_gets_every_reply_whole(image: tuple[Path, bytes], sockdir
             assert got == data[off:off + size], f"reply {i} differs"
         c.close()
     assert partial[0] + partial[1] > 0, "the socket never filled: the test tests nothing"
+    assert reused[0] > 0, "no read buffer was ever reused"
 
 
 class FailingDevice(FileDevice):
