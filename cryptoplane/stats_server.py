@@ -8,7 +8,10 @@ agent beside the plane.
 A Unix socket, not TCP: the numbers stay on this machine, access is the socket file's
 permissions (0o600, the plane's own user), and there is no port to choose or collide on.
 The stdlib's server is enough for a scrape every few seconds; each connection gets its
-own daemon thread and a read timeout, so a stuck client holds nothing but that thread.
+own daemon thread and a deadline for the whole request (a client that trickles a byte at
+a time is cut off as one that says nothing), so a stuck client holds that thread for
+``REQUEST_DEADLINE`` seconds at most. A client that hangs up early is no error: the
+server says nothing about it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import socket
 import socketserver
 import stat
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
@@ -33,28 +37,50 @@ if TYPE_CHECKING:
 
 SOCKET_MODE = 0o600
 JSON_TYPE = "application/json"
+TEXT_TYPE = "text/plain; charset=utf-8"
+# Seconds from accepting a connection to the end of its answer, whatever the client does
+# meanwhile: a per-read timeout alone lets a byte every few seconds hold a thread forever.
+REQUEST_DEADLINE = 5.0
+# What a client that hangs up, resets or stalls makes a handler raise: its business.
+_CLIENT_GONE = (ConnectionError, TimeoutError)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    # a client that connects and says nothing is dropped after this many seconds
-    timeout = 5.0
+    timeout = REQUEST_DEADLINE  # per read too, in case the deadline's timer is late
     server_version = "cryptoplane-stats"
+
+    def setup(self) -> None:
+        super().setup()
+        # At the deadline the socket is shut down: a read or write blocked on it returns
+        # at once (EOF or EPIPE), ending the request wherever it is.
+        self._deadline = threading.Timer(self.server.request_deadline, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(*_CLIENT_GONE):
+            super().finish()
 
     def do_GET(self) -> None:  # the name http.server dispatches to
         route = self.path.split("?", 1)[0]
         try:
             if route == "/stats":
                 body = json.dumps(self.server.plane.stats(), indent=1).encode() + b"\n"
-                self._send(200, JSON_TYPE, body)
+                answer = (200, JSON_TYPE, body)
             elif route == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, prometheus_text(self.server.plane))
+                answer = (200, CONTENT_TYPE_LATEST, prometheus_text(self.server.plane))
             else:
-                self._send(404, "text/plain; charset=utf-8",
-                           b"not found: try /stats (JSON) or /metrics (Prometheus)\n")
+                answer = (404, TEXT_TYPE,
+                          b"not found: try /stats (JSON) or /metrics (Prometheus)\n")
         except Exception as e:  # a failing read must not kill the server thread
-            self._send(500, "text/plain; charset=utf-8",
-                       f"stats failed: {type(e).__name__}\n".encode())
+            answer = (500, TEXT_TYPE, f"stats failed: {type(e).__name__}\n".encode())
+        self._send(*answer)  # outside the try: a client gone is not a stats failure
 
     def _send(self, code: int, content_type: str, body: bytes) -> None:
         self.send_response(code)
@@ -76,6 +102,19 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     plane: Plane
+    request_deadline = REQUEST_DEADLINE
+    connections_done = 0  # every connection, answered or not, once its thread is done
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The stdlib prints a traceback for any exception; a client that went away or
+        # stalled past the deadline is routine, anything else is a bug worth showing.
+        if not isinstance(sys.exc_info()[1], _CLIENT_GONE):
+            super().handle_error(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        with _done_lock:
+            self.connections_done += 1
 
     def server_bind(self) -> None:
         # Set the mode on the socket before bind so that the file is created with it
@@ -85,6 +124,9 @@ class _Server(socketserver.ThreadingUnixStreamServer):
             os.fchmod(self.socket.fileno(), SOCKET_MODE)
         super().server_bind()
         os.chmod(self.socket.getsockname(), SOCKET_MODE)
+
+
+_done_lock = threading.Lock()
 
 
 def _clear_stale(path: str) -> None:
@@ -149,6 +191,11 @@ class StatsServer:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+    @property
+    def connections(self) -> int:
+        """Connections finished so far, answered or not (diagnostics, tests)."""
+        return self._server.connections_done
 
     def __enter__(self) -> StatsServer:
         return self

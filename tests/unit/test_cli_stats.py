@@ -4,7 +4,8 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 import cryptoplane as cp
+from cryptoplane import stats_server
 from cryptoplane.cli.main import cli
 from cryptoplane.cli.stats import UnixHTTPConnection
 from cryptoplane.requests import Encrypt
@@ -155,3 +157,52 @@ def test_demo_table_and_prometheus() -> None:
     assert result.exit_code == 0, result.output
     names = {f.name for f in text_string_to_metric_families(result.output)}
     assert {"cryptoplane_requests", "cryptoplane_request_duration_seconds"} <= names
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_clients_hanging_up_early_are_not_errors(server: StatsServer,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    """A scraper that hangs up before its answer (or halfway through its request) makes
+    the server print nothing, and it goes on serving."""
+    requests = [b"GET /stats HTTP/1.0\r\n\r\n", b"GET /metrics HTTP/1.0\r\n\r\n", b"GET /st"]
+    for i in range(30):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(server.path)
+        s.sendall(requests[i % 3])
+        s.close()  # before the answer: the server's write meets a closed socket
+    wait_for(lambda: server.connections >= 30)
+    assert invoke("--socket", server.path, "--json").exit_code == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_deadline_is_for_the_whole_request(plane: cp.Plane, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends a byte at a time, each well within a per-read timeout, is cut
+    off at the request deadline all the same."""
+    monkeypatch.setattr(stats_server._Server, "request_deadline", 0.5)
+    with StatsServer(plane, tmp_path / "s.sock") as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(srv.path)
+        s.settimeout(0.1)
+        closed = False
+        give_up = time.monotonic() + 20.0  # 40x the deadline: never reached unless broken
+        try:
+            while not closed and time.monotonic() < give_up:
+                try:
+                    s.sendall(b"G")
+                    closed = s.recv(1) == b""
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+        finally:
+            s.close()
+        assert closed, "a trickling client held its connection past the deadline"
+        assert invoke("--socket", srv.path, "--json").exit_code == 0
