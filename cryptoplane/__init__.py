@@ -7,6 +7,7 @@
 """
 
 from . import algorithms, stream, volume
+from ._version import __version__
 from .algorithms import Algorithm, Kind, Op, lookup
 from .chain import Chain
 from .exceptions import (
@@ -40,12 +41,11 @@ from .requests import (
 )
 from .session import Session
 
-__version__ = "0.2.0"
-
 __all__ = [
     "Algorithm", "AuthenticationFailed", "Busy", "Chain", "CryptoplaneError", "Decrypt",
     "DecryptSectors", "Derive", "Digest", "Encrypt", "EncryptSectors", "EngineFailed",
     "InvalidRequest", "InvalidSignature", "Key", "KeyRejected", "Kind", "Mac", "NotSupported",
     "Op", "Plane", "QuotaExceeded", "Random", "Request", "SelfTestFailed", "Session", "Sign",
-    "Timeout", "Verify", "VerifyMac", "algorithms", "lookup", "stream", "volume",
+    "Timeout", "Verify", "VerifyMac", "__version__", "algorithms", "lookup", "stream",
+    "volume",
 ]

@@ -13,18 +13,14 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 
 from .algorithms import Algorithm, Kind, lookup
 from .exceptions import KeyRejected, NotSupported
-from .session import UNBOUND
-
-if TYPE_CHECKING:
-    from .kernels import Kernel
-    from .session import Session
+from .kernels import Kernel, prepare
 
 PrivateKey = (
     rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -42,6 +38,20 @@ _CURVES: dict[str, type[ec.EllipticCurve]] = {
 }
 
 
+class Unbound:
+    """What ``Key.session_hint`` holds before any plane has seen the key: no plane's fast
+    path admits it (its ``fast_plane`` is no plane), so the first call takes the slow path
+    and makes a real session."""
+
+    __slots__ = ()
+    fast_plane = None
+    plane = None
+    engine = None
+
+
+UNBOUND: Any = Unbound()
+
+
 class Key:
     """Key material plus its algorithm.
 
@@ -51,20 +61,23 @@ class Key:
     """
 
     __slots__ = ("__weakref__", "_handle", "_kernel", "_material", "_obj", "_private",
-                 "_session", "algorithm")
+                 "algorithm", "session_hint")
 
     algorithm: Algorithm
     _material: bytes | None
     _obj: AsymmetricKey | None
     _kernel: Kernel | None
-    _session: Session  # or session.UNBOUND, which no plane's fast path admits
+    # The session of the last plane that bound this key, or UNBOUND: each plane's fast
+    # path reads it (one slot load, in C too) and serves the call only when the session
+    # is its own (``session_hint.fast_plane is plane``). Written by planes only.
+    session_hint: Any
     _handle: str
 
     def __init__(self, algorithm: str | Algorithm, material: bytes | bytearray | memoryview):
         alg = lookup(algorithm)
         object.__setattr__(self, "algorithm", alg)
         self._kernel = None
-        self._session = UNBOUND
+        self.session_hint = UNBOUND
         self._handle = secrets.token_hex(4)
         self._obj = None
         self._material = None
@@ -91,7 +104,7 @@ class Key:
         key = cls.__new__(cls)
         object.__setattr__(key, "algorithm", alg)
         key._kernel = None
-        key._session = UNBOUND
+        key.session_hint = UNBOUND
         key._handle = secrets.token_hex(4)
         key._material = None
         _check_asymmetric(alg, obj)
@@ -271,10 +284,15 @@ class Key:
         """The key prepared for in-process use (key schedule done once, then cached)."""
         k = self._kernel
         if k is None:
-            from .kernels import prepare
-
-            k = self._kernel = prepare(self)
+            material = self._material if self._material is not None else self._obj
+            assert material is not None  # every key holds one or the other
+            k = self._kernel = prepare(self.algorithm, material)
         return k
+
+    @property
+    def _session(self) -> Any:
+        # the name benchmarks/fastpath.py reads; goes when it reads session_hint
+        return self.session_hint
 
 
 def _is_public(obj: object) -> bool:

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from . import __version__
+from ._version import __version__
 from .engines.base import Health
 from .stats import Histogram
 
@@ -39,8 +39,8 @@ Row = tuple[tuple[str, str, str, str], int, int, dict[str, int]]
 
 def _rows(plane: Plane) -> list[Row]:
     """Counts per (engine, algorithm, op, client), the breakdown ``stats()`` folds away
-    (read through the plane's own ``_stat_rows``, so the two never drift apart)."""
-    rows: list[Row] = [(k, n, b, errs) for k, n, b, errs, _ in plane._stat_rows()]
+    (read through the plane's own ``stat_rows``, so the two never drift apart)."""
+    rows: list[Row] = [(k, n, b, errs) for k, n, b, errs, _ in plane.stat_rows()]
     # a live session and the registry can hold the same key (a session's earlier
     # errors, say): sum them, since a family may not repeat a label set
     merged: dict[tuple[str, str, str, str], list[Any]] = {}
@@ -60,9 +60,9 @@ def _histograms(plane: Plane) -> dict[tuple[str, str, str], Histogram]:
     do not move under it. Per client would multiply 82 series by the client count.
     """
     out: dict[tuple[str, str, str], Histogram] = {}
-    for (engine, alg, op, _client), s in plane._registry.items():
-        if s.latency.count:
-            out.setdefault((engine, alg, op), Histogram()).merge(s.latency)
+    for (engine, alg, op, _client), _, _, _, latency in plane.stat_rows():
+        if latency is not None and latency.count:
+            out.setdefault((engine, alg, op), Histogram()).merge(latency)
     return dict(sorted(out.items()))
 
 

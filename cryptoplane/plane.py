@@ -10,24 +10,21 @@ No request object, no future, no lock, no queue. Everything else (``submit``, ``
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import _native, batch
+from . import _native
 from . import requests as rq
+from ._native.memory import tune_allocator
 from .chain import Chain, annotate
 from .engines import REGISTRY, Engine, InlineEngine
 from .exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from .kernels import Buffer
 from .kernels.digests import hash_kernel
-from .keys import Key
-from .memory import tune_allocator
+from .keys import UNBOUND, Key
+from .scheduler import batch
 from .scheduler.bucket import Clock
 from .scheduler.core import Scheduler
 from .scheduler.policy import POLICIES, Policy
@@ -42,14 +39,11 @@ from .session import (
     OP_SIGN,
     OP_VERIFY,
     Session,
+    Sessions,
+    StatRow,
     check_engine,
 )
-from .stats import Histogram, OpStats, Registry, aggregate
-
-if TYPE_CHECKING:
-    from .stats_server import StatsServer
-
-StatRow = tuple[tuple[str, str, str, str], int, int, dict[str, int], Histogram | None]
+from .stats import OpStats, Registry, aggregate
 
 # Requests up to this many bytes run inline even through submit()/arun(): handing them
 # to a thread costs more (~15 µs) than AES-GCM on 64 KiB (~5 µs here).
@@ -57,10 +51,6 @@ DEFAULT_FAST_PATH_LIMIT = 64 * 1024
 DEFAULT_ENGINES = ("inline", "threads")
 
 Submittable = rq.Request | Chain
-
-
-def _session_key(s: Session) -> str:
-    return f"session#{id(s):x}"
 
 
 class Plane:
@@ -81,14 +71,6 @@ class Plane:
         self.fast_path_limit = fast_path_limit
         tune_allocator()
         self._registry = Registry()
-        self._sessions: weakref.WeakKeyDictionary[Key, Session] = weakref.WeakKeyDictionary()
-        self._live: set[Session] = set()  # sessions whose fast-path counts are not folded
-        # guards _live together with the folding of a session's counts into the registry,
-        # so a reader never sees a session's counts in neither place (nor in both)
-        self._stats_lock = threading.Lock()
-        # sessions whose key died: a key's finalizer appends here (deque.append takes no
-        # lock and runs no Python, so it is safe inside garbage collection); folded later
-        self._dead: deque[Session] = deque()
         self._closed = False
         self._engines: dict[str, Engine] = {}
         if isinstance(policy, str):
@@ -112,6 +94,24 @@ class Plane:
         self._scheduler = Scheduler(self._engines, self._registry, policy=policy,
                                     max_queued=max_queued, clock=clock)
         self._router = Router(self._engines, self._scheduler, fast_path_limit)
+        limits = self._scheduler.limits
+
+        def limited(name: str) -> bool:
+            lim = limits.get(name)
+            return lim is not None and not lim.unlimited
+
+        self._sessions = Sessions(self, self._registry, self._inline.capabilities
+                                  if self._inline is not None else None, limited)
+
+    @property
+    def sessions(self) -> Sessions:
+        """This plane's sessions (lookups, fast-path counts), for the batch planner."""
+        return self._sessions
+
+    @property
+    def router(self) -> Router:
+        """Where requests that leave the fast path go, for the batch planner."""
+        return self._router
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -122,68 +122,13 @@ class Plane:
         if not isinstance(key, Key):
             raise InvalidRequest(f"a session needs a Key, not {type(key).__name__}")
         check_engine(self._engines, engine)
-        self._reap()
-        inline = self._inline
-        s = Session(self, key, engine, priority,
-                    inline is not None and key.algorithm.name in inline.capabilities,
-                    client or "-")
-        self._admit(s)
-        old = self._sessions.get(key)
-        with self._stats_lock:
-            self._live.add(s)
-        if old is not None:
-            self._fold(old)
-        # when the key dies, its session's counts move into the plane's counters
-        weakref.finalize(key, self._dead.append, s)
-        self._sessions[key] = s
-        key._session = s
-        return s
-
-    def _admit(self, s: Session) -> None:
-        """Decide whether the fast path may serve ``s``: not when it is bound to another
-        engine or a QoS limit applies to it (the fast path neither waits nor queues)."""
-        limited = any(not lim.unlimited for name, lim in self._scheduler.limits.items()
-                      if name in (s.client, _session_key(s)))
-        inline_ok = self._inline is not None and s.algorithm in self._inline.capabilities
-        fast = s.engine in (None, "inline") and inline_ok and not limited
-        s.fast_plane = self if fast else None
+        return self._sessions.bind(key, engine, priority, client or "-")
 
     def _session(self, key: Key) -> Session:
-        """The fast path's miss: find or make the implicit session for ``key``."""
-        if not isinstance(key, Key):
-            raise InvalidRequest(f"expected a cryptoplane Key, not {type(key).__name__}")
-        s = self._sessions.get(key)
-        if s is None:
-            s = self.session(key)
-        key._session = s
-        return s
-
-    def _session_of(self, request: rq.Request) -> Session | None:
-        key = request.key
-        if key is None:
-            return None
-        s = key._session
-        if s.plane is self:
-            return s  # type: ignore[no-any-return]
-        return self._sessions.get(key)
-
-    def _reap(self) -> None:
-        while self._dead:
-            self._fold(self._dead.popleft())
-
-    def _fold(self, s: Session) -> None:
-        """A session ended: keep its fast-path counts in the plane's counters."""
-        counts = [(self._counter(s, op), n, b) for op, n, b in s.counts()]
-        with self._stats_lock:
-            if s not in self._live:
-                return
-            self._live.discard(s)
-            for c, n, b in counts:
-                c.requests += n
-                c.bytes += b
+        return self._sessions.for_key(key)
 
     def _counter(self, s: Session, op: str) -> OpStats:
-        return self._registry.get("inline", s.algorithm, op, s.client)
+        return self._sessions.counter(s, op)
 
     # -- QoS ------------------------------------------------------------------------------
 
@@ -197,13 +142,9 @@ class Plane:
         for value in (ops, bytes):
             if value is not None and value < 0:
                 raise InvalidRequest(f"limits must be >= 0, got {value}")
-        name = client if client is not None else _session_key(session)  # type: ignore[arg-type]
+        name = client if client is not None else session.limit_name  # type: ignore[union-attr]
         self._scheduler.limit(name, ops, bytes)
-        with self._stats_lock:
-            live = list(self._live)
-        for s in live:
-            if s.client == name or _session_key(s) == name:
-                self._admit(s)
+        self._sessions.readmit(name)
 
     # -- the fast path: synchronous calls -----------------------------------------------
     # Written out by hand, not generated: the common case must be a straight line of
@@ -214,7 +155,7 @@ class Plane:
                 aad: bytes | None = None, padding: bool = False) -> bytes:
         """Encrypt. AEAD returns ciphertext || tag; RSA-OAEP takes ``aad`` as its label."""
         try:
-            s = key._session
+            s = key.session_hint
         except AttributeError:  # not a Key: _slow refuses it with InvalidRequest
             s = self._UNBOUND
         if s.fast_plane is self and not padding:
@@ -231,7 +172,7 @@ class Plane:
                 aad: bytes | None = None, padding: bool = False) -> bytes:
         """Decrypt; AEAD tags are checked first (``AuthenticationFailed``, no plaintext)."""
         try:
-            s = key._session
+            s = key.session_hint
         except AttributeError:  # not a Key: _slow refuses it with InvalidRequest
             s = self._UNBOUND
         if s.fast_plane is self and not padding:
@@ -249,17 +190,17 @@ class Plane:
     # a ~0.45 us AEAD call; ~55 ns in C). The C code hands every call it does not serve
     # itself (other sessions, padding, argument errors) to these Python methods, which
     # stay the specification. inspect.signature() finds theirs through __wrapped__.
-    from .session import UNBOUND as _UNBOUND
+    _UNBOUND = UNBOUND
     _encrypt_py = encrypt
     _decrypt_py = decrypt
     encrypt = _native.fast_aead("encrypt", encrypt)
     decrypt = _native.fast_aead("decrypt", decrypt)
 
     def sign(self, key: Key, data: Buffer) -> bytes:
-        s = key._session
+        s = key.session_hint
         if s.fast_plane is self:
             try:
-                out = s.kernel.sign(data)
+                out: bytes = s.kernel.sign(data)
             except CryptoplaneError as e:
                 self._counter(s, "sign").error(e)
                 raise
@@ -269,7 +210,7 @@ class Plane:
 
     def verify(self, key: Key, data: Buffer, signature: bytes) -> None:
         """Returns ``None``; raises ``InvalidSignature`` when the signature is wrong."""
-        s = key._session
+        s = key.session_hint
         if s.fast_plane is self:
             try:
                 s.kernel.verify(data, signature)
@@ -281,7 +222,7 @@ class Plane:
         self._slow(key, rq.Verify, data, signature)
 
     def mac(self, key: Key, data: Buffer, *, tag_size: int | None = None) -> bytes:
-        s = key._session
+        s = key.session_hint
         if s.fast_plane is self:
             out: bytes = self._on_kernel(s, "mac", data, tag_size)
             s.tally.add(OP_MAC, len(data))
@@ -297,17 +238,8 @@ class Plane:
 
     def _fast_error(self, s: Session, op: str, e: Exception, data: Buffer,
                     nonce: bytes | None, aad: bytes | None) -> BaseException:
-        """The typed error for an exception out of a fast-path call. A raw AEAD method
-        raises the library's exceptions: ask the kernel, which translates them, to run
-        the same inputs (the failure path may be slow; the success path may not)."""
-        if not isinstance(e, CryptoplaneError):
-            try:
-                getattr(s.kernel, op)(data, nonce, aad, False)
-            except CryptoplaneError as typed:
-                e = typed
-        if isinstance(e, CryptoplaneError):
-            self._counter(s, op).error(e)
-        return e
+        # the C fast path (_native/fastpath.c) asks the plane for this by name
+        return self._sessions.explain(s, op, e, data, nonce, aad)
 
     def _slow(self, key: Key, cls: Any, *args: Any, **kw: Any) -> Any:
         """Not on the fast path: a first use of ``key`` here, a session bound to another
@@ -352,7 +284,7 @@ class Plane:
         Sector ``i`` of the run takes tweak ``sector + i``; with ``tweak_unit=512`` the
         tweak counts 512-byte units, as dm-crypt's LUKS2 IVs do at every sector size
         (the second 4096-byte sector's tweak is ``sector + 8``)."""
-        s = key._session
+        s = key.session_hint
         if s.fast_plane is not self:
             s = self._session(key)
             if s.fast_plane is not self:
@@ -367,7 +299,7 @@ class Plane:
     def decrypt_sectors(self, key: Key, data: Buffer, *, sector: int = 0,
                         sector_size: int = 4096, out: Any = None,
                         tweak: str = "plain64", tweak_unit: int | None = None) -> Any:
-        s = key._session
+        s = key.session_hint
         if s.fast_plane is not self:
             s = self._session(key)
             if s.fast_plane is not self:
@@ -400,10 +332,10 @@ class Plane:
             return self._submit_chain(request, priority, client, timeout, block)
         if not isinstance(request, rq.Request):
             raise InvalidRequest(f"expected a request, not {type(request).__name__}")
-        session = self._session_of(request)
+        session = self._sessions.of(request)
         return self._router.submit(request, session, priority=priority, client=client,
                                    timeout=timeout, block=block, lend=lend,
-                                   session_limit=_session_key(session) if session else None)
+                                   session_limit=session.limit_name if session else None)
 
     def run(self, request: Submittable, *, priority: str | None = None,
             client: str | None = None, timeout: float | None = None) -> Any:
@@ -474,30 +406,16 @@ class Plane:
     def engines(self) -> dict[str, Engine]:
         return dict(self._engines)
 
-    def _stat_rows(self) -> list[StatRow]:
-        """Counts per (engine, algorithm, op, client): the registry (queued work, errors,
-        sessions that ended) plus the fast-path counts live sessions still hold, read
-        together so that a session being folded is counted exactly once."""
-        self._reap()
-        with self._stats_lock:
-            rows: list[StatRow] = [(k, s.requests, s.bytes, dict(s.errors), s.latency)
-                                   for k, s in self._registry.items()]
-            rows += [(("inline", s.algorithm, op, s.client), n, b, {}, None)
-                     for s in self._live for op, n, b in s.counts()]
-        return rows
-
-    def serve_stats(self, path: str | os.PathLike[str]) -> StatsServer:
-        """Serve ``stats()`` (GET /stats, JSON) and Prometheus metrics (GET /metrics) on
-        the Unix socket ``path``, for ``cryptoplane stats --socket PATH``."""
-        from .stats_server import serve_stats  # the HTTP server loads only when asked
-
-        return serve_stats(self, path)
+    def stat_rows(self) -> list[StatRow]:
+        """Counts per (engine, algorithm, op, client) with each one's latency histogram
+        (queued work only): the breakdown ``stats()`` folds away, for exporters."""
+        return self._sessions.stat_rows()
 
     def stats(self) -> dict[str, Any]:
         """Everything counted, as a plain dict (never key material): per engine,
         algorithm/operation and client: requests, bytes, errors by type; latency
         percentiles of queued work; queue depths; QoS limits; scheduler counters."""
-        agg = aggregate(self._stat_rows())
+        agg = aggregate(self.stat_rows())
         agg.pop("_histograms")  # the Prometheus export reads histograms itself
         engines: dict[str, Any] = {}
         for name, e in self._engines.items():

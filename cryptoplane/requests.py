@@ -246,7 +246,13 @@ class Derive(Request):
         self.peer, self.length, self.salt, self.info = peer, length, salt, info
 
     def apply(self, kernel: Kernel) -> bytes:
-        return kernel.derive(self.peer, self.length, self.salt, self.info)
+        peer: Any = self.peer
+        # kernels know no Key: an asymmetric peer goes as its cryptography object, and
+        # anything else as it is, for the kernel to refuse. Unwrapped here, not when made:
+        # the pool engine ships the Key itself (as its raw public bytes).
+        if isinstance(peer, Key) and not peer.algorithm.symmetric:
+            peer = peer.cryptography_key()
+        return kernel.derive(peer, self.length, self.salt, self.info)
 
 
 class Random(Request):

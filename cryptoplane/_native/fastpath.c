@@ -6,7 +6,7 @@
  * the pure-Python method around it (argument binding, the session test, try, the counter
  * add) costs ~240 ns more, ~85 ns of which is only the Python call.  FastAead is that
  * method's fast path as a method descriptor with vectorcall (PEP 590), so that
- * `plane.encrypt(key, data, nonce=n)` is: bind the arguments, `key._session`, one
+ * `plane.encrypt(key, data, nonce=n)` is: bind the arguments, `key.session_hint`, one
  * identity test, the session's stored library method (vectorcall), one counter add.
  *
  * Measured on 3.11, the generic C-API way to do that still costs ~200 ns: about 60 in
@@ -77,7 +77,7 @@ static PyObject *tally_ops; /* TALLY_OPS as a tuple of str, the module's TALLY_O
 /*
  * Where a __slots__ attribute lives in instances of one type: the C twin of the
  * interpreter's LOAD_ATTR_SLOT specialisation, ~2 ns instead of PyObject_GetAttr's ~20
- * (type lookup, descriptor call).  Key._session and Session's attributes are slots.
+ * (type lookup, descriptor call).  Key.session_hint and Session's attributes are slots.
  * Valid while the type keeps its tp_version_tag: any change to the class or to one of
  * its bases resets it.  Types it does not apply to (Unbound, a class with its own
  * __getattribute__, a property) take PyObject_GetAttr.  Only read: the counters are
@@ -589,7 +589,7 @@ PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
     struct { PyObject **slot; const char *text; } names[] = {
-        {&s_session, "_session"}, {&s_fast_plane, "fast_plane"},
+        {&s_session, "session_hint"}, {&s_fast_plane, "fast_plane"},
         {&s_fast_error, "_fast_error"}, {&s_enc, "enc"}, {&s_dec, "dec"},
         {&s_tally, "tally"}, {&s_add, "add"},
         {&s_encrypt, "encrypt"}, {&s_decrypt, "decrypt"}, {&s_key, "key"},

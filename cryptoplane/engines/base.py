@@ -17,8 +17,8 @@ from typing import Any
 
 from ..algorithms import CATALOGUE, Algorithm, Kind, Op
 from ..requests import Request
-from ..selftest import SelfTestResult, run_self_tests
 from .meter import Meter
+from .selftest import SelfTestResult, run_self_tests
 
 # completion(result, error): exactly one of the two is meaningful
 Completion = Callable[[Any, BaseException | None], None]

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature as _InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 
+from ..algorithms import Algorithm
 from ..exceptions import AuthenticationFailed, InvalidRequest, InvalidSignature, KeyRejected
 from .base import Buffer, Kernel
 from .digests import hash_algorithm
 
-if TYPE_CHECKING:
-    from ..keys import Key
+_PUBLIC = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
+           x25519.X25519PublicKey)
 
 
-def _split(key: Key) -> tuple[Any, Any]:
-    """(private object or None, public object)."""
-    obj: Any = key._obj
-    if key.is_private:
-        return obj, obj.public_key()
-    return None, obj
+def _split(obj: Any) -> tuple[Any, Any]:
+    """(private object or None, public object) of a ``cryptography`` key object."""
+    if isinstance(obj, _PUBLIC):
+        return None, obj
+    return obj, obj.public_key()
 
 
 class SignatureKernel(Kernel):
@@ -29,10 +29,10 @@ class SignatureKernel(Kernel):
 
     __slots__ = ("_args", "_priv", "_pub")
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key.algorithm)
-        self._priv, self._pub = _split(key)
-        alg = key.algorithm
+    def __init__(self, algorithm: Algorithm, obj: Any) -> None:
+        super().__init__(algorithm)
+        self._priv, self._pub = _split(obj)
+        alg = algorithm
         h = hash_algorithm(alg.hash_name) if alg.hash_name else None
         args: tuple[Any, ...]
         if alg.name.startswith("rsa-pss"):
@@ -70,10 +70,10 @@ class OaepKernel(Kernel):
 
     __slots__ = ("_hash", "_priv", "_pub")
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key.algorithm)
-        self._priv, self._pub = _split(key)
-        self._hash = hash_algorithm(key.algorithm.hash_name)
+    def __init__(self, algorithm: Algorithm, obj: Any) -> None:
+        super().__init__(algorithm)
+        self._priv, self._pub = _split(obj)
+        self._hash = hash_algorithm(algorithm.hash_name)
 
     def _padding(self, label: bytes | None) -> padding.OAEP:
         return padding.OAEP(mgf=padding.MGF1(self._hash), algorithm=self._hash,
@@ -106,9 +106,9 @@ class OaepKernel(Kernel):
 class X25519Kernel(Kernel):
     __slots__ = ("_priv",)
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key.algorithm)
-        self._priv, _ = _split(key)
+    def __init__(self, algorithm: Algorithm, obj: Any) -> None:
+        super().__init__(algorithm)
+        self._priv, _ = _split(obj)
 
     def derive(self, peer: Any = None, length: int | None = None, salt: bytes | None = None,
                info: bytes | None = None) -> bytes:
@@ -116,11 +116,8 @@ class X25519Kernel(Kernel):
             raise KeyRejected("x25519: key agreement needs the private key")
         if length is not None or salt is not None or info is not None:
             raise InvalidRequest("x25519 returns the raw shared secret: feed it to hkdf")
-        from ..keys import Key
-
-        if isinstance(peer, Key):
-            peer = peer._obj
-        elif isinstance(peer, (bytes, bytearray, memoryview)):
+        # a Key peer arrives as its cryptography object (requests.Derive unwraps it)
+        if isinstance(peer, (bytes, bytearray, memoryview)):
             if len(peer) != 32:
                 raise KeyRejected(f"x25519 public keys are 32 bytes, got {len(peer)}")
             peer = x25519.X25519PublicKey.from_public_bytes(bytes(peer))
@@ -134,13 +131,13 @@ class X25519Kernel(Kernel):
         return secret
 
 
-def prepare(key: Key) -> Kernel:
-    name = key.algorithm.name
+def prepare(algorithm: Algorithm, obj: Any) -> Kernel:
+    name = algorithm.name
     if name == "x25519":
-        return X25519Kernel(key)
+        return X25519Kernel(algorithm, obj)
     if name.startswith("rsa-oaep"):
-        return OaepKernel(key)
-    return SignatureKernel(key)
+        return OaepKernel(algorithm, obj)
+    return SignatureKernel(algorithm, obj)
 
 
 __all__ = ["OaepKernel", "SignatureKernel", "X25519Kernel", "prepare"]

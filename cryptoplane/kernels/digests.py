@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac as _stdlib_hmac
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature as _InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -13,9 +13,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..algorithms import Algorithm, Kind, lookup
 from ..exceptions import AuthenticationFailed, InvalidRequest, NotSupported
 from .base import Buffer, Kernel
-
-if TYPE_CHECKING:
-    from ..keys import Key
 
 HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256,
@@ -85,11 +82,10 @@ def _tag_size(alg: Algorithm, tag_size: int | None) -> int:
 class MacKernel(Kernel):
     __slots__ = ("_hash", "_key")
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key.algorithm)
-        assert key._material is not None
-        self._key = key._material
-        self._hash = hash_algorithm(key.algorithm.hash_name)
+    def __init__(self, algorithm: Algorithm, material: bytes) -> None:
+        super().__init__(algorithm)
+        self._key = material
+        self._hash = hash_algorithm(algorithm.hash_name)
 
     def mac(self, data: Buffer, tag_size: int | None = None) -> bytes:
         size = _tag_size(self.algorithm, tag_size)
@@ -120,11 +116,10 @@ class MacKernel(Kernel):
 class HkdfKernel(Kernel):
     __slots__ = ("_hash", "_ikm")
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key.algorithm)
-        assert key._material is not None
-        self._ikm = key._material
-        self._hash = hash_algorithm(key.algorithm.hash_name)
+    def __init__(self, algorithm: Algorithm, material: bytes) -> None:
+        super().__init__(algorithm)
+        self._ikm = material
+        self._hash = hash_algorithm(algorithm.hash_name)
 
     def derive(self, peer: Any = None, length: int | None = None, salt: bytes | None = None,
                info: bytes | None = None) -> bytes:

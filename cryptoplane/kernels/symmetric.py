@@ -7,7 +7,7 @@ the success path is the library call and nothing else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import padding as sym_padding
@@ -15,17 +15,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .. import _native
+from ..algorithms import Algorithm
 from ..exceptions import AuthenticationFailed, InvalidRequest
 from .base import Buffer, Kernel
-
-if TYPE_CHECKING:
-    from ..keys import Key
-
-
-def _material(key: Key) -> bytes:
-    m = key._material
-    assert m is not None  # symmetric keys always carry material
-    return m
 
 
 def _nonce_error(kernel: Kernel, nonce: object, what: str = "nonce") -> InvalidRequest:
@@ -43,10 +35,10 @@ class AeadKernel(Kernel):
 
     __slots__ = ("_dec", "_enc", "raw")
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key.algorithm)
-        cls = ChaCha20Poly1305 if key.algorithm.name == "chacha20-poly1305" else AESGCM
-        aead = cls(_material(key))
+    def __init__(self, algorithm: Algorithm, material: bytes) -> None:
+        super().__init__(algorithm)
+        cls = ChaCha20Poly1305 if algorithm.name == "chacha20-poly1305" else AESGCM
+        aead = cls(material)
         self._enc = aead.encrypt
         self._dec = aead.decrypt
         # (encrypt, decrypt) taking (nonce, data, aad): the plane's fast path calls these
@@ -100,9 +92,9 @@ class _BlockCipherKernel(Kernel):
     __slots__ = ("_aes",)
     _iv_name = "IV"
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key.algorithm)
-        self._aes = algorithms.AES(_material(key))
+    def __init__(self, algorithm: Algorithm, material: bytes) -> None:
+        super().__init__(algorithm)
+        self._aes = algorithms.AES(material)
 
     def _mode(self, nonce: bytes) -> Any:
         raise NotImplementedError
@@ -191,9 +183,9 @@ class XtsKernel(_BlockCipherKernel):
     __slots__ = ("_sectors",)
     _iv_name = "tweak"
 
-    def __init__(self, key: Key) -> None:
-        super().__init__(key)
-        self._sectors = _native.XtsKey(_material(key))
+    def __init__(self, algorithm: Algorithm, material: bytes) -> None:
+        super().__init__(algorithm, material)
+        self._sectors = _native.XtsKey(material)
 
     def _mode(self, nonce: bytes) -> Any:
         return modes.XTS(nonce)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from ..engines.base import Engine, Job, record, releases_gil, run_measured
+from ..engines.base import Engine, Health, Job, record, releases_gil, run_measured
 from ..exceptions import Busy, EngineFailed, NotSupported, Timeout
 from ..requests import Request
 from ..stats import OpStats, Registry
@@ -57,7 +57,7 @@ class Ticket:
         self.pinned: str | None = None  # an exploring choice every taker must honour
 
 
-class _Done:
+class TicketDone:
     """The completion an engine calls for one ticket (a class, so failover can find the
     ticket behind a job an engine hands back)."""
 
@@ -113,6 +113,10 @@ class Scheduler:
 
     def now(self) -> float:
         return self._clock()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # -- QoS ----------------------------------------------------------------------------
 
@@ -235,7 +239,7 @@ class Scheduler:
         self.registry.get(engine, req.algorithm.name, req.op.value, t.client).error(error)
         _settle(t.future, None, error)
 
-    def _completed(self, done: _Done, result: Any, error: BaseException | None) -> None:
+    def _completed(self, done: TicketDone, result: Any, error: BaseException | None) -> None:
         t, engine = done.ticket, done.engine
         failed_engine = isinstance(error, EngineFailed)
         with self._lock:
@@ -268,7 +272,7 @@ class Scheduler:
         """Queue ``t`` again for another engine, if that is safe and one is left."""
         t.attempts += 1
         others = tuple(n for n in t.engines if n != failed_engine
-                       and self.engines[n].health.value != "broken")
+                       and self.engines[n].health is not Health.BROKEN)
         if not t.request.retry_safe or t.attempts >= MAX_ATTEMPTS or not others:
             return False
         with self._cv:
@@ -285,7 +289,7 @@ class Scheduler:
     def _rehash(self, jobs: list[Job]) -> None:
         """An engine broke: its unfinished jobs go to the other capable engines."""
         for _, done in jobs:
-            if isinstance(done, _Done):
+            if isinstance(done, TicketDone):
                 with self._cv:
                     name = done.engine.name
                     self._assigned[name] = max(0, self._assigned[name] - 1)
@@ -304,10 +308,10 @@ class Scheduler:
         that just became free may be the best place for it now). When the dispatcher
         explores (sends it to the runner-up to measure that engine again), the choice is
         pinned, or the next taker's straight answer would undo it."""
-        if t.pinned is not None and self.engines[t.pinned].health.value != "broken":
+        if t.pinned is not None and self.engines[t.pinned].health is not Health.BROKEN:
             return t.pinned
         capable = [self.engines[n] for n in t.engines
-                   if self.engines[n].health.value != "broken"]
+                   if self.engines[n].health is not Health.BROKEN]
         if not capable:
             capable = [self.engines[n] for n in t.engines]
         if self._threads_cover_cores(t, capable):
@@ -420,7 +424,7 @@ class Scheduler:
                     if target == name or (target == "inline" and not self._helpers
                                            and name in t.engines):
                         if self._claim(cls, t, name):
-                            return (t.request, _Done(self, t, engine, now))
+                            return (t.request, TicketDone(self, t, engine, now))
                         continue
                 if now >= end:
                     return None
@@ -511,7 +515,7 @@ class Scheduler:
             inline = self.engines.get("inline")
             for t in here:  # chosen for inline and no caller to run it: run it here
                 assert inline is not None
-                done = _Done(self, t, inline, self._clock())
+                done = TicketDone(self, t, inline, self._clock())
                 req = t.request
                 result, error, work = run_measured(req)
                 record(inline.meter, req, work, work)
@@ -519,7 +523,7 @@ class Scheduler:
             for name, tickets in batch.items():
                 engine = self.engines[name]
                 t0 = self._clock()
-                jobs = [(t.request, _Done(self, t, engine, t0)) for t in tickets]
+                jobs = [(t.request, TicketDone(self, t, engine, t0)) for t in tickets]
                 try:
                     accepted = engine.submit(jobs)
                 except Exception as e:  # a device that raises instead of completing

@@ -19,7 +19,7 @@ from ..engines.base import Engine, record, run_measured
 from ..exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from ..requests import Request
 from ..session import Session
-from .core import Scheduler, _Done, count_done
+from .core import Scheduler, TicketDone, count_done
 
 INLINE = "inline"
 # how many GIL-holding requests of one kind run inline on a cached verdict before one of
@@ -131,6 +131,8 @@ class Router:
         its thread costs it nothing (``run``); otherwise only small work runs here."""
         if not isinstance(request, Request):
             raise InvalidRequest(f"expected a request, not {type(request).__name__}")
+        if self.scheduler.closed:
+            raise InvalidRequest("this plane is closed")
         priority = priority or (session.priority if session is not None else "normal")
         client = client or (session.client if session is not None else "-")
         bound = session.engine if session is not None else None
@@ -218,7 +220,7 @@ class Router:
                         0.002, lambda p=pending: all(f.done() for f in p))  # type: ignore[misc]
                     pending = [f for f in pending if not f.done()]
                     continue
-                done = _Done(self.scheduler, ticket, self.inline, time.monotonic())
+                done = TicketDone(self.scheduler, ticket, self.inline, time.monotonic())
                 try:
                     result = self.execute(ticket.request)  # counted by the completion
                 except CryptoplaneError as e:

@@ -376,7 +376,7 @@ def test_raw_callable_errors_pass_like_python(fresh_planes: dict[str, Plane]) ->
             def boom(nonce: object, data: object, aad: object, exc: BaseException = exc) -> Any:
                 raise exc
 
-            k._session.enc = boom
+            k.session_hint.enc = boom
             try:
                 p.encrypt(k, b"x", nonce=NONCE)
             except BaseException as e:
@@ -412,7 +412,7 @@ def test_no_reference_or_memory_leaks(planes: dict[str, Plane]) -> None:
         lambda: error(lambda: native.encrypt(key)),  # type: ignore[call-arg]
         lambda: native.encrypt(cbc, data[:96], nonce=IV, padding=True),
     ]
-    watched = [key, cbc, data, aad, ct, bad, NONCE, IV, native, key._session]
+    watched = [key, cbc, data, aad, ct, bad, NONCE, IV, native, key.session_hint]
 
     def run(n: int) -> None:
         for path in paths:
@@ -519,8 +519,8 @@ def test_native_session_tally_type(planes: dict[str, Plane]) -> None:
     if _native.FAST_PATH == "native":
         key = cp.Key.generate("aes-256-gcm")
         planes["native"].encrypt(key, b"abcd", nonce=NONCE)
-        assert type(key._session.tally) is native_tally
-        assert key._session.counts() == [("encrypt", 1, 4)]
+        assert type(key.session_hint.tally) is native_tally
+        assert key.session_hint.counts() == [("encrypt", 1, 4)]
 
 
 @pytest.mark.parametrize("kind", ["python", "subclass", "missing", "broken"])
@@ -540,7 +540,7 @@ def test_trampoline_with_other_tallies(fresh_planes: dict[str, Plane], kind: str
     for name, p in fresh_planes.items():
         key = cp.Key("aes-256-gcm", material)
         p.encrypt(key, b"bind", nonce=NONCE)
-        s = key._session
+        s = key.session_hint
         if kind == "missing":
             del s.tally
         else:
@@ -567,7 +567,7 @@ def test_tally_counts_not_leaking(planes: dict[str, Plane]) -> None:
     data = os.urandom(1000)
     for _ in range(100):
         native.encrypt(key, data, nonce=NONCE)
-    tally = key._session.tally
+    tally = key.session_hint.tally
     refs = sys.getrefcount(tally)
     tracemalloc.start()
     try:
@@ -579,4 +579,4 @@ def test_tally_counts_not_leaking(planes: dict[str, Plane]) -> None:
         tracemalloc.stop()
     assert grown < 16 * 1024
     assert sys.getrefcount(tally) == refs
-    assert key._session.counts() == [("encrypt", 5100, 5_100_000)]
+    assert key.session_hint.counts() == [("encrypt", 5100, 5_100_000)]

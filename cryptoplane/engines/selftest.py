@@ -16,9 +16,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from . import requests as rq
-from .algorithms import Algorithm
-from .keys import Key
+from .. import requests as rq
+from ..algorithms import Algorithm
+from ..keys import Key
 
 Runner = Callable[[rq.Request], Any]
 
