@@ -3,6 +3,10 @@
 Thin over ``cryptoplane.stream``: option parsing, key files, passphrase sources, a
 progress bar on a terminal. Output files are written beside the target and renamed into
 place only when everything authenticated, so a failed decrypt leaves no plaintext file.
+An existing output file is refused unless --force (age's tools and cp differ here; a
+refusal cannot lose data, and a replacement is atomic, never a half-written file).
+SIGINT, SIGTERM and SIGHUP stop a command cleanly (``signals.py``): the temporary file
+is removed and the exit status is 130, 143 or 129.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from ..stream import (
     parse_identities,
     parse_recipients,
 )
+from ..stream._io import atomic_output, refuse_existing
 from ..stream.recipients import DEFAULT_WORK_FACTOR, MAX_WORK_FACTOR, Identity, Recipient
+from .signals import on_signals
 
 _PROGRESS_MIN = 32 << 20  # below this a bar only flickers
 
@@ -101,8 +107,13 @@ def _input(path: str | None) -> tuple[Any, int | None]:
     return path, os.stat(path).st_size
 
 
-def _output(path: str | None, binary: bool) -> Any:
+def _output(path: str | None, binary: bool, force: bool) -> Any:
     if path is not None and path != "-":
+        if not force:
+            try:
+                refuse_existing(path)
+            except FileExistsError:
+                raise _fail(f"{path} exists: give --force to replace it") from None
         return path
     out: BinaryIO = sys.stdout.buffer
     if binary and out.isatty():
@@ -111,6 +122,9 @@ def _output(path: str | None, binary: bool) -> Any:
 
 
 _CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+_FORCE_HELP = ("Replace OUTPUT if it exists. It is swapped for the finished file in one "
+               "rename, keeping its permission bits; hard links to it keep the old "
+               "contents. Without --force an existing OUTPUT is refused.")
 
 
 @click.command("encrypt", context_settings=_CONTEXT)
@@ -129,21 +143,29 @@ _CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
               show_default=True, help="scrypt work factor (log2 N) for a passphrase.")
 @click.option("-a", "--armor", is_flag=True, help="Write PEM-like ASCII armor.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="OUTPUT",
-              help="Write to OUTPUT (atomically) instead of standard output.")
+              help="Write to OUTPUT (atomically; a new file is mode 0600) instead of "
+                   "standard output.")
+@click.option("-f", "--force", is_flag=True, help=_FORCE_HELP)
 @click.option("-j", "--workers", type=click.IntRange(1), metavar="N",
               help="Threads for the payload (default: every core).")
 @click.argument("input_path", metavar="[INPUT]", required=False,
                 type=click.Path(dir_okay=False, allow_dash=True))
+@on_signals
 def encrypt_cmd(recipients: tuple[str, ...], recipient_files: tuple[str, ...], ask: bool,
                 passphrase_file: str | None, passphrase_fd: int | None, work_factor: int,
-                armor: bool, output: str | None, workers: int | None,
+                armor: bool, output: str | None, force: bool, workers: int | None,
                 input_path: str | None) -> None:
     """Encrypt INPUT (or standard input) in the age v1 format.
 
     To public keys (-r, -R: X25519 age1... keys) or to a passphrase (-p,
     --passphrase-file, --passphrase-fd; scrypt), never both. The output reads with age,
     rage and pyrage.
+
+    \b
+    SIGINT, SIGTERM and SIGHUP stop it: OUTPUT is left as it was, the
+    temporary file removed, and the exit status is 130, 143 or 129.
     """
+    sink = _output(output, binary=not armor, force=force)
     passphrase = _passphrase(ask, passphrase_file, passphrase_fd, confirm=True)
     with _errors():
         targets: list[Recipient | str] = list(recipients)
@@ -154,10 +176,10 @@ def encrypt_cmd(recipients: tuple[str, ...], recipient_files: tuple[str, ...], a
         if passphrase is not None and targets:
             raise _fail("a passphrase cannot be combined with recipients")
         source, size = _input(input_path)
-        sink = _output(output, binary=not armor)
         with _progress(size, "encrypting") as progress:
             encrypt(source, sink, targets, passphrase=passphrase, armor=armor,
-                    work_factor=work_factor, workers=workers, progress=progress)
+                    work_factor=work_factor, workers=workers, progress=progress,
+                    overwrite=force)
 
 
 @click.command("decrypt", context_settings=_CONTEXT)
@@ -173,20 +195,29 @@ def encrypt_cmd(recipients: tuple[str, ...], recipient_files: tuple[str, ...], a
 @click.option("--max-work-factor", type=click.IntRange(1, 30), default=MAX_WORK_FACTOR,
               show_default=True, help="Refuse scrypt work factors above this.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="OUTPUT",
-              help="Write to OUTPUT, created only once everything authenticated.")
+              help="Write to OUTPUT, created (mode 0600) only once everything "
+                   "authenticated.")
+@click.option("-f", "--force", is_flag=True, help=_FORCE_HELP)
 @click.option("-j", "--workers", type=click.IntRange(1), metavar="N",
               help="Threads for the payload (default: every core).")
 @click.argument("input_path", metavar="[INPUT]", required=False,
                 type=click.Path(dir_okay=False, allow_dash=True))
+@on_signals
 def decrypt_cmd(identity_files: tuple[str, ...], ask: bool, passphrase_file: str | None,
                 passphrase_fd: int | None, max_work_factor: int, output: str | None,
-                workers: int | None, input_path: str | None) -> None:
+                force: bool, workers: int | None, input_path: str | None) -> None:
     """Decrypt an age file INPUT (or standard input); armor is detected.
 
-    With -o the output file appears only when the whole file authenticated. To standard
-    output, plaintext is written as each chunk authenticates: on an error the exit
-    status is 1 and what was written is an authenticated prefix.
+    With -o the output file appears only when the whole file authenticated; an existing
+    OUTPUT is refused unless --force, and on any failure it is left as it was. To
+    standard output, plaintext is written as each chunk authenticates: on an error the
+    exit status is 1 and what was written is an authenticated prefix.
+
+    \b
+    SIGINT, SIGTERM and SIGHUP stop it: OUTPUT is left as it was, the
+    temporary file removed, and the exit status is 130, 143 or 129.
     """
+    sink = _output(output, binary=False, force=force)
     passphrase = _passphrase(ask, passphrase_file, passphrase_fd, confirm=False)
     with _errors():
         keys: list[Identity] = []
@@ -195,10 +226,10 @@ def decrypt_cmd(identity_files: tuple[str, ...], ask: bool, passphrase_file: str
         if passphrase is None and not keys:
             raise _fail("give an identity file (-i) or a passphrase (-p)")
         source, size = _input(input_path)
-        sink = _output(output, binary=False)
         with _progress(size, "decrypting") as progress:
             decrypt(source, sink, keys, passphrase=passphrase,
-                    max_work_factor=max_work_factor, workers=workers, progress=progress)
+                    max_work_factor=max_work_factor, workers=workers, progress=progress,
+                    overwrite=force)
 
 
 @click.command("keygen", context_settings=_CONTEXT)
@@ -207,6 +238,7 @@ def decrypt_cmd(identity_files: tuple[str, ...], ask: bool, passphrase_file: str
 @click.option("-y", "to_public", is_flag=True,
               help="Read identity files (INPUT) and print their public keys instead.")
 @click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False, exists=True))
+@on_signals
 def keygen_cmd(output: str | None, to_public: bool, inputs: tuple[str, ...]) -> None:
     """Generate an X25519 identity, as age-keygen does.
 
@@ -227,9 +259,8 @@ def keygen_cmd(output: str | None, to_public: bool, inputs: tuple[str, ...]) -> 
             click.echo(text, nl=False)
             click.echo(f"Public key: {identity.recipient}", err=True)
             return
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with atomic_output(output, overwrite=False) as f:  # never a half-written key file
+            f.write(text.encode())
         click.echo(f"Public key: {identity.recipient}")
 
 

@@ -4,8 +4,10 @@ already read, armor as a reader and a writer, and atomic output files."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -105,34 +107,104 @@ class ArmorWriter:
         self._dst.write(self._encoder.finish())
 
 
-@contextlib.contextmanager
-def atomic_output(path: PathLike) -> Iterator[IO[bytes]]:
-    """A temporary file beside ``path``, renamed onto it only when the block succeeds
-    (after an fsync); on any error it is removed and ``path`` is left as it was."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                               dir=target.parent or ".")
+def _refuse(target: Path) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, "exists; not replacing it", str(target))
+
+
+def refuse_existing(path: PathLike) -> None:
+    """FileExistsError if ``path`` names a file that an output without overwrite would
+    refuse (a FIFO or device is written as a stream, so it is not refused)."""
+    if os.path.lexists(path) and not _is_special(path):
+        raise _refuse(Path(path))
+
+
+def _mode_to_keep(target: Path, overwrite: bool) -> int | None:
+    """The permission bits of the file that ``target`` names, to give its replacement;
+    None if there is none. Refuses an existing ``target`` unless ``overwrite``."""
+    if not os.path.lexists(target):
+        return None
+    if not overwrite:
+        raise _refuse(target)
     try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:  # a dangling link: replaced, with the default mode
+        return None
+
+
+def _put_in_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)  # unlike a rename, refuses a target made since we looked
+    except FileExistsError:
+        raise _refuse(target) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(target):  # without hard links, as close as it gets
+            raise _refuse(target) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, *, overwrite: bool = True) -> Iterator[IO[bytes]]:
+    """A temporary file beside ``path``, put in place as ``path`` only when the block
+    succeeds (after an fsync); on any error or interruption (KeyboardInterrupt, a signal
+    handler's exception) it is removed and ``path`` is left as it was.
+
+    A new file has mode 0600; a replaced one's permission bits carry over (a rename: hard
+    links to the old file keep the old contents). Without ``overwrite`` an existing
+    ``path`` is a ``FileExistsError``, before the block runs and again, atomically, when
+    the file would be put in place."""
+    target = Path(path)
+    mode = _mode_to_keep(target, overwrite)
+    # our pid and fresh randomness in the name: a file by that name can only be ours,
+    # so it is removed even if the interruption came between its creation and this frame
+    # learning of it
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
+            if mode is not None:
+                os.fchmod(out.fileno(), mode)
             yield out
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, target)
+        _put_in_place(tmp, target, overwrite)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
+def _is_special(path: PathLike) -> bool:
+    """Whether ``path`` names something written in place, as a stream: a FIFO, a
+    terminal, /dev/null, a socket (never renamed over: that would replace the node)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode)
+
+
 @contextlib.contextmanager
-def opened(obj: Any, mode: str) -> Iterator[Any]:
+def opened(obj: Any, mode: str, *, overwrite: bool = True) -> Iterator[Any]:
     """``obj`` itself if it is a file object; the opened file if it is a path (reading)
-    or an atomic output (writing)."""
+    or an atomic output (writing; a FIFO or device path is written as a stream)."""
     if not is_path(obj):
         yield obj
     elif mode == "rb":
         with open(obj, "rb") as f:
             yield f
+    elif _is_special(obj):
+        with open(obj, "wb") as f:
+            yield f
     else:
-        with atomic_output(obj) as f:
+        with atomic_output(obj, overwrite=overwrite) as f:
             yield f

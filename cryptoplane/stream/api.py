@@ -17,7 +17,15 @@ from typing import Any
 from cryptoplane.exceptions import InvalidRequest
 
 from . import payload as _payload
-from ._io import ArmorReader, ArmorWriter, Prefixed, opened, read_some
+from ._io import (
+    ArmorReader,
+    ArmorWriter,
+    Prefixed,
+    is_path,
+    opened,
+    read_some,
+    refuse_existing,
+)
 from .armor import ArmorDecoder, ArmorEncoder, looks_armored
 from .errors import HeaderError, NoIdentityMatched
 from .header import Header, HeaderDecoder
@@ -102,12 +110,14 @@ def _short_nonce() -> HeaderError:
 def encrypt(src: Any, dst: Any, recipients: Iterable[Recipient | str] = (), *,
             passphrase: str | bytes | None = None, armor: bool = False,
             work_factor: int = DEFAULT_WORK_FACTOR, workers: int | None = None,
-            progress: Progress | None = None) -> int:
+            progress: Progress | None = None, overwrite: bool = True) -> int:
     """Encrypt ``src`` (a path or binary file object) to ``dst`` (a path, written
     atomically, or a binary file object) for ``recipients`` (``age1...`` strings or
-    recipient objects) or a ``passphrase``; returns the plaintext bytes."""
+    recipient objects) or a ``passphrase``; returns the plaintext bytes. An existing
+    ``dst`` file is replaced, keeping its permission bits, unless ``overwrite`` is False
+    (then it is a ``FileExistsError``)."""
     targets = as_recipients(recipients, passphrase, work_factor)
-    with opened(src, "rb") as source, opened(dst, "wb") as sink:
+    with opened(src, "rb") as source, opened(dst, "wb", overwrite=overwrite) as sink:
         prefix, key = new_file(targets)
         out: Any = ArmorWriter(sink) if armor else sink
         out.write(prefix)
@@ -165,15 +175,17 @@ def open_reader(source: Any, identities: Sequence[Identity],
 def decrypt(src: Any, dst: Any, identities: Iterable[Identity | str] = (), *,
             passphrase: str | bytes | None = None, armor: bool | None = None,
             max_work_factor: int = MAX_WORK_FACTOR, workers: int | None = None,
-            progress: Progress | None = None) -> int:
+            progress: Progress | None = None, overwrite: bool = True) -> int:
     """Decrypt ``src`` (a path or binary file object; armor detected unless ``armor``
     says) to ``dst``; returns the plaintext bytes. To a path, the file appears only when
-    everything authenticated; to a file object, only authenticated plaintext is
-    written, and a ``PayloadError`` says where it stopped."""
+    everything authenticated (``overwrite`` as for ``encrypt``); to a file object, only
+    authenticated plaintext is written, and a ``PayloadError`` says where it stopped."""
     keys = as_identities(identities, passphrase, max_work_factor)
+    if not overwrite and is_path(dst):
+        refuse_existing(dst)  # before the header's work (scrypt) is spent
     with opened(src, "rb") as source:
         reader, key = open_reader(source, keys, armor)
-        with opened(dst, "wb") as sink:
+        with opened(dst, "wb", overwrite=overwrite) as sink:
             return _payload.open_payload(key, reader, sink, workers=workers,
                                          progress=progress)
 

@@ -128,8 +128,10 @@ def test_atomic_decrypt_subprocess(tmp_path: Path) -> None:
     assert err.count("\n") == 1 and "ChunkTampered" in err
     assert sorted(os.listdir(tmp_path)) == sorted([*before, "bad"])  # no file, no temp file
     (tmp_path / "new").write_bytes(b"old")  # an existing target survives a failure
-    proc = cli("decrypt", "-i", str(keyfile), "-o", str(tmp_path / "new"), str(tmp_path / "bad"))
-    assert proc.returncode == 1 and (tmp_path / "new").read_bytes() == b"old"
+    proc = cli("decrypt", "--force", "-i", str(keyfile), "-o", str(tmp_path / "new"),
+               str(tmp_path / "bad"))
+    assert proc.returncode == 1 and b"ChunkTampered" in proc.stderr
+    assert (tmp_path / "new").read_bytes() == b"old"
 
 
 def test_passphrase_fd_subprocess(tmp_path: Path) -> None:
