@@ -9,6 +9,7 @@ import sys
 import click
 from rich.console import Console
 
+from cryptoplane.cli.signals import on_signals
 from cryptoplane.cli.sizes import parse_size
 from cryptoplane.stream import bench as sb
 
@@ -22,12 +23,14 @@ from cryptoplane.stream import bench as sb
 @click.option("--dir", "workdir", default="/dev/shm", show_default=True,
               help="Where the files are made (RAM-backed, so the disk is not measured).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@on_signals  # the work directory (a file of --size, and its copies) goes, whatever stops it
 def bench(size: str, rounds: int, workdir: str, as_json: bool) -> None:
     """Encrypt and decrypt a file with cryptoplane (one worker, every core), age and
     openssl enc -aes-256-ctr, side by side.
 
     Prints MB/s (10**6 bytes/s), the ratio to age for each operation (the target:
     >= 1.5x on one core, >= 2x on all), how noisy the rounds were, and every command.
+    SIGINT, SIGTERM and SIGHUP stop it, removing its files (exit status 130, 143, 129).
     """
     console = Console(stderr=as_json)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+import support
 
 from cryptoplane.stream import X25519Identity, encrypt
 
@@ -184,4 +186,18 @@ def test_signal_at_the_passphrase_prompt(tmp_path: Path) -> None:
     finally:
         os.close(r)
         os.close(w)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_stream_bench_removes_its_files(tmp_path: Path, name: str) -> None:
+    """The bench's work directory (a file of --size and every tool's output) goes too."""
+    if shutil.which("age") is None:
+        support.unavailable("the age CLI is not installed")
+    proc = subprocess.Popen([sys.executable, "-m", "cryptoplane", "stream", "bench",
+                             "--size", "32M", "--rounds", "50", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_until(lambda: any(p.suffix == ".age" for p in tmp_path.rglob("*")),
+               "encrypted a file")
+    stop(proc, SIGNALS[name])
     assert os.listdir(tmp_path) == []
