@@ -66,23 +66,88 @@ class Slow(rq.Request):
         return self.value
 
 
+class Turns:
+    """Two lane threads, "early" and "late", run their requests one at a time in a fixed
+    pattern, whatever the machine's load: "early" alone for its first ``alone``
+    requests, then the two by turns (late first)."""
+
+    def __init__(self, alone: int) -> None:
+        self.cond = threading.Condition()
+        self.alone = alone
+        self.turn = "early"
+        self.ran = {"early": 0, "late": 0}
+        self.finished: set[str] = set()
+        self.early_alone_done = threading.Event()
+
+    def enter(self) -> None:
+        me = threading.current_thread().name
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.turn == me or self.finished - {me},
+                                      timeout=30), f"{me} never got its turn"
+
+    def leave(self) -> None:
+        me = threading.current_thread().name
+        with self.cond:
+            self.ran[me] += 1
+            if me == "late" or self.ran["early"] >= self.alone:
+                self.turn = "late" if me == "early" else "early"
+            if self.ran["early"] == self.alone:
+                self.early_alone_done.set()
+            self.cond.notify_all()
+
+    def lane(self, lane: Lane) -> None:
+        try:
+            lane.apply(None)
+        finally:
+            with self.cond:
+                self.finished.add(threading.current_thread().name)
+                self.cond.notify_all()
+
+
+class Taking(rq.Request):
+    """A request that runs in its lane's turn (``Turns``), or fails."""
+
+    __slots__ = ("turns", "value")
+    op = rq.Sign.op
+
+    def __init__(self, key: cp.Key, value: int, turns: Turns) -> None:
+        self.key, self.value, self.turns = key, value, turns
+
+    @property
+    def nbytes(self) -> int:
+        return 10
+
+    def apply(self, kernel: object) -> int:
+        self.turns.enter()
+        try:
+            if self.value % 5 == 4:
+                raise cp.InvalidRequest(f"request {self.value} refused")
+            return self.value
+        finally:
+            self.turns.leave()
+
+
 def test_lanes_share_a_run_and_a_late_lane_runs_less() -> None:
     """Lanes take the run's next request until none is left, so a lane that starts late
     runs fewer than its planned share (with shares cut in advance it would end last, a
-    whole share late); every request runs exactly once, its own error in its place, and
-    the lanes' counts add up to the run before and after."""
+    whole share late): "early" runs 15 requests alone, then the lanes take turns over
+    the other 25, so early runs 15 + 12 and late 13; every request runs exactly once, its
+    own error in its place, and the lanes' counts add up to the run before and after."""
     key = cp.Key.generate("ecdsa-p256-sha256")
-    run = Run([Slow(key, i, 0.002) for i in range(40)])
+    turns = Turns(alone=15)
+    run = Run([Taking(key, i, turns) for i in range(40)])
     lanes = run.lanes(2)
     assert [lane.count for lane in lanes] == [20, 20]
     assert sum(lane.nbytes for lane in lanes) == run.nbytes == 400
-    early = threading.Thread(target=lanes[0].apply, args=(None,))
+    early = threading.Thread(target=turns.lane, args=(lanes[0],), name="early")
+    late = threading.Thread(target=turns.lane, args=(lanes[1],), name="late")
     early.start()
-    time.sleep(0.03)  # the other lane starts ~15 requests late
-    lanes[1].apply(None)
-    early.join()
-    assert lanes[1].count < 20 < lanes[0].count
-    assert sum(lane.count for lane in lanes) == 40
+    assert turns.early_alone_done.wait(30)
+    late.start()
+    early.join(30)
+    late.join(30)
+    assert not early.is_alive() and not late.is_alive()
+    assert [lane.count for lane in lanes] == [27, 13] == [turns.ran["early"], turns.ran["late"]]
     assert sum(lane.nbytes for lane in lanes) == 400
     outcomes = run.collect(None)
     for i, (ok, value) in enumerate(outcomes):

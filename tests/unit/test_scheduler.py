@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 import cryptoplane as cp
 from cryptoplane.engines.base import Engine, Job
 from cryptoplane.requests import Request
+from cryptoplane.scheduler import core
+from cryptoplane.scheduler import router as router_module
 
 NONCE = bytes(12)
 
@@ -102,6 +104,10 @@ class GateEngine(Engine):
         result = request.apply(request.kernel())
         self._inflight -= 1
         done(result, None)
+        if self.started:
+            self.answered += 1  # after done() returned: the scheduler has taken it
+
+    answered = 0
 
     started = False
 
@@ -116,7 +122,7 @@ def test_priority_order_and_bulk_progress() -> None:
     with cp.Plane(engines=[gate]) as plane:
         key = cp.Key.generate("hmac-sha256")
         futures = [plane.submit(cp.Mac(key, b"B%d" % i), priority="bulk") for i in range(20)]
-        time.sleep(0.05)  # the dispatcher has given the first bulk job to the gate
+        wait_for(lambda: gate.inflight == 1, "gave the first bulk job to the gate")
         futures += [plane.submit(cp.Mac(key, b"H%d" % i), priority="high") for i in range(20)]
         for _ in range(40):
             gate.release.release()
@@ -130,49 +136,97 @@ def test_priority_order_and_bulk_progress() -> None:
         assert order[1:10].count("B") <= 1 and "B" in order[1:20]
 
 
-def test_qos_ops_limit_over_time(plane: cp.Plane) -> None:
-    key = cp.Key.generate("ecdsa-p256-sha256")
-    plane.limit(client="tenant-a", ops=200)
-    done = 0
-    t0 = time.monotonic()
-    futures = [plane.submit(cp.Sign(key, b"m"), client="tenant-a") for _ in range(600)]
-    for f in futures:
-        f.result(timeout=30)
-        done += 1
-    elapsed = time.monotonic() - t0
-    rate = (done - 20) / elapsed  # the burst (a tenth of a second) is free
-    assert 190 <= rate <= 210, rate
-    st = plane.stats()
-    assert st["limits"]["tenant-a"]["ops_per_s"] == 200
-    assert st["clients"]["tenant-a"]["requests"] == 600
+class FakeTime:
+    """A clock that moves only when told to (or when the plane sleeps on it): QoS
+    schedules are checked exactly, whatever the load on the machine."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:  # the router's QoS wait for a sync call
+        self.slept.append(seconds)
+        self.now += seconds
+
+    perf_counter = staticmethod(time.perf_counter)
+    thread_time = staticmethod(time.thread_time)
 
 
-def test_qos_limit_changes_live_and_applies_to_sync_calls(plane: cp.Plane) -> None:
-    key = cp.Key.generate("aes-128-gcm")
-    s = plane.session(key, client="tenant-b")
-    assert s.fast_plane is plane
-    plane.limit(client="tenant-b", ops=50)
-    assert s.fast_plane is None  # the fast path neither waits nor queues
-    t0 = time.monotonic()
-    for _ in range(30):  # 5 from the burst, 25 at 50/s
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.005)
+
+
+def test_qos_ops_limit_admits_on_schedule() -> None:
+    """200 ops/s with a burst of 20 (a tenth of a second): at clock time t exactly
+    min(600, 20 + 200 t) requests have run, never one more, and all of them in the end."""
+    clock = FakeTime()
+    with cp.Plane(clock=clock.monotonic) as plane:
+        key = cp.Key.generate("ecdsa-p256-sha256")
+        plane.limit(client="tenant-a", ops=200)
+        futures = [plane.submit(cp.Sign(key, b"m"), client="tenant-a") for _ in range(600)]
+        start = clock.now
+
+        def done() -> int:
+            return sum(f.done() for f in futures)
+
+        for step in range(13):  # 0, 0.25, ... 3.0 s
+            clock.now = start + step * 0.25
+            allowed = min(600, 20 + 50 * step)
+            wait_for(lambda allowed=allowed: done() >= allowed,
+                     f"ran {allowed} requests by t={step * 0.25}")
+            time.sleep(0.02)  # room for a wrong early start to show
+            assert done() == allowed, (step, done())
+        for f in futures:
+            f.result(timeout=30)
+        st = plane.stats()
+        assert st["limits"]["tenant-a"]["ops_per_s"] == 200
+        assert st["clients"]["tenant-a"]["requests"] == 600
+
+
+def test_qos_limit_changes_live_and_applies_to_sync_calls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A limited sync call leaves the fast path and sleeps off its debt: 30 calls at 50/s
+    with a burst of 5 wait exactly 25/50 s in all, no more, no less."""
+    clock = FakeTime()
+    monkeypatch.setattr(router_module, "time", clock)
+    with cp.Plane(engines=["inline"], clock=clock.monotonic) as plane:
+        key = cp.Key.generate("aes-128-gcm")
+        s = plane.session(key, client="tenant-b")
+        assert s.fast_plane is plane
+        plane.limit(client="tenant-b", ops=50)
+        assert s.fast_plane is None  # the fast path neither waits nor queues
+        for _ in range(30):  # 5 from the burst, 25 at 50/s
+            plane.encrypt(key, b"x", nonce=NONCE)
+        assert len(clock.slept) == 25 and sum(clock.slept) == pytest.approx(0.5)
+        assert all(w == pytest.approx(0.02) for w in clock.slept), clock.slept
+        plane.limit(client="tenant-b", ops=0)
+        assert s.fast_plane is plane
         plane.encrypt(key, b"x", nonce=NONCE)
-    assert time.monotonic() - t0 >= 0.4
-    plane.limit(client="tenant-b", ops=0)
-    assert s.fast_plane is plane
-    with pytest.raises(cp.InvalidRequest):
-        plane.limit(client="x", session=s, ops=1)
-    with pytest.raises(cp.InvalidRequest):
-        plane.limit(client="x", ops=-1)
+        assert len(clock.slept) == 25  # lifted: no more waiting
+        with pytest.raises(cp.InvalidRequest):
+            plane.limit(client="x", session=s, ops=1)
+        with pytest.raises(cp.InvalidRequest):
+            plane.limit(client="x", ops=-1)
 
 
-def test_session_limit_bytes(plane: cp.Plane) -> None:
-    key = cp.Key.generate("aes-128-gcm")
-    s = plane.session(key)
-    plane.limit(session=s, bytes=1_000_000)
-    t0 = time.monotonic()
-    for _ in range(30):
-        plane.encrypt(key, bytes(50_000), nonce=NONCE)  # 1.5 MB at 1 MB/s, 0.1 s burst
-    assert time.monotonic() - t0 >= 1.2
+def test_session_limit_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1.5 MB at 1 MB/s with a 0.1 MB burst: 1.4 s of waiting in all, exactly."""
+    clock = FakeTime()
+    monkeypatch.setattr(router_module, "time", clock)
+    with cp.Plane(engines=["inline"], clock=clock.monotonic) as plane:
+        key = cp.Key.generate("aes-128-gcm")
+        s = plane.session(key)
+        plane.limit(session=s, bytes=1_000_000)
+        for _ in range(30):
+            plane.encrypt(key, bytes(50_000), nonce=NONCE)
+        assert sum(clock.slept) == pytest.approx(1.4)
+        assert len(clock.slept) == 28  # the first two fit the burst
 
 
 def test_timeout_and_cancel_and_busy() -> None:
@@ -180,7 +234,7 @@ def test_timeout_and_cancel_and_busy() -> None:
     with cp.Plane(engines=[gate], max_queued=3) as plane:
         key = cp.Key.generate("hmac-sha256")
         first = plane.submit(cp.Mac(key, b"1"))  # held in the engine
-        time.sleep(0.05)
+        wait_for(lambda: gate.inflight == 1, "gave the first job to the gate")
         queued = [plane.submit(cp.Mac(key, b"%d" % i)) for i in range(2)]
         timed = plane.submit(cp.Mac(key, b"t"), timeout=0.1)
         with pytest.raises(cp.Busy):
@@ -199,7 +253,17 @@ def test_timeout_and_cancel_and_busy() -> None:
         assert st["submitted"] == 4
 
 
-def test_inflight_timeout_finishes_once() -> None:
+def test_inflight_timeout_finishes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine answers after the request timed out: the answer is dropped, not
+    delivered again (every delivery is seen, even one the future itself would ignore)."""
+    settled: list[tuple[Future[Any], Any, BaseException | None]] = []
+    real = core._settle
+
+    def settle(future: Future[Any], result: Any, error: BaseException | None) -> None:
+        settled.append((future, result, error))
+        real(future, result, error)
+
+    monkeypatch.setattr(core, "_settle", settle)
     gate = GateEngine()
     with cp.Plane(engines=[gate]) as plane:
         key = cp.Key.generate("hmac-sha256")
@@ -207,8 +271,13 @@ def test_inflight_timeout_finishes_once() -> None:
         with pytest.raises(cp.Timeout):
             fut.result(timeout=5)
         gate.release.release()  # the late answer must be dropped, not delivered twice
-        time.sleep(0.1)
+        wait_for(lambda: gate.answered == 1, "answered")  # the scheduler has had it
+        mine = [(r, e) for f, r, e in settled if f is fut]
+        assert len(mine) == 1 and isinstance(mine[0][1], cp.Timeout), mine
         assert isinstance(fut.exception(), cp.Timeout)
+        st = plane.stats()
+        assert st["scheduler"]["timeouts"] == 1 and st["scheduler"]["completed"] == 0
+        assert st["engines"]["gate"]["requests"] == 0
 
 
 def test_binding_and_capabilities(plane: cp.Plane) -> None:
@@ -224,7 +293,7 @@ def test_close_fails_queued_work_once() -> None:
     plane = cp.Plane(engines=[gate])
     key = cp.Key.generate("hmac-sha256")
     held = plane.submit(cp.Mac(key, b"held"))
-    time.sleep(0.05)
+    wait_for(lambda: gate.inflight == 1, "gave the held job to the gate")
     queued = [plane.submit(cp.Mac(key, b"q")) for _ in range(3)]
     closer = threading.Thread(target=plane.close)
     closer.start()
