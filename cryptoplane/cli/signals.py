@@ -64,12 +64,14 @@ def exit_on_signals() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
+    done = False  # the block has ended: a signal now is noted, not raised
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if caught:
             return  # already unwinding: let the cleanup finish
         caught.append(signum)
-        raise Interrupted(signum)
+        if not done:
+            raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
@@ -79,6 +81,7 @@ def exit_on_signals() -> Iterator[None]:
             raise
         # whatever the unwinding raised on top of Interrupted, the signal decides
     finally:
+        done = True
         if not caught:
             for s, h in previous.items():
                 signal.signal(s, h)

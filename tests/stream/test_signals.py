@@ -201,3 +201,27 @@ def test_stream_bench_removes_its_files(tmp_path: Path, name: str) -> None:
                "encrypted a file")
     stop(proc, SIGNALS[name])
     assert os.listdir(tmp_path) == []
+
+
+CLEANUP = """
+import os, signal, time
+from cryptoplane.cli.signals import exit_on_signals
+with exit_on_signals():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal while cleaning up
+        time.sleep(0.1)
+        print("cleaned", flush=True)
+    print("not reached", flush=True)
+"""
+
+
+def test_second_signal_does_not_cut_the_cleanup_short() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", CLEANUP], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    err = stop(proc, signal.SIGINT)  # the first signal decides the status
+    assert proc.stdout.read() == b"cleaned\n", err
