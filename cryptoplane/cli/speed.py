@@ -24,6 +24,7 @@ from rich.table import Table
 
 from .. import speed as sp
 from .. import speed_engines as se
+from .signals import on_signals
 
 PATHS = ("direct", "plane", "naive", "fallback", "openssl")
 RATIOS = ("plane/direct", "plane/openssl", "plane/naive")
@@ -307,6 +308,7 @@ def execute(config: sp.Config, *, as_json: bool, plot_path: str | None) -> sp.Re
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write a grouped bar chart (.svg, .png; needs matplotlib).")
 @click.option("--check", is_flag=True, help="Exit 1 when an acceptance target is missed.")
+@on_signals
 def speed(algorithms: str | None, sizes: str | None, sector_sizes: str | None,
           seconds: float | None, rounds: int, engine: str | None, quick: bool, openssl: bool,
           all_paths: bool, as_json: bool, plot_path: str | None, check: bool) -> None:

@@ -22,6 +22,7 @@ from ..exceptions import CryptoplaneError
 from ..volume import kdf as kdfs
 from ..volume import luks
 from ..volume.errors import WrongPassphrase
+from .signals import on_signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_WRONG_PASSPHRASE = 2  # as cryptsetup
@@ -178,6 +179,7 @@ def volume() -> None:
 @_kdf_options
 @_secret_options
 @_header_option
+@on_signals
 def format_cmd(path: str, luks_type: str, cipher: str, key_size: int, sector_size: str,
                label: str | None, uuid: str | None, offset: int | None, wipe: bool, yes: bool,
                pbkdf: str | None, iter_time: int | None, pbkdf_force_iterations: int | None,
@@ -292,6 +294,7 @@ def _params_for(path: str, header: str | None, pbkdf: str | None, iterations: in
 @_kdf_options
 @_secret_options
 @_header_option
+@on_signals
 def add_key_cmd(path: str, key_slot: int | None, new_key_file: str | None,
                 new_passphrase_fd: int | None, pbkdf: str | None, iter_time: int | None,
                 pbkdf_force_iterations: int | None, pbkdf_memory: int | None,
@@ -315,6 +318,7 @@ def add_key_cmd(path: str, key_slot: int | None, new_key_file: str | None,
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before removing the last slot.")
 @_secret_options
 @_header_option
+@on_signals
 def remove_key_cmd(path: str, key_slot: int | None, yes: bool, key_file: str | None,
                    passphrase_fd: int | None, header: str | None) -> None:
     """Remove the keyslot a passphrase opens, or the slot --key-slot names.
@@ -340,6 +344,7 @@ def remove_key_cmd(path: str, key_slot: int | None, yes: bool, key_file: str | N
 @_kdf_options
 @_secret_options
 @_header_option
+@on_signals
 def change_key_cmd(path: str, key_slot: int | None, new_key_file: str | None,
                    new_passphrase_fd: int | None, pbkdf: str | None, iter_time: int | None,
                    pbkdf_force_iterations: int | None, pbkdf_memory: int | None,
@@ -371,6 +376,7 @@ def backup_header_cmd(path: str, out_file: str, header: str | None) -> None:
 @click.argument("backup_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_header_option
+@on_signals
 def restore_header_cmd(path: str, backup_file: str, yes: bool, header: str | None) -> None:
     """Write a header backup back to PATH (validated first)."""
     if not yes:
@@ -384,6 +390,7 @@ def restore_header_cmd(path: str, backup_file: str, yes: bool, header: str | Non
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_header_option
+@on_signals
 def erase_cmd(path: str, yes: bool, header: str | None) -> None:
     """Crypto-erase: destroy every keyslot so the data can never be opened again."""
     if not yes:

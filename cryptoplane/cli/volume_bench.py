@@ -14,6 +14,8 @@ from cryptoplane.cli.sizes import parse_size
 from cryptoplane.exceptions import CryptoplaneError
 from cryptoplane.volume import bench as vb
 
+from .signals import on_signals
+
 
 @click.command("bench")
 @click.option("--size", default="1G", show_default=True,
@@ -35,6 +37,7 @@ from cryptoplane.volume import bench as vb
 @click.option("--dir", "workdir", default="/dev/shm", show_default=True,
               help="Where the images are made (RAM-backed, so the disk is not measured).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@on_signals
 def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple[str, ...],
           rounds: int, quick: bool, workdir: str, as_json: bool) -> None:
     """Serve a LUKS volume over NBD and load it with fio and nbdcopy, beside the peers.

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
 
 from ..volume import convert_ivs
+from .signals import on_signals
 from .sizes import parse_size
 from .volume import _Failed, _header_option, _run, _secret, _secret_options
 
@@ -39,6 +40,7 @@ _EXPLAIN = {
               help="Convert even when the check cannot tell that the data follows the "
                    "old IVs (converting data that already follows dm-crypt's garbles it).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@on_signals
 def convert_ivs_cmd(path: str, key_file: str | None, passphrase_fd: int | None,
                     header: str | None, check: bool, hotzone_size: str, force: bool,
                     yes: bool) -> None:
