@@ -73,7 +73,7 @@ def measure(algorithm: str, op: str, size: int, rounds: int, seconds: float,
     for plane, key in planes.values():
         if plane is not None:
             getattr(plane, op)(key, data, nonce=nonce)  # bind the session: fast path from now
-    direct = getattr(key_p._session, op[:3])  # the library's own bound method
+    direct = getattr(key_p.session_hint, op[:3])  # the library's own bound method
     env = {"f": direct, "n": nonce, "d": data, "np": native, "kn": key_n, "pp": python,
            "kp": key_p}
     stmts = {

@@ -289,11 +289,6 @@ class Key:
             k = self._kernel = prepare(self.algorithm, material)
         return k
 
-    @property
-    def _session(self) -> Any:
-        # the name benchmarks/fastpath.py reads; goes when it reads session_hint
-        return self.session_hint
-
 
 def _is_public(obj: object) -> bool:
     return isinstance(obj, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey,

@@ -19,7 +19,7 @@ from . import _native
 from . import requests as rq
 from ._native.memory import tune_allocator
 from .chain import Chain, annotate
-from .engines import REGISTRY, Engine, InlineEngine
+from .engines import REGISTRY, Engine
 from .exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from .kernels import Buffer
 from .kernels.digests import hash_kernel
@@ -89,10 +89,10 @@ class Plane:
             for e in self._engines.values():
                 e.close()
             raise
-        inline = self._engines.get("inline")
-        self._inline: InlineEngine | None = inline if isinstance(inline, InlineEngine) else None
         self._scheduler = Scheduler(self._engines, self._registry, policy=policy,
                                     max_queued=max_queued, clock=clock)
+        # the engine whose traits say it runs work in the caller's thread: the fast path's
+        self._inline = self._scheduler.inline
         self._router = Router(self._engines, self._scheduler, fast_path_limit)
         limits = self._scheduler.limits
 
@@ -100,8 +100,9 @@ class Plane:
             lim = limits.get(name)
             return lim is not None and not lim.unlimited
 
-        self._sessions = Sessions(self, self._registry, self._inline.capabilities
-                                  if self._inline is not None else None, limited)
+        inline = self._inline
+        self._sessions = Sessions(self, self._registry, (inline.name, inline.capabilities)
+                                  if inline is not None else None, limited)
 
     @property
     def sessions(self) -> Sessions:
@@ -123,9 +124,6 @@ class Plane:
             raise InvalidRequest(f"a session needs a Key, not {type(key).__name__}")
         check_engine(self._engines, engine)
         return self._sessions.bind(key, engine, priority, client or "-")
-
-    def _session(self, key: Key) -> Session:
-        return self._sessions.for_key(key)
 
     def _counter(self, s: Session, op: str) -> OpStats:
         return self._sessions.counter(s, op)
@@ -244,7 +242,7 @@ class Plane:
     def _slow(self, key: Key, cls: Any, *args: Any, **kw: Any) -> Any:
         """Not on the fast path: a first use of ``key`` here, a session bound to another
         engine, or CBC padding. Find the session, then take the kernel or the queue."""
-        s = self._session(key)
+        s = self._sessions.for_key(key)
         if s.fast_plane is not self:
             return self.run(cls(key, *args, **kw))
         op = cls.op.value
@@ -262,10 +260,9 @@ class Plane:
         kernel = hash_kernel(algorithm)
         if self._inline is None or kernel.algorithm.name not in self._inline.capabilities:
             return self.run(rq.Digest(algorithm, data))  # type: ignore[no-any-return]
-        c = self._registry.get("inline", kernel.algorithm.name, "digest")
+        c = self._registry.get(self._inline.name, kernel.algorithm.name, "digest")
         out = kernel.digest(data)
-        c.requests += 1
-        c.bytes += len(data)
+        c.add(1, len(data))
         return out
 
     def derive(self, key: Key, peer: Key | bytes | None = None, *, length: int | None = None,
@@ -286,7 +283,7 @@ class Plane:
         (the second 4096-byte sector's tweak is ``sector + 8``)."""
         s = key.session_hint
         if s.fast_plane is not self:
-            s = self._session(key)
+            s = self._sessions.for_key(key)
             if s.fast_plane is not self:
                 return self.run(rq.EncryptSectors(key, data, sector=sector,
                                                   sector_size=sector_size, out=out, tweak=tweak,
@@ -301,7 +298,7 @@ class Plane:
                         tweak: str = "plain64", tweak_unit: int | None = None) -> Any:
         s = key.session_hint
         if s.fast_plane is not self:
-            s = self._session(key)
+            s = self._sessions.for_key(key)
             if s.fast_plane is not self:
                 return self.run(rq.DecryptSectors(key, data, sector=sector,
                                                   sector_size=sector_size, out=out, tweak=tweak,

@@ -9,7 +9,6 @@ payload size) is a plain attribute.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ._native import tweak_step
@@ -54,26 +53,6 @@ class Request:
     @property
     def nbytes(self) -> int:
         return 0
-
-    # a lane (``burst.Lane``) stands for several requests; a request for one
-    burst: ClassVar[bool] = False
-
-    @property
-    def count(self) -> int:
-        """Requests this stands for (statistics count each)."""
-        return 1
-
-    # of the requests this stands for, those that failed on their own (a lane's), with
-    # their payload sizes: statistics count them as errors, not as requests done
-    failed: Sequence[tuple[BaseException, int]] = ()
-    # per request this stands for (a lane's): seconds from the job's start to that
-    # request's end, so that each gets its own latency sample
-    elapsed: Sequence[float] = ()
-
-    @property
-    def largest(self) -> int:
-        """The payload of its largest request (what capabilities' size limit is about)."""
-        return self.nbytes
 
     @property
     def retry_safe(self) -> bool:

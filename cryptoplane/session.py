@@ -66,7 +66,7 @@ class Session:
                  "fast_plane", "kernel", "plane", "priority", "tally")
 
     def __init__(self, plane: object, key: Key, engine: str | None, priority: str,
-                 inline_serves: bool, client: str = "-") -> None:
+                 fast: bool, client: str = "-") -> None:
         if priority not in PRIORITIES:
             raise InvalidRequest(f"priority must be one of {PRIORITIES}, got {priority!r}")
         self.plane = plane
@@ -76,9 +76,9 @@ class Session:
         self.priority = priority
         self.client = client
         self.kernel: Kernel = key.kernel()
-        # the plane itself when its fast path may serve this session, else None: the fast
-        # path's whole admission test is ``key.session_hint.fast_plane is self``
-        fast = engine in (None, "inline") and inline_serves
+        # the plane itself when its fast path may serve this session (``fast``, decided
+        # by ``Sessions.admit``), else None: the fast path's whole admission test is
+        # ``key.session_hint.fast_plane is self``
         self.fast_plane: object | None = plane if fast else None
         # (nonce, data, aad) callables: AEAD calls are the cheapest requests there are
         # (~0.5 us), so for them the fast path calls the library's bound methods directly
@@ -124,15 +124,19 @@ class Sessions:
 
     ``owner`` is the plane: the identity a session's ``fast_plane`` carries. ``registry``
     holds the plane's counters, where a session's counts go when its key dies.
-    ``inline``: the algorithms the inline engine serves (None: no inline engine).
-    ``limited(name)``: whether a QoS limit applies under that client or session name.
+    ``inline``: the inline engine's name (where the fast path's work is counted, and the
+    one binding a session may name and keep the fast path) and the algorithms it serves;
+    None: the plane has no inline engine. ``limited(name)``: whether a QoS limit applies
+    under that client or session name.
     """
 
-    def __init__(self, owner: object, registry: Registry, inline: Container[str] | None,
+    def __init__(self, owner: object, registry: Registry,
+                 inline: tuple[str, Container[str]] | None,
                  limited: Callable[[str], bool]) -> None:
         self.owner = owner
         self.registry = registry
-        self._inline = inline
+        self.inline_name: str | None = inline[0] if inline is not None else None
+        self._inline: Container[str] | None = inline[1] if inline is not None else None
         self._limited = limited
         self._by_key: weakref.WeakKeyDictionary[Key, Session] = weakref.WeakKeyDictionary()
         self._live: set[Session] = set()  # sessions whose fast-path counts are not folded
@@ -146,9 +150,7 @@ class Sessions:
     def bind(self, key: Key, engine: str | None, priority: str, client: str) -> Session:
         """A new session for ``key`` (replacing the one it had here)."""
         self.reap()
-        inline = self._inline
-        s = Session(self.owner, key, engine, priority,
-                    inline is not None and key.algorithm.name in inline, client)
+        s = Session(self.owner, key, engine, priority, False, client)
         self.admit(s)
         old = self._by_key.get(key)
         with self._lock:
@@ -166,7 +168,7 @@ class Sessions:
         engine or a QoS limit applies to it (the fast path neither waits nor queues)."""
         limited = self._limited(s.client) or self._limited(s.limit_name)
         inline_ok = self._inline is not None and s.algorithm in self._inline
-        fast = s.engine in (None, "inline") and inline_ok and not limited
+        fast = s.engine in (None, self.inline_name) and inline_ok and not limited
         s.fast_plane = self.owner if fast else None
 
     def readmit(self, name: str) -> None:
@@ -200,7 +202,7 @@ class Sessions:
     def counter(self, s: Session, op: str) -> OpStats:
         """Where an inline operation of ``s`` is counted when its tally cannot count it
         (errors, ops without a tally index)."""
-        return self.registry.get("inline", s.algorithm, op, s.client)
+        return self.registry.get(self.inline_name or "-", s.algorithm, op, s.client)
 
     def explain(self, s: Session, op: str, e: Exception, data: Buffer,
                 nonce: bytes | None, aad: bytes | None) -> BaseException:
@@ -230,8 +232,7 @@ class Sessions:
                 return
             self._live.discard(s)
             for c, n, b in counts:
-                c.requests += n
-                c.bytes += b
+                c.add(n, b)
 
     def live(self) -> list[Session]:
         """Sessions whose counts are still their own (not yet folded)."""
@@ -246,6 +247,6 @@ class Sessions:
         with self._lock:
             rows: list[StatRow] = [(k, s.requests, s.bytes, dict(s.errors), s.latency)
                                    for k, s in self.registry.items()]
-            rows += [(("inline", s.algorithm, op, s.client), n, b, {}, None)
+            rows += [((self.inline_name or "-", s.algorithm, op, s.client), n, b, {}, None)
                      for s in self._live for op, n, b in s.counts()]
         return rows

@@ -74,6 +74,11 @@ class OpStats:
         self.errors: dict[str, int] = {}
         self.latency = Histogram()
 
+    def add(self, requests: int, nbytes: int) -> None:
+        """Count ``requests`` done, with ``nbytes`` of payload between them."""
+        self.requests += requests
+        self.bytes += nbytes
+
     def error(self, e: BaseException) -> None:
         name = type(e).__name__
         self.errors[name] = self.errors.get(name, 0) + 1

@@ -3,7 +3,9 @@
 Device, queue, session and request are separate nouns (DPDK cryptodev): an engine is the
 device; it declares ``Capability`` values (data, not ``isinstance`` checks) that the
 scheduler matches requests against; it accepts a batch of jobs and completes each one
-exactly once through its ``Completion``.
+exactly once through its ``Completion``. What kind of device it is (runs in the caller's
+thread, in this process, pulls its own work...) is one declared ``Traits`` value: the
+scheduler decides from it, never from an engine's name or class.
 """
 
 from __future__ import annotations
@@ -16,13 +18,63 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..algorithms import CATALOGUE, Algorithm, Kind, Op
+from ..kernels import Kernel
 from ..requests import Request
 from .meter import Meter
 from .selftest import SelfTestResult, run_self_tests
 
+
+class LaneJob:
+    """Work that stands for several requests of one kind, run by one ``apply``: a lane of
+    a run (``scheduler/lanes.py``). Engines whose traits say ``takes_lanes`` run it as
+    they run a request; capabilities judge it by its largest request and meters learn
+    from it per request (``count``), so neither needs to know what a lane is."""
+
+    __slots__ = ()
+
+    @property
+    def op(self) -> Op:
+        raise NotImplementedError
+
+    @property
+    def algorithm(self) -> Algorithm:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """The payload of the requests it stands for, together."""
+        raise NotImplementedError
+
+    @property
+    def count(self) -> int:
+        """How many requests it stands for (statistics count each)."""
+        raise NotImplementedError
+
+    @property
+    def largest(self) -> int:
+        """The payload of its largest request (what a capability's size limit is about)."""
+        raise NotImplementedError
+
+    @property
+    def retry_safe(self) -> bool:
+        raise NotImplementedError
+
+    def kernel(self) -> Kernel:
+        raise NotImplementedError
+
+    def apply(self, kernel: Kernel) -> Any:
+        raise NotImplementedError
+
+
+Work = Request | LaneJob  # what an engine runs
 # completion(result, error): exactly one of the two is meaningful
 Completion = Callable[[Any, BaseException | None], None]
-Job = tuple[Request, Completion]
+Job = tuple[Work, Completion]
+
+
+def requests_in(work: Work) -> int:
+    """How many requests ``work`` stands for."""
+    return work.count if isinstance(work, LaneJob) else 1
 
 
 class Health(enum.StrEnum):
@@ -32,13 +84,32 @@ class Health(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Traits:
+    """What kind of device an engine is (DPDK's feature flags), declared once per engine
+    class; the scheduler's choices read these, never an engine's name."""
+
+    # runs work at once in the thread that asks for it: the fast path's engine, and the
+    # one a caller waiting on its results lends its thread to
+    caller_thread: bool = False
+    local: bool = True  # runs on this machine's cores (a remote engine brings its own)
+    in_process: bool = False  # runs in this interpreter (and so under its GIL)
+    # its workers take work from the scheduler's queues themselves (attach()); otherwise
+    # the scheduler's dispatcher hands it batches through submit()
+    pulls: bool = False
+    # runs lane jobs (``LaneJob``); in-process engines can, a pool would need every
+    # payload of the run in shared memory
+    takes_lanes: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Capability:
     algorithm: str
     ops: frozenset[Op]
     max_request: int  # bytes of payload in one request
 
-    def allows(self, request: Request) -> bool:
-        return request.op in self.ops and request.largest <= self.max_request
+    def allows(self, op: Op, nbytes: int) -> bool:
+        """Whether it serves ``op`` on a request of ``nbytes`` of payload."""
+        return op in self.ops and nbytes <= self.max_request
 
 
 def releases_gil_op(alg: Algorithm, op: Op) -> bool:
@@ -57,20 +128,20 @@ def releases_gil_op(alg: Algorithm, op: Op) -> bool:
 _GIL_FREE: dict[tuple[str, str], bool] = {}
 
 
-def releases_gil(request: Request) -> bool:
+def releases_gil(request: Work) -> bool:
     return releases_gil_op(request.algorithm, request.op)
 
 
-def run_request(request: Request) -> Any:
+def run_request(request: Work) -> Any:
     """Run a request in this thread on its key's cached kernel."""
     return request.apply(request.kernel())
 
 
-def record(meter: Meter, request: Request, work: float, caller: float) -> None:
+def record(meter: Meter, request: Work, work: float, caller: float) -> None:
     """Feed ``meter`` one request's cost; a lane's as that of each request it ran, so
     estimates stay per request whatever the share (a lane that found its run done
     teaches nothing)."""
-    n = request.count
+    n = requests_in(request)
     if n == 0:
         return
     if n == 1:
@@ -80,7 +151,7 @@ def record(meter: Meter, request: Request, work: float, caller: float) -> None:
                      work / n, caller / n)
 
 
-def run_measured(request: Request) -> tuple[Any, BaseException | None, float]:
+def run_measured(request: Work) -> tuple[Any, BaseException | None, float]:
     """Run a request in this thread: (result, error, CPU seconds it took). CPU time, not
     wall time: waits for the GIL or a core are the neighbours' doing, and wall time would
     teach the balancer that an engine is slow when it is merely busy."""
@@ -110,15 +181,8 @@ class Engine:
     priority: int = 0  # like cra_priority: higher wins when several can serve
     max_request: int = 1 << 31
     parallelism: int = 1  # requests it works on at once
-    local = True  # runs on this machine's cores (a remote engine brings its own)
-    in_process = False  # runs in this interpreter (and so under its GIL)
-    # True: its workers take work from the scheduler's queues themselves (attach());
-    # False: the scheduler's dispatcher hands it batches through submit()
-    pulls = False
     capacity: int = 1 << 30  # requests it accepts in flight before submit() refuses
-    # runs a lane job (a share of a run of requests on one key: burst.Lane); in-process
-    # engines can, a pool would need every payload of it in shared memory
-    takes_bursts = False
+    traits = Traits()
 
     def __init__(self, algorithms: Iterable[Algorithm] | None = None) -> None:
         self._algorithms = list(algorithms if algorithms is not None else CATALOGUE.values())
@@ -160,10 +224,13 @@ class Engine:
     def capabilities(self) -> dict[str, Capability]:
         return self._capabilities
 
-    def can_serve(self, request: Request) -> bool:
+    def can_serve(self, request: Work) -> bool:
         cap = self._capabilities.get(request.algorithm.name)
-        return (cap is not None and cap.allows(request) and self.health is not Health.BROKEN
-                and (self.takes_bursts or not request.burst))
+        if cap is None or self.health is Health.BROKEN:
+            return False
+        if isinstance(request, LaneJob):
+            return self.traits.takes_lanes and cap.allows(request.op, request.largest)
+        return cap.allows(request.op, request.nbytes)
 
     def run_one(self, request: Request) -> Any:
         """Run one request through this engine's own path and wait for it (self-tests)."""

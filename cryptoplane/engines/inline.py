@@ -10,14 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..requests import Request
-from .base import Engine, Job, complete, run_request
+from .base import Engine, Job, Traits, complete, run_request
 
 
 class InlineEngine(Engine):
     name = "inline"
-    in_process = True
     priority = 100
-    takes_bursts = True
+    traits = Traits(caller_thread=True, in_process=True, takes_lanes=True)
 
     def run_one(self, request: Request) -> Any:
         return run_request(request)

@@ -39,7 +39,7 @@ from ..exceptions import EngineFailed
 from ..keys import Key
 from ..requests import Request
 from . import pool_worker as pw
-from .base import Engine, Health, Job, complete
+from .base import Engine, Health, Job, Work, complete
 from .shm import Arena, as_bytes_view
 
 DEFAULT_SLOTS = 8
@@ -263,7 +263,7 @@ class PoolEngine(Engine):
                     counters=self.counters())
         return info
 
-    def can_serve(self, request: Request) -> bool:
+    def can_serve(self, request: Work) -> bool:
         return (type(request).__name__ in pw.REQUEST_TYPES and not self._closed
                 and super().can_serve(request))
 
@@ -302,6 +302,7 @@ class PoolEngine(Engine):
                 w = self._pick()
                 if w is None:
                     break
+                assert isinstance(request, Request)  # no traits.takes_lanes: no lanes
                 p = _Pending(request, done)
                 p.attempts = 1
                 self._place(p, w)

@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from .base import Engine, Job, record, releases_gil, run_measured
+from .base import Engine, Job, Traits, record, releases_gil, run_measured
 
 # The caller's share of a hand-off to a thread (enqueue, wake-up, completion), measured
 # here at ~20-25 µs of CPU; what the balancer weighs against doing the work inline.
@@ -29,10 +29,8 @@ POLL_SECONDS = 0.1  # a worker re-checks for closing at least this often
 
 class ThreadsEngine(Engine):
     name = "threads"
-    in_process = True
     priority = 50
-    pulls = True
-    takes_bursts = True
+    traits = Traits(in_process=True, pulls=True, takes_lanes=True)
 
     def __init__(self, workers: int | None = None, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]

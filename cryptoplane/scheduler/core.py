@@ -21,11 +21,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from ..engines.base import Engine, Health, Job, record, releases_gil, run_measured
+from ..engines.base import (
+    Engine,
+    Health,
+    Job,
+    Work,
+    record,
+    releases_gil,
+    requests_in,
+    run_measured,
+)
 from ..exceptions import Busy, EngineFailed, NotSupported, Timeout
-from ..requests import Request
 from ..stats import OpStats, Registry
 from .bucket import Clock, Limit
+from .lanes import Lane
 from .policy import EngineView, LeastCompletion, Policy
 from .queues import PriorityQueues
 
@@ -42,7 +51,7 @@ class Ticket:
     __slots__ = ("attempts", "client", "deadline", "engines", "future", "pinned",
                  "priority", "request", "state", "t_submit", "target")
 
-    def __init__(self, request: Request, future: Future[Any], priority: str, client: str,
+    def __init__(self, request: Work, future: Future[Any], priority: str, client: str,
                  engines: tuple[str, ...], deadline: float | None, now: float) -> None:
         self.request = request
         self.future = future
@@ -100,12 +109,15 @@ class Scheduler:
              "failovers", "requeued"), 0)
         self._closed = False
         self._helpers = 0  # callers lending their thread (run/map waiting): inline lanes
+        # the engine that runs work in the thread that asks (the inline engine), if any
+        self.inline = next((e for e in engines.values() if e.traits.caller_thread), None)
+        self._inline_name = self.inline.name if self.inline is not None else None
         # engines the dispatcher may have to act for: those it feeds, and inline
         self._dispatchable = frozenset(n for n, e in engines.items()
-                                       if n == "inline" or not e.pulls)
+                                       if e.traits.caller_thread or not e.traits.pulls)
         for e in engines.values():
             e.on_broken = self._rehash
-            if e.pulls:
+            if e.traits.pulls:
                 e.attach(self.pull)
         self._thread = threading.Thread(target=self._run, name="cryptoplane-scheduler",
                                         daemon=True)
@@ -140,34 +152,36 @@ class Scheduler:
 
     # -- choosing -----------------------------------------------------------------------
 
-    def views(self, request: Request, engines: Sequence[Engine]) -> list[EngineView]:
+    def views(self, request: Work, engines: Sequence[Engine]) -> list[EngineView]:
         """What the policy sees. Engines of this machine share its cores: a pool of
         processes and a pool of threads are not two machines' worth of lanes, so their
         backlog is counted together and their parallelism capped at the core count;
         then what separates them is each one's own cost (latency, caller's share)."""
         # per request: a lane is compared engine to engine by what each of its requests costs
         alg, op = request.algorithm.name, request.op.value
-        n = request.nbytes // max(1, request.count)
+        n = request.nbytes // max(1, requests_in(request))
         queued = len(self._queues)
         # work that holds the GIL runs one at a time in this process, however many
         # threads offer to run it: for it, in-process engines have a single lane
         serial = not releases_gil(request)
         local_busy = sum(e.inflight + self._assigned.get(e.name, 0)
-                         for e in self.engines.values() if e.local and e.name != "inline")
+                         for e in self.engines.values()
+                         if e.traits.local and not e.traits.caller_thread)
         views = []
         for e in engines:
+            traits = e.traits
             own = e.inflight + self._assigned.get(e.name, 0)
             # inline's lane is whichever thread runs it: only its own claims queue there
-            shared = e.local and e.name != "inline"
+            shared = traits.local and not traits.caller_thread
             backlog = (local_busy if shared else own) + queued
-            lanes = min(e.parallelism, CORES) if e.local else e.parallelism
-            if serial and e.in_process:
+            lanes = min(e.parallelism, CORES) if traits.local else e.parallelism
+            if serial and traits.in_process:
                 lanes = 1
             views.append(EngineView(e.name, e.priority, lanes, backlog,
-                                    e.meter.estimate(alg, op, n)))
+                                    e.meter.estimate(alg, op, n), traits.caller_thread))
         return views
 
-    def choose(self, request: Request, engines: Sequence[Engine], *,
+    def choose(self, request: Work, engines: Sequence[Engine], *,
                explore: bool = True) -> Engine:
         if len(engines) == 1:
             return engines[0]
@@ -177,7 +191,7 @@ class Scheduler:
 
     # -- submitting ---------------------------------------------------------------------
 
-    def enqueue(self, request: Request, future: Future[Any], *, engines: Sequence[str],
+    def enqueue(self, request: Work, future: Future[Any], *, engines: Sequence[str],
                 priority: str = "normal", client: str = "-", timeout: float | None = None,
                 block: bool = True, not_before: float = 0.0) -> Ticket:
         if not engines:
@@ -201,7 +215,7 @@ class Scheduler:
                     self._space_waiters -= 1
             if self._closed:
                 raise EngineFailed("the plane is closed")
-            self.counters["submitted"] += request.count
+            self.counters["submitted"] += requests_in(request)
             self._queues.put(priority, ticket, not_before=not_before, now=now)
             if deadline is not None:  # expired by the dispatcher, queued or in flight
                 heapq.heappush(self._deadlines, (deadline, next(self._seq), ticket))
@@ -212,9 +226,10 @@ class Scheduler:
         """New work queued (the lock is held): one of each kind of taker that could run
         it looks at it. Waking the dispatcher for work only pulling workers can take
         would cost a context switch and a turn of the GIL per request for nothing."""
-        if any(not self.engines[n].pulls for n in t.engines if n != "inline") or (
-                "inline" in t.engines and not self._threads_cover_cores(
-                    t, [self.engines[n] for n in t.engines])):
+        engines = [self.engines[n] for n in t.engines]
+        if any(not e.traits.pulls and not e.traits.caller_thread for e in engines) or (
+                self._inline_name in t.engines
+                and not self._threads_cover_cores(t, engines)):
             self._cv.notify()
         self._pull_cv.notify()
         if self._helpers:
@@ -244,7 +259,7 @@ class Scheduler:
         failed_engine = isinstance(error, EngineFailed)
         with self._lock:
             self._assigned[engine.name] = max(0, self._assigned[engine.name] - 1)
-            if not engine.pulls and engine.name != "inline":
+            if not engine.traits.pulls and not engine.traits.caller_thread:
                 self._cv.notify()  # room in a dispatched-to engine
             if t.state == FINISHED:
                 return  # already timed out or failed over: this late answer is dropped
@@ -262,7 +277,7 @@ class Scheduler:
         else:
             stats.latency.record(now - t.t_submit)
             stats.error(error)
-            self.counters["failed"] += req.count
+            self.counters["failed"] += requests_in(req)
         _settle(t.future, result, error)
         if self._helpers:  # a caller may be waiting for exactly this one
             with self._lock:
@@ -315,7 +330,7 @@ class Scheduler:
         if not capable:
             capable = [self.engines[n] for n in t.engines]
         if self._threads_cover_cores(t, capable):
-            capable = [e for e in capable if e.name != "inline"]
+            capable = [e for e in capable if not e.traits.caller_thread]
         t.target = self.choose(t.request, capable, explore=False).name
         if explore:
             chosen = self.choose(t.request, capable, explore=True).name
@@ -329,9 +344,10 @@ class Scheduler:
         contention (for the cores and for the GIL each runner takes back after its
         work)."""
         return (releases_gil(t.request) and not self.cheap_inline(t.request) and any(
-            e.pulls and e.in_process and e.parallelism >= CORES for e in engines))
+            e.traits.pulls and e.traits.in_process and e.parallelism >= CORES
+            for e in engines))
 
-    def cheap_inline(self, request: Request) -> bool:
+    def cheap_inline(self, request: Work) -> bool:
         """Measured to take less inline than a few thread hand-offs (ECDSA signing,
         RSA verification: ~25 µs here): not worth sending anywhere. Never measured
         counts as cheap: the first one runs inline, and that measures it.
@@ -339,14 +355,14 @@ class Scheduler:
         Any in-process engine's figure counts, as they all run the same kernel: with
         inline's alone, one slow first call (a key's lazy set-up) sent the work to
         threads for good, where inline was never measured again."""
-        inline = self.engines.get("inline")
+        inline = self.inline
         if inline is None:
             return False
-        alg, op, n = request.algorithm.name, request.op.value, max(1, request.count)
+        alg, op, n = request.algorithm.name, request.op.value, max(1, requests_in(request))
         size = request.nbytes // n
         estimates = {name: e.meter.estimate(alg, op, size)
-                     for name, e in self.engines.items() if e.in_process}
-        if estimates.get("inline") is None:
+                     for name, e in self.engines.items() if e.traits.in_process}
+        if estimates.get(inline.name) is None:
             return True
         return min(x.latency for x in estimates.values() if x is not None) * n < CHEAP_SECONDS
 
@@ -385,14 +401,15 @@ class Scheduler:
         batch: dict[str, list[Ticket]] = {}
         here: list[Ticket] = []
         room = {n: e.capacity - e.inflight - self._assigned[n]
-                for n, e in self.engines.items() if n != "inline" and not e.pulls}
+                for n, e in self.engines.items()
+                if not e.traits.caller_thread and not e.traits.pulls}
         for _ in range(BURST * max(1, len(room))):
             head = self._head(now)
             if head is None:
                 break
             cls, t = head
             target = self._target(t, explore=True)
-            if target == "inline":
+            if target == self._inline_name:
                 if self._helpers:
                     break  # a waiting caller will steal it
                 if self._claim(cls, t, target):
@@ -421,7 +438,7 @@ class Scheduler:
                     target = self._target(t)
                     # inline work with no caller to run it: a free worker thread is as
                     # good a place as the dispatcher's own
-                    if target == name or (target == "inline" and not self._helpers
+                    if target == name or (target == self._inline_name and not self._helpers
                                            and name in t.engines):
                         if self._claim(cls, t, name):
                             return (t.request, TicketDone(self, t, engine, now))
@@ -450,7 +467,7 @@ class Scheduler:
             if target != name:
                 e = self.engines[target]
                 busy = e.inflight + self._assigned.get(target, 0) >= e.parallelism
-                if not (e.pulls and busy) or self._threads_cover_cores(t, [e]):
+                if not (e.traits.pulls and busy) or self._threads_cover_cores(t, [e]):
                     return None
             if not self._claim(cls, t, name):
                 return None
@@ -512,7 +529,7 @@ class Scheduler:
                         waits.append(RECHECK_SECONDS)
                     self._cv.wait(max(0.0, min(waits)) if waits else None)
                     continue
-            inline = self.engines.get("inline")
+            inline = self.inline
             for t in here:  # chosen for inline and no caller to run it: run it here
                 assert inline is not None
                 done = TicketDone(self, t, inline, self._clock())
@@ -556,29 +573,28 @@ class Scheduler:
         self._thread.join(timeout)
 
 
-def count_done(stats: OpStats, req: Request, latency: float) -> tuple[int, int]:
+def count_done(stats: OpStats, work: Work, latency: float) -> tuple[int, int]:
     """Count a completed job in ``stats``: its requests done and their bytes, the
     errors of those that failed on their own (a lane's), and a latency sample per
     request (``latency``: the job's, from submission to completion; a lane's requests
     each waited as long as it did before it started, then until they ended). Returns
     (done, failed)."""
-    elapsed = req.elapsed
+    if not isinstance(work, Lane):
+        stats.latency.record(latency)
+        stats.add(1, work.nbytes)
+        return 1, 0
+    elapsed = work.elapsed
     if elapsed:
         waited = latency - elapsed[-1]
         for ended in elapsed:
             stats.latency.record(waited + ended)
     else:
         stats.latency.record(latency)
-    failed = req.failed
-    if not failed:
-        stats.requests += req.count
-        stats.bytes += req.nbytes
-        return req.count, 0
+    failed = work.failed
     for error, _ in failed:
         stats.error(error)
-    done = req.count - len(failed)
-    stats.requests += done
-    stats.bytes += req.nbytes - sum(n for _, n in failed)
+    done = work.count - len(failed)
+    stats.add(done, work.nbytes - sum(n for _, n in failed))
     return done, len(failed)
 
 

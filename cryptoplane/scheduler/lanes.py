@@ -1,22 +1,24 @@
 """Runs and lanes: many requests on one key shared by a few jobs (DPDK's burst enqueue,
 OpenMP's dynamic schedule).
 
-Every request that goes through the scheduler costs ~20-40 µs of Python under the GIL
-(ticket, queue, wake-up, future, completion, statistics). For a 250 µs RSA signature that
-is the difference between 1.9x and 1.3x on two cores: the GIL-held part is what the
-threads serialise on. ``plane.map`` therefore puts a batch's consecutive GIL-free
-requests on one key in a ``Run`` and queues one ``Lane`` job per lane (each thread of the
-engines that take bursts, and the caller's own thread when those leave a core free:
-``batch.lanes``). A lane takes the run's next request until none is left, so the lanes
-end within one request of each other, however late each started or however fast its
-core is, for one ticket per lane. (Bursts cut in advance, largest first, cost a ticket
-each and left a lane idle for ~0.5 ms at the end of a 48-request RSA batch: the lane
-that started late had the same share to do.)
+Every request that goes through the scheduler costs tens of µs of Python under the GIL
+(ticket, queue, wake-up, future, completion, statistics), and that GIL-held part is what
+the threads serialise on: for RSA signing it is much of the second core's gain.
+``plane.map`` therefore puts a batch's consecutive GIL-free requests on one key in a
+``Run`` and queues one ``Lane`` job per lane (each thread of the engines that take lanes,
+and the caller's own thread when those leave a core free: ``batch.lanes``). A lane takes
+the run's next request until none is left, so the lanes end within one request of each
+other, however late each started or however fast its core is, for one ticket per lane.
+(Bursts cut in advance cost a ticket each and left a lane idle at the end of a batch:
+the lane that started late had the same share to do. Figures: benchmarks/README.md.)
 
 Only work that releases the GIL is grouped (GIL-holding work runs inline at submit time
-anyway), only for engines that declare ``takes_bursts`` (in-process ones: a pool worker
-would need the run's payloads in shared memory), and never for a client or session
-under a QoS limit (a lane would count as one op).
+anyway), only for engines whose traits say ``takes_lanes`` (in-process ones: a pool
+worker would need the run's payloads in shared memory), and never for a client or
+session under a QoS limit (a lane would count as one op).
+
+A lane is the scheduler's job object, not a ``Request``: what only the scheduler counts
+(how many requests it stands for, which failed, when each ended) lives here.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..algorithms import Algorithm, Op
+from ..engines.base import LaneJob
 from ..kernels.base import Kernel
 from ..requests import Request
 
@@ -72,16 +75,15 @@ class Run:
         return [o if o is not None else missing for o in self.outcomes]
 
 
-class Lane(Request):
+class Lane(LaneJob):
     """One lane's job over a ``Run``: runs its next request until none is left; one
-    failing request does not stop it (``failed`` lists those; ``elapsed`` when each
-    ended, for its latency). ``count`` and ``nbytes``
-    are the planned share until it has run (what the balancer weighs and the plane
-    counts as submitted), then what it ran (what statistics and meters count), so the
-    lanes of a run add up to the run either way."""
+    failing request does not stop it (``failed`` lists those, with their payload sizes;
+    ``elapsed``: seconds from the job's start to each one's end, for its latency).
+    ``count`` and ``nbytes`` are the planned share until it has run (what the balancer
+    weighs and the plane counts as submitted), then what it ran (what statistics and
+    meters count), so the lanes of a run add up to the run either way."""
 
-    __slots__ = ("_count", "_nbytes", "_op", "elapsed", "failed", "run")
-    burst = True
+    __slots__ = ("_count", "_nbytes", "_op", "elapsed", "failed", "key", "run")
 
     def __init__(self, run: Run, share: int) -> None:
         first = run.requests[0]
@@ -93,8 +95,8 @@ class Lane(Request):
         self.failed: list[tuple[BaseException, int]] = []
         self.elapsed: list[float] = []
 
-    @property  # type: ignore[misc]  # per instance here: a lane is of its requests' op
-    def op(self) -> Op:  # type: ignore[override]
+    @property
+    def op(self) -> Op:
         return self._op
 
     @property

@@ -14,8 +14,6 @@ from typing import Protocol
 
 from ..engines.meter import Estimate
 
-INLINE = "inline"
-
 
 @dataclass(frozen=True, slots=True)
 class EngineView:
@@ -24,6 +22,7 @@ class EngineView:
     parallelism: int  # lanes working at once (workers, threads; 1 for inline)
     backlog: int  # requests inside the engine or queued for it
     estimate: Estimate | None  # None: never measured for this kind of request
+    caller_thread: bool = False  # runs it in the asking thread (the inline engine)
 
 
 class Policy(Protocol):
@@ -101,9 +100,9 @@ class SizeSplit:
                explore: bool = True) -> EngineView:
         if nbytes <= self.threshold:
             for c in candidates:
-                if c.name == INLINE:
+                if c.caller_thread:
                     return c
-        others = [c for c in candidates if c.name != INLINE] or list(candidates)
+        others = [c for c in candidates if not c.caller_thread] or list(candidates)
         return max(others, key=lambda c: (c.parallelism, c.priority, -c.backlog))
 
 

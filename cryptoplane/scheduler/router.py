@@ -5,6 +5,13 @@ the client's QoS limit, then either runs it at once in the caller (small work, o
 the balancer judges cheaper here) or queues it for the dispatcher. A caller waiting on a
 batch lends its own thread: it takes queued work it could run inline while it waits, so
 the caller is one more lane instead of an idle one.
+
+Asking the balancer costs more than a small request's work, so its answer is kept as an
+*inline allowance*: when it judges inline the cheapest engine for a kind of GIL-holding
+request (``request_kind``: type, algorithm, size class), that many more requests of the
+kind run inline without asking again; the first one that finds the allowance used up
+takes the measured path (so inline's estimate stays fresh) and asks the balancer anew
+(a *review*), which grants a new allowance or none.
 """
 
 from __future__ import annotations
@@ -15,26 +22,26 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..algorithms import Kind
-from ..engines.base import Engine, record, run_measured
+from ..engines.base import Engine, LaneJob, Work, record, run_measured
 from ..exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from ..requests import Request
 from ..session import Session
 from .core import Scheduler, TicketDone, count_done
 
-INLINE = "inline"
-# how many GIL-holding requests of one kind run inline on a cached verdict before one of
-# them takes the measured path again and the balancer is asked anew: at least
-# REVIEW_EVERY, and as many as take REVIEW_SECONDS inline. A review costs ~80 µs here
-# (two balancer decisions and the measured path; a hand-off when the balancer explores):
-# 4% of 64 1 MiB AES-GCM requests (1 MiB map x2 ran at 0.93x synchronous calls with
-# it, 0.98x without), far more of 64 small ones.
+# The allowance a review grants: at least REVIEW_EVERY requests, and as many as take
+# REVIEW_SECONDS inline. A review (two balancer decisions and the measured path; a
+# hand-off when the balancer explores) costs far more than a small request: granted for
+# fewer, it was a measurable share of map's time even on 1 MiB AES-GCM
+# (benchmarks/README.md, map_batch).
 REVIEW_EVERY = 64
 REVIEW_SECONDS = 0.05
 
+RequestKind = tuple[type, str, int]
 
-def verdict_kind(request: Request) -> tuple[type, str, int]:
-    """What a cached inline verdict is kept per: request type, algorithm and size class
-    (a power of two)."""
+
+def request_kind(request: Request) -> RequestKind:
+    """What an inline allowance is kept per: request type, algorithm and size class (a
+    power of two)."""
     return type(request), request.algorithm.name, request.nbytes.bit_length()
 
 
@@ -42,12 +49,13 @@ class Router:
     def __init__(self, engines: dict[str, Engine], scheduler: Scheduler,
                  fast_path_limit: int) -> None:
         self.engines = engines
-        self.inline = engines.get(INLINE)
+        self.inline = scheduler.inline  # the engine whose traits say caller_thread
         self.scheduler = scheduler
         self.fast_path_limit = fast_path_limit
-        self._verdicts: dict[tuple[type, str, int], int] = {}
+        # per kind of request: how many more may run inline before a review
+        self.allowances: dict[RequestKind, int] = {}
 
-    def candidates(self, request: Request, bound: str | None) -> list[Engine]:
+    def candidates(self, request: Work, bound: str | None) -> list[Engine]:
         if bound is not None:
             engine = self.engines[bound]
             if not engine.can_serve(request):
@@ -58,15 +66,15 @@ class Router:
             raise NotSupported(f"no engine of this plane can serve {request!r}")
         return found
 
-    def small(self, request: Request) -> bool:
-        """Work cheaper to do now than to hand over: small symmetric requests (a hand-off
-        costs ~20 µs; AES-GCM does 64 KiB in ~7 µs here), and asymmetric operations
-        measured to be that quick."""
+    def small(self, request: Work) -> bool:
+        """Work cheaper to do now than to hand over: small symmetric requests (up to the
+        fast-path limit, a thread hand-off costs more than the cipher), and asymmetric
+        operations measured to be that quick."""
         if request.algorithm.kind not in (Kind.AKCIPHER, Kind.KPP):
             return request.nbytes <= self.fast_path_limit
         return self.scheduler.cheap_inline(request)  # e.g. ECDSA signing, RSA verifying
 
-    def execute(self, request: Request) -> Any:
+    def execute(self, request: Work) -> Any:
         """Run in this thread and feed the inline engine's meter (the balancer learns
         what inline costs from here; the sync fast path measures nothing)."""
         assert self.inline is not None
@@ -85,13 +93,13 @@ class Router:
                          client: str) -> list[tuple[bool, Any]]:
         """``run_inline`` for requests of one kind, measured as one: per request only
         the call, its latency and its tally; one CPU-time reading for the meter, which
-        learns each one's share. For quick GIL-free work (ECDSA signing, RSA verifying:
-        ~25 µs) the per-request measured path cost ~8 µs (auto ran them at 0.69x
-        synchronous calls)."""
+        learns each one's share. For quick GIL-free work (ECDSA signing, RSA verifying)
+        the per-request measured path was a large share of each request's cost
+        (benchmarks/README.md, map_batch)."""
         assert self.inline is not None and requests
         first = requests[0]
         alg, op = first.algorithm.name, first.op.value
-        stats = self.scheduler.registry.get(INLINE, alg, op, client)
+        stats = self.scheduler.registry.get(self.inline.name, alg, op, client)
         kernel, clock, latency = first.kernel(), time.perf_counter, stats.latency
         out: list[tuple[bool, Any]] = []
         work = time.thread_time()
@@ -104,17 +112,18 @@ class Router:
                 out.append((False, e))
                 continue
             latency.record(clock() - t0)
-            stats.requests += 1
-            stats.bytes += r.nbytes
+            stats.add(1, r.nbytes)
             out.append((True, value))
         work = (time.thread_time() - work) / len(requests)
         self.inline.meter.record(alg, op, first.nbytes, work, work)
         return out
 
-    def run_inline(self, request: Request, client: str) -> Any:
+    def run_inline(self, request: Work, client: str) -> Any:
         """Run in this thread, counted like any engine's work."""
+        assert self.inline is not None
         registry = self.scheduler.registry
-        stats = registry.get(INLINE, request.algorithm.name, request.op.value, client)
+        stats = registry.get(self.inline.name, request.algorithm.name, request.op.value,
+                             client)
         t0 = time.perf_counter()
         try:
             out = self.execute(request)
@@ -124,12 +133,12 @@ class Router:
         count_done(stats, request, time.perf_counter() - t0)
         return out
 
-    def submit(self, request: Request, session: Session | None, *, priority: str | None,
+    def submit(self, request: Work, session: Session | None, *, priority: str | None,
                client: str | None, timeout: float | None, block: bool, lend: bool,
                session_limit: str | None) -> Future[Any]:
         """``lend``: the caller will wait for this result anyway, so running big work in
         its thread costs it nothing (``run``); otherwise only small work runs here."""
-        if not isinstance(request, Request):
+        if not isinstance(request, (Request, LaneJob)):
             raise InvalidRequest(f"expected a request, not {type(request).__name__}")
         if self.scheduler.closed:
             raise InvalidRequest("this plane is closed")
@@ -159,28 +168,29 @@ class Router:
                                not_before=self.scheduler.now() + wait if wait else 0.0)
         return fut
 
-    def take_verdict(self, request: Request, count: int) -> bool:
-        """Whether ``count`` requests of ``request``'s kind (``verdict_kind``) may run
-        inline on the balancer's cached verdict, which then has that many fewer left.
-        Only GIL-holding work ever gets a verdict. Never renews one: a kind without
-        enough left is asked one request at a time, and renewed there."""
-        k = verdict_kind(request)
-        left = self._verdicts.get(k, 0)
+    def take_allowance(self, request: Request, count: int) -> bool:
+        """Whether ``count`` requests of ``request``'s kind (``request_kind``) may run
+        inline on its allowance, which then has that many fewer left. Only GIL-holding
+        work is ever granted one. Never reviews: a kind without enough left is decided
+        one request at a time (``inline_on_allowance``), and reviewed there."""
+        k = request_kind(request)
+        left = self.allowances.get(k, 0)
         if left < count:
             return False
-        self._verdicts[k] = left - count
+        self.allowances[k] = left - count
         return True
 
-    def inline_verdict(self, request: Request) -> bool:
+    def inline_on_allowance(self, request: Request) -> bool:
         """Whether ``request`` (GIL-holding, on a session the fast path serves) may run
-        inline without asking the balancer: the balancer's last answer for its kind,
-        kept for ``REVIEW_EVERY`` requests or ``REVIEW_SECONDS`` of inline work, whichever
-        is more. A request that finds no verdict gets False, takes the measured path
-        (so inline's estimates stay fresh), and renews it."""
-        k = verdict_kind(request)
-        left = self._verdicts.get(k, 0)
+        inline without asking the balancer: its kind's allowance is not used up. One
+        that finds it used up gets False, takes the measured path (so inline's estimates
+        stay fresh), and this review grants the kind a new allowance, of
+        ``REVIEW_EVERY`` requests or ``REVIEW_SECONDS`` of inline work, whichever is
+        more, if the balancer now picks inline, or none."""
+        k = request_kind(request)
+        left = self.allowances.get(k, 0)
         if left > 0:
-            self._verdicts[k] = left - 1
+            self.allowances[k] = left - 1
             return True
         engines = self.candidates(request, None)
         budget = REVIEW_EVERY
@@ -192,14 +202,14 @@ class Router:
             views = self.scheduler.views(request, engines)
             # an engine not measured yet for this kind must get its turn first
             wins = all(v.estimate is not None for v in views) and self.scheduler.policy.choose(
-                request.nbytes, views, explore=False).name == INLINE
-            here = next((v.estimate for v in views if v.name == INLINE), None)
-            if here is not None and here.latency > 0:
-                budget = max(budget, min(1 << 16, round(REVIEW_SECONDS / here.latency)))
-        self._verdicts[k] = budget if wins else 0
+                request.nbytes, views, explore=False).caller_thread
+            inline = next((v.estimate for v in views if v.caller_thread), None)
+            if inline is not None and inline.latency > 0:
+                budget = max(budget, min(1 << 16, round(REVIEW_SECONDS / inline.latency)))
+        self.allowances[k] = budget if wins else 0
         return False
 
-    def _inline_wins(self, request: Request, engines: Sequence[Engine]) -> bool:
+    def _inline_wins(self, request: Work, engines: Sequence[Engine]) -> bool:
         return self.scheduler.choose(request, engines) is self.inline
 
     def help_while_waiting(self, futures: Sequence[Future[Any]]) -> None:
@@ -212,7 +222,7 @@ class Router:
         self.scheduler.helping(+1)
         try:
             while pending:
-                ticket = self.scheduler.steal(INLINE)
+                ticket = self.scheduler.steal(self.inline.name)
                 if ticket is None:
                     # nothing for this thread now: sleep until work is queued (or a
                     # moment passes), then see which of ours are done

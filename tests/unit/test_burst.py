@@ -3,6 +3,7 @@ per-request errors, statistics and capability routing must be as without them.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -10,12 +11,11 @@ import time
 import pytest
 
 import cryptoplane as cp
-from cryptoplane import batch
 from cryptoplane import requests as rq
-from cryptoplane.burst import Lane, Run, group
 from cryptoplane.engines.threads import ThreadsEngine
-from cryptoplane.scheduler import core
+from cryptoplane.scheduler import batch, core
 from cryptoplane.scheduler import router as router_module
+from cryptoplane.scheduler.lanes import Lane, Run, group
 
 
 def spy(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[object]:
@@ -237,8 +237,8 @@ def test_the_caller_runs_a_lane_only_when_the_threads_leave_it_a_core(
         reqs = [rq.Sign(key, bytes([i])) for i in range(12)]
         plane.map(reqs[:4])  # measured: RSA signing is no quick work to keep here
         free = eng.workers < cores
-        assert batch.lanes(plane) == min(eng.workers, cores) + (1 if free else 0)
-        ran_here = spy(monkeypatch, plane._router, "run_inline")
+        assert batch.lane_count(plane) == min(eng.workers, cores) + (1 if free else 0)
+        ran_here = spy(monkeypatch, plane.router, "run_inline")
         assert batch.caller_runs_a_lane(plane, Run(reqs)) == free
         sigs = plane.map(reqs)
         assert sum(isinstance(r, Lane) for r in ran_here) == (1 if free else 0)
@@ -251,13 +251,13 @@ def test_a_lane_that_cannot_be_queued_loses_no_request(
     """A run's lane whose job fails as a whole (here: refused at submit) leaves its
     share to the other lanes; when every lane fails, every request ends with that
     error, once."""
-    monkeypatch.setattr(batch, "_CORES", 2)  # two lanes, on any machine
+    monkeypatch.setattr(batch, "CORES", 2)  # two lanes, on any machine
     key = cp.Key.generate("rsa-pss-sha256", size=2048)
     with cp.Plane(engines=["inline", ThreadsEngine(workers=2)]) as plane:
         plane.session(key)
         plane.map([rq.Sign(key, b"x")] * 4)  # measured: RSA signing goes in runs
-        assert batch.lanes(plane) == 2
-        real, refused = plane._submit, []
+        assert batch.lane_count(plane) == 2
+        real, refused = plane.router.submit, []
 
         def refuse_first_lane(r: object, *a: object, **kw: object) -> object:
             if isinstance(r, Lane) and not refused:
@@ -265,7 +265,7 @@ def test_a_lane_that_cannot_be_queued_loses_no_request(
                 raise cp.Busy("full")
             return real(r, *a, **kw)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(plane, "_submit", refuse_first_lane)
+        monkeypatch.setattr(plane.router, "submit", refuse_first_lane)
         msgs = [bytes([i]) for i in range(10)]
         sigs = plane.map([rq.Sign(key, m) for m in msgs])
         assert refused
@@ -275,19 +275,20 @@ def test_a_lane_that_cannot_be_queued_loses_no_request(
         def refuse(r: object, *a: object, **kw: object) -> object:
             raise cp.Busy("full")
 
-        monkeypatch.setattr(plane, "_submit", refuse)
+        monkeypatch.setattr(plane.router, "submit", refuse)
         out = plane.map([rq.Sign(key, m) for m in msgs], return_exceptions=True)
         assert len(out) == 10 and all(isinstance(o, cp.Busy) for o in out)
 
 
-def test_burstability_is_asked_once_per_kind_of_request(
+def test_running_in_lanes_is_asked_once_per_kind_of_request(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Planning a batch asks ``burstable`` once per type, key and size, not per request
-    (asked of each, it was most of the planning time), and the batch still runs right."""
+    """Planning a batch asks ``runs_in_lanes`` once per type, key and size, not per
+    request (asked of each, it was most of the planning time), and the batch still runs
+    right."""
     rsa = cp.Key.generate("rsa-pss-sha256", size=2048)
     other = cp.Key.generate("rsa-pss-sha256", size=2048)
     asked: list[tuple[object, int]] = []
-    real = batch.burstable
+    real = batch.runs_in_lanes
 
     def counting(plane: cp.Plane, r: rq.Request) -> bool:
         asked.append((r.key, r.nbytes))
@@ -295,7 +296,7 @@ def test_burstability_is_asked_once_per_kind_of_request(
 
     with cp.Plane(engines=["inline", "threads"]) as plane:
         plane.map([rq.Sign(rsa, b"x")] * 4)  # measured: RSA signing goes in bursts
-        monkeypatch.setattr(batch, "burstable", counting)
+        monkeypatch.setattr(batch, "runs_in_lanes", counting)
         reqs = ([rq.Sign(rsa, b"a")] * 10 + [rq.Sign(rsa, b"bb")] * 5
                 + [rq.Sign(other, b"a")] * 5 + [rq.Sign(rsa, b"c")] * 6)
         sigs = plane.map(reqs)
@@ -309,17 +310,15 @@ def test_burstability_is_asked_once_per_kind_of_request(
 def test_lanes_never_reach_an_engine_that_cannot_take_them() -> None:
     key = cp.Key.generate("ecdsa-p256-sha256")
     with cp.Plane(engines=["inline", "threads"]) as plane:
-        burst = Run([rq.Sign(key, b"a"), rq.Sign(key, b"b")]).lanes(1)[0]
-        assert plane.engines["threads"].can_serve(burst)
-        plane.engines["threads"].takes_bursts = False
-        try:
-            assert not plane.engines["threads"].can_serve(burst)
-            assert plane.engines["threads"].can_serve(rq.Sign(key, b"a"))
-        finally:
-            plane.engines["threads"].takes_bursts = True
+        lane = Run([rq.Sign(key, b"a"), rq.Sign(key, b"b")]).lanes(1)[0]
+        threads = plane.engines["threads"]
+        assert threads.can_serve(lane)
+        threads.traits = dataclasses.replace(threads.traits, takes_lanes=False)
+        assert not threads.can_serve(lane)
+        assert threads.can_serve(rq.Sign(key, b"a"))
 
 
-def test_map_runs_gil_holding_work_here_on_the_balancers_verdict() -> None:
+def test_map_runs_gil_holding_work_here_on_an_inline_allowance() -> None:
     """After the balancer has measured both engines and keeps AES-GCM inline, map runs
     it here without tickets; results, per-request errors and counts stay exact."""
     key = cp.Key.generate("aes-256-gcm")
@@ -327,7 +326,7 @@ def test_map_runs_gil_holding_work_here_on_the_balancers_verdict() -> None:
     nonces = [i.to_bytes(12, "big") for i in range(300)]
     with cp.Plane(engines=["inline", "threads"]) as plane:
         cts = plane.map([rq.Encrypt(key, data, nonce=n) for n in nonces])
-        assert plane._router._verdicts, "no verdict was cached: the lane is not exercised"
+        assert plane.router.allowances, "no allowance granted: the lane is not exercised"
         for n, ct in zip(nonces, cts, strict=True):
             assert plane.decrypt(key, ct, nonce=n) == data
         bad = [ct if i != 250 else ct[:-1] + bytes([ct[-1] ^ 1]) for i, ct in enumerate(cts)]
@@ -343,31 +342,31 @@ def test_map_runs_gil_holding_work_here_on_the_balancers_verdict() -> None:
 
 def test_a_uniform_batch_runs_here_on_one_decision(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small batches of one kind of GIL-holding request (type, key, size class) run
-    here on one verdict for the whole batch, which then has that many fewer left; the
-    verdict is still reviewed on a measured request once it runs out. Per-request
+    here on one decision for the whole batch, whose inline allowance then has that many
+    fewer left; the allowance is still reviewed on a measured request once it runs out. Per-request
     errors and counts stay exact, and a mixed batch is decided request by request."""
     key = cp.Key.generate("aes-256-gcm")
     data = os.urandom(100_000)  # above the fast-path limit: the balancer decides
     nonces = [i.to_bytes(12, "big") for i in range(4)]
     with cp.Plane(engines=["inline", "threads"]) as plane:
-        router = plane._router
+        router = plane.router
         plane.map([rq.Encrypt(key, data, nonce=n) for n in nonces * 5])  # its session
-        # the balancer's verdict, given here: whether it keeps this work inline depends
-        # on this machine's figures of the moment (tested elsewhere), what a batch does
-        # with a verdict does not
-        k = router_module.verdict_kind(rq.Encrypt(key, data, nonce=nonces[0]))
-        router._verdicts[k] = left = 100
+        # the allowance, granted here: whether the balancer grants one depends on this
+        # machine's figures of the moment (tested elsewhere), what a batch does with
+        # one does not
+        k = router_module.request_kind(rq.Encrypt(key, data, nonce=nonces[0]))
+        router.allowances[k] = left = 100
         asked: list[bool] = []
-        real = router.inline_verdict
+        real = router.inline_on_allowance
 
         def one_by_one(r: rq.Request) -> bool:
             asked.append(real(r))
             return asked[-1]
 
-        monkeypatch.setattr(router, "inline_verdict", one_by_one)
+        monkeypatch.setattr(router, "inline_on_allowance", one_by_one)
         encrypted = plane.stats()["algorithms"]["aes-256-gcm"]["encrypt"]["requests"]
         cts = plane.map([rq.Encrypt(key, data, nonce=n) for n in nonces])
-        assert router._verdicts[k] == left - 4 and not asked  # one decision, four runs
+        assert router.allowances[k] == left - 4 and not asked  # one decision, four runs
         assert [plane.decrypt(key, ct, nonce=n) for n, ct in zip(nonces, cts,
                                                                  strict=True)] == [data] * 4
         bad = [cts[0], cts[1][:-1] + bytes([cts[1][-1] ^ 1]), cts[2], cts[3]]
@@ -382,10 +381,10 @@ def test_a_uniform_batch_runs_here_on_one_decision(monkeypatch: pytest.MonkeyPat
         assert [len(c) for c in plane.map(mixed)] == [100_016, 66]
         assert asked, "a mixed batch is decided per request"
         asked.clear()
-        router._verdicts[k] = 3  # what is left of it: less than a batch
+        router.allowances[k] = 3  # what is left of it: less than a batch
         for _ in range(2):
             plane.map([rq.Encrypt(key, data, nonce=n) for n in nonces])
-        assert False in asked, "the verdict ran out and was not reviewed"
+        assert False in asked, "the allowance ran out and was not reviewed"
         st = plane.stats()["algorithms"]["aes-256-gcm"]
         assert st["encrypt"]["requests"] == encrypted + 4 + 2 + 8
         assert st["decrypt"]["requests"] == 4 + 6 and st["decrypt"]["errors"] == {
@@ -400,17 +399,18 @@ def test_a_uniform_batch_with_cbc_padding_runs_through_the_kernel() -> None:
     ivs = [i.to_bytes(16, "big") for i in range(4)]
     with cp.Plane(engines=["inline", "threads"]) as plane:
         plane.map([rq.Encrypt(key, data, nonce=iv, padding=True) for iv in ivs * 5])
-        kind = router_module.verdict_kind(rq.Encrypt(key, data, nonce=ivs[0], padding=True))
-        plane._router._verdicts[kind] = 100  # the balancer's verdict, given here
+        kind = router_module.request_kind(rq.Encrypt(key, data, nonce=ivs[0], padding=True))
+        plane.router.allowances[kind] = 100  # an inline allowance, granted here
         cts = plane.map([rq.Encrypt(key, data, nonce=iv, padding=True) for iv in ivs])
-        assert plane._router._verdicts[kind] == 96  # the uniform lane ran them
+        assert plane.router.allowances[kind] == 96  # the uniform lane ran them
         for iv, ct in zip(ivs, cts, strict=True):
             assert plane.decrypt(key, ct, nonce=iv, padding=True) == data
 
 
-def test_a_verdict_lasts_review_seconds_of_inline_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A verdict is renewed for REVIEW_SECONDS of inline work (at least REVIEW_EVERY
-    requests): a review costs ~80 µs, more than 64 quick requests' work."""
+def test_an_allowance_lasts_review_seconds_of_inline_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review grants an allowance of REVIEW_SECONDS of inline work (at least
+    REVIEW_EVERY requests): a review costs more than many quick requests' work."""
     key = cp.Key.generate("aes-256-gcm")
     data = os.urandom(100_000)
     with cp.Plane(engines=["inline", "threads"]) as plane:
@@ -418,15 +418,15 @@ def test_a_verdict_lasts_review_seconds_of_inline_work(monkeypatch: pytest.Monke
         probe = rq.Encrypt(key, data, nonce=bytes(12))
         inline = plane.engines["inline"].meter.estimate("aes-256-gcm", "encrypt", len(data))
         assert inline is not None and inline.latency > 0
-        monkeypatch.setattr(plane._scheduler.policy, "choose",
+        monkeypatch.setattr(plane.router.scheduler.policy, "choose",
                             lambda nbytes, views, explore=True: views[0])  # inline wins
-        router = plane._router
-        k = router_module.verdict_kind(probe)
-        router._verdicts[k] = 0
-        assert router.inline_verdict(probe) is False  # this one takes the measured path
+        router = plane.router
+        k = router_module.request_kind(probe)
+        router.allowances[k] = 0
+        assert router.inline_on_allowance(probe) is False  # this one takes the measured path
         expected = round(router_module.REVIEW_SECONDS / inline.latency)
-        assert router._verdicts[k] == max(router_module.REVIEW_EVERY, min(1 << 16, expected))
-        assert router._verdicts[k] > router_module.REVIEW_EVERY  # ~30 µs requests here
+        assert router.allowances[k] == max(router_module.REVIEW_EVERY, min(1 << 16, expected))
+        assert router.allowances[k] > router_module.REVIEW_EVERY  # ~30 µs requests here
 
 
 def verifications(plane: cp.Plane, key: cp.Key, n: int, size: int) -> list[rq.Verify]:
@@ -453,7 +453,7 @@ def test_a_uniform_batch_of_quick_gil_free_work_is_measured_as_one(
         before = meter.estimate("rsa-pss-sha256", "verify", 20)
         assert before is not None, "not measured yet"
         samples = before.samples
-        ran_as_one = spy(monkeypatch, plane._router, "run_inline_batch")
+        ran_as_one = spy(monkeypatch, plane.router, "run_inline_batch")
         out = plane.map(checks, return_exceptions=True)
         assert [len(b) for b in ran_as_one] == [12]  # type: ignore[arg-type]
         assert [isinstance(o, cp.InvalidSignature) for o in out] == [i % 5 == 0 for i in range(12)]
@@ -476,7 +476,7 @@ def test_requests_that_fail_in_a_lane_count_as_errors(monkeypatch: pytest.Monkey
     with cp.Plane(engines=["inline", "threads"]) as plane:
         checks = verifications(plane, key, 20, 10)
         plane.map(checks[1:5])  # four that verify: measured, and not quick
-        submitted = spy(monkeypatch, plane, "_submit")
+        submitted = spy(monkeypatch, plane.router, "submit")
         before = plane.stats()
         out = plane.map(checks, return_exceptions=True)
         assert any(isinstance(r, Lane) for r in submitted), "the batch went to no lane"

@@ -13,7 +13,7 @@ from cryptoplane.scheduler.policy import (
 def view(name: str, latency: float | None, caller: float = 0.0, backlog: int = 0,
          parallelism: int = 1, priority: int = 0) -> EngineView:
     est = None if latency is None else Estimate(latency, caller)
-    return EngineView(name, priority, parallelism, backlog, est)
+    return EngineView(name, priority, parallelism, backlog, est, name == "inline")
 
 
 def test_unmeasured_engines_are_tried_first() -> None:
