@@ -2,9 +2,10 @@
 
 Synchronous calls (``plane.encrypt``...) that the inline engine can serve run at once in
 the caller: one identity check for the session, the library call, one counter update
-(in C for AEAD: ~55 ns over the bare library call here).
-No request object, no future, no lock, no queue. Everything else (``submit``, ``arun``,
-``map``, sessions bound to another engine) goes through the scheduler to an engine.
+(in C for AEAD: what it adds to the bare library call is measured by
+benchmarks/fastpath.py). No request object, no future, no lock, no queue. Everything
+else (``submit``, ``arun``, ``map``, sessions bound to another engine) goes through the
+scheduler to an engine.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .session import (
 from .stats import OpStats, Registry, aggregate
 
 # Requests up to this many bytes run inline even through submit()/arun(): handing them
-# to a thread costs more (~15 µs) than AES-GCM on 64 KiB (~5 µs here).
+# to a thread costs more than AES-GCM on 64 KiB (benchmarks/README.md, plane_speed).
 DEFAULT_FAST_PATH_LIMIT = 64 * 1024
 DEFAULT_ENGINES = ("inline", "threads")
 
@@ -146,8 +147,9 @@ class Plane:
 
     # -- the fast path: synchronous calls -----------------------------------------------
     # Written out by hand, not generated: the common case must be a straight line of
-    # one identity test, the library call and one addition. Measured here: a bare Python
-    # wrapper costs ~80 ns over a 0.5 us AEAD call; every extra attribute ~10-15 ns.
+    # one identity test, the library call and one addition: on a small AEAD call even a
+    # bare Python wrapper is a visible share, and so is every extra attribute read
+    # (benchmarks/README.md, profile_fast_path).
 
     def encrypt(self, key: Key, data: Buffer, nonce: bytes | None = None,
                 aad: bytes | None = None, padding: bool = False) -> bytes:
@@ -184,8 +186,8 @@ class Plane:
                           padding=padding)
 
     # The same two methods in C (_native/fastpath.c), when it is built and not disabled:
-    # the interpreter's call and bytecode are most of the fast path's cost (~230 ns over
-    # a ~0.45 us AEAD call; ~55 ns in C). The C code hands every call it does not serve
+    # the interpreter's call and bytecode are most of the fast path's cost (figures:
+    # benchmarks/README.md, fastpath). The C code hands every call it does not serve
     # itself (other sessions, padding, argument errors) to these Python methods, which
     # stay the specification. inspect.signature() finds theirs through __wrapped__.
     _UNBOUND = UNBOUND

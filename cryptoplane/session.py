@@ -31,7 +31,7 @@ PRIORITIES = ("high", "normal", "bulk")
 # The fast path's ops and their indexes in a session's Tally (``s.tally.add(OP_SIGN,
 # len(data))``). Counting costs the fast path one call and no allocation in C: with the
 # native module the Tally is uint64 fields that the C encrypt/decrypt add to in place
-# (a Python int per call was ~35 ns of its ~100); without it, a pure-Python Tally with
+# (a Python int per call was a third of the fast path's cost); without it, a pure-Python Tally with
 # the same interface and numbers (see cryptoplane._native).
 FAST_OPS = TALLY_OPS
 (OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY, OP_MAC, OP_ENCRYPT_SECTORS,
@@ -81,7 +81,8 @@ class Session:
         # ``key.session_hint.fast_plane is self``
         self.fast_plane: object | None = plane if fast else None
         # (nonce, data, aad) callables: AEAD calls are the cheapest requests there are
-        # (~0.5 us), so for them the fast path calls the library's bound methods directly
+        # (well under a microsecond on small messages), so for them the fast path calls
+        # the library's bound methods directly
         kernel = self.kernel
         raw = getattr(kernel, "raw", None)
         self.enc: Any

@@ -19,15 +19,16 @@ Environment:
 
 ``fast_aead(op, method)`` is ``Plane.encrypt``/``decrypt`` (``method``, the pure-Python
 method) as a C method descriptor from ``_fastpath``: the same fast path without the
-interpreter's ~200 ns around a ~0.4 us AEAD call; anything off the fast path is handed
+interpreter's call around the AEAD call, most of the fast path's cost on small messages
+(benchmarks/README.md, fastpath); anything off the fast path is handed
 to ``method`` unchanged.  It is ``method`` itself where ``_fastpath`` is not available
 or ``CRYPTOPLANE_NO_NATIVE`` is set (``FAST_PATH``/``FAST_PATH_REASON`` say which).
 
 ``Tally`` is a session's fast-path counters: requests and bytes per op of ``TALLY_OPS``,
 ``add(op_index, nbytes)`` and ``snapshot() -> [(op, requests, bytes)]``. With the native
 fast path it is ``_fastpath.Tally`` (uint64 fields the trampoline adds to in place, with
-no Python int allocated per call: ~35 ns of its ~100); otherwise ``PythonTally``, the
-same interface and the same numbers.
+no Python int allocated per call, which was a third of the fast path's cost); otherwise
+``PythonTally``, the same interface and the same numbers.
 
 To get the native kernel, install the OpenSSL headers and a C compiler
 (``apt-get install build-essential libssl-dev``) and reinstall cryptoplane.
@@ -158,7 +159,7 @@ class PythonTally:
 
 class LockedTally(PythonTally):
     """``PythonTally`` for a free-threaded build, where ``+=`` on a list item can lose
-    counts: a lock around it (~40 ns more). (Importing the C module re-enables the GIL
+    counts: a lock around it. (Importing the C module re-enables the GIL
     there: it does not declare that it can run without one.)"""
 
     __slots__ = ("_lock",)

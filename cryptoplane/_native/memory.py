@@ -3,9 +3,10 @@
 A plane returns many large results (1 MiB ciphertexts, sector runs). glibc serves
 allocations above its mmap threshold (128 KiB, rising as it sees frees) with fresh mmap
 calls, and every fresh mapping is page-faulted in page by page as the cipher writes it:
-measured here, a 1 MiB AES-GCM result made in a worker thread cost ~600 µs instead of
-~110 µs. Raising the mmap threshold (and the trim threshold, so freed memory is kept for
-the next result) makes such buffers come from reused heap memory. The price is memory
+a 1 MiB AES-GCM result made in a worker thread cost several times the cipher's own work
+(benchmarks/README.md, plane_speed). Raising the mmap threshold (and the trim threshold,
+so freed memory is kept for the next result) makes such buffers come from reused heap
+memory. The price is memory
 held after a burst, bounded by the trim threshold. ``CRYPTOPLANE_NO_MALLOPT=1`` skips it.
 """
 

@@ -113,10 +113,11 @@ class Capability:
 
 
 def releases_gil_op(alg: Algorithm, op: Op) -> bool:
-    """Whether the work runs with the GIL released (measured with two threads here:
-    RSA and ECDSA ~1.9x, the native sector kernel; AEAD, hashes, Ed25519 and X25519 in
-    ``cryptography`` 48 hold it and gain nothing). Asked per request on map's paths,
-    so kept per algorithm and op (the rule's enum and property lookups cost ~0.4 µs)."""
+    """Whether the work runs with the GIL released (measured with two threads: RSA and
+    ECDSA, the native sector kernel; AEAD, hashes, Ed25519 and X25519 in
+    ``cryptography`` 48 hold it and gain nothing: benchmarks/README.md, scaling). Asked
+    per request on map's paths, so kept per algorithm and op (the rule's enum and
+    property lookups were a visible share of a small batch's planning)."""
     k = (alg.name, op)
     free = _GIL_FREE.get(k)
     if free is None:

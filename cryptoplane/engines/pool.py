@@ -53,8 +53,8 @@ STOP_GRACE = 2.0  # seconds a worker gets to exit on STOP before terminate, then
 
 def _context() -> BaseContext:
     """forkserver: safe when the parent has threads (plain fork is not), and each worker
-    forks from a server that has already imported cryptography and cryptoplane: ~11 ms a
-    worker here, against ~40 ms+ with spawn (a fresh interpreter importing everything)."""
+    forks from a server that has already imported cryptography and cryptoplane, far
+    quicker than spawn's fresh interpreter (benchmarks/README.md, plane_speed)."""
     try:
         ctx = multiprocessing.get_context("forkserver")
     except ValueError:  # a platform without forkserver

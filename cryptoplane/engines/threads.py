@@ -7,8 +7,8 @@ here), but its meter charges their whole run to the caller, so the balancer keep
 where they are cheapest.
 
 Its workers take work from the scheduler's queues themselves (``attach``): no dispatcher
-hop and no executor queue in between, which on this machine is the difference between
-~1.3x and ~1.9x on two cores (each thread hand-off costs ~20-25 µs of CPU here).
+hop and no executor queue in between, each of which costs a thread hand-off's CPU time,
+much of what a second core gives RSA signing (benchmarks/README.md, scaling).
 Before it is attached (self-tests) or when used alone, ``submit`` feeds the same workers.
 """
 
@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 
 from .base import Engine, Job, Traits, record, releases_gil, run_measured
 
-# The caller's share of a hand-off to a thread (enqueue, wake-up, completion), measured
-# here at ~20-25 µs of CPU; what the balancer weighs against doing the work inline.
+# The caller's share of a hand-off to a thread (enqueue, wake-up, completion), as
+# measured (benchmarks/README.md, scaling); what the balancer weighs against doing the
+# work inline.
 HANDOFF_SECONDS = 25e-6
 POLL_SECONDS = 0.1  # a worker re-checks for closing at least this often
 

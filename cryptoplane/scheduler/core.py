@@ -32,9 +32,9 @@ from ..engines.base import (
     run_measured,
 )
 from ..exceptions import Busy, EngineFailed, NotSupported, Timeout
-from ..stats import OpStats, Registry
+from ..stats import Registry
 from .bucket import Clock, Limit
-from .lanes import Lane
+from .lanes import count_done
 from .policy import EngineView, LeastCompletion, Policy
 from .queues import PriorityQueues
 
@@ -93,7 +93,8 @@ class Scheduler:
         self._clock = clock
         self._queues: PriorityQueues[Ticket] = PriorityQueues()
         # one lock, and a condition per kind of waiter, so a completion wakes only who
-        # can use it (each needless wake-up costs ~5-10 µs of CPU on this machine)
+        # can use it (each needless wake-up costs a thread switch's CPU time, and a turn
+        # of the GIL)
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)  # the dispatcher
         self._pull_cv = threading.Condition(self._lock)  # pulling engines' workers
@@ -349,7 +350,7 @@ class Scheduler:
 
     def cheap_inline(self, request: Work) -> bool:
         """Measured to take less inline than a few thread hand-offs (ECDSA signing,
-        RSA verification: ~25 µs here): not worth sending anywhere. Never measured
+        RSA verification): not worth sending anywhere. Never measured
         counts as cheap: the first one runs inline, and that measures it.
 
         Any in-process engine's figure counts, as they all run the same kernel: with
@@ -571,31 +572,6 @@ class Scheduler:
         for t in leftovers:
             self._fail(t, EngineFailed("the plane closed before this request ran"))
         self._thread.join(timeout)
-
-
-def count_done(stats: OpStats, work: Work, latency: float) -> tuple[int, int]:
-    """Count a completed job in ``stats``: its requests done and their bytes, the
-    errors of those that failed on their own (a lane's), and a latency sample per
-    request (``latency``: the job's, from submission to completion; a lane's requests
-    each waited as long as it did before it started, then until they ended). Returns
-    (done, failed)."""
-    if not isinstance(work, Lane):
-        stats.latency.record(latency)
-        stats.add(1, work.nbytes)
-        return 1, 0
-    elapsed = work.elapsed
-    if elapsed:
-        waited = latency - elapsed[-1]
-        for ended in elapsed:
-            stats.latency.record(waited + ended)
-    else:
-        stats.latency.record(latency)
-    failed = work.failed
-    for error, _ in failed:
-        stats.error(error)
-    done = work.count - len(failed)
-    stats.add(done, work.nbytes - sum(n for _, n in failed))
-    return done, len(failed)
 
 
 def _settle(future: Future[Any], result: Any, error: BaseException | None) -> None:

@@ -30,9 +30,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..algorithms import Algorithm, Op
-from ..engines.base import LaneJob
+from ..engines.base import LaneJob, Work
 from ..kernels.base import Kernel
 from ..requests import Request
+from ..stats import OpStats
 
 Outcome = tuple[bool, Any]  # (True, result) or (False, the request's own error)
 
@@ -181,3 +182,28 @@ def failure(futures: Sequence[Future[Any]]) -> BaseException | None:
         if err is not None:
             return err
     return None
+
+
+def count_done(stats: OpStats, work: Work, latency: float) -> tuple[int, int]:
+    """Count a completed job in ``stats``: its requests done and their bytes, the
+    errors of those that failed on their own (a lane's), and a latency sample per
+    request (``latency``: the job's, from submission to completion; a lane's requests
+    each waited as long as it did before it started, then until they ended). Returns
+    (done, failed)."""
+    if not isinstance(work, Lane):
+        stats.latency.record(latency)
+        stats.add(1, work.nbytes)
+        return 1, 0
+    elapsed = work.elapsed
+    if elapsed:
+        waited = latency - elapsed[-1]
+        for ended in elapsed:
+            stats.latency.record(waited + ended)
+    else:
+        stats.latency.record(latency)
+    failed = work.failed
+    for error, _ in failed:
+        stats.error(error)
+    done = work.count - len(failed)
+    stats.add(done, work.nbytes - sum(n for _, n in failed))
+    return done, len(failed)

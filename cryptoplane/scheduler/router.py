@@ -26,7 +26,8 @@ from ..engines.base import Engine, LaneJob, Work, record, run_measured
 from ..exceptions import CryptoplaneError, InvalidRequest, NotSupported
 from ..requests import Request
 from ..session import Session
-from .core import Scheduler, TicketDone, count_done
+from .core import Scheduler, TicketDone
+from .lanes import count_done
 
 # The allowance a review grants: at least REVIEW_EVERY requests, and as many as take
 # REVIEW_SECONDS inline. A review (two balancer decisions and the measured path; a
