@@ -39,6 +39,8 @@ class Op(enum.StrEnum):
     RANDOM = "random"
     ENCRYPT_SECTORS = "encrypt_sectors"
     DECRYPT_SECTORS = "decrypt_sectors"
+    SEAL_CHUNKS = "seal_chunks"  # a run of STREAM chunks (age's payload)
+    OPEN_CHUNKS = "open_chunks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,8 @@ def _build() -> dict[str, Algorithm]:
         )
     algs.append(
         Algorithm(
-            "chacha20-poly1305", Kind.AEAD, _SYM_ENC, _sizes(32),
+            "chacha20-poly1305", Kind.AEAD,
+            _SYM_ENC | {Op.SEAL_CHUNKS, Op.OPEN_CHUNKS}, _sizes(32),
             nonce_sizes=SizeRange(12, 12), tag_size=16, block_size=1,
         )
     )

@@ -28,6 +28,15 @@ class AuthenticationFailed(CryptoplaneError):
     """An AEAD tag, a MAC or a padding check failed: no plaintext is returned."""
 
 
+class ChunkAuthenticationFailed(AuthenticationFailed):
+    """A STREAM chunk's tag did not verify; ``index`` is its position in the run (the
+    stream tells a cut or a reordering from a change by opening that chunk again)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"chunk {index} of the batch failed authentication")
+        self.index = index
+
+
 class InvalidSignature(CryptoplaneError):
     """A signature did not verify."""
 
@@ -55,6 +64,7 @@ class SelfTestFailed(CryptoplaneError):
 __all__ = [
     "AuthenticationFailed",
     "Busy",
+    "ChunkAuthenticationFailed",
     "CryptoplaneError",
     "EngineFailed",
     "InvalidRequest",

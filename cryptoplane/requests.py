@@ -347,3 +347,43 @@ __all__ = [
     "Decrypt", "DecryptSectors", "Derive", "Digest", "Encrypt", "EncryptSectors", "Mac",
     "Random", "Request", "Sign", "Verify", "VerifyMac", "check_sectors",
 ]
+
+
+class _Chunks(Request):
+    """A run of STREAM chunks (age's payload) on a ChaCha20-Poly1305 key: chunk ``i`` of
+    the run is number ``counter + i``; with ``final`` the run ends the stream (its last
+    chunk carries the flag and may be short). Completes with the bytes written to
+    ``out``; a chunk that fails raises ``ChunkAuthenticationFailed`` naming it."""
+
+    __slots__ = ("counter", "data", "final", "out")
+
+    def __init__(self, key: Key, data: Buffer, out: Any, *, counter: int,
+                 final: bool) -> None:
+        self.key = _need_key(key, self.op)
+        _need_bytes(data, "data")
+        if not isinstance(counter, int) or counter < 0:
+            raise InvalidRequest(f"counter must be a chunk number >= 0, got {counter!r}")
+        self.data, self.out, self.counter, self.final = data, out, counter, bool(final)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+class SealChunks(_Chunks):
+    __slots__ = ()
+    op = Op.SEAL_CHUNKS
+
+    def apply(self, kernel: Kernel) -> int:
+        return kernel.seal_chunks(self.data, self.out, self.counter, self.final)
+
+
+class OpenChunks(_Chunks):
+    __slots__ = ()
+    op = Op.OPEN_CHUNKS
+
+    def apply(self, kernel: Kernel) -> int:
+        return kernel.open_chunks(self.data, self.out, self.counter, self.final)
+
+
+__all__ += ["OpenChunks", "SealChunks"]

@@ -24,18 +24,13 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest
+# the native module raises this very class, looked up here by name
+from cryptoplane.exceptions import ChunkAuthenticationFailed, InvalidRequest
+
+__all__ = ["ChunkAuthenticationFailed", "nonce", "open_chunks", "seal_chunks"]
 
 TAG = 16
 MAX_COUNTER = 1 << 88
-
-
-class ChunkAuthenticationFailed(AuthenticationFailed):
-    """A STREAM chunk's tag did not verify; ``index`` is its position in the call."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__(f"chunk {index} of the batch failed authentication")
-        self.index = index
 
 
 def nonce(counter: int, final: bool) -> bytes:

@@ -121,7 +121,8 @@ def releases_gil_op(alg: Algorithm, op: Op) -> bool:
     k = (alg.name, op)
     free = _GIL_FREE.get(k)
     if free is None:
-        free = _GIL_FREE[k] = (op in (Op.ENCRYPT_SECTORS, Op.DECRYPT_SECTORS) or (
+        free = _GIL_FREE[k] = (op in (Op.ENCRYPT_SECTORS, Op.DECRYPT_SECTORS,
+                                      Op.SEAL_CHUNKS, Op.OPEN_CHUNKS) or (
             alg.kind is Kind.AKCIPHER and alg.name != "ed25519"))
     return free
 

@@ -35,6 +35,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from ..algorithms import Algorithm, Op
 from ..exceptions import EngineFailed
 from ..keys import Key
 from ..requests import Request
@@ -142,6 +143,9 @@ class PoolEngine(Engine):
         self._started = False
         self._closed = False
         self._broken = False  # final: health may be rewritten by start(), this may not
+
+    def ops_for(self, algorithm: Algorithm) -> frozenset[Op]:
+        return algorithm.ops & pw.CARRIED_OPS
 
     # -- lifetime -----------------------------------------------------------------------
 

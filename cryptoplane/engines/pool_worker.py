@@ -41,6 +41,9 @@ REQUEST_TYPES: dict[str, type[rq.Request]] = {
     for cls in (rq.Encrypt, rq.Decrypt, rq.Sign, rq.Verify, rq.Digest, rq.Mac, rq.VerifyMac,
                 rq.Derive, rq.Random, rq.EncryptSectors, rq.DecryptSectors)
 }
+# What the pool declares: a chunk run's output differs in size from its input and
+# belongs in the caller's buffer, which the arena's slots are not built for.
+CARRIED_OPS = frozenset(cls.op for cls in REQUEST_TYPES.values())
 # Carried by the arena or rebuilt in the worker, never sent as values.
 _NOT_SENT = frozenset({"key", "data", "out"})
 SECTOR_TYPES = frozenset({"EncryptSectors", "DecryptSectors"})

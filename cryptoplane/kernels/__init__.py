@@ -1,7 +1,8 @@
 """Kernels: a key prepared for in-process work.
 
 A kernel is what an engine calls: the ``cryptography`` objects (or the native sector
-key) built once per key, with one method per operation. Building it is the key setup
+key, or ChaCha20-Poly1305's raw key for runs of STREAM chunks) built once per key, with
+one method per operation. Building it is the key setup
 the design says must happen once per session, not per request. Every method translates
 the library's exceptions into cryptoplane's typed ones; nothing here queues or counts.
 Kernels are built from data, as ``cryptography``'s primitives are (raw bytes, or a
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..algorithms import Algorithm, Kind
+from ..algorithms import Algorithm, Kind, Op
 from ..exceptions import NotSupported
-from . import asymmetric, digests, symmetric
+from . import asymmetric, chunks, digests, symmetric
 from .base import Buffer, Kernel
 
 
@@ -24,6 +25,8 @@ def prepare(algorithm: Algorithm, material: Any) -> Kernel:
     public key object for asymmetric ones. Checking the material is ``Key``'s work."""
     alg = algorithm
     if alg.kind is Kind.AEAD:
+        if Op.SEAL_CHUNKS in alg.ops:
+            return chunks.ChunkKernel(alg, material)
         return symmetric.AeadKernel(alg, material)
     if alg.kind is Kind.CIPHER:
         return symmetric.CIPHER_KERNELS[alg.mode](alg, material)

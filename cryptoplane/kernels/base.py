@@ -54,3 +54,9 @@ class Kernel:
     def decrypt_sectors(self, data: Buffer, sector: int, sector_size: int,
                         out: Any = None, tweak: int = 0) -> Any:
         raise self._refuse("decrypt_sectors")
+
+    def seal_chunks(self, data: Buffer, out: Any, counter: int, final: bool) -> int:
+        raise self._refuse("seal_chunks")
+
+    def open_chunks(self, data: Buffer, out: Any, counter: int, final: bool) -> int:
+        raise self._refuse("open_chunks")

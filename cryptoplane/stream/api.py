@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from cryptoplane.exceptions import InvalidRequest
+from cryptoplane.plane import Plane
 
 from . import payload as _payload
 from ._io import (
@@ -110,18 +111,21 @@ def _short_nonce() -> HeaderError:
 def encrypt(src: Any, dst: Any, recipients: Iterable[Recipient | str] = (), *,
             passphrase: str | bytes | None = None, armor: bool = False,
             work_factor: int = DEFAULT_WORK_FACTOR, workers: int | None = None,
-            progress: Progress | None = None, overwrite: bool = True) -> int:
+            progress: Progress | None = None, overwrite: bool = True,
+            plane: Plane | None = None) -> int:
     """Encrypt ``src`` (a path or binary file object) to ``dst`` (a path, written
     atomically, or a binary file object) for ``recipients`` (``age1...`` strings or
     recipient objects) or a ``passphrase``; returns the plaintext bytes. An existing
     ``dst`` file is replaced, keeping its permission bits, unless ``overwrite`` is False
-    (then it is a ``FileExistsError``)."""
+    (then it is a ``FileExistsError``). ``plane``: the plane whose engines seal the
+    chunks, and whose limits and statistics cover them (None: the streams' own)."""
     targets = as_recipients(recipients, passphrase, work_factor)
     with opened(src, "rb") as source, opened(dst, "wb", overwrite=overwrite) as sink:
         prefix, key = new_file(targets)
         out: Any = ArmorWriter(sink) if armor else sink
         out.write(prefix)
-        size = _payload.seal_payload(key, source, out, workers=workers, progress=progress)
+        size = _payload.seal_payload(key, source, out, workers=workers, progress=progress,
+                                     plane=plane)
         if armor:
             out.close()
         return size
@@ -175,11 +179,13 @@ def open_reader(source: Any, identities: Sequence[Identity],
 def decrypt(src: Any, dst: Any, identities: Iterable[Identity | str] = (), *,
             passphrase: str | bytes | None = None, armor: bool | None = None,
             max_work_factor: int = MAX_WORK_FACTOR, workers: int | None = None,
-            progress: Progress | None = None, overwrite: bool = True) -> int:
+            progress: Progress | None = None, overwrite: bool = True,
+            plane: Plane | None = None) -> int:
     """Decrypt ``src`` (a path or binary file object; armor detected unless ``armor``
     says) to ``dst``; returns the plaintext bytes. To a path, the file appears only when
     everything authenticated (``overwrite`` as for ``encrypt``); to a file object, only
-    authenticated plaintext is written, and a ``PayloadError`` says where it stopped."""
+    authenticated plaintext is written, and a ``PayloadError`` says where it stopped.
+    ``plane`` as for ``encrypt``."""
     keys = as_identities(identities, passphrase, max_work_factor)
     if not overwrite and is_path(dst):
         refuse_existing(dst)  # before the header's work (scrypt) is spent
@@ -187,7 +193,7 @@ def decrypt(src: Any, dst: Any, identities: Iterable[Identity | str] = (), *,
         reader, key = open_reader(source, keys, armor)
         with opened(dst, "wb", overwrite=overwrite) as sink:
             return _payload.open_payload(key, reader, sink, workers=workers,
-                                         progress=progress)
+                                         progress=progress, plane=plane)
 
 
 class Encryptor:

@@ -6,10 +6,11 @@ chunk carries the flag, may be short, and is empty only when the whole payload i
 
 A reader cannot tell that a full-size chunk is the last one until it sees EOF after it,
 so the openers hold the last full chunk back until they know. Whole batches of chunks go
-to ``cryptoplane._native``'s ``seal_chunks``/``open_chunks`` (one EVP context per batch,
-the GIL released); ``pipeline.Pipeline`` spreads the batches over threads and writes the
-results in order. Openers release only authenticated plaintext: on the first bad chunk
-they write the plaintext of the chunks before it and raise a ``PayloadError``. A chunk
+to the plane as ``SealChunks``/``OpenChunks`` requests (``chunks.py``: one kernel call per
+batch, the GIL released, on the threads engine's workers or in this thread);
+``pipeline.Pipeline`` keeps a few batches in flight and writes the results in order.
+Openers release only authenticated plaintext: on the first bad chunk they write the
+plaintext of the chunks before it and raise a ``PayloadError``. A chunk
 that authenticates, but not in its place (a full chunk at EOF that opens as non-final, a
 final chunk with bytes after it), is released too, as age does and as the age test kit's
 payload hashes require:
@@ -28,11 +29,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
-from cryptoplane import _native
-from cryptoplane._native import ChunkAuthenticationFailed
-from cryptoplane.exceptions import InvalidRequest
+from cryptoplane.exceptions import ChunkAuthenticationFailed, InvalidRequest
+from cryptoplane.plane import Plane
+from cryptoplane.stream.chunks import Runs, parallel
 from cryptoplane.stream.errors import (
     ChunkTampered,
     EmptyFinalChunk,
@@ -40,7 +42,7 @@ from cryptoplane.stream.errors import (
     TrailingData,
     Truncated,
 )
-from cryptoplane.stream.pipeline import Pipeline, Writer
+from cryptoplane.stream.pipeline import Pending, Pipeline, Writer
 
 __all__ = [
     "BATCH_CHUNKS",
@@ -48,6 +50,7 @@ __all__ = [
     "TAG_SIZE",
     "PayloadOpener",
     "PayloadSealer",
+    "chunk_opener",
     "open_chunk",
     "open_payload",
     "seal_payload",
@@ -56,10 +59,11 @@ __all__ = [
 CHUNK_SIZE = 65536
 TAG_SIZE = 16
 SEALED_SIZE = CHUNK_SIZE + TAG_SIZE
-# Chunks per batch (one kernel call, one read, one write): big enough that the per-batch
-# Python costs vanish, small enough that a batch stays in the caches between its read,
-# its crypto and its write.
-BATCH_CHUNKS = 16
+# Chunks per batch (one request on the plane, one read, one write): big enough that the
+# plane's work per request and the per-batch Python costs vanish beside the batch's
+# crypto, small enough that a batch stays in the caches between its read, its crypto and
+# its write.
+BATCH_CHUNKS = 32
 
 
 def _key(payload_key: bytes) -> bytes:
@@ -72,7 +76,7 @@ def _key(payload_key: bytes) -> bytes:
 def _workers(workers: int | None) -> int:
     if workers is not None and workers < 1:
         raise InvalidRequest(f"workers must be at least 1, got {workers}")
-    if _native.CHUNKS_BACKEND != "native":
+    if not parallel():
         return 1  # the Python kernel holds the GIL: threads would only add switching
     if workers is None:
         affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core
@@ -85,15 +89,15 @@ def _tampered(index: int) -> ChunkTampered:
                          "(changed, dropped, reordered or duplicated; or a wrong key)")
 
 
-def _opens(key: bytes, chunk: memoryview, dst: memoryview, index: int, final: bool) -> int:
+def _opens(runs: Runs, chunk: memoryview, dst: memoryview, index: int, final: bool) -> int:
     """Open one chunk into ``dst``: its plaintext's length, or -1 if it does not open."""
     try:
-        return _native.open_chunks(key, chunk, dst, counter=index, final=final)
+        return runs.open_now(chunk, dst, index, final)
     except ChunkAuthenticationFailed:
         return -1
 
 
-def _diagnose(key: bytes, src: memoryview, dst: memoryview, counter: int, final: bool,
+def _diagnose(runs: Runs, src: memoryview, dst: memoryview, counter: int, final: bool,
               bad: int) -> tuple[int, PayloadError]:
     """Chunk ``bad`` of this batch failed: the plaintext to release (the chunks before
     it, opened again as the kernel's ``dst`` is undefined after a failure) and the error.
@@ -105,55 +109,92 @@ def _diagnose(key: bytes, src: memoryview, dst: memoryview, counter: int, final:
     start = bad * SEALED_SIZE
     written = 0
     if bad:
-        written = _native.open_chunks(key, src[:start], dst, counter=counter, final=False)
+        written = runs.open_now(src[:start], dst, counter, False)
     chunk = src[start:start + SEALED_SIZE]
     index = counter + bad
     if final and start + len(chunk) == len(src):
         # the stream's last chunk did not open as final
         if len(chunk) == SEALED_SIZE:
-            got = _opens(key, chunk, dst[written:], index, final=False)
+            got = _opens(runs, chunk, dst[written:], index, final=False)
             if got >= 0:
                 return written + got, Truncated(f"the payload stops after chunk {index}, "
                                                 "which is not its final chunk")
         return written, _tampered(index)
-    got = _opens(key, chunk, dst[written:], index, final=True)
+    got = _opens(runs, chunk, dst[written:], index, final=True)
     if got >= 0:
         return written + got, TrailingData(f"bytes follow the payload's final chunk {index}")
     return written, _tampered(index)
 
 
-def _open_batch(key: bytes, src: memoryview, dst: memoryview, counter: int,
-                final: bool) -> tuple[int, PayloadError | None]:
-    """Open whole chunks (and, when ``final``, the stream's last chunk at the end);
-    returns the plaintext bytes written to ``dst`` and the error to raise after them."""
+class _Done:
+    """A batch whose outcome was known without a kernel call (or after a waited one)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, written: int, error: BaseException | None) -> None:
+        self.value = (written, error)
+
+    def outcome(self) -> tuple[int, BaseException | None]:
+        return self.value
+
+
+class _Sealing:
+    __slots__ = ("future",)
+
+    def __init__(self, future: Future[int]) -> None:
+        self.future = future
+
+    def outcome(self) -> tuple[int, BaseException | None]:
+        return self.future.result(), None
+
+
+class _Opening:
+    """An open under way: a chunk that fails is diagnosed (``_diagnose``) when its
+    outcome is asked for; ``after`` is the error of a batch that opens (its empty final
+    chunk)."""
+
+    __slots__ = ("after", "counter", "dst", "final", "future", "runs", "src")
+
+    def __init__(self, runs: Runs, src: memoryview, dst: memoryview, counter: int,
+                 final: bool, after: PayloadError | None) -> None:
+        self.runs, self.src, self.dst, self.counter, self.final = runs, src, dst, counter, final
+        self.after = after
+        self.future = runs.open(src, dst, counter, final)
+
+    def outcome(self) -> tuple[int, BaseException | None]:
+        try:
+            return self.future.result(), self.after
+        except ChunkAuthenticationFailed as exc:
+            return _diagnose(self.runs, self.src, self.dst, self.counter, self.final,
+                             exc.index)
+
+
+def _open_batch(runs: Runs, src: memoryview, dst: memoryview, counter: int,
+                final: bool) -> Pending:
+    """Start opening whole chunks (and, when ``final``, the stream's last chunk at the
+    end); its outcome is the plaintext bytes written to ``dst`` and the error to raise
+    after them."""
     size = len(src)
+    after: PayloadError | None = None
     if final:
         if size == 0:
-            return 0, Truncated("the payload has no chunk" if counter == 0 else
-                                f"the payload stops after chunk {counter - 1}, "
-                                "which is not its final chunk")
+            return _Done(0, Truncated("the payload has no chunk" if counter == 0 else
+                                      f"the payload stops after chunk {counter - 1}, "
+                                      "which is not its final chunk"))
         count = -(-size // SEALED_SIZE)
         tail = size - (count - 1) * SEALED_SIZE
         if tail < TAG_SIZE:
             written, error = 0, None
             if count > 1:
-                written, error = _open_batch(key, src[:size - tail], dst, counter, False)
-            return written, error or Truncated(
-                f"the payload's last chunk is {tail} bytes, shorter than its tag")
-    try:
-        written = _native.open_chunks(key, src, dst, counter=counter, final=final)
-    except ChunkAuthenticationFailed as exc:
-        return _diagnose(key, src, dst, counter, final, exc.index)
-    if final and tail == TAG_SIZE and counter + count > 1:
-        return written, EmptyFinalChunk(
-            f"the payload's final chunk {counter + count - 1} is empty; only an empty "
-            "payload ends with an empty chunk")
-    return written, None
-
-
-def _seal_batch(key: bytes, src: memoryview, dst: memoryview, counter: int,
-                final: bool) -> tuple[int, None]:
-    return _native.seal_chunks(key, src, dst, counter=counter, final=final), None
+                written, error = _open_batch(runs, src[:size - tail], dst, counter,
+                                             False).outcome()
+            return _Done(written, error or Truncated(
+                f"the payload's last chunk is {tail} bytes, shorter than its tag"))
+        if tail == TAG_SIZE and counter + count > 1:
+            after = EmptyFinalChunk(
+                f"the payload's final chunk {counter + count - 1} is empty; only an empty "
+                "payload ends with an empty chunk")
+    return _Opening(runs, src, dst, counter, final, after)
 
 
 def _progress_of(progress: Callable[[int], None] | None,
@@ -165,48 +206,67 @@ def _progress_of(progress: Callable[[int], None] | None,
     return lambda consumed, produced: progress(produced)
 
 
+def _depth(workers: int) -> int:
+    """Batches in flight: one more than the workers, so that each has its next batch
+    read while the caller writes one out."""
+    return 1 if workers == 1 else workers + 1
+
+
 def seal_payload(payload_key: bytes, src: Any, dst: Writer, *, workers: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> int:
+                 progress: Callable[[int], None] | None = None,
+                 plane: Plane | None = None) -> int:
     """Encrypt everything ``src`` yields until EOF as the STREAM, written to ``dst`` in
     order; returns the plaintext bytes. ``src`` needs ``readinto`` (or ``read``).
     ``workers``: threads (None: every core this process may use; 1: this thread only).
-    ``progress(plaintext_bytes_so_far)`` is called after each batch, from the thread
-    that wrote it. Memory stays a few MiB per worker whatever the length."""
+    ``progress(plaintext_bytes_so_far)`` is called after each batch, from this thread.
+    ``plane``: where the chunks are sealed (None: the streams' shared plane). Memory
+    stays a few MiB per worker whatever the length."""
     key = _key(payload_key)
     batch = BATCH_CHUNKS
+    n = _workers(workers)
+    runs = Runs(key, plane, here=n == 1)
 
-    def job(s: memoryview, d: memoryview, number: int, final: bool) -> tuple[int, None]:
-        return _seal_batch(key, s, d, number * batch, final)
+    def job(s: memoryview, d: memoryview, number: int, final: bool) -> Pending:
+        return _Sealing(runs.seal(s, d, number * batch, final))
 
     run = Pipeline(src, dst, job, in_size=batch * CHUNK_SIZE,
                    out_size=batch * SEALED_SIZE, progress=_progress_of(progress, True))
-    run.run(_workers(workers))
+    run.run(_depth(n))
     return run.consumed
 
 
 def open_payload(payload_key: bytes, src: Any, dst: Writer, *, workers: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> int:
+                 progress: Callable[[int], None] | None = None,
+                 plane: Plane | None = None) -> int:
     """Decrypt the STREAM that ``src`` holds from its first chunk to EOF into ``dst``;
     returns the plaintext bytes. Only authenticated plaintext is written, in order; on a
     bad chunk the plaintext of every chunk before it is written, then the
-    ``PayloadError`` raised. ``workers`` and ``progress`` as for ``seal_payload``."""
+    ``PayloadError`` raised. ``workers``, ``progress`` and ``plane`` as for
+    ``seal_payload``."""
     key = _key(payload_key)
     batch = BATCH_CHUNKS
+    n = _workers(workers)
+    runs = Runs(key, plane, here=n == 1)
 
-    def job(s: memoryview, d: memoryview, number: int,
-            final: bool) -> tuple[int, PayloadError | None]:
-        return _open_batch(key, s, d, number * batch, final)
+    def job(s: memoryview, d: memoryview, number: int, final: bool) -> Pending:
+        return _open_batch(runs, s, d, number * batch, final)
 
     run = Pipeline(src, dst, job, in_size=batch * SEALED_SIZE,
                    out_size=batch * CHUNK_SIZE, progress=_progress_of(progress, False))
-    run.run(_workers(workers))
+    run.run(_depth(n))
     return run.produced
 
 
-def open_chunk(payload_key: bytes, chunk: bytes, index: int, *, final: bool) -> bytes:
+def chunk_opener(payload_key: bytes, plane: Plane | None = None) -> Runs:
+    """What ``open_chunk`` takes to open many chunks of one payload without preparing
+    the key for each (``SeekableReader``)."""
+    return Runs(_key(payload_key), plane, here=True)
+
+
+def open_chunk(payload_key: bytes | Runs, chunk: bytes, index: int, *, final: bool) -> bytes:
     """The plaintext of one sealed chunk, number ``index`` (for readers that seek);
     ``final`` says whether it is the stream's last chunk. Raises ``ChunkTampered``."""
-    key = _key(payload_key)
+    runs = payload_key if isinstance(payload_key, Runs) else chunk_opener(payload_key)
     view = memoryview(chunk).cast("B")
     if final and len(view) < TAG_SIZE:
         raise Truncated(f"chunk {index} is {len(view)} bytes, shorter than its tag")
@@ -217,7 +277,7 @@ def open_chunk(payload_key: bytes, chunk: bytes, index: int, *, final: bool) -> 
         raise InvalidRequest(f"a chunk is at most {SEALED_SIZE} bytes, got {len(view)}")
     out = bytearray(len(view) - TAG_SIZE)
     try:
-        _native.open_chunks(key, view, out, counter=index, final=final)
+        runs.open_now(view, out, index, final)
     except ChunkAuthenticationFailed:
         raise _tampered(index) from None
     if final and index > 0 and not out:
@@ -230,8 +290,8 @@ class PayloadSealer:
     completed so far, ``finish()`` the rest, ending with the final chunk. The bytes are
     those of ``seal_payload`` on the concatenated input."""
 
-    def __init__(self, payload_key: bytes) -> None:
-        self._key = _key(payload_key)
+    def __init__(self, payload_key: bytes, plane: Plane | None = None) -> None:
+        self._runs = Runs(_key(payload_key), plane, here=True)
         self._pending = bytearray()
         self._counter = 0
         self._done = False
@@ -243,8 +303,9 @@ class PayloadSealer:
         count = max(1, -(-size // CHUNK_SIZE))
         out = bytearray(size + TAG_SIZE * count)
         with memoryview(self._pending) as view, view[:size] as part:
-            _native.seal_chunks(self._key, part, out, counter=self._counter, final=final)
-        del self._pending[:size]
+            self._runs.seal_now(part, out, self._counter, final)
+        # a new buffer, not a resize: a request that failed may still hold a view of it
+        self._pending = self._pending[size:]
         self._counter += count
         return bytes(out)
 
@@ -272,12 +333,12 @@ class PayloadOpener:
     ``open_payload``: never a chunk together with its error). After an error every call
     raises it again."""
 
-    def __init__(self, payload_key: bytes) -> None:
-        self._key = _key(payload_key)
+    def __init__(self, payload_key: bytes, plane: Plane | None = None) -> None:
+        self._runs = Runs(_key(payload_key), plane, here=True)
         self._pending = bytearray()
         self._counter = 0
         self._done = False
-        self._error: PayloadError | None = None
+        self._error: BaseException | None = None  # a PayloadError
 
     def __repr__(self) -> str:
         return f"<PayloadOpener chunk {self._counter}{' finished' if self._done else ''}>"
@@ -285,9 +346,10 @@ class PayloadOpener:
     def _open(self, size: int, final: bool) -> bytes:
         out = bytearray(size)
         with memoryview(self._pending) as view, view[:size] as part:
-            written, error = _open_batch(self._key, part, memoryview(out), self._counter,
-                                         final)
-        del self._pending[:size]
+            written, error = _open_batch(self._runs, part, memoryview(out), self._counter,
+                                         final).outcome()
+        # a new buffer, not a resize: the failed request's traceback may hold a view of it
+        self._pending = self._pending[size:]
         self._counter += size // SEALED_SIZE
         if error is not None:
             self._error = error

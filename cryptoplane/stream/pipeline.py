@@ -1,29 +1,37 @@
 """Ordered, bounded, parallel batch processing of one byte stream: read, transform, write.
 
-The STREAM rules live in ``payload.py``; this module only moves bytes. Each of ``workers``
-threads owns one input and one output buffer (allocated once, reused for every batch) and
-loops: take the next batch from ``src`` (reads are serialised and numbered), transform it
-with a ``Job`` (the native kernel releases the GIL, so jobs run on several cores), then
-wait for its turn and write the result to ``dst`` (writes are serialised in batch order).
-Reads and writes release the GIL too, so one thread's I/O overlaps another's crypto, and
-no thread hops through a queue. Memory is ``workers`` x (in + out) whatever the stream's
-length: a pipe is processed in constant memory.
+The STREAM rules live in ``payload.py``; this module only moves bytes. The caller's
+thread reads batch after batch into a few buffers allocated once (``depth`` pairs of
+input and output buffers, reused for every batch), starts each batch's job at once (a
+request on the plane: the threads engine's workers run them while this thread reads
+the next and writes the last), and writes the results in batch order as they complete.
+Memory is ``depth`` x (in + out) whatever the stream's length: a pipe is processed in
+constant memory.
 
-Whether a batch is the last one is known only at EOF, so a reader takes one byte more
+Whether a batch is the last one is known only at EOF, so a read takes one byte more
 than a batch and carries it over to the next batch: a batch is final exactly when that
 byte is missing. (A full batch at EOF is final; only an empty stream has an empty batch.)
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from cryptoplane.exceptions import InvalidRequest
 
-# job(src, dst, batch_number, final) -> (bytes written to dst, error to raise after them)
-Job = Callable[[memoryview, memoryview, int, bool], tuple[int, BaseException | None]]
+
+class Pending(Protocol):
+    """A batch's job once started: ``outcome()`` waits for it and gives (bytes written
+    to dst, the error to raise after writing them)."""
+
+    def outcome(self) -> tuple[int, BaseException | None]: ...
+
+
+# job(src, dst, batch_number, final): the batch's work, started (it may still run)
+Job = Callable[[memoryview, memoryview, int, bool], Pending]
 
 
 class Writer(Protocol):
@@ -70,8 +78,7 @@ def write_all(dst: Writer, data: memoryview) -> None:
 
 class Pipeline:
     """One run over ``src``: batches of ``in_size`` bytes in, up to ``out_size`` out.
-    ``progress(consumed, produced)`` is called after each batch is written, from the
-    thread that wrote it."""
+    ``progress(consumed, produced)`` is called after each batch is written."""
 
     def __init__(self, src: Any, dst: Writer, job: Job, *, in_size: int, out_size: int,
                  progress: Callable[[int, int], None] | None = None) -> None:
@@ -81,94 +88,59 @@ class Pipeline:
         self._in_size = in_size
         self._out_size = out_size
         self._progress = progress
-        self._read_lock = threading.Lock()
-        self._turn = threading.Condition()
-        self._next_batch = 0      # the number the next read gets (read lock)
-        self._carry: int | None = None  # the byte read past the last batch (read lock)
-        self._eof = False
-        self._writing = 0         # the batch whose turn it is to write (turn condition)
-        self._stop = False
-        self._error: BaseException | None = None
+        self._carry: int | None = None  # the byte read past the last batch
         self.consumed = 0         # bytes read from src, in batches written
         self.produced = 0         # bytes written to dst
 
-    def run(self, workers: int) -> None:
-        """Process the whole stream with ``workers`` threads (1: this thread only);
+    def run(self, depth: int) -> None:
+        """Process the whole stream with up to ``depth`` batches started at once;
         raises the first error, after writing every batch before it."""
-        if workers <= 1:
-            self._work()
-        else:
-            threads = [threading.Thread(target=self._work, name=f"cryptoplane-stream-{i}",
-                                        daemon=True) for i in range(workers)]
-            for t in threads:
-                t.start()
-            try:
-                for t in threads:
-                    t.join()
-            except BaseException:
-                self._fail(None)  # e.g. KeyboardInterrupt: let the workers wind down
-                raise
-        if self._error is not None:
-            raise self._error
-
-    def _fail(self, error: BaseException | None) -> None:
-        with self._turn:
-            if self._error is None and error is not None:
-                self._error = error
-            self._stop = True
-            self._turn.notify_all()
-
-    def _work(self) -> None:
+        free = [(memoryview(bytearray(self._in_size + 1)),
+                 memoryview(bytearray(self._out_size))) for _ in range(max(1, depth))]
+        started: deque[tuple[memoryview, memoryview, int, Pending]] = deque()
+        number = 0
+        eof = False
+        read_error: BaseException | None = None
         try:
-            inbuf = memoryview(bytearray(self._in_size + 1))
-            outbuf = memoryview(bytearray(self._out_size))
             while True:
-                got = self._read(inbuf)
-                if got is None:
-                    return
-                number, size, final = got
-                written, error = self._job(inbuf[:size], outbuf, number, final)
-                if not self._write(number, size, outbuf[:written], error) or final:
-                    return
-        except BaseException as exc:  # every failure ends the run, reported by run()
-            self._fail(exc)
+                while free and not eof:
+                    inbuf, outbuf = free.pop()
+                    try:
+                        size, eof = self._read(inbuf)
+                    except Exception as exc:  # raised once the batches before it are out
+                        read_error, eof = exc, True
+                        break
+                    started.append((inbuf, outbuf, size,
+                                    self._job(inbuf[:size], outbuf, number, eof)))
+                    number += 1
+                if not started:
+                    break
+                inbuf, outbuf, size, pending = started.popleft()
+                written, error = pending.outcome()
+                write_all(self._dst, outbuf[:written])
+                self.produced += written
+                self.consumed += size
+                if self._progress is not None:
+                    self._progress(self.consumed, self.produced)
+                if error is not None:
+                    raise error
+                free.append((inbuf, outbuf))
+        except Exception:
+            for *_, pending in started:  # nothing may still write into our buffers
+                with contextlib.suppress(Exception):
+                    pending.outcome()
+            raise
+        if read_error is not None:
+            raise read_error
 
-    def _read(self, buf: memoryview) -> tuple[int, int, bool] | None:
-        with self._read_lock:
-            if self._eof or self._stop:
-                return None
-            start = 0
-            if self._carry is not None:
-                buf[0] = self._carry
-                start = 1
-            size = start + fill(self._src, buf[start:])
-            number = self._next_batch
-            self._next_batch += 1
-            if size > self._in_size:
-                self._carry = buf[self._in_size]
-                return number, self._in_size, False
-            self._eof = True
-            return number, size, True
-
-    def _write(self, number: int, consumed: int, data: memoryview,
-               error: BaseException | None) -> bool:
-        """Write batch ``number`` in its turn; False when the run has stopped."""
-        with self._turn:
-            while self._writing != number and not self._stop:
-                self._turn.wait()
-            if self._stop:
-                return False
-        # Our turn: nobody else writes until we pass it on, so no lock is held here.
-        write_all(self._dst, data)
-        self.produced += len(data)
-        self.consumed += consumed
-        if self._progress is not None:
-            self._progress(self.consumed, self.produced)
-        with self._turn:
-            self._writing += 1
-            if error is not None:
-                if self._error is None:
-                    self._error = error
-                self._stop = True
-            self._turn.notify_all()
-        return error is None
+    def _read(self, buf: memoryview) -> tuple[int, bool]:
+        """The next batch into ``buf``: (its size, whether it is the final one)."""
+        start = 0
+        if self._carry is not None:
+            buf[0] = self._carry
+            start = 1
+        size = start + fill(self._src, buf[start:])
+        if size > self._in_size:
+            self._carry = buf[self._in_size]
+            return self._in_size, False
+        return size, True

@@ -63,7 +63,7 @@ class SeekableReader(io.RawIOBase):
         nonce = read_some(f, NONCE_SIZE)
         if len(nonce) < NONCE_SIZE:
             raise HeaderError("the file ends before the 16-byte payload nonce")
-        self._key = payload_key(file_key, nonce)
+        self._runs = _payload.chunk_opener(payload_key(file_key, nonce))
         self._base = nonce_at + NONCE_SIZE
         length = f.seek(0, os.SEEK_END) - self._base
         if length <= 0:
@@ -88,7 +88,7 @@ class SeekableReader(io.RawIOBase):
         self._f.seek(self._base + index * _SEALED)
         final = index == self._chunks - 1
         sealed = read_some(self._f, _SEALED)
-        plain = _payload.open_chunk(self._key, sealed, index, final=final)
+        plain = _payload.open_chunk(self._runs, sealed, index, final=final)
         self._cached = (index, plain)
         return plain
 

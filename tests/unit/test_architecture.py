@@ -54,6 +54,11 @@ KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
 # Imports from a layer above, known and to be removed: (importer, imported).
 KNOWN_LAYER_VIOLATIONS: dict[tuple[str, str], str] = {}
 
+# Consumers whose cryptography goes through the plane, so that its engines, balancer,
+# QoS limits and statistics see their work: none of their modules imports the native
+# kernels (a chunk or sector run is a request, served by engines through ``kernels``).
+THROUGH_THE_PLANE = ("cryptoplane.stream",)
+
 # Underscore names that are another module's public API (the standard library's).
 FOREIGN_PUBLIC: dict[str, str] = {
     "os._exit": "the documented way to end a process without running cleanup handlers",
@@ -274,6 +279,17 @@ def test_no_module_imports_from_a_layer_above() -> None:
         f"{m} ({LAYERS[layer(m)][0]}) imports {t} ({LAYERS[layer(t)][0]})" for m, t in wrong)
     gone = [e for e in KNOWN_LAYER_VIOLATIONS if e[1] not in graph().get(e[0], ())]
     assert not gone, f"no longer imported: remove from KNOWN_LAYER_VIOLATIONS: {gone}"
+
+
+def test_consumers_reach_the_native_code_only_through_the_plane() -> None:
+    def native(t: str) -> bool:
+        return t == "cryptoplane._native" or t.startswith("cryptoplane._native.")
+
+    consumers = [m for m in modules() if m.startswith(THROUGH_THE_PLANE)]
+    assert consumers, f"no module under {THROUGH_THE_PLANE}"
+    wrong = sorted((m, t) for m in consumers for t in graph()[m] if native(t))
+    assert not wrong, "consumers importing the native code around the plane: " + "; ".join(
+        f"{m} imports {t}" for m, t in wrong)
 
 
 def test_every_module_has_a_layer() -> None:
