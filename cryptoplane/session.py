@@ -40,21 +40,6 @@ OP_INDEX = {op: i for i, op in enumerate(FAST_OPS)}
 assert FAST_OPS[OP_ENCRYPT] == "encrypt" and FAST_OPS[OP_DECRYPT_SECTORS] == "decrypt_sectors"
 
 
-class Counter:
-    """requests, bytes, errors by type: one per (engine, algorithm, op) in the plane."""
-
-    __slots__ = ("bytes", "errors", "requests")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.bytes = 0
-        self.errors: dict[str, int] = {}
-
-    def error(self, e: BaseException) -> None:
-        name = type(e).__name__
-        self.errors[name] = self.errors.get(name, 0) + 1
-
-
 class Session:
     """A key bound to a plane (and optionally to one engine, with a priority).
 

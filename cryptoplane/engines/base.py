@@ -14,7 +14,7 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..algorithms import CATALOGUE, Algorithm, Kind, Op
@@ -267,6 +267,7 @@ class Engine:
             "parallelism": self.parallelism,
             "capacity": self.capacity,
             "max_request": self.max_request,
+            "traits": asdict(self.traits),
             "algorithms": sorted(self._capabilities),
             "self_tests": {
                 n: {"passed": r.passed, "detail": r.detail} for n, r in self.self_tests.items()

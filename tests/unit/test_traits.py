@@ -73,6 +73,14 @@ def test_lanes_run_only_where_the_traits_say_so() -> None:
             plane.submit(lane)  # type: ignore[arg-type]  # a lane is no caller's request
 
 
+def test_engines_describe_their_traits() -> None:
+    with cp.Plane(engines=["inline", "threads"], self_test=False) as plane:
+        inline = plane.engines["inline"].describe()["traits"]
+        threads = plane.engines["threads"].describe()["traits"]
+    assert inline["caller_thread"] and not inline["pulls"] and inline["takes_lanes"]
+    assert not threads["caller_thread"] and threads["pulls"] and threads["in_process"]
+
+
 def test_a_request_holds_only_what_its_caller_set() -> None:
     for name in ("burst", "count", "failed", "elapsed", "largest"):
         assert not hasattr(rq.Request, name), name
