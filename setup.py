@@ -76,7 +76,7 @@ setup(
         Extension(
             "cryptoplane._native._sectors",
             ["cryptoplane/_native/sectors.c", "cryptoplane/_native/xts_ctx.c"],
-            depends=["cryptoplane/_native/xts_ctx.h"],
+            depends=["cryptoplane/_native/xts_ctx.h", "cryptoplane/_native/openssl_error.h"],
             libraries=["crypto"],
             extra_compile_args=[
                 *_WARNINGS,
@@ -94,6 +94,7 @@ setup(
         Extension(
             "cryptoplane._native._chunks",
             ["cryptoplane/_native/chunks.c"],
+            depends=["cryptoplane/_native/openssl_error.h"],
             libraries=["crypto"],
             extra_compile_args=[*_WARNINGS, "-fvisibility=hidden"],
         ),

@@ -25,8 +25,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cryptoplane.blockdev import FileDevice
-from cryptoplane.nbd.server import ServerThread
+from cryptoplane.nbd.blockdev import FileDevice
+from cryptoplane.nbd.runner import ServerThread
 
 
 def run(cmd: list[str]) -> tuple[float, str]:

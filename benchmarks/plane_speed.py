@@ -20,13 +20,14 @@ from pathlib import Path
 
 # Run from a checkout without installing: the package sits next to benchmarks/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cryptoplane import speed as sp
 from cryptoplane.cli.speed import PLOT_HINT, build_config, execute, plot_available
+from cryptoplane.yardstick import speed as sp
+from cryptoplane.yardstick import timing as tm
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--algorithms", help=f"comma-separated, of: {','.join(sp.SUPPORTED)}")
+    ap.add_argument("--algorithms", help=f"comma-separated, of: {','.join(tm.SUPPORTED)}")
     ap.add_argument("--bytes", dest="sizes", help="request sizes, e.g. 64,1k,16k,1m")
     ap.add_argument("--sector-sizes", help="XTS sector sizes, e.g. 512,4096")
     ap.add_argument("--seconds", type=float, help="seconds per path per cell")

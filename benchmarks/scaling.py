@@ -21,8 +21,9 @@ from typing import Any
 
 # Run from a checkout without installing: the package sits next to benchmarks/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cryptoplane import speed as sp
-from cryptoplane import speed_engines as se
+from cryptoplane.yardstick import engine_paths as se
+from cryptoplane.yardstick import speed as sp
+from cryptoplane.yardstick import timing as tm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="as_json", action="store_true")
     a = ap.parse_args(argv)
     config = sp.Config(algorithms=("aes-256-gcm", "aes-256-xts", "rsa-pss-sha256"),
-                       sizes=(64, sp.MIB), sector_sizes=(4096,), seconds=a.seconds,
+                       sizes=(64, tm.MIB), sector_sizes=(4096,), seconds=a.seconds,
                        rounds=a.rounds, openssl=False, engines=se.parse(a.engine))
     runs: list[dict[tuple[str, str, int, str], float]] = []
     labels: dict[tuple[str, str, int, str], str] = {}

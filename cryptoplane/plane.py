@@ -310,6 +310,13 @@ class Plane:
         s.tally.add(OP_DECRYPT_SECTORS, len(data))
         return result
 
+    def guard_mapped_reads(self) -> bool:
+        """Whether ``decrypt_sectors`` may read its input from a shared file mapping. A
+        file that shrinks under one makes the read SIGBUS; the native sector kernel
+        guards its runs (this arms the guard, ahead of faulthandler, say) and raises
+        ``OSError`` instead. False on the Python fallback, which has no guard."""
+        return _native.guard_mapped_reads()
+
     # -- requests: run, submit, arun, map -------------------------------------------------
 
     def submit(self, request: Submittable, *, priority: str | None = None,

@@ -18,6 +18,8 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 
+#include "openssl_error.h"
+
 #define KEY_LEN 32
 #define NONCE_LEN 12
 #define TAG_LEN 16
@@ -29,23 +31,6 @@ static PyObject *ChunkAuthFailed = NULL;
 static PyObject *InvalidRequest = NULL;
 /* 2**88, the number of chunks a STREAM can have (an 11-byte counter). */
 static PyObject *MaxCounter = NULL;
-
-/* Raise `exc` with OpenSSL's most recent error, and empty this thread's error queue. */
-static PyObject *
-raise_openssl(PyObject *exc, const char *what)
-{
-    unsigned long code = ERR_peek_last_error();
-    char buf[256];
-    if (code != 0) {
-        ERR_error_string_n(code, buf, sizeof(buf));
-        PyErr_Format(exc, "%s: %s", what, buf);
-    }
-    else {
-        PyErr_Format(exc, "%s: OpenSSL reported no error detail", what);
-    }
-    ERR_clear_error();
-    return NULL;
-}
 
 /*
  * The chunk layout of a `total`-byte batch cut in `unit`s (the fallback's _spans):

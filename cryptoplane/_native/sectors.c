@@ -20,6 +20,7 @@
 #include <openssl/err.h>
 #include <openssl/opensslv.h>
 
+#include "openssl_error.h"
 #include "xts_ctx.h"
 
 /*
@@ -69,23 +70,6 @@ pool_unlock(XtsKeyObject *self)
 #else
     (void)self;
 #endif
-}
-
-/* Raise `exc` with OpenSSL's most recent error, and empty this thread's error queue. */
-static PyObject *
-raise_openssl(PyObject *exc, const char *what)
-{
-    unsigned long code = ERR_peek_last_error();
-    char buf[256];
-    if (code != 0) {
-        ERR_error_string_n(code, buf, sizeof(buf));
-        PyErr_Format(exc, "%s: %s", what, buf);
-    }
-    else {
-        PyErr_Format(exc, "%s: OpenSSL reported no error detail", what);
-    }
-    ERR_clear_error();
-    return NULL;
 }
 
 /* ---- the SIGBUS guard ----

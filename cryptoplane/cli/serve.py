@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from ..blockdev import BlockDevice, FileDevice
 from ..exceptions import CryptoplaneError
+from ..nbd.blockdev import BlockDevice, FileDevice
 from ..nbd.limits import MIN_BUDGET, Limits
 from .sizes import parse_size
 
@@ -142,7 +142,7 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
     they can make the server hold is bounded by --memory-budget and the timeouts.
     SIGTERM or Ctrl-C stops accepting, finishes requests in flight, flushes and exits.
     """
-    from ..nbd.server import serve as run_server
+    from ..nbd.runner import serve as run_server
 
     if socket_path is None and port is None:
         raise click.UsageError("give --socket PATH or --port N")

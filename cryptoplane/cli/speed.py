@@ -1,8 +1,8 @@
 """``cryptoplane speed``: the yardstick, in the manner of ``openssl speed -evp``.
 
-The measuring lives in ``cryptoplane.speed``; this module parses options and presents the
-report (a rich table, JSON, or a bar chart), so ``benchmarks/plane_speed.py`` shows the
-same thing.
+The measuring lives in ``cryptoplane.yardstick.speed``; this module parses options and
+presents the report (a rich table, JSON, or a bar chart), so ``benchmarks/plane_speed.py``
+shows the same thing.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import speed as sp
-from .. import speed_engines as se
+from ..yardstick import engine_paths as se
+from ..yardstick import speed as sp
+from ..yardstick import timing as tm
 from .signals import on_signals
 
 PATHS = ("direct", "plane", "naive", "fallback", "openssl")
@@ -61,7 +62,7 @@ def _table(report: sp.Report, paths: tuple[str, ...], ratio_names: tuple[str, ..
     for name in (*present, *shown_ratios):
         table.add_column(name, justify="right")
     notes: dict[str, int] = {}
-    rows: dict[sp.Cell, dict[str, str]] = {}
+    rows: dict[tm.Cell, dict[str, str]] = {}
     absent: dict[str, None] = {}
     for r in report.results:
         if r.path not in paths:
@@ -122,7 +123,7 @@ def render(report: sp.Report, console: Console) -> None:
     console.print(table)
     _print_notes(console, notes, absent)
     if any(r.cell.op.endswith("_sectors") for r in report.results):
-        console.print(f"sector runs: {sp.size_label(sp.SECTOR_RUN)} per call; naive = a new "
+        console.print(f"sector runs: {tm.size_label(sp.SECTOR_RUN)} per call; naive = a new "
                       "Cipher(AES, XTS(tweak)) per sector", highlight=False)
     if report.meta.get("engine_paths"):
         render_engines(report, console)
@@ -209,7 +210,7 @@ def parse_sizes(text: str) -> tuple[int, ...]:
         m = re.fullmatch(r"(\d+)\s*([km]i?b?|b)?", part)
         if m is None or int(m.group(1)) <= 0:
             raise ValueError(f"not a size in bytes: {part!r} (use e.g. 64,1k,16k,1m)")
-        scale = {"k": sp.KIB, "m": sp.MIB}.get((m.group(2) or "b")[0], 1)
+        scale = {"k": tm.KIB, "m": tm.MIB}.get((m.group(2) or "b")[0], 1)
         out.append(int(m.group(1)) * scale)
     if not out:
         raise ValueError("no sizes given")
@@ -218,10 +219,10 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 
 def parse_algorithms(text: str) -> tuple[str, ...]:
     names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in sp.SUPPORTED]
+    unknown = [n for n in names if n not in tm.SUPPORTED]
     if unknown or not names:
         raise ValueError(f"cannot measure {', '.join(unknown) or 'nothing'}; "
-                         f"known: {', '.join(sp.SUPPORTED)}")
+                         f"known: {', '.join(tm.SUPPORTED)}")
     return names
 
 
@@ -281,7 +282,7 @@ def execute(config: sp.Config, *, as_json: bool, plot_path: str | None) -> sp.Re
 
 @click.command()
 @click.option("--algorithms", "-a", metavar="A,B", help="Comma-separated algorithms "
-              f"(default: {','.join(sp.DEFAULT_ALGORITHMS)}; known: {','.join(sp.SUPPORTED)}).")
+              f"(default: {','.join(sp.DEFAULT_ALGORITHMS)}; known: {','.join(tm.SUPPORTED)}).")
 @click.option("--bytes", "sizes", metavar="N,M", help="Request sizes in bytes, k/m suffixes "
               "allowed (default 64,1k,16k,1m).")
 @click.option("--sector-sizes", metavar="N,M",
@@ -296,7 +297,7 @@ def execute(config: sp.Config, *, as_json: bool, plot_path: str | None) -> sp.Re
               f"({','.join(se.PATHS)}; inline, the baseline, always): each on its own plane, "
               "work submitted concurrently, "
               "with the scaling ratios and targets. Default cells then: "
-              f"{','.join(se.ALGORITHMS)} at {','.join(map(sp.size_label, se.SIZES))}.")
+              f"{','.join(se.ALGORITHMS)} at {','.join(map(tm.size_label, se.SIZES))}.")
 @click.option("--quick", is_flag=True, help="A short run (few algorithms and sizes, "
               f"{sp.QUICK_SECONDS:g} s per cell): about ten seconds.")
 @click.option("--openssl/--no-openssl", default=True, show_default=True,

@@ -26,9 +26,9 @@ from rich.table import Table
 
 from ..exceptions import AuthenticationFailed, CryptoplaneError
 from ..keys import Key
-from ..metrics import prometheus_text
 from ..plane import Plane
 from ..requests import Encrypt
+from ..telemetry.metrics import prometheus_text
 
 SOCKET_ENV = "CRYPTOPLANE_STATS_SOCKET"
 TIMEOUT = 10.0  # seconds for a whole exchange with a stats server
@@ -67,7 +67,8 @@ def fetch(path: str, route: str, timeout: float = TIMEOUT) -> bytes:
     except FileNotFoundError:
         raise click.ClickException(
             f"no stats socket at {path}: start the plane's stats server there "
-            "(cryptoplane.stats_server.serve_stats(plane, path)), or try --demo") from None
+            "(cryptoplane.telemetry.stats_server.serve_stats(plane, path)), or try --demo"
+        ) from None
     except ConnectionRefusedError:
         raise click.ClickException(
             f"{path} refused the connection: a stale socket, whose plane has exited") from None
@@ -268,7 +269,7 @@ def stats(socket_path: str | None, demo: bool, seconds: float, as_json: bool,
     \b
     Where the numbers come from:
       --socket PATH  a running plane that serves its stats on the Unix socket PATH
-                     (cryptoplane.stats_server.serve_stats(plane, PATH)); this command
+                     (cryptoplane.telemetry.stats_server.serve_stats(plane, PATH)); this command
                      reads GET /stats (JSON) or GET /metrics (Prometheus) from it.
       --demo         a plane started here and loaded for --seconds: AES-GCM on the fast
                      path, some decrypts with a bad tag (errors), XTS sector runs, ECDSA

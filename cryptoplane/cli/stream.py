@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import click
 
@@ -34,6 +34,7 @@ from ..stream.recipients import DEFAULT_WORK_FACTOR, MAX_WORK_FACTOR, Identity, 
 from .signals import on_signals
 
 _PROGRESS_MIN = 32 << 20  # below this a bar only flickers
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _fail(message: str) -> click.ClickException:
@@ -79,6 +80,24 @@ def _passphrase(prompt: bool, file: str | None, fd: int | None, confirm: bool) -
             raise _fail("the passphrase is empty")
         return text
     return None
+
+
+def _passphrase_options(verb: str, asked: str = "") -> Callable[[_F], _F]:
+    """-p, --passphrase-file and --passphrase-fd (``ask``, ``passphrase_file``,
+    ``passphrase_fd``: ``_passphrase``'s sources), each helped as ``verb`` uses it."""
+    def add(fn: _F) -> _F:
+        for option in reversed([
+            click.option("-p", "--passphrase", "ask", is_flag=True,
+                         help=f"{verb} with a passphrase, asked on the terminal{asked}."),
+            click.option("--passphrase-file", type=click.Path(dir_okay=False),
+                         metavar="FILE",
+                         help=f"{verb} with the passphrase on FILE's first line."),
+            click.option("--passphrase-fd", type=int, metavar="FD",
+                         help=f"{verb} with the passphrase read from file descriptor FD."),
+        ]):
+            fn = option(fn)
+        return fn
+    return add
 
 
 @contextlib.contextmanager
@@ -133,12 +152,7 @@ _FORCE_HELP = ("Replace OUTPUT if it exists. It is swapped for the finished file
 @click.option("-R", "--recipients-file", "recipient_files", multiple=True,
               type=click.Path(dir_okay=False), metavar="FILE",
               help="Encrypt to every age1... key in FILE (one a line, # comments).")
-@click.option("-p", "--passphrase", "ask", is_flag=True,
-              help="Encrypt with a passphrase, asked on the terminal (twice).")
-@click.option("--passphrase-file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Encrypt with the passphrase on FILE's first line.")
-@click.option("--passphrase-fd", type=int, metavar="FD",
-              help="Encrypt with the passphrase read from file descriptor FD.")
+@_passphrase_options("Encrypt", " (twice)")
 @click.option("--work-factor", type=click.IntRange(1, 30), default=DEFAULT_WORK_FACTOR,
               show_default=True, help="scrypt work factor (log2 N) for a passphrase.")
 @click.option("-a", "--armor", is_flag=True, help="Write PEM-like ASCII armor.")
@@ -186,12 +200,7 @@ def encrypt_cmd(recipients: tuple[str, ...], recipient_files: tuple[str, ...], a
 @click.option("-i", "--identity", "identity_files", multiple=True,
               type=click.Path(dir_okay=False), metavar="FILE",
               help="Identity file (AGE-SECRET-KEY-1... lines, # comments; repeatable).")
-@click.option("-p", "--passphrase", "ask", is_flag=True,
-              help="Decrypt with a passphrase, asked on the terminal.")
-@click.option("--passphrase-file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Decrypt with the passphrase on FILE's first line.")
-@click.option("--passphrase-fd", type=int, metavar="FD",
-              help="Decrypt with the passphrase read from file descriptor FD.")
+@_passphrase_options("Decrypt")
 @click.option("--max-work-factor", type=click.IntRange(1, 30), default=MAX_WORK_FACTOR,
               show_default=True, help="Refuse scrypt work factors above this.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="OUTPUT",

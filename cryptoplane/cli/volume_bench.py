@@ -1,5 +1,5 @@
 """``cryptoplane volume bench``: the Cloudflare experiment in user space (see
-``cryptoplane.volume.bench``), as a table of throughputs and the acceptance ratios."""
+``cryptoplane.yardstick.volume_bench``), as a table of throughputs and the acceptance ratios."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 
 from cryptoplane.cli.sizes import parse_size
 from cryptoplane.exceptions import CryptoplaneError
-from cryptoplane.volume import bench as vb
+from cryptoplane.yardstick import volume_bench as vb
 
 from .signals import on_signals
 

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
 from ..volume import convert_ivs
 from .signals import on_signals
 from .sizes import parse_size
-from .volume import _Failed, _header_option, _run, _secret, _secret_options
+from .volume_options import Failed, header_option, read_secret, run, secret_options
 
 _EXPLAIN = {
     "legacy": "its data follows the old IVs (sector-size units): dm-crypt and cryptsetup "
@@ -30,8 +30,8 @@ _EXPLAIN = {
 
 @click.command("convert-ivs")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@_secret_options
-@_header_option
+@secret_options
+@header_option
 @click.option("--check", is_flag=True,
               help="Only tell which IV rule the data follows (reads, writes nothing).")
 @click.option("--hotzone-size", default="4M", show_default=True, metavar="BYTES",
@@ -55,8 +55,8 @@ def convert_ivs_cmd(path: str, key_file: str | None, passphrase_fd: int | None,
     crash or Ctrl-C, run it again and it resumes where it stopped, losing nothing.
     """
     hotzone = parse_size(hotzone_size, least=512)
-    secret = _secret(key_file, passphrase_fd, "Enter passphrase")
-    found = _run(lambda: convert_ivs.inspect(path, secret, header=header))
+    secret = read_secret(key_file, passphrase_fd, "Enter passphrase")
+    found = run(lambda: convert_ivs.inspect(path, secret, header=header))
     click.echo(f"{path}: {_EXPLAIN[found.verdict]}", err=check)
     if found.sampled:
         click.echo(f"  sampled {found.sampled} sectors of {found.sector_size} bytes: "
@@ -68,15 +68,15 @@ def convert_ivs_cmd(path: str, key_file: str | None, passphrase_fd: int | None,
     if found.verdict in ("dm-crypt", "unaffected"):
         return
     if found.verdict == "unknown" and not force:
-        raise _Failed("not converting without --force: the check cannot tell which IVs "
-                      "the data has")
+        raise Failed("not converting without --force: the check cannot tell which IVs "
+                     "the data has")
     if not yes and found.verdict != "converting":
         click.confirm(f"Re-encrypt {found.size} bytes of {path} in place?", abort=True,
                       err=True)
     columns = (TextColumn("converting"), BarColumn(), TransferSpeedColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("convert", total=found.size, completed=found.converted)
-        size = _run(lambda: convert_ivs.convert(
+        size = run(lambda: convert_ivs.convert(
             path, secret, header=header, hotzone=hotzone,
             progress=lambda done, total: bar.update(task, completed=done)))
     click.echo(f"Converted {size} bytes: the data now follows dm-crypt's IVs.")

@@ -21,12 +21,12 @@ reading and asks again once memory is given back.
 from __future__ import annotations
 
 import enum
+import mmap
 from collections.abc import Callable
 from typing import Any, Final
 
 from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.nbd import protocol as P
-from cryptoplane.nbd.limits import anonymous
 from cryptoplane.nbd.protocol import (  # the codec's events
     Abort,
     CommandError,
@@ -83,6 +83,11 @@ MAX_OPTIONS = 32  # as nbdkit: a client that needs more is looping
 _WRITE_FLAGS = P.CMD_FLAG_FUA
 _ZERO_FLAGS = P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE
 _TLS_EXEMPT = (P.OPT_STARTTLS, P.OPT_ABORT)
+
+
+def anonymous(n: int) -> mmap.mmap:
+    """``n`` bytes of anonymous private memory, no page touched yet."""
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 class ServerConnection:
@@ -590,5 +595,5 @@ __all__ = [
     "CommandError", "Disconnect", "Event", "ExportInfo", "ExportName", "Flush",
     "InfoRequest", "ListExports", "NeedData", "OptionError", "ProtocolError", "Read",
     "ServerConnection", "StartTLS", "State", "StructuredReplies", "Trim", "Write",
-    "WriteZeroes",
+    "WriteZeroes", "anonymous",
 ]

@@ -6,17 +6,18 @@ from __future__ import annotations
 import errno
 import logging
 
-from cryptoplane.blockdev import BlockDevice, FileDevice
 from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
 from cryptoplane.nbd import codec as C
 from cryptoplane.nbd import protocol as P
+from cryptoplane.nbd.blockdev import BlockDevice, FileDevice
 
 log = logging.getLogger("cryptoplane.nbd")
 
 INLINE_LIMIT = 64 * 1024  # requests up to this size run on the loop thread
 
 
-def _errno_of(exc: BaseException) -> int:
+def errno_of(exc: BaseException) -> int:
+    """The NBD error a device error is answered with (EIO for what has no better one)."""
     if isinstance(exc, InvalidRequest):
         return P.EINVAL
     if isinstance(exc, OSError):
@@ -31,7 +32,8 @@ def _errno_of(exc: BaseException) -> int:
     return P.EIO
 
 
-def _trim(dev: BlockDevice, offset: int, length: int, fua: bool) -> None:
+def trim(dev: BlockDevice, offset: int, length: int, fua: bool) -> None:
+    """A TRIM request: the hint, then the flush that FUA asks for."""
     dev.trim(offset, length)
     if fua:
         dev.flush()

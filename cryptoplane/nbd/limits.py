@@ -33,14 +33,11 @@ import ctypes.util
 import logging
 import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from cryptoplane.exceptions import InvalidRequest
-
-if TYPE_CHECKING:
-    from cryptoplane.nbd.server import _Connection, _Server
 
 log = logging.getLogger("cryptoplane.nbd")
 
@@ -220,11 +217,6 @@ class ReplyBuffer(bytearray):
             budget.give_back(len(self))
 
 
-def anonymous(n: int) -> mmap.mmap:
-    """``n`` bytes of anonymous private memory, no page touched yet."""
-    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
 _libc: ctypes.CDLL | bool | None = None
 
 
@@ -246,20 +238,73 @@ def release_free_memory() -> None:
         _libc.malloc_trim(0)
 
 
-
 REFUSAL_LOG_EVERY = 10.0  # seconds between warnings about refused connections
 TRIM_DELAY = 0.5  # seconds after a connection closes before freed memory is returned
 
 
+class Receiver(Protocol):
+    @property
+    def receiving(self) -> bool:
+        """Part of a request has arrived, not all of it."""
+        ...
+
+
+class Watched(Protocol):
+    """What the watchdog reads of a connection (``server.Connection``), and the two
+    marks it keeps there: kept here as an interface so that the limits need not know the
+    server that applies them."""
+
+    mark: tuple[int, int]  # (activity, bytes queued) when the watchdog last looked
+    quiet_since: float  # since when the mark has not changed
+    closing: bool
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    @property
+    def codec(self) -> Receiver: ...
+
+    @property
+    def device(self) -> object:
+        """None while the connection is negotiating."""
+        ...
+
+    @property
+    def born(self) -> float: ...
+
+    @property
+    def activity(self) -> int:
+        """Bumped by every receive and completion."""
+        ...
+
+    @property
+    def inflight(self) -> int: ...
+
+    @property
+    def starved(self) -> bool:
+        """Waiting for the memory budget (not its fault)."""
+        ...
+
+    @property
+    def held(self) -> object:
+        """A request waiting for memory for its reply, or None."""
+        ...
+
+
 class Watchdog:
-    def __init__(self, server: _Server) -> None:
-        self.server = server
-        self.loop: asyncio.AbstractEventLoop = server.loop
+    """The timeouts of ``limits`` over ``connections`` (the server's live set), and
+    the refusals past ``limits.max_connections``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits,
+                 connections: Collection[Watched]) -> None:
+        self.loop = loop
+        self.limits = limits
+        self.connections = connections
         self.refused = 0
         self.expired = {"handshake": 0, "idle": 0, "stall": 0}
         self._refused_logged = 0
         self._last_refusal_log = -REFUSAL_LOG_EVERY
-        self.period = min(max(min(server.limits.timeouts) / 4, 0.05), 1.0)
+        self.period = min(max(min(limits.timeouts) / 4, 0.05), 1.0)
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(self.period,
                                                                       self._sweep)
         self._trim: asyncio.TimerHandle | None = None
@@ -270,7 +315,7 @@ class Watchdog:
         if now - self._last_refusal_log >= REFUSAL_LOG_EVERY:
             log.warning("refused %d NBD connection(s): %d open is the limit "
                         "(--max-connections)", self.refused - self._refused_logged,
-                        self.server.limits.max_connections)
+                        self.limits.max_connections)
             self._last_refusal_log, self._refused_logged = now, self.refused
 
     def trim_soon(self) -> None:
@@ -289,15 +334,15 @@ class Watchdog:
 
     def _sweep(self) -> None:
         now = self.loop.time()
-        for conn in list(self.server.connections):
+        for conn in list(self.connections):
             self._check(conn, now)
         self._timer = self.loop.call_later(self.period, self._sweep)
 
-    def _check(self, conn: _Connection, now: float) -> None:
+    def _check(self, conn: Watched, now: float) -> None:
         t = conn.transport
         if t is None or t.is_closing():
             return
-        limits = self.server.limits
+        limits = self.limits
         codec = conn.codec
         if conn.device is None:  # still negotiating
             if now - conn.born > limits.handshake_timeout:
@@ -315,7 +360,7 @@ class Watchdog:
         elif limits.idle_timeout and quiet > limits.idle_timeout:
             self._expire(conn, "idle")
 
-    def _expire(self, conn: _Connection, why: str) -> None:
+    def _expire(self, conn: Watched, why: str) -> None:
         self.expired[why] += 1
         log.info("closing an NBD connection: %s timeout", why)
         conn.closing = True
@@ -323,5 +368,15 @@ class Watchdog:
         conn.transport.abort()  # what it queued is dropped: its client is not reading
 
 
-__all__ = ["MIB", "MIN_BUDGET", "Budget", "Limits", "PayloadBuffer", "ReplyBuffer",
-           "Watchdog", "anonymous", "release_free_memory"]
+__all__ = [
+    "MIB",
+    "MIN_BUDGET",
+    "Budget",
+    "Limits",
+    "PayloadBuffer",
+    "Receiver",
+    "ReplyBuffer",
+    "Watchdog",
+    "Watched",
+    "release_free_memory",
+]

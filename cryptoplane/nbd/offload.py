@@ -7,7 +7,7 @@ requests that cost ~130 µs of CPU per request on this 2-core machine, as much a
 decrypting it, and halved the server's throughput next to running the same requests on
 the loop. Here a worker appends each result to a deque and rings the loop only when no
 ring is pending already, so one loop turn takes every completion that arrived meanwhile,
-and each connection sends its replies together (``_Connection._send``) and parses its
+and each connection sends its replies together (``Connection._send``) and parses its
 next requests once.
 
 The jobs release the GIL in their long part (``preadv``, the sector kernel, ``pwritev``),

@@ -2,7 +2,8 @@
 
 ``serve`` is the command-line entry point (runs until SIGTERM or SIGINT);
 ``ServerThread`` runs the same server on a background thread, for tests and benchmarks.
-The per-connection protocol and transport live in ``cryptoplane.nbd.server``.
+The per-connection protocol and transport (``Connection``) and what a server's
+connections share (``Server``) live in ``cryptoplane.nbd.server``; this module makes them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from cryptoplane.blockdev import BlockDevice
 from cryptoplane.exceptions import InvalidRequest
+from cryptoplane.nbd.blockdev import BlockDevice
 from cryptoplane.nbd.limits import Limits
+from cryptoplane.nbd.server import Connection, Server
 from cryptoplane.nbd.tls import ServerTLS
 
 Ready = Callable[[list[str]], None]
@@ -103,13 +105,10 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
     2 workers read as fast as 4 and wrote 3-20% faster than 3 or 4, whose extra threads
     only contend for the GIL; 1 worker read 15-30% slower). ``limits``: what clients
     may make the server hold (``Limits()``'s defaults when None)."""
-    # server.py re-exports this module's names, so a module-level import would be circular
-    from cryptoplane.nbd.server import _Connection, _Server
-
     if unix is None and tcp is None:
         raise InvalidRequest("serve needs a Unix socket path or a TCP address")
     loop = asyncio.get_running_loop()
-    server = _Server(exports, tls=tls, read_only=read_only, inline_limit=inline_limit,
+    server = Server(exports, tls=tls, read_only=read_only, inline_limit=inline_limit,
                      workers=workers or os.cpu_count() or 2, limits=limits)
     listeners: list[asyncio.AbstractServer] = []
     bound_tcp = None
@@ -119,10 +118,10 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
             _remove_stale_socket(unix)
             sock = bind_unix(unix, socket_mode)
             own_socket = unix
-            listeners.append(await loop.create_unix_server(lambda: _Connection(server),
+            listeners.append(await loop.create_unix_server(lambda: Connection(server),
                                                            sock=sock))
         if tcp is not None:
-            tcp_srv = await loop.create_server(lambda: _Connection(server), tcp[0], tcp[1])
+            tcp_srv = await loop.create_server(lambda: Connection(server), tcp[0], tcp[1])
             listeners.append(tcp_srv)
             bound_tcp = (tcp[0], tcp_srv.sockets[0].getsockname()[1])
         if ready is not None:

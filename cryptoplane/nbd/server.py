@@ -22,7 +22,7 @@ budget (``limits.Budget``) that every payload and reply buffer is charged to. A 
 that finds no room waits, its connection no longer read, until memory is given back.
 
 Listening, the event loop, signals and the background-thread server for tests live in
-``cryptoplane.nbd.runner``; its entry points are importable from here too.
+``cryptoplane.nbd.runner``, which makes the ``Server`` and its ``Connection`` objects.
 """
 
 from __future__ import annotations
@@ -39,21 +39,13 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from cryptoplane.blockdev import BlockDevice
 from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
 from cryptoplane.nbd import codec as C
 from cryptoplane.nbd import protocol as P
-from cryptoplane.nbd.exports import INLINE_LIMIT, Export, _errno_of, _trim
+from cryptoplane.nbd.blockdev import BlockDevice
+from cryptoplane.nbd.exports import INLINE_LIMIT, Export, errno_of, trim
 from cryptoplane.nbd.limits import Budget, Limits, ReplyBuffer, Watchdog
 from cryptoplane.nbd.offload import Offloader
-
-# the CLI, tests and benchmarks import the runner's entry points from this module
-from cryptoplane.nbd.runner import Ready as Ready
-from cryptoplane.nbd.runner import ServerThread as ServerThread
-from cryptoplane.nbd.runner import new_event_loop as new_event_loop
-from cryptoplane.nbd.runner import serve as serve
-from cryptoplane.nbd.runner import serve_async as serve_async
-from cryptoplane.nbd.runner import urls as urls
 from cryptoplane.nbd.tls import ServerTLS, start_tls
 
 log = logging.getLogger("cryptoplane.nbd")
@@ -71,8 +63,10 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024  # replies queued before the client counts as
 BATCH_BYTES = 4 * 1024 * 1024  # read data gathered before replies are handed over
 
 
-class _Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: _Server) -> None:
+class Connection(asyncio.BufferedProtocol):
+    """One client's connection: the codec's events handled, the replies sent."""
+
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.codec = C.ServerConnection(tls_available=server.tls is not None,
                                         tls_required=server.tls is not None,
@@ -321,7 +315,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             self.device.preadinto(ev.offset, memoryview(buf)[head:])
         except Exception as exc:
-            out.append(codec.error_reply(ev.cookie, _errno_of(exc), "read failed"))
+            out.append(codec.error_reply(ev.cookie, errno_of(exc), "read failed"))
         else:
             out.append(buf)
         return True
@@ -350,7 +344,7 @@ class _Connection(asyncio.BufferedProtocol):
                 try:
                     dev.pwrite(ev.offset, ev.data, fua=ev.fua)
                 except Exception as exc:
-                    out.append(codec.error_reply(ev.cookie, _errno_of(exc), "write failed"))
+                    out.append(codec.error_reply(ev.cookie, errno_of(exc), "write failed"))
                 else:
                     out.append(codec.reply(ev.cookie))
                 codec.recycle(ev.data)
@@ -365,7 +359,7 @@ class _Connection(asyncio.BufferedProtocol):
             return True
         if t is C.Trim:
             assert isinstance(ev, C.Trim) and dev is not None
-            self._offload(ev.cookie, 0, self._reply_of, _trim, dev, ev.offset, ev.length,
+            self._offload(ev.cookie, 0, self._reply_of, trim, dev, ev.offset, ev.length,
                           ev.fua)
             return True
         if t is C.WriteZeroes:
@@ -489,14 +483,14 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             self.device.preadinto(offset, memoryview(buf)[head:])
         except Exception as exc:
-            return [self.codec.error_reply(cookie, _errno_of(exc), "read failed")]
+            return [self.codec.error_reply(cookie, errno_of(exc), "read failed")]
         return [buf]
 
     def _reply_of(self, cookie: int, fn: Callable[..., object], *args: Any) -> list[Any]:
         try:
             fn(*args)
         except Exception as exc:
-            return [self.codec.error_reply(cookie, _errno_of(exc), "request failed")]
+            return [self.codec.error_reply(cookie, errno_of(exc), "request failed")]
         return [self.codec.reply(cookie)]
 
     # ---- shutdown -------------------------------------------------------------------
@@ -510,7 +504,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._close()
 
 
-class _Server:
+class Server:
+    """What the connections of one server share: its exports, worker threads, memory
+    budget, reusable buffers and watchdog."""
+
     def __init__(self, exports: dict[str, BlockDevice], *, tls: ServerTLS | None,
                  read_only: bool, inline_limit: int | None, workers: int,
                  limits: Limits | None = None) -> None:
@@ -524,7 +521,7 @@ class _Server:
         self.offloader = Offloader(self.loop, workers)
         # for the rare blocking call outside a connection (the flush at shutdown)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, "cryptoplane-nbd-admin")
-        self.connections: set[_Connection] = set()
+        self.connections: set[Connection] = set()
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.free: dict[int, list[bytearray]] = {}  # read buffers for reuse, by size
@@ -533,7 +530,7 @@ class _Server:
         self.budget = Budget(limits.memory_budget, self.loop)
         self.budget.on_pressure = self.drop_caches
         self.pool_bytes = min(POOL_BYTES, limits.memory_budget // 4)
-        self.watchdog = Watchdog(self)
+        self.watchdog = Watchdog(self.loop, limits, self.connections)
 
     def lookup(self, name: str) -> Export | None:
         if name == "" and name not in self.exports:

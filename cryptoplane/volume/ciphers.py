@@ -51,6 +51,12 @@ class SectorCipher(Protocol):
 
     def decrypt(self, data: Any, sector: int, out: Any) -> None: ...
 
+    def can_read_mapped(self) -> bool:
+        """Whether ``decrypt`` may take its ``data`` from a shared mapping of the image:
+        a file that shrinks under the mapping makes such a read SIGBUS, and only a
+        kernel that guards its runs turns that into ``OSError`` instead of a crash."""
+        ...
+
 
 def parse_spec(spec: str) -> tuple[str, str, str, str]:
     """``cipher-chainmode-ivmode[:ivopts]`` -> its four parts; ``NotSupported`` for any
@@ -145,6 +151,9 @@ class XtsPlain:
                                         sector_size=self.sector_size, out=out,
                                         tweak=self._tweak, tweak_unit=self._unit)
 
+    def can_read_mapped(self) -> bool:
+        return self._plane.guard_mapped_reads()
+
     def _split(self, fn: Callable[..., Any], data: Any, sector: int, out: Any) -> None:
         ss, step = self.sector_size, self.iv_step
         src, dst = memoryview(data), memoryview(out)
@@ -198,6 +207,9 @@ class PerSector:
         with self._essiv_lock:  # a cryptography context serves one caller at a time
             enc = self._essiv.update(b"".join(plain))
         return [enc[16 * i:16 * i + 16] for i in range(count)]
+
+    def can_read_mapped(self) -> bool:
+        return False  # ``ctx.update`` would copy out of the mapping unguarded
 
     def encrypt(self, data: Any, sector: int, out: Any) -> None:
         self._run(True, data, sector, out)

@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cryptoplane.blockdev import pread_full, pwrite_full
 from cryptoplane.exceptions import InvalidRequest, NotSupported
+from cryptoplane.nbd.blockdev import pread_full, pwrite_full
 from cryptoplane.plane import Plane
 from cryptoplane.volume import luks2
 from cryptoplane.volume.ciphers import SectorCipher, sector_cipher

@@ -1,11 +1,12 @@
 """``Volume``: an opened encrypted volume as a ``BlockDevice`` — the user-space dm-crypt.
 
 Reads land in the caller's buffer in one native call per chunk, no per-sector Python
-work: with AES-XTS and the native sector kernel, decrypted into it straight from a
-read-only shared mapping of the image (the page cache, without the copy a ``pread``
-makes: nbdcopy and fio read 1 MiB requests 15-20% faster that way here), else read with
-``pread`` and decrypted in place. A mapped file that shrinks under us would raise
-SIGBUS: the kernel guards its runs and turns that into an error, like a short read.
+work: where the sector cipher says it can (``can_read_mapped``: AES-XTS on the plane's
+native sector kernel), decrypted into it straight from a read-only shared mapping of the
+image (the page cache, without the copy a ``pread`` makes: nbdcopy and fio read 1 MiB
+requests 15-20% faster that way here), else read with ``pread`` and decrypted in place.
+A mapped file that shrinks under us would raise SIGBUS: the kernel guards its runs and
+turns that into an error, like a short read.
 Writes are encrypted into a
 per-thread buffer (the caller's data is never touched) and written with ``pwrite``.
 Requests are cut at ``chunk``-aligned region boundaries (1 MiB by default) so the buffer
@@ -32,12 +33,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cryptoplane import _native
-from cryptoplane.blockdev import pread_full, pwrite_full
 from cryptoplane.exceptions import InvalidRequest
+from cryptoplane.nbd.blockdev import BoundedDevice, pread_full, pwrite_full
 from cryptoplane.plane import Plane
 
-from .ciphers import SectorCipher, XtsPlain, sector_cipher
+from .ciphers import SectorCipher, sector_cipher
 from .datalock import lock_data
 from .layout import DataLayout
 
@@ -46,7 +46,7 @@ _STRIPES = 256
 _ZEROS = bytes(DEFAULT_CHUNK)
 
 
-class Volume:
+class Volume(BoundedDevice):
     """The data segment of an unlocked volume on ``source`` (a path, or an fd that is
     duplicated, so the caller keeps its own). ``plane`` runs the cipher; without one the
     volume makes its own and closes it with itself. ``chunk``: the region size (bytes)
@@ -81,18 +81,17 @@ class Volume:
                 raise InvalidRequest(f"the data device holds {have} bytes; the volume needs "
                                      f"{layout.offset + layout.size}")
             undo.pop_all()
+        super().__init__(layout.size, ss, read_only, "volume")
         self._cipher: SectorCipher = cipher
         self._plane: Plane | None = plane if own_plane else None
         self._fd = fd
         self._layout = layout
         self._ss = ss
         self._base = layout.offset
-        self._size = layout.size
         self._iv0 = layout.iv_offset
         # a sector-aligned byte offset // this = its IV less iv0 (ss // iv_step: 512 for LUKS)
         self._iv_unit = ss // layout.iv_step
         self._iv_step = layout.iv_step
-        self._read_only = read_only
         self._chunk = chunk
         self._local = threading.local()
         self._image = _map_image(fd, layout.offset + layout.size, cipher)
@@ -101,21 +100,8 @@ class Volume:
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         # per stripe: odd while a write holds its lock; bumped before and after each
         self._seq = [0] * _STRIPES
-        self._closed = False
 
-    # -- the BlockDevice protocol ---------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
-    def block_size(self) -> int:
-        return self._ss
+    # -- the BlockDevice protocol (size, read_only, block_size: BoundedDevice's) ----------
 
     @property
     def layout(self) -> DataLayout:
@@ -200,15 +186,6 @@ class Volume:
                 f"{self._ss}{state}>")
 
     # -- the data path --------------------------------------------------------------------
-
-    def _check(self, offset: int, length: int, *, write: bool = False) -> None:
-        if self._closed:
-            raise InvalidRequest("the volume is closed")
-        if write and self._read_only:
-            raise InvalidRequest("the volume is read-only")
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise InvalidRequest(f"range {offset}+{length} is outside the volume "
-                                 f"({self._size} bytes)")
 
     def _scratch(self) -> memoryview:
         """This thread's write buffer (one chunk), made on its first write."""
@@ -357,14 +334,11 @@ class Volume:
 
 def _map_image(fd: int, length: int, cipher: SectorCipher) -> mmap.mmap | None:
     """A read-only shared mapping of the image's first ``length`` bytes, for reads to
-    decrypt from: only for AES-XTS on the native kernel, whose runs are guarded against
-    SIGBUS (the Python fallback and the per-sector ciphers would copy out of it
-    unguarded). None where the descriptor cannot be mapped: reads then use pread."""
-    if not isinstance(cipher, XtsPlain):
+    decrypt from: only where the cipher says it may read from one (its kernel guards
+    against SIGBUS). None where the descriptor cannot be mapped: reads then use pread."""
+    if not cipher.can_read_mapped():
         return None
     try:
-        if not _native.guard_mapped_reads():
-            return None
         return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     except (OSError, ValueError, OverflowError):
         return None

@@ -18,6 +18,7 @@ from typing import Any
 from cryptoplane.exceptions import NotSupported
 from cryptoplane.volume.af import STRIPES
 from cryptoplane.volume.errors import CorruptHeader
+from cryptoplane.volume.header_fields import read_text, write_text
 
 MAGIC = b"LUKS\xba\xbe"
 PHDR_SIZE = 592
@@ -87,21 +88,14 @@ class Header:
 
 
 def _text(raw: bytes, what: str) -> str:
-    value = raw.split(b"\0", 1)[0]
-    try:
-        text = value.decode("ascii")
-    except UnicodeDecodeError:
-        raise CorruptHeader(f"LUKS1 {what} is not ASCII") from None
+    text = read_text(raw, f"LUKS1 {what}", "ascii")
     if not text.isprintable():
         raise CorruptHeader(f"LUKS1 {what} holds control characters")
     return text
 
 
 def _pad(text: str, size: int, what: str) -> bytes:
-    raw = text.encode("ascii")
-    if len(raw) >= size:
-        raise CorruptHeader(f"LUKS1 {what} {text!r} is longer than {size - 1} bytes")
-    return raw.ljust(size, b"\0")
+    return write_text(text, size, f"LUKS1 {what}", "ascii")
 
 
 def decode(data: bytes) -> Header:

@@ -28,6 +28,7 @@ from cryptoplane.exceptions import NotSupported
 from cryptoplane.volume import kdf
 from cryptoplane.volume.af import HASHES
 from cryptoplane.volume.errors import CorruptHeader
+from cryptoplane.volume.header_fields import read_text, write_text
 from cryptoplane.volume.luks2_json import (
     BIN_SIZE,
     HDR_SIZES,
@@ -88,12 +89,7 @@ class Header:
 # -- binary header and copies --------------------------------------------------------
 
 def _cstr(raw: bytes, what: str) -> str:
-    value = raw.split(b"\0", 1)[0]
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CorruptHeader(f"LUKS2 {what} is not UTF-8") from None
-    return text
+    return read_text(raw, f"LUKS2 {what}", "utf-8")
 
 
 def _checksum(alg_name: str, copy: bytes) -> bytes:
@@ -191,10 +187,7 @@ def decode(blob: bytes) -> Header:
 
 
 def _pad(text: str, size: int, what: str) -> bytes:
-    raw = text.encode("utf-8")
-    if len(raw) >= size:
-        raise CorruptHeader(f"LUKS2 {what} is longer than {size - 1} bytes")
-    return raw.ljust(size, b"\0")
+    return write_text(text, size, f"LUKS2 {what}", "utf-8")
 
 
 def encode_copy(header: Header, secondary: bool) -> bytes:

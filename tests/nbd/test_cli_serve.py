@@ -140,7 +140,7 @@ def test_fio_verify_on_a_luks_volume(tmp_path: Path, sockdir: str) -> None:
     """The encrypted device under concurrent load: big requests go to the thread pool."""
     import json
 
-    from cryptoplane.nbd.server import ServerThread
+    from cryptoplane.nbd.runner import ServerThread
     from cryptoplane.volume import open_volume
 
     cryptsetup, fio = tool("cryptsetup"), tool("fio")

@@ -11,8 +11,8 @@ import pytest
 import wire as P
 from nbdtools import make_image, tool
 
-from cryptoplane.blockdev import FileDevice
-from cryptoplane.nbd.server import ServerThread
+from cryptoplane.nbd.blockdev import FileDevice
+from cryptoplane.nbd.runner import ServerThread
 
 
 def run(*cmd: str, timeout: float = 60, cwd: Path | None = None) -> str:
@@ -149,12 +149,12 @@ def test_plain_asyncio_without_uvloop(image: tuple[Path, bytes], tmp_path: Path,
                                       sockdir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from cryptoplane.nbd import server
+    from cryptoplane.nbd import runner
 
     nbdcopy = tool("nbdcopy")
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
     with pytest.warns(RuntimeWarning, match="uvloop"):
-        server.new_event_loop().close()
+        runner.new_event_loop().close()
     path, _ = image
     src = make_image(tmp_path / "src.img", 16 << 20, seed=3)
     with pytest.warns(RuntimeWarning), FileDevice(path) as dev, \

@@ -15,8 +15,8 @@ import nbdclient as nc
 import pytest
 import wire as P
 
-from cryptoplane.blockdev import FileDevice
-from cryptoplane.nbd.server import ServerThread
+from cryptoplane.nbd.blockdev import FileDevice
+from cryptoplane.nbd.runner import ServerThread
 
 
 def closed_by_server(sock: socket.socket) -> bool:
@@ -164,7 +164,7 @@ def test_a_slow_reader_gets_every_reply_whole(image: tuple[Path, bytes], sockdir
     # and read buffers are reused: a pool that never hands one back costs a fresh,
     # zero-filled 196 KiB allocation per reply (it went unnoticed once)
     reused = [0]
-    real_buffer = server_mod._Connection._buffer
+    real_buffer = server_mod.Connection._buffer
 
     def counting_buffer(self: Any, size: int) -> Any:
         spares = sum(len(v) for v in self.server.free.values())
@@ -172,7 +172,7 @@ def test_a_slow_reader_gets_every_reply_whole(image: tuple[Path, bytes], sockdir
         reused[0] += sum(len(v) for v in self.server.free.values()) < spares
         return buf
 
-    monkeypatch.setattr(server_mod._Connection, "_buffer", counting_buffer)
+    monkeypatch.setattr(server_mod.Connection, "_buffer", counting_buffer)
     path, data = image
     sock = f"{sockdir}/s"
     with FileDevice(path) as dev, ServerThread({"disk": dev}, socket_path=sock,

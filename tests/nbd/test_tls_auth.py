@@ -27,11 +27,10 @@ import pytest
 from click.testing import CliRunner
 from nbdtools import make_image, tool
 
-from cryptoplane.blockdev import FileDevice
 from cryptoplane.cli.serve import serve
 from cryptoplane.nbd import tls as T
-from cryptoplane.nbd.runner import bind_unix
-from cryptoplane.nbd.server import ServerThread
+from cryptoplane.nbd.blockdev import FileDevice
+from cryptoplane.nbd.runner import ServerThread, bind_unix
 
 SERVE = [sys.executable, "-c", "from cryptoplane.cli.serve import serve; serve()"]
 SIZE = 4 << 20
@@ -559,10 +558,10 @@ def test_exposure_warning(tmp_path: Path, pki: PKI, monkeypatch: pytest.MonkeyPa
                           args: list[str], warned: str | None) -> None:
     """The warning is checked on the command line with the server itself stubbed out,
     so nothing listens on a non-loopback address."""
-    import cryptoplane.nbd.server as server_module
+    import cryptoplane.nbd.runner as runner
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(server_module, "serve", lambda devices, **kw: calls.append(kw))
+    monkeypatch.setattr(runner, "serve", lambda devices, **kw: calls.append(kw))
     img = tmp_path / "x.img"
     make_image(img, 4096)
     subst = {"__CERT__": str(pki.server_cert), "__KEY__": str(pki.server_key),

@@ -3,8 +3,8 @@ import from a layer above, no reaching into another module's private attributes.
 
 Every import counts, including those under ``TYPE_CHECKING`` and inside functions: a
 circle held open by hiding one of its imports is still a circle to whoever reads the
-code. What is known and not yet fixed is listed below by name, so that each list only
-shrinks: an entry that no longer matches anything fails the test until it is removed.
+code. There are no exceptions, other than the standard library's own underscore names
+listed in ``FOREIGN_PUBLIC``.
 """
 
 from __future__ import annotations
@@ -27,67 +27,22 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("nouns", ("cryptoplane.keys", "cryptoplane.requests", "cryptoplane.chain",
                "cryptoplane.session", "cryptoplane.stats")),
     ("engines", ("cryptoplane.engines",)),
-    # cryptoplane.batch and .burst: aliases of the moved modules, kept for
-    # tests/unit/test_burst.py until it imports them from scheduler/
-    ("scheduler", ("cryptoplane.scheduler", "cryptoplane.batch", "cryptoplane.burst")),
+    ("scheduler", ("cryptoplane.scheduler",)),
     ("plane", ("cryptoplane.plane",)),
     ("consumers", ("cryptoplane.volume", "cryptoplane.nbd", "cryptoplane.stream",
-                   "cryptoplane.blockdev", "cryptoplane.metrics", "cryptoplane.stats_server")),
+                   "cryptoplane.telemetry")),
     ("package", ("cryptoplane",)),  # the facade: ``import cryptoplane as cp``
-    ("tools", ("cryptoplane.cli", "cryptoplane.__main__", "cryptoplane.speed",
-               "cryptoplane.speed_engines", "cryptoplane.speed_openssl")),
+    ("tools", ("cryptoplane.cli", "cryptoplane.__main__", "cryptoplane.yardstick")),
 ]
-
-# Imports that close a circle, known and to be removed by the next steps of issue 15
-# (importer, imported). The test drops these edges, then finds no circle.
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    ("cryptoplane.nbd.runner", "cryptoplane.nbd.server"):
-        "runner imports _Connection/_Server inside a function: runner should own them",
-    ("cryptoplane.nbd.limits", "cryptoplane.nbd.server"):
-        "limits names _Connection/_Server (under TYPE_CHECKING): they belong below it",
-    ("cryptoplane.nbd.codec", "cryptoplane.nbd.limits"):
-        "the sans-I/O codec imports the server's limits: the limits it needs go down",
-    ("cryptoplane.speed_engines", "cryptoplane.speed"):
-        "speed <-> speed_engines: the yardstick/ step splits their shared parts out",
-}
-
-# Imports from a layer above, known and to be removed: (importer, imported).
-KNOWN_LAYER_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 # Consumers whose cryptography goes through the plane, so that its engines, balancer,
 # QoS limits and statistics see their work: none of their modules imports the native
 # kernels (a chunk or sector run is a request, served by engines through ``kernels``).
-THROUGH_THE_PLANE = ("cryptoplane.stream",)
+THROUGH_THE_PLANE = ("cryptoplane.stream", "cryptoplane.volume", "cryptoplane.nbd")
 
 # Underscore names that are another module's public API (the standard library's).
 FOREIGN_PUBLIC: dict[str, str] = {
     "os._exit": "the documented way to end a process without running cleanup handlers",
-}
-
-# Private accesses across modules, known and to be removed: (module, what).
-KNOWN_PRIVATE: dict[tuple[str, str], str] = {
-    ("cryptoplane.nbd.runner", "import _Connection from cryptoplane.nbd.server"):
-        "runner should own Server/Connection (issue 15, nbd step)",
-    ("cryptoplane.nbd.runner", "import _Server from cryptoplane.nbd.server"):
-        "runner should own Server/Connection (issue 15, nbd step)",
-    ("cryptoplane.nbd.limits", "import _Connection from cryptoplane.nbd.server"):
-        "as runner's: Connection should be a public name of the module that owns it",
-    ("cryptoplane.nbd.limits", "import _Server from cryptoplane.nbd.server"):
-        "as runner's: Server should be a public name of the module that owns it",
-    ("cryptoplane.nbd.server", "import _errno_of from cryptoplane.nbd.exports"):
-        "server re-uses exports' helpers: they want public names (or to move)",
-    ("cryptoplane.nbd.server", "import _trim from cryptoplane.nbd.exports"):
-        "server re-uses exports' helpers: they want public names (or to move)",
-    ("cryptoplane.cli.volume_convert", "import _Failed from .volume"):
-        "cli/volume's helpers shared with volume_convert: they want a shared module",
-    ("cryptoplane.cli.volume_convert", "import _header_option from .volume"):
-        "cli/volume's helpers shared with volume_convert: they want a shared module",
-    ("cryptoplane.cli.volume_convert", "import _run from .volume"):
-        "cli/volume's helpers shared with volume_convert: they want a shared module",
-    ("cryptoplane.cli.volume_convert", "import _secret from .volume"):
-        "cli/volume's helpers shared with volume_convert: they want a shared module",
-    ("cryptoplane.cli.volume_convert", "import _secret_options from .volume"):
-        "cli/volume's helpers shared with volume_convert: they want a shared module",
 }
 
 
@@ -259,26 +214,15 @@ def private_uses(module: str) -> set[str]:
 
 
 def test_the_package_has_no_import_circle() -> None:
-    edges = {m: frozenset(t for t in ts if (m, t) not in KNOWN_CYCLE_EDGES)
-             for m, ts in graph().items()}
-    found = cycles(edges)
+    found = cycles(graph())
     assert not found, "import circles (every import counts, TYPE_CHECKING and in-function "\
         "ones too): " + "; ".join(" <-> ".join(c) for c in found)
 
 
-def test_known_circles_are_still_there() -> None:
-    """A circle fixed must leave the list, so that it cannot come back unseen."""
-    gone = [e for e in KNOWN_CYCLE_EDGES if e[1] not in graph().get(e[0], ())]
-    assert not gone, f"no longer imported: remove from KNOWN_CYCLE_EDGES: {gone}"
-
-
 def test_no_module_imports_from_a_layer_above() -> None:
-    wrong = sorted((m, t) for m, ts in graph().items() for t in ts
-                   if layer(t) > layer(m) and (m, t) not in KNOWN_LAYER_VIOLATIONS)
+    wrong = sorted((m, t) for m, ts in graph().items() for t in ts if layer(t) > layer(m))
     assert not wrong, "imports from a layer above: " + "; ".join(
         f"{m} ({LAYERS[layer(m)][0]}) imports {t} ({LAYERS[layer(t)][0]})" for m, t in wrong)
-    gone = [e for e in KNOWN_LAYER_VIOLATIONS if e[1] not in graph().get(e[0], ())]
-    assert not gone, f"no longer imported: remove from KNOWN_LAYER_VIOLATIONS: {gone}"
 
 
 def test_consumers_reach_the_native_code_only_through_the_plane() -> None:
@@ -298,12 +242,9 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_no_module_touches_another_modules_private_names() -> None:
-    found = {(m, what) for m in modules() for what in private_uses(m)}
-    new = sorted(found - KNOWN_PRIVATE.keys())
-    assert not new, "private names used outside the module that defines them (give them " \
-        "a public, well-named interface): " + "; ".join(f"{m}: {w}" for m, w in new)
-    gone = sorted(KNOWN_PRIVATE.keys() - found)
-    assert not gone, f"fixed: remove from KNOWN_PRIVATE: {gone}"
+    found = sorted((m, what) for m in modules() for what in private_uses(m))
+    assert not found, "private names used outside the module that defines them (give " \
+        "them a public, well-named interface): " + "; ".join(f"{m}: {w}" for m, w in found)
 
 
 # -- the checks check ---------------------------------------------------------------------

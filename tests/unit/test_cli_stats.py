@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 import cryptoplane as cp
-from cryptoplane import stats_server
 from cryptoplane.cli.main import cli
 from cryptoplane.cli.stats import UnixHTTPConnection
 from cryptoplane.requests import Encrypt
-from cryptoplane.stats_server import StatsServer, serve_stats
+from cryptoplane.telemetry import stats_server
+from cryptoplane.telemetry.stats_server import StatsServer, serve_stats
 
 MATERIAL = bytes(range(0x50, 0x70))
 

@@ -9,8 +9,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 import cryptoplane as cp
-from cryptoplane.metrics import PlaneCollector, prometheus_text
 from cryptoplane.requests import Encrypt
+from cryptoplane.telemetry.metrics import PlaneCollector, prometheus_text
 
 # recognisable key material: its hex (or the bytes) must never reach an export
 MATERIAL = bytes(range(0xA0, 0xC0))

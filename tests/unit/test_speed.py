@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 from support import IN_CI
 
-from cryptoplane import speed as sp
-from cryptoplane import speed_engines as se
 from cryptoplane.cli.main import cli
 from cryptoplane.cli.speed import build_config, parse_sizes, plot_available
+from cryptoplane.yardstick import engine_paths as se
+from cryptoplane.yardstick import openssl_speed as ossl
+from cryptoplane.yardstick import speed as sp
 
 TINY = ["--seconds", "0.02", "--rounds", "2"]
 ROW_KEYS = {"algorithm", "op", "size", "path", "rounds", "note"}
@@ -229,12 +230,12 @@ OPENSSL_ECDSA = """\
 
 
 def test_parse_openssl_output() -> None:
-    assert sp.parse_openssl_bytes(OPENSSL_EVP, "chacha20-poly1305") == pytest.approx(519182460)
-    assert sp.parse_openssl_bytes(OPENSSL_HMAC, "sha256") == pytest.approx(1330295980)
-    assert sp.parse_openssl_signatures(OPENSSL_RSA_30) == {"sign": 3975.0, "verify": 60786.0}
-    assert sp.parse_openssl_signatures(OPENSSL_RSA_35) == {"sign": 1751.4, "verify": 58582.9}
-    assert sp.parse_openssl_signatures(OPENSSL_ECDSA)["sign"] == 50225.0
+    assert ossl.parse_openssl_bytes(OPENSSL_EVP, "chacha20-poly1305") == pytest.approx(519182460)
+    assert ossl.parse_openssl_bytes(OPENSSL_HMAC, "sha256") == pytest.approx(1330295980)
+    assert ossl.parse_openssl_signatures(OPENSSL_RSA_30) == {"sign": 3975.0, "verify": 60786.0}
+    assert ossl.parse_openssl_signatures(OPENSSL_RSA_35) == {"sign": 1751.4, "verify": 58582.9}
+    assert ossl.parse_openssl_signatures(OPENSSL_ECDSA)["sign"] == 50225.0
     with pytest.raises(ValueError):
-        sp.parse_openssl_bytes("garbage", "aes-256-gcm")
+        ossl.parse_openssl_bytes("garbage", "aes-256-gcm")
     with pytest.raises(ValueError):
-        sp.parse_openssl_signatures("garbage")
+        ossl.parse_openssl_signatures("garbage")

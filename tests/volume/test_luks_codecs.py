@@ -187,6 +187,29 @@ def test_luks1_rules() -> None:
         luks1.decode(bytes(raw))
 
 
+def test_text_fields_are_nul_terminated_and_bounded() -> None:
+    """Both codecs' text fields: what follows the first NUL is not part of the text, a
+    field is one byte longer than its longest text (cryptsetup reads up to the NUL),
+    and text in the wrong encoding is a corrupt header, never a UnicodeError."""
+    h = luks1_header()
+    raw = bytearray(h.encode())
+    raw[40:72] = b"xts-plain64\0junk".ljust(32, b"\0")  # the cipher mode field
+    assert luks1.decode(bytes(raw)).cipher_mode == "xts-plain64"
+    raw[40] = 0xFF
+    with pytest.raises(CorruptHeader, match="LUKS1 cipher mode is not ASCII"):
+        luks1.decode(bytes(raw))
+    with pytest.raises(CorruptHeader, match=r"LUKS1 UUID .* is longer than 39 bytes"):
+        dataclasses.replace(h, uuid="u" * 40).encode()
+    with pytest.raises(CorruptHeader, match=r"LUKS1 hash spec .* is not ASCII"):
+        dataclasses.replace(h, hash_spec="sha256\u00e9").encode()
+    dataclasses.replace(h, uuid="u" * 39).encode()
+    h2 = luks2_header()
+    with pytest.raises(CorruptHeader, match=r"LUKS2 label .* is longer than 47 bytes"):
+        luks2.encode_copy(h2.replace(label="\u00e9" * 24), False)  # 48 bytes in UTF-8
+    copy = bytearray(luks2.encode_copy(h2.replace(label="\u00e9" * 23), False))
+    assert luks2.decode(bytes(copy) + luks2.encode_copy(h2, True)).label == "\u00e9" * 23
+
+
 # -- LUKS2 codec ---------------------------------------------------------------------
 
 def luks2_header(seqid: int = 5) -> luks2.Header:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import support
 
-from cryptoplane.volume import bench as vb
+from cryptoplane.yardstick import volume_bench as vb
 
 
 def test_rounds_interleave_servers_and_report_medians(tmp_path: Path) -> None:

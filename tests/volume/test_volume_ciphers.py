@@ -187,3 +187,18 @@ def test_any_spec_parses_or_is_not_supported(spec: str) -> None:
     else:
         assert name == "aes" and chain in ("xts", "cbc", "ctr")
         assert spec == f"{name}-{chain}-{iv}" + (f":{opts}" if opts else "")
+
+
+@pytest.mark.parametrize("spec", ["aes-xts-plain64", "aes-xts-plain", "aes-cbc-essiv:sha256",
+                                  "aes-xts-essiv:sha256", "aes-ctr-plain64"])
+def test_only_a_guarded_kernel_reads_from_a_mapping(plane: cp.Plane, spec: str) -> None:
+    """A volume decrypts straight from its mapped image only where the cipher says so:
+    the plane's XTS runs on the native kernel (which turns the SIGBUS of a shrunk file
+    into an error); never the per-sector ciphers, which copy out of it unguarded."""
+    from cryptoplane import _native
+
+    key = os.urandom(64 if "xts" in spec else 32)
+    cipher = sector_cipher(spec, key, 4096, plane)
+    on_plane = spec.startswith("aes-xts-plain")
+    assert cipher.can_read_mapped() is (on_plane and _native.BACKEND == "native")
+    assert plane.guard_mapped_reads() is (_native.BACKEND == "native")

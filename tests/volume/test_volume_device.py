@@ -18,8 +18,8 @@ from support import unavailable
 
 import cryptoplane as cp
 from cryptoplane import _native
-from cryptoplane.blockdev import BlockDevice
 from cryptoplane.exceptions import InvalidRequest, KeyRejected, NotSupported
+from cryptoplane.nbd.blockdev import BlockDevice
 from cryptoplane.volume.device import Volume
 from cryptoplane.volume.layout import DataLayout
 

@@ -1,6 +1,5 @@
 """``openssl speed`` for the yardstick: the command for a cell, run once per command, its
-output parsed. Knows nothing of the plane, so ``cryptoplane.speed`` (which re-exports the
-parsers) stays about measuring it.
+output parsed. Knows nothing of the plane, so ``speed`` stays about measuring it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ the volume benchmark).
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any, Protocol, runtime_checkable
 
 from cryptoplane.exceptions import InvalidRequest
@@ -77,16 +76,17 @@ def pwrite_full(fd: int, pos: int, view: memoryview) -> None:
         done += os.pwrite(fd, view[done:], pos + done)
 
 
-class FileDevice:
-    """An image file (or block device) served as it is."""
+class BoundedDevice:
+    """What every device here knows and checks before it touches data: its size and
+    block size, whether it may be written, whether it was closed. ``noun`` names it in
+    errors ("device", "volume")."""
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
-                 block_size: int = 4096) -> None:
-        self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
-        self._read_only = read_only
+    def __init__(self, size: int, block_size: int, read_only: bool, noun: str) -> None:
+        self._size = size
         self._block_size = block_size
-        self._size = os.lseek(self._fd, 0, os.SEEK_END)
-        self._closed = threading.Event()
+        self._read_only = read_only
+        self._noun = noun
+        self._closed = False
 
     @property
     def size(self) -> int:
@@ -100,10 +100,26 @@ class FileDevice:
     def block_size(self) -> int:
         return self._block_size
 
-    def _check(self, offset: int, length: int) -> None:
+    def _check(self, offset: int, length: int, *, write: bool = False) -> None:
+        """Refuse a request on a closed device, a write to a read-only one, and a range
+        outside it."""
+        if self._closed:
+            raise InvalidRequest(f"the {self._noun} is closed")
+        if write and self._read_only:
+            raise InvalidRequest(f"the {self._noun} is read-only")
         if offset < 0 or length < 0 or offset + length > self._size:
-            raise InvalidRequest(f"range {offset}+{length} is outside the device "
+            raise InvalidRequest(f"range {offset}+{length} is outside the {self._noun} "
                                  f"({self._size} bytes)")
+
+
+class FileDevice(BoundedDevice):
+    """An image file (or block device) served as it is."""
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
+                 block_size: int = 4096) -> None:
+        self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        super().__init__(os.lseek(self._fd, 0, os.SEEK_END), block_size, read_only,
+                         "device")
 
     def pread(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
@@ -115,10 +131,8 @@ class FileDevice:
         pread_full(self._fd, offset, view)
 
     def pwrite(self, offset: int, data: Any, *, fua: bool = False) -> None:
-        if self._read_only:
-            raise InvalidRequest("the device is read-only")
         view = memoryview(data).cast("B")
-        self._check(offset, len(view))
+        self._check(offset, len(view), write=True)
         pwrite_full(self._fd, offset, view)
         if fua:
             os.fdatasync(self._fd)
@@ -142,8 +156,8 @@ class FileDevice:
             self.flush()
 
     def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()
+        if not self._closed:
+            self._closed = True
             os.close(self._fd)
 
     def __enter__(self) -> FileDevice:

@@ -24,12 +24,12 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from ._version import __version__
-from .engines.base import Health
-from .stats import Histogram
+from cryptoplane._version import __version__
+from cryptoplane.engines.base import Health
+from cryptoplane.stats import Histogram
 
 if TYPE_CHECKING:
-    from .plane import Plane
+    from cryptoplane.plane import Plane
 
 PREFIX = "cryptoplane"
 OP_LABELS = ("engine", "algorithm", "op", "client")

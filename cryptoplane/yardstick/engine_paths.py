@@ -45,11 +45,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import requests as rq
-from .engines import REGISTRY
-from .keys import Key
-from .plane import Plane
-from .speed import (
+from cryptoplane import requests as rq
+from cryptoplane.engines import REGISTRY
+from cryptoplane.keys import Key
+from cryptoplane.plane import Plane
+from cryptoplane.yardstick.timing import (
     AEADS,
     HASHES,
     KIB,

@@ -1,9 +1,9 @@
 """Serve a running plane's statistics on a Unix socket, over minimal HTTP/1.0.
 
 ``GET /stats`` answers ``plane.stats()`` as JSON and ``GET /metrics`` the Prometheus text
-export (``cryptoplane.metrics``); anything else is 404. ``cryptoplane stats --socket PATH``
-reads it, and so can ``curl --unix-socket PATH http://localhost/metrics`` or a Prometheus
-agent beside the plane.
+export (``metrics``); anything else is 404. ``cryptoplane stats --socket PATH`` reads it,
+and so can ``curl --unix-socket PATH http://localhost/metrics`` or a Prometheus agent
+beside the plane.
 
 A Unix socket, not TCP: the numbers stay on this machine, access is the socket file's
 permissions (0o600, the plane's own user), and there is no port to choose or collide on.
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .metrics import prometheus_text
+from cryptoplane.telemetry.metrics import prometheus_text
 
 if TYPE_CHECKING:
-    from .plane import Plane
+    from cryptoplane.plane import Plane
 
 SOCKET_MODE = 0o600
 JSON_TYPE = "application/json"
