@@ -63,7 +63,7 @@ SEALED_SIZE = CHUNK_SIZE + TAG_SIZE
 # plane's work per request and the per-batch Python costs vanish beside the batch's
 # crypto, small enough that a batch stays in the caches between its read, its crypto and
 # its write.
-BATCH_CHUNKS = 32
+BATCH_CHUNKS = 16
 
 
 def _key(payload_key: bytes) -> bytes:
@@ -207,9 +207,8 @@ def _progress_of(progress: Callable[[int], None] | None,
 
 
 def _depth(workers: int) -> int:
-    """Batches in flight: one more than the workers, so that each has its next batch
-    read while the caller writes one out."""
-    return 1 if workers == 1 else workers + 1
+    """Batches in flight: one per worker, one being read and one being written."""
+    return 1 if workers == 1 else workers + 2
 
 
 def seal_payload(payload_key: bytes, src: Any, dst: Writer, *, workers: int | None = None,
@@ -218,7 +217,8 @@ def seal_payload(payload_key: bytes, src: Any, dst: Writer, *, workers: int | No
     """Encrypt everything ``src`` yields until EOF as the STREAM, written to ``dst`` in
     order; returns the plaintext bytes. ``src`` needs ``readinto`` (or ``read``).
     ``workers``: threads (None: every core this process may use; 1: this thread only).
-    ``progress(plaintext_bytes_so_far)`` is called after each batch, from this thread.
+    ``progress(plaintext_bytes_so_far)`` is called after each batch, from the thread
+    that wrote it.
     ``plane``: where the chunks are sealed (None: the streams' shared plane). Memory
     stays a few MiB per worker whatever the length."""
     key = _key(payload_key)

@@ -2,11 +2,12 @@
 
 The STREAM rules live in ``payload.py``; this module only moves bytes. The caller's
 thread reads batch after batch into a few buffers allocated once (``depth`` pairs of
-input and output buffers, reused for every batch), starts each batch's job at once (a
-request on the plane: the threads engine's workers run them while this thread reads
-the next and writes the last), and writes the results in batch order as they complete.
-Memory is ``depth`` x (in + out) whatever the stream's length: a pipe is processed in
-constant memory.
+input and output buffers, reused for every batch) and starts each batch's job at once (a
+request on the plane, which the threads engine's workers run); a writer thread takes
+the batches in order as they complete and writes them out. Reads, the crypto and writes
+all release the GIL, so they overlap: this is no crypto thread pool, only the I/O.
+With a depth of 1 everything happens in the caller's thread. Memory is ``depth`` x (in +
+out) whatever the stream's length: a pipe is processed in constant memory.
 
 Whether a batch is the last one is known only at EOF, so a read takes one byte more
 than a batch and carries it over to the next batch: a batch is final exactly when that
@@ -16,7 +17,8 @@ byte is missing. (A full batch at EOF is final; only an empty stream has an empt
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -32,6 +34,8 @@ class Pending(Protocol):
 
 # job(src, dst, batch_number, final): the batch's work, started (it may still run)
 Job = Callable[[memoryview, memoryview, int, bool], Pending]
+# a started batch: its input and output buffers, its input size, its job
+_Started = tuple[memoryview, memoryview, int, Pending]
 
 
 class Writer(Protocol):
@@ -78,7 +82,8 @@ def write_all(dst: Writer, data: memoryview) -> None:
 
 class Pipeline:
     """One run over ``src``: batches of ``in_size`` bytes in, up to ``out_size`` out.
-    ``progress(consumed, produced)`` is called after each batch is written."""
+    ``progress(consumed, produced)`` is called after each batch is written, from the
+    thread that wrote it."""
 
     def __init__(self, src: Any, dst: Writer, job: Job, *, in_size: int, out_size: int,
                  progress: Callable[[int, int], None] | None = None) -> None:
@@ -93,45 +98,101 @@ class Pipeline:
         self.produced = 0         # bytes written to dst
 
     def run(self, depth: int) -> None:
-        """Process the whole stream with up to ``depth`` batches started at once;
-        raises the first error, after writing every batch before it."""
-        free = [(memoryview(bytearray(self._in_size + 1)),
-                 memoryview(bytearray(self._out_size))) for _ in range(max(1, depth))]
-        started: deque[tuple[memoryview, memoryview, int, Pending]] = deque()
+        """Process the whole stream with up to ``depth`` batches started at once (1: all
+        in this thread); raises the first error, after writing every batch before it."""
+        if depth <= 1:
+            self._run_here()
+        else:
+            self._run_split(depth)
+
+    def _pair(self) -> tuple[memoryview, memoryview]:
+        return memoryview(bytearray(self._in_size + 1)), memoryview(bytearray(self._out_size))
+
+    def _run_here(self) -> None:
+        inbuf, outbuf = self._pair()
         number = 0
-        eof = False
-        read_error: BaseException | None = None
+        while True:
+            size, final = self._read(inbuf)
+            written, error = self._job(inbuf[:size], outbuf, number, final).outcome()
+            self._put(outbuf[:written], size, error)
+            if final:
+                return
+            number += 1
+
+    def _put(self, data: memoryview, consumed: int, error: BaseException | None) -> None:
+        write_all(self._dst, data)
+        self.produced += len(data)
+        self.consumed += consumed
+        if self._progress is not None:
+            self._progress(self.consumed, self.produced)
+        if error is not None:
+            raise error
+
+    def _run_split(self, depth: int) -> None:
+        """This thread reads and starts batches; a writer thread waits for each in turn
+        and writes it, so that reads, the crypto and writes overlap (the crypto runs
+        wherever the job sends it: the plane's engines)."""
+        slots: queue.SimpleQueue[tuple[memoryview, memoryview] | None] = queue.SimpleQueue()
+        for _ in range(depth):
+            slots.put(self._pair())
+        order: queue.SimpleQueue[_Started | None] = queue.SimpleQueue()
+        failed: list[BaseException] = []
+        abandon = threading.Event()
+        writer = threading.Thread(target=self._write_in_order,
+                                  args=(order, slots, failed, abandon),
+                                  name="cryptoplane-stream-writer", daemon=True)
+        writer.start()
+        read_error: Exception | None = None
         try:
-            while True:
-                while free and not eof:
-                    inbuf, outbuf = free.pop()
-                    try:
-                        size, eof = self._read(inbuf)
-                    except Exception as exc:  # raised once the batches before it are out
-                        read_error, eof = exc, True
-                        break
-                    started.append((inbuf, outbuf, size,
-                                    self._job(inbuf[:size], outbuf, number, eof)))
-                    number += 1
-                if not started:
+            number, final = 0, False
+            while not final:
+                pair = slots.get()
+                if pair is None:  # the writer stopped on an error
                     break
-                inbuf, outbuf, size, pending = started.popleft()
-                written, error = pending.outcome()
-                write_all(self._dst, outbuf[:written])
-                self.produced += written
-                self.consumed += size
-                if self._progress is not None:
-                    self._progress(self.consumed, self.produced)
-                if error is not None:
-                    raise error
-                free.append((inbuf, outbuf))
+                inbuf, outbuf = pair
+                try:
+                    size, final = self._read(inbuf)
+                except Exception as exc:  # raised once the batches before it are out
+                    read_error = exc
+                    break
+                order.put((inbuf, outbuf, size, self._job(inbuf[:size], outbuf, number,
+                                                           final)))
+                number += 1
         except Exception:
-            for *_, pending in started:  # nothing may still write into our buffers
-                with contextlib.suppress(Exception):
-                    pending.outcome()
+            order.put(None)
+            writer.join()
             raise
+        except BaseException:  # e.g. KeyboardInterrupt: write nothing more, wait for nobody
+            abandon.set()
+            order.put(None)
+            raise
+        order.put(None)
+        writer.join()
+        if failed:
+            raise failed[0]
         if read_error is not None:
             raise read_error
+
+    def _write_in_order(self, order: queue.SimpleQueue[_Started | None],
+                        slots: queue.SimpleQueue[tuple[memoryview, memoryview] | None],
+                        failed: list[BaseException], abandon: threading.Event) -> None:
+        while True:
+            item = order.get()
+            if item is None:
+                return
+            inbuf, outbuf, size, pending = item
+            if failed or abandon.is_set():
+                with contextlib.suppress(Exception):
+                    pending.outcome()  # nothing may still write into our buffers
+                continue
+            try:
+                written, error = pending.outcome()
+                self._put(outbuf[:written], size, error)
+            except BaseException as exc:  # every failure ends the run, raised by run()
+                failed.append(exc)
+                slots.put(None)
+                continue
+            slots.put((inbuf, outbuf))
 
     def _read(self, buf: memoryview) -> tuple[int, bool]:
         """The next batch into ``buf``: (its size, whether it is the final one)."""
