@@ -100,6 +100,19 @@ def _passphrase_options(verb: str, asked: str = "") -> Callable[[_F], _F]:
     return add
 
 
+def _force_workers_input(fn: _F) -> _F:
+    """-f, -j and [INPUT], as encrypt and decrypt both take them."""
+    for option in reversed([
+        click.option("-f", "--force", is_flag=True, help=_FORCE_HELP),
+        click.option("-j", "--workers", type=click.IntRange(1), metavar="N",
+                     help="Threads for the payload (default: every core)."),
+        click.argument("input_path", metavar="[INPUT]", required=False,
+                       type=click.Path(dir_okay=False, allow_dash=True)),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @contextlib.contextmanager
 def _progress(size: int | None, label: str) -> Iterator[Callable[[int], None] | None]:
     """A rich bar on stderr when it is a terminal and the input is large."""
@@ -159,11 +172,7 @@ _FORCE_HELP = ("Replace OUTPUT if it exists. It is swapped for the finished file
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="OUTPUT",
               help="Write to OUTPUT (atomically; a new file is mode 0600) instead of "
                    "standard output.")
-@click.option("-f", "--force", is_flag=True, help=_FORCE_HELP)
-@click.option("-j", "--workers", type=click.IntRange(1), metavar="N",
-              help="Threads for the payload (default: every core).")
-@click.argument("input_path", metavar="[INPUT]", required=False,
-                type=click.Path(dir_okay=False, allow_dash=True))
+@_force_workers_input
 @on_signals
 def encrypt_cmd(recipients: tuple[str, ...], recipient_files: tuple[str, ...], ask: bool,
                 passphrase_file: str | None, passphrase_fd: int | None, work_factor: int,
@@ -206,11 +215,7 @@ def encrypt_cmd(recipients: tuple[str, ...], recipient_files: tuple[str, ...], a
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="OUTPUT",
               help="Write to OUTPUT, created (mode 0600) only once everything "
                    "authenticated.")
-@click.option("-f", "--force", is_flag=True, help=_FORCE_HELP)
-@click.option("-j", "--workers", type=click.IntRange(1), metavar="N",
-              help="Threads for the payload (default: every core).")
-@click.argument("input_path", metavar="[INPUT]", required=False,
-                type=click.Path(dir_okay=False, allow_dash=True))
+@_force_workers_input
 @on_signals
 def decrypt_cmd(identity_files: tuple[str, ...], ask: bool, passphrase_file: str | None,
                 passphrase_fd: int | None, max_work_factor: int, output: str | None,
