@@ -1,11 +1,12 @@
 """A payload's chunk runs as requests on a plane (``SealChunks``/``OpenChunks``), so its
 engines, balancer, QoS limits and statistics see stream work like any other.
 
-Streams that are not given a plane share one, made at first use: the inline and threads
-engines, for ChaCha20-Poly1305 only (its self-test is all a stream waits for). Work
-meant for "this thread only" runs on a session bound to the inline engine; parallel work
-on one bound to the threads engine, whose workers pull each run from the plane's queues
-while the caller reads and writes.
+Streams that are not given a plane share one, made at first use: the inline engine, for
+ChaCha20-Poly1305 only (its self-test is all a stream waits for). A payload's session is
+bound to the inline engine, so each run is served in the thread that read it (the
+stream's workers, ``pipeline.py``), the kernel releasing the GIL meanwhile: handing a
+batch to the threads engine cost more scheduling than the crypto could spare. On a
+plane without an inline engine, its balancer chooses.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from cryptoplane.algorithms import lookup
-from cryptoplane.engines import InlineEngine, ThreadsEngine
+from cryptoplane.engines import InlineEngine
 from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.kernels.base import Buffer
 from cryptoplane.kernels.chunks import releases_gil
@@ -39,7 +40,7 @@ def shared_plane() -> Plane:
     with _lock:
         if _shared is None:
             alg = [lookup(ALGORITHM)]
-            _shared = Plane([InlineEngine(algorithms=alg), ThreadsEngine(algorithms=alg)])
+            _shared = Plane([InlineEngine(algorithms=alg)])
             atexit.register(_shared.close)
         return _shared
 
@@ -60,20 +61,18 @@ def parallel() -> bool:
 
 
 class Runs:
-    """One payload key on ``plane``: its chunk runs as requests. ``here``: run them in the
-    calling thread (the inline engine); otherwise on the threads engine's workers."""
+    """One payload key on ``plane``: its chunk runs as requests, run in the calling
+    thread (the inline engine) where the plane has one."""
 
     __slots__ = ("key", "plane")
 
-    def __init__(self, payload_key: bytes, plane: Plane | None, *, here: bool) -> None:
+    def __init__(self, payload_key: bytes, plane: Plane | None = None) -> None:
         self.plane = plane if plane is not None else shared_plane()
         if len(payload_key) != 32:
             raise InvalidRequest("a payload key is 32 bytes")
         self.key = Key(ALGORITHM, payload_key)
-        engines = self.plane.engines
-        engine = "inline" if here else "threads"
-        # a plane without that engine: its balancer chooses among those it has
-        self.plane.session(self.key, engine=engine if engine in engines else None)
+        inline = "inline" in self.plane.engines
+        self.plane.session(self.key, engine="inline" if inline else None)
 
     def seal(self, data: Buffer, out: Any, counter: int, final: bool) -> Future[int]:
         return self.plane.submit(SealChunks(self.key, data, out, counter=counter,

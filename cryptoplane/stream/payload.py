@@ -7,8 +7,8 @@ chunk carries the flag, may be short, and is empty only when the whole payload i
 A reader cannot tell that a full-size chunk is the last one until it sees EOF after it,
 so the openers hold the last full chunk back until they know. Whole batches of chunks go
 to the plane as ``SealChunks``/``OpenChunks`` requests (``chunks.py``: one kernel call per
-batch, the GIL released, on the threads engine's workers or in this thread);
-``pipeline.Pipeline`` keeps a few batches in flight and writes the results in order.
+batch, the GIL released, in the thread that read the batch); ``pipeline.Pipeline``
+spreads the batches over threads and writes the results in order.
 Openers release only authenticated plaintext: on the first bad chunk they write the
 plaintext of the chunks before it and raise a ``PayloadError``. A chunk
 that authenticates, but not in its place (a full chunk at EOF that opens as non-final, a
@@ -206,11 +206,6 @@ def _progress_of(progress: Callable[[int], None] | None,
     return lambda consumed, produced: progress(produced)
 
 
-def _depth(workers: int) -> int:
-    """Batches in flight: one per worker, one being read and one being written."""
-    return 1 if workers == 1 else workers + 2
-
-
 def seal_payload(payload_key: bytes, src: Any, dst: Writer, *, workers: int | None = None,
                  progress: Callable[[int], None] | None = None,
                  plane: Plane | None = None) -> int:
@@ -224,14 +219,14 @@ def seal_payload(payload_key: bytes, src: Any, dst: Writer, *, workers: int | No
     key = _key(payload_key)
     batch = BATCH_CHUNKS
     n = _workers(workers)
-    runs = Runs(key, plane, here=n == 1)
+    runs = Runs(key, plane)
 
     def job(s: memoryview, d: memoryview, number: int, final: bool) -> Pending:
         return _Sealing(runs.seal(s, d, number * batch, final))
 
     run = Pipeline(src, dst, job, in_size=batch * CHUNK_SIZE,
                    out_size=batch * SEALED_SIZE, progress=_progress_of(progress, True))
-    run.run(_depth(n))
+    run.run(n)
     return run.consumed
 
 
@@ -246,21 +241,21 @@ def open_payload(payload_key: bytes, src: Any, dst: Writer, *, workers: int | No
     key = _key(payload_key)
     batch = BATCH_CHUNKS
     n = _workers(workers)
-    runs = Runs(key, plane, here=n == 1)
+    runs = Runs(key, plane)
 
     def job(s: memoryview, d: memoryview, number: int, final: bool) -> Pending:
         return _open_batch(runs, s, d, number * batch, final)
 
     run = Pipeline(src, dst, job, in_size=batch * SEALED_SIZE,
                    out_size=batch * CHUNK_SIZE, progress=_progress_of(progress, False))
-    run.run(_depth(n))
+    run.run(n)
     return run.produced
 
 
 def chunk_opener(payload_key: bytes, plane: Plane | None = None) -> Runs:
     """What ``open_chunk`` takes to open many chunks of one payload without preparing
     the key for each (``SeekableReader``)."""
-    return Runs(_key(payload_key), plane, here=True)
+    return Runs(_key(payload_key), plane)
 
 
 def open_chunk(payload_key: bytes | Runs, chunk: bytes, index: int, *, final: bool) -> bytes:
@@ -291,7 +286,7 @@ class PayloadSealer:
     those of ``seal_payload`` on the concatenated input."""
 
     def __init__(self, payload_key: bytes, plane: Plane | None = None) -> None:
-        self._runs = Runs(_key(payload_key), plane, here=True)
+        self._runs = Runs(_key(payload_key), plane)
         self._pending = bytearray()
         self._counter = 0
         self._done = False
@@ -334,7 +329,7 @@ class PayloadOpener:
     raises it again."""
 
     def __init__(self, payload_key: bytes, plane: Plane | None = None) -> None:
-        self._runs = Runs(_key(payload_key), plane, here=True)
+        self._runs = Runs(_key(payload_key), plane)
         self._pending = bytearray()
         self._counter = 0
         self._done = False

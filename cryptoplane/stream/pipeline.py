@@ -1,23 +1,23 @@
 """Ordered, bounded, parallel batch processing of one byte stream: read, transform, write.
 
-The STREAM rules live in ``payload.py``; this module only moves bytes. The caller's
-thread reads batch after batch into a few buffers allocated once (``depth`` pairs of
-input and output buffers, reused for every batch) and starts each batch's job at once (a
-request on the plane, which the threads engine's workers run); a writer thread takes
-the batches in order as they complete and writes them out. Reads, the crypto and writes
-all release the GIL, so they overlap: this is no crypto thread pool, only the I/O.
-With a depth of 1 everything happens in the caller's thread. Memory is ``depth`` x (in +
-out) whatever the stream's length: a pipe is processed in constant memory.
+The STREAM rules live in ``payload.py``; this module only moves bytes. Each of ``workers``
+threads owns one input and one output buffer (allocated once, reused for every batch) and
+loops: take the next batch from ``src`` (reads are serialised and numbered), run its job
+(a request on the plane, served in that thread: the chunk kernel releases the GIL, so
+jobs run on several cores), then wait for its turn and write the result to ``dst``
+(writes are serialised in batch order). Reads and writes release the GIL too, so one
+thread's I/O overlaps another's crypto, and no batch hops between threads: a hand-off to
+the plane's threads engine cost more scheduling per batch than the crypto could spare.
+Memory is ``workers`` x (in + out) whatever the stream's length: a pipe is processed in
+constant memory.
 
-Whether a batch is the last one is known only at EOF, so a read takes one byte more
+Whether a batch is the last one is known only at EOF, so a reader takes one byte more
 than a batch and carries it over to the next batch: a batch is final exactly when that
 byte is missing. (A full batch at EOF is final; only an empty stream has an empty batch.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -34,8 +34,6 @@ class Pending(Protocol):
 
 # job(src, dst, batch_number, final): the batch's work, started (it may still run)
 Job = Callable[[memoryview, memoryview, int, bool], Pending]
-# a started batch: its input and output buffers, its input size, its job
-_Started = tuple[memoryview, memoryview, int, Pending]
 
 
 class Writer(Protocol):
@@ -93,115 +91,94 @@ class Pipeline:
         self._in_size = in_size
         self._out_size = out_size
         self._progress = progress
-        self._carry: int | None = None  # the byte read past the last batch
+        self._read_lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._next_batch = 0      # the number the next read gets (read lock)
+        self._carry: int | None = None  # the byte read past the last batch (read lock)
+        self._eof = False
+        self._writing = 0         # the batch whose turn it is to write (turn condition)
+        self._stop = False
+        self._error: BaseException | None = None
         self.consumed = 0         # bytes read from src, in batches written
         self.produced = 0         # bytes written to dst
 
-    def run(self, depth: int) -> None:
-        """Process the whole stream with up to ``depth`` batches started at once (1: all
-        in this thread); raises the first error, after writing every batch before it."""
-        if depth <= 1:
-            self._run_here()
+    def run(self, workers: int) -> None:
+        """Process the whole stream with ``workers`` threads (1: this thread only);
+        raises the first error, after writing every batch before it."""
+        if workers <= 1:
+            self._work()
         else:
-            self._run_split(depth)
+            threads = [threading.Thread(target=self._work, name=f"cryptoplane-stream-{i}",
+                                        daemon=True) for i in range(workers)]
+            for t in threads:
+                t.start()
+            try:
+                for t in threads:
+                    t.join()
+            except BaseException:
+                self._fail(None)  # e.g. KeyboardInterrupt: let the workers wind down
+                raise
+        if self._error is not None:
+            raise self._error
 
-    def _pair(self) -> tuple[memoryview, memoryview]:
-        return memoryview(bytearray(self._in_size + 1)), memoryview(bytearray(self._out_size))
+    def _fail(self, error: BaseException | None) -> None:
+        with self._turn:
+            if self._error is None and error is not None:
+                self._error = error
+            self._stop = True
+            self._turn.notify_all()
 
-    def _run_here(self) -> None:
-        inbuf, outbuf = self._pair()
-        number = 0
-        while True:
-            size, final = self._read(inbuf)
-            written, error = self._job(inbuf[:size], outbuf, number, final).outcome()
-            self._put(outbuf[:written], size, error)
-            if final:
-                return
-            number += 1
+    def _work(self) -> None:
+        try:
+            inbuf = memoryview(bytearray(self._in_size + 1))
+            outbuf = memoryview(bytearray(self._out_size))
+            while True:
+                got = self._read(inbuf)
+                if got is None:
+                    return
+                number, size, final = got
+                written, error = self._job(inbuf[:size], outbuf, number, final).outcome()
+                if not self._write(number, size, outbuf[:written], error) or final:
+                    return
+        except BaseException as exc:  # every failure ends the run, reported by run()
+            self._fail(exc)
 
-    def _put(self, data: memoryview, consumed: int, error: BaseException | None) -> None:
+    def _read(self, buf: memoryview) -> tuple[int, int, bool] | None:
+        with self._read_lock:
+            if self._eof or self._stop:
+                return None
+            start = 0
+            if self._carry is not None:
+                buf[0] = self._carry
+                start = 1
+            size = start + fill(self._src, buf[start:])
+            number = self._next_batch
+            self._next_batch += 1
+            if size > self._in_size:
+                self._carry = buf[self._in_size]
+                return number, self._in_size, False
+            self._eof = True
+            return number, size, True
+
+    def _write(self, number: int, consumed: int, data: memoryview,
+               error: BaseException | None) -> bool:
+        """Write batch ``number`` in its turn; False when the run has stopped."""
+        with self._turn:
+            while self._writing != number and not self._stop:
+                self._turn.wait()
+            if self._stop:
+                return False
+        # Our turn: nobody else writes until we pass it on, so no lock is held here.
         write_all(self._dst, data)
         self.produced += len(data)
         self.consumed += consumed
         if self._progress is not None:
             self._progress(self.consumed, self.produced)
-        if error is not None:
-            raise error
-
-    def _run_split(self, depth: int) -> None:
-        """This thread reads and starts batches; a writer thread waits for each in turn
-        and writes it, so that reads, the crypto and writes overlap (the crypto runs
-        wherever the job sends it: the plane's engines)."""
-        slots: queue.SimpleQueue[tuple[memoryview, memoryview] | None] = queue.SimpleQueue()
-        for _ in range(depth):
-            slots.put(self._pair())
-        order: queue.SimpleQueue[_Started | None] = queue.SimpleQueue()
-        failed: list[BaseException] = []
-        abandon = threading.Event()
-        writer = threading.Thread(target=self._write_in_order,
-                                  args=(order, slots, failed, abandon),
-                                  name="cryptoplane-stream-writer", daemon=True)
-        writer.start()
-        read_error: Exception | None = None
-        try:
-            number, final = 0, False
-            while not final:
-                pair = slots.get()
-                if pair is None:  # the writer stopped on an error
-                    break
-                inbuf, outbuf = pair
-                try:
-                    size, final = self._read(inbuf)
-                except Exception as exc:  # raised once the batches before it are out
-                    read_error = exc
-                    break
-                order.put((inbuf, outbuf, size, self._job(inbuf[:size], outbuf, number,
-                                                           final)))
-                number += 1
-        except Exception:
-            order.put(None)
-            writer.join()
-            raise
-        except BaseException:  # e.g. KeyboardInterrupt: write nothing more, wait for nobody
-            abandon.set()
-            order.put(None)
-            raise
-        order.put(None)
-        writer.join()
-        if failed:
-            raise failed[0]
-        if read_error is not None:
-            raise read_error
-
-    def _write_in_order(self, order: queue.SimpleQueue[_Started | None],
-                        slots: queue.SimpleQueue[tuple[memoryview, memoryview] | None],
-                        failed: list[BaseException], abandon: threading.Event) -> None:
-        while True:
-            item = order.get()
-            if item is None:
-                return
-            inbuf, outbuf, size, pending = item
-            if failed or abandon.is_set():
-                with contextlib.suppress(Exception):
-                    pending.outcome()  # nothing may still write into our buffers
-                continue
-            try:
-                written, error = pending.outcome()
-                self._put(outbuf[:written], size, error)
-            except BaseException as exc:  # every failure ends the run, raised by run()
-                failed.append(exc)
-                slots.put(None)
-                continue
-            slots.put((inbuf, outbuf))
-
-    def _read(self, buf: memoryview) -> tuple[int, bool]:
-        """The next batch into ``buf``: (its size, whether it is the final one)."""
-        start = 0
-        if self._carry is not None:
-            buf[0] = self._carry
-            start = 1
-        size = start + fill(self._src, buf[start:])
-        if size > self._in_size:
-            self._carry = buf[self._in_size]
-            return self._in_size, False
-        return size, True
+        with self._turn:
+            self._writing += 1
+            if error is not None:
+                if self._error is None:
+                    self._error = error
+                self._stop = True
+            self._turn.notify_all()
+        return error is None
