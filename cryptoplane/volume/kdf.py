@@ -64,9 +64,9 @@ class Limits:
     ``KdfLimitExceeded`` (cryptsetup's own maxima, and caps on work).
 
     Work is counted before it is done, in units of the largest derivation one keyslot
-    may ask for (``pbkdf2_work`` SHA-256-equivalent iterations, or ``argon2_work_kib``
-    KiB x passes), each volume-key digest check included (at most ``digest_work``
-    iterations, a quarter unit): one unlock, whatever the passphrase, spends at most
+    may ask for (``pbkdf2_work`` SHA-256 iterations of one 32-byte output block, or
+    ``argon2_work_kib`` KiB x passes), each volume-key digest check included (at most
+    ``digest_work`` iterations, a quarter unit): one unlock, whatever the passphrase, spends at most
     ``total_work`` units, so a keyslot at the maximum and its digest fit once.
     Measured on a 2-core machine of this project (OpenSSL's PBKDF2-SHA256 at 8.1M
     iterations/s, Argon2id at 1-1.8 GiB x pass/s): a unit is about 12 s of PBKDF2 or
@@ -85,32 +85,42 @@ class Limits:
     total_work: float = 1.25  # one unlock: at most this many units, digests included
 
 
-# PBKDF2's cost per iteration relative to SHA-256 (SHA-512's 128-byte blocks take about
-# 2.3 times as long here); hashes not named cost as SHA-256
+# PBKDF2's cost per iteration and output block relative to SHA-256's (SHA-512's 128-byte
+# blocks take about 2.3 times as long here); hashes not named cost as SHA-256
 _HASH_WEIGHT = {"sha512": 2.5, "sha384": 2.5, "whirlpool": 4.0}
 
 
-def cost(params: KdfParams, limits: Limits | None = None) -> float:
-    """The work of one derivation as a fraction of the largest a slot may ask for."""
+def _pbkdf2_factor(params: Pbkdf2, length: int) -> float:
+    """SHA-256 iterations one iteration of ``params`` is worth when it derives ``length``
+    bytes: PBKDF2 runs all its iterations once per hash-sized block of output, so a
+    64-byte keyslot key from SHA-256 costs twice its iteration count."""
+    blocks = -(-length // hash_algorithm(params.hash).digest_size)
+    return _HASH_WEIGHT.get(params.hash, 1.0) * blocks
+
+
+def cost(params: KdfParams, limits: Limits | None = None, length: int = 32) -> float:
+    """The work of deriving ``length`` bytes, as a fraction of the largest a keyslot may
+    ask for."""
     limits = limits or LIMITS
     if isinstance(params, Pbkdf2):
-        return params.iterations * _HASH_WEIGHT.get(params.hash, 1.0) / limits.pbkdf2_work
+        return params.iterations * _pbkdf2_factor(params, length) / limits.pbkdf2_work
     return params.time * params.memory / limits.argon2_work_kib
 
 
 LIMITS = Limits()
 
 
-def check(params: KdfParams, limits: Limits | None = None) -> None:
-    """Refuse parameters that are malformed or beyond ``limits`` (default ``LIMITS``)."""
+def check(params: KdfParams, limits: Limits | None = None, length: int = 32) -> None:
+    """Refuse parameters that are malformed or beyond ``limits`` (default ``LIMITS``) for
+    a derivation of ``length`` bytes."""
     limits = limits or LIMITS
     if isinstance(params, Pbkdf2):
         hash_algorithm(params.hash)
         if params.iterations < 1:
             raise KdfLimitExceeded(f"pbkdf2 iterations {params.iterations} is below 1")
-        if params.iterations > limits.pbkdf2_iterations or cost(params, limits) > 1:
+        if params.iterations > limits.pbkdf2_iterations or cost(params, limits, length) > 1:
             most = min(limits.pbkdf2_iterations,
-                       int(limits.pbkdf2_work / _HASH_WEIGHT.get(params.hash, 1.0)))
+                       int(limits.pbkdf2_work / _pbkdf2_factor(params, length)))
             raise KdfLimitExceeded(f"pbkdf2-{params.hash} iterations {params.iterations} "
                                    f"exceed the limit {most}")
         return
@@ -130,21 +140,21 @@ def check(params: KdfParams, limits: Limits | None = None) -> None:
                                f"KiB exceeds the limit {limits.argon2_work_kib} KiB")
 
 
-def check_digest(params: Pbkdf2, limits: Limits | None = None) -> None:
+def check_digest(params: Pbkdf2, limits: Limits | None = None, length: int = 32) -> None:
     """Refuse a volume-key digest over its own, lower limit (it runs for every keyslot
     tried, so it must cost a fraction of what a keyslot may)."""
     limits = limits or LIMITS
-    check(params, limits)
-    if cost(params, limits) * limits.pbkdf2_work > limits.digest_work:
+    check(params, limits, length)
+    if cost(params, limits, length) * limits.pbkdf2_work > limits.digest_work:
+        most = int(limits.digest_work / _pbkdf2_factor(params, length))
         raise KdfLimitExceeded(f"the volume key digest's pbkdf2-{params.hash} iterations "
-                               f"{params.iterations} exceed the limit "
-                               f"{int(limits.digest_work / _HASH_WEIGHT.get(params.hash, 1.0))}")
+                               f"{params.iterations} exceed the limit {most}")
 
 
 def derive(params: KdfParams, passphrase: bytes, salt: bytes, length: int,
            limits: Limits | None = None) -> bytes:
     """The key of ``length`` bytes that ``passphrase`` and ``salt`` give under ``params``."""
-    check(params, limits)
+    check(params, limits, length)
     if not 1 <= length <= 1024:
         raise InvalidRequest(f"derived key length {length} is outside 1..1024")
     if isinstance(params, Pbkdf2):

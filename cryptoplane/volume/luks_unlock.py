@@ -57,6 +57,20 @@ def _slot_kdf(loaded: LuksHeader, i: int) -> kdfs.KdfParams:
     return kdfs.Pbkdf2(loaded.h1.hash_spec, s.iterations)
 
 
+def _slot_key_length(loaded: LuksHeader, i: int) -> int:
+    """Bytes the keyslot's KDF derives (its area key): PBKDF2's work grows with them."""
+    if loaded.version == 2:
+        return loaded.h2.metadata.keyslots[i].area.key_size
+    return loaded.h1.key_bytes
+
+
+def _digest_length(loaded: LuksHeader, i: int | None) -> int:
+    if loaded.version == 2:
+        meta = loaded.h2.metadata
+        return len((meta.segment_digest(0) if i is None else meta.keyslot_digest(i))[1].digest)
+    return len(loaded.h1.mk_digest)
+
+
 def _digest_kdf(loaded: LuksHeader, i: int | None) -> kdfs.Pbkdf2:
     """The PBKDF2 that checks what keyslot ``i`` decrypts (None: a volume key for the
     data segment): run for every slot tried,
@@ -96,7 +110,7 @@ def open_key(dev: Device, loaded: LuksHeader, secret: bytes | None,
     if loaded.version == 2 and for_data:
         loaded.h2.metadata.check_supported()
     if volume_key is not None:
-        kdfs.check_digest(_digest_kdf(loaded, None))
+        kdfs.check_digest(_digest_kdf(loaded, None), length=_digest_length(loaded, None))
         ok = (keyslots.check_luks2_key(loaded.h2.metadata.segment_digest(0)[1], volume_key)
               if loaded.version == 2 else keyslots.check_luks1_key(loaded.h1, volume_key))
         if not ok:
@@ -121,12 +135,13 @@ def open_key(dev: Device, loaded: LuksHeader, secret: bytes | None,
             unusable = unusable or e
             continue
         try:
-            kdfs.check(params)  # a slot over the limits is skipped, not tried
-            kdfs.check_digest(digest)
+            size, digest_size = _slot_key_length(loaded, i), _digest_length(loaded, i)
+            kdfs.check(params, length=size)  # a slot over the limits is skipped, not tried
+            kdfs.check_digest(digest, length=digest_size)
         except (CorruptHeader, NotSupported) as e:
             over_limit = over_limit or e
             continue
-        spent += kdfs.cost(params) + kdfs.cost(digest)
+        spent += kdfs.cost(params, length=size) + kdfs.cost(digest, length=digest_size)
         if spent > kdfs.LIMITS.total_work:
             raise over_limit or KdfLimitExceeded(
                 "the keyslots together ask for more KDF work than one unlock may spend")

@@ -282,14 +282,15 @@ def test_many_costly_keyslots_are_refused_together(tmp_path: Path,
     for i in range(4):
         luks.add_key(img, passphrase=b"pw", new_passphrase=b"%d" % i, kdf="pbkdf2",
                      kdf_params=PBKDF2_FAST)
-    # each slot (1,000 iterations, and 1,000 more for its digest check) is within the
-    # (lowered) per-slot limit; three slots together (6 units) are, five (10) are not
-    monkeypatch.setattr(kdf, "LIMITS", kdf.Limits(pbkdf2_work=1000, total_work=6.0))
+    # each slot (1,000 iterations for a 64-byte key: two SHA-256 blocks, 1.0 unit of a
+    # lowered 2,000, and 0.5 for its 32-byte digest check) is within the per-slot limit;
+    # four slots together (6 units) are, five (7.5) are not
+    monkeypatch.setattr(kdf, "LIMITS", kdf.Limits(pbkdf2_work=2000, total_work=6.0))
     assert luks.test_passphrase(img, passphrase=b"1") == 2
     with pytest.raises(KdfLimitExceeded, match="together"):
         luks.unlock(img, passphrase=b"wrong")
-    # the digest checks count: without them the five slots would fit in 6 units
-    monkeypatch.setattr(kdf, "LIMITS", kdf.Limits(pbkdf2_work=1000, total_work=9.0))
+    # the digest checks count: without them the five slots would fit in 7 units
+    monkeypatch.setattr(kdf, "LIMITS", kdf.Limits(pbkdf2_work=2000, total_work=7.0))
     with pytest.raises(KdfLimitExceeded, match="together"):
         luks.unlock(img, passphrase=b"wrong")
 
