@@ -436,13 +436,16 @@ def test_age_files_open_and_ours_open_in_age(size: int, age_key: tuple[Path, str
 def test_bench_runs_small(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from cryptoplane.stream import bench
+    from cryptoplane.cli.stream_bench import render
+    from cryptoplane.yardstick import stream_bench as bench
 
     for tool in ("age", "age-keygen", "openssl"):
         if shutil.which(tool) is None:
             support.unavailable(f"{tool} is not installed (the bench compares with it)")
     console = Console(file=io.StringIO(), width=200)
-    rows = bench.run_bench(1 << 20, workdir=str(tmp_path), rounds=1, console=console)
+    report = bench.run_bench(1 << 20, workdir=str(tmp_path), rounds=1)
+    render(report, console)
+    rows = report.rows
     assert {(r.op, r.tool.split()[0]) for r in rows} >= {
         ("encrypt", "cryptoplane"), ("decrypt", "cryptoplane"), ("encrypt", "age"),
         ("decrypt", "openssl")}

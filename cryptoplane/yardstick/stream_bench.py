@@ -34,15 +34,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from cryptoplane.exceptions import CryptoplaneError
 from cryptoplane.stream import payload as pl
 from cryptoplane.stream import recipients as rc
 from cryptoplane.stream.header import decode_header
 
-__all__ = ["BenchError", "BenchRow", "run_bench"]
+__all__ = ["BenchError", "BenchReport", "BenchRow", "run_bench"]
 
 _NONCE = 16
 
@@ -221,30 +218,19 @@ def _cpu(in_process: bool) -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _table(rows: list[BenchRow], size: int, workdir: str, rounds: int,
-           load: tuple[float, float]) -> Table:
-    table = Table(title=f"age-format encryption of {size >> 20} MiB in {workdir}: "
-                        f"median of {rounds} interleaved rounds after a warm-up "
-                        f"(load average {load[0]:.2f} before, {load[1]:.2f} after)",
-                  caption="cryptoplane runs in-process, through cryptoplane.stream.encrypt/"
-                          "decrypt, or, marked (payload), header + seal_payload/open_payload;"
-                          " spread: slowest / fastest round")
-    for name, justify in (("op", "left"), ("tool", "left"), ("workers", "right"),
-                          ("MB/s", "right"), ("vs age", "right"), ("spread", "right"),
-                          ("CPU s", "right"), ("age CPU/CPU", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for r in rows:
-        table.add_row(r.op, r.tool, "" if r.workers is None else str(r.workers),
-                      f"{r.mb_s:,.0f}", "" if r.vs_age is None else f"{r.vs_age:.2f}x",
-                      f"{r.spread:.2f}", f"{r.cpu_s:.2f}",
-                      "" if r.cpu_vs_age is None else f"{r.cpu_vs_age:.2f}x")
-    return table
+@dataclass
+class BenchReport:
+    """What a run measured, for the CLI to render: the rows, and the conditions."""
+
+    rows: list[BenchRow]
+    size: int
+    workdir: str
+    rounds: int
+    load: tuple[float, float]  # load average before and after
 
 
-def run_bench(size_bytes: int, workdir: str = "/dev/shm", rounds: int = 3,
-              console: Console | None = None) -> list[BenchRow]:
-    """Measure, print (to ``console``, default stdout) and return the rows."""
-    console = console or Console()
+def run_bench(size_bytes: int, workdir: str = "/dev/shm", rounds: int = 3) -> BenchReport:
+    """Measure and return the rows (nothing is printed: ``cli/stream_bench`` renders)."""
     if rounds < 1:
         raise BenchError("rounds must be at least 1")
     all_cores = max(1, len(os.sched_getaffinity(0)))
@@ -270,10 +256,5 @@ def run_bench(size_bytes: int, workdir: str = "/dev/shm", rounds: int = 3,
             if case.op == "decrypt" and not filecmp.cmp(plain, case.output, shallow=False):
                 raise BenchError(f"{case.tool} did not decrypt back to the input")
         _interop(work, plain, all_cores)
-    rows = _rows(cases, size_bytes)
-    console.print(_table(rows, size_bytes, workdir, rounds,
-                         (load_before, os.getloadavg()[0])))
-    console.print("commands (cryptoplane's as the equivalent CLI; it runs in-process):")
-    for r in rows:
-        console.print(f"  {r.command}", soft_wrap=True, highlight=False, markup=False)
-    return rows
+    return BenchReport(_rows(cases, size_bytes), size_bytes, workdir, rounds,
+                       (load_before, os.getloadavg()[0]))
