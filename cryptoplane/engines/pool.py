@@ -45,9 +45,8 @@ from .shm import Arena, as_bytes_view
 
 DEFAULT_SLOTS = 8
 DEFAULT_SLOT_SIZE = 4 << 20  # the largest request the pool takes (max_request)
-# Two pipe hops and a reader thread's wake-up, measured here at ~25 µs a round trip
-# (the part of a pool request's latency that neither side's clock sees); the parent
-# pays about half of it in CPU (pickling, the reader's wake-up and unpickling).
+# two pipe hops and a reader's wake-up: latency neither side's clock sees, half of it
+# the parent's CPU (measured: benchmarks/README.md, plane_speed)
 HOP_SECONDS = 25e-6
 STOP_GRACE = 2.0  # seconds a worker gets to exit on STOP before terminate, then kill
 
@@ -127,8 +126,8 @@ class PoolEngine(Engine):
         self.storm = storm  # (deaths, seconds): this many deaths in the window: BROKEN
         self.parallelism = self.nworkers
         self.capacity = self.nworkers * slots  # slots in all (fewer while one respawns)
-        # Given the accepted jobs not yet completed when the engine breaks, instead of
-        # failing them with EngineFailed (a scheduler reroutes them).
+        # Takes the accepted jobs still open when the engine breaks (a scheduler
+        # reroutes them) instead of their failing with EngineFailed.
         self.on_broken = None
         self._ctx = _context()
         self._workers: list[_Worker] = []
@@ -448,9 +447,8 @@ class PoolEngine(Engine):
             p = w.inflight.pop(mid, None)
         if p is None:
             return  # closed or failed over meanwhile: completed by whoever took it
-        # Ours now. Its slot is neither free nor on the books until we free it below, so
-        # nothing else writes into it; the arena outlives this (only this worker's reader,
-        # or close() after joining that reader, releases it).
+        # Ours now: its slot is neither free nor on the books until freed below, and the
+        # arena outlives this (only this reader, or close() after joining it, frees it).
         t0 = time.perf_counter()
         result = value
         if inline:
