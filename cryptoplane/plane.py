@@ -37,6 +37,8 @@ from .session import (
     OP_ENCRYPT_SECTORS,
     OP_INDEX,
     OP_MAC,
+    OP_OPEN_CHUNKS,
+    OP_SEAL_CHUNKS,
     OP_SIGN,
     OP_VERIFY,
     Session,
@@ -309,6 +311,40 @@ class Plane:
         result = self._on_kernel(s, "decrypt_sectors", data, sector, sector_size, out, layout)
         s.tally.add(OP_DECRYPT_SECTORS, len(data))
         return result
+
+    def seal_chunks(self, key: Key, data: Buffer, out: Any, *, counter: int,
+                    final: bool) -> int:
+        """A run of age STREAM chunks sealed into ``out`` (each chunk, then its tag) in
+        one native call, GIL released: what ``SealChunks`` does, on the fast path (a
+        stream's batch cost ~16 µs more through a request and its future). Returns the
+        bytes written."""
+        s = key.session_hint
+        if s.fast_plane is not self:
+            s = self._sessions.for_key(key)
+            if s.fast_plane is not self:
+                written: int = self.run(rq.SealChunks(key, data, out, counter=counter,
+                                                      final=final))
+                return written
+        rq.check_chunks(data, counter)
+        n: int = self._on_kernel(s, "seal_chunks", data, out, counter, final)
+        s.tally.add(OP_SEAL_CHUNKS, len(data))
+        return n
+
+    def open_chunks(self, key: Key, data: Buffer, out: Any, *, counter: int,
+                    final: bool) -> int:
+        """The inverse of ``seal_chunks``: ``ChunkAuthenticationFailed`` (naming the
+        chunk) for one that does not authenticate."""
+        s = key.session_hint
+        if s.fast_plane is not self:
+            s = self._sessions.for_key(key)
+            if s.fast_plane is not self:
+                written: int = self.run(rq.OpenChunks(key, data, out, counter=counter,
+                                                      final=final))
+                return written
+        rq.check_chunks(data, counter)
+        n: int = self._on_kernel(s, "open_chunks", data, out, counter, final)
+        s.tally.add(OP_OPEN_CHUNKS, len(data))
+        return n
 
     def guard_mapped_reads(self) -> bool:
         """Whether ``decrypt_sectors`` may read its input from a shared file mapping. A

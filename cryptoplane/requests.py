@@ -360,14 +360,19 @@ class _Chunks(Request):
     def __init__(self, key: Key, data: Buffer, out: Any, *, counter: int,
                  final: bool) -> None:
         self.key = _need_key(key, self.op)
-        _need_bytes(data, "data")
-        if not isinstance(counter, int) or counter < 0:
-            raise InvalidRequest(f"counter must be a chunk number >= 0, got {counter!r}")
+        check_chunks(data, counter)
         self.data, self.out, self.counter, self.final = data, out, counter, bool(final)
 
     @property
     def nbytes(self) -> int:
         return len(self.data)
+
+
+def check_chunks(data: object, counter: object) -> None:
+    """Validate a chunk run's input (the kernel checks ``out`` against it)."""
+    _need_bytes(data, "data")
+    if not isinstance(counter, int) or counter < 0:
+        raise InvalidRequest(f"counter must be a chunk number >= 0, got {counter!r}")
 
 
 class SealChunks(_Chunks):
@@ -386,4 +391,4 @@ class OpenChunks(_Chunks):
         return kernel.open_chunks(self.data, self.out, self.counter, self.final)
 
 
-__all__ += ["OpenChunks", "SealChunks"]
+__all__ += ["OpenChunks", "SealChunks", "check_chunks"]

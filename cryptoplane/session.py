@@ -35,7 +35,7 @@ PRIORITIES = ("high", "normal", "bulk")
 # the same interface and numbers (see cryptoplane._native).
 FAST_OPS = TALLY_OPS
 (OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY, OP_MAC, OP_ENCRYPT_SECTORS,
- OP_DECRYPT_SECTORS) = range(len(FAST_OPS))
+ OP_DECRYPT_SECTORS, OP_SEAL_CHUNKS, OP_OPEN_CHUNKS) = range(len(FAST_OPS))
 OP_INDEX = {op: i for i, op in enumerate(FAST_OPS)}
 assert FAST_OPS[OP_ENCRYPT] == "encrypt" and FAST_OPS[OP_DECRYPT_SECTORS] == "decrypt_sectors"
 

@@ -127,7 +127,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 # The ops a session counts, in index order (the C module has the same tuple: it adds to
 # encrypt and decrypt, 0 and 1, itself).
 TALLY_OPS = ("encrypt", "decrypt", "sign", "verify", "mac", "encrypt_sectors",
-             "decrypt_sectors")
+             "decrypt_sectors", "seal_chunks", "open_chunks")
 
 # requests << 64 | bytes in one int, so add() is one addition: 2**64 bytes is 16 EiB, the
 # byte half cannot overflow into the request half.

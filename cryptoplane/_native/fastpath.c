@@ -40,6 +40,7 @@
  */
 static const char *const TALLY_OPS[] = {
     "encrypt", "decrypt", "sign", "verify", "mac", "encrypt_sectors", "decrypt_sectors",
+    "seal_chunks", "open_chunks",
 };
 #define TALLY_N ((int)(sizeof(TALLY_OPS) / sizeof(TALLY_OPS[0])))
 enum { TALLY_ENCRYPT = 0, TALLY_DECRYPT = 1 };

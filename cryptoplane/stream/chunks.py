@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -26,7 +27,7 @@ from cryptoplane.keys import Key
 from cryptoplane.plane import Plane
 from cryptoplane.requests import OpenChunks, SealChunks
 
-__all__ = ["Runs", "parallel", "shared_plane"]
+__all__ = ["Done", "Outcome", "Runs", "parallel", "shared_plane"]
 
 ALGORITHM = "chacha20-poly1305"
 
@@ -64,7 +65,7 @@ class Runs:
     """One payload key on ``plane``: its chunk runs as requests, run in the calling
     thread (the inline engine) where the plane has one."""
 
-    __slots__ = ("key", "plane")
+    __slots__ = ("inline", "key", "plane")
 
     def __init__(self, payload_key: bytes, plane: Plane | None = None) -> None:
         self.plane = plane if plane is not None else shared_plane()
@@ -73,22 +74,51 @@ class Runs:
         self.key = Key(ALGORITHM, payload_key)
         inline = "inline" in self.plane.engines
         self.plane.session(self.key, engine="inline" if inline else None)
+        self.inline = inline
 
-    def seal(self, data: Buffer, out: Any, counter: int, final: bool) -> Future[int]:
+    def seal(self, data: Buffer, out: Any, counter: int, final: bool) -> Outcome:
+        """The run sealed: done at once on the plane's fast path (this thread, the
+        inline engine), else submitted to the plane's engines."""
+        if self.inline:
+            return Done.of(self.seal_now, data, out, counter, final)
         return self.plane.submit(SealChunks(self.key, data, out, counter=counter,
                                             final=final))
 
-    def open(self, data: Buffer, out: Any, counter: int, final: bool) -> Future[int]:
+    def open(self, data: Buffer, out: Any, counter: int, final: bool) -> Outcome:
+        if self.inline:
+            return Done.of(self.open_now, data, out, counter, final)
         return self.plane.submit(OpenChunks(self.key, data, out, counter=counter,
                                             final=final))
 
     def open_now(self, data: Buffer, out: Any, counter: int, final: bool) -> int:
         """``open`` and wait: raises ``ChunkAuthenticationFailed`` for a bad chunk."""
-        written: int = self.plane.run(OpenChunks(self.key, data, out, counter=counter,
-                                                 final=final))
-        return written
+        return self.plane.open_chunks(self.key, data, out, counter=counter, final=final)
 
     def seal_now(self, data: Buffer, out: Any, counter: int, final: bool) -> int:
-        written: int = self.plane.run(SealChunks(self.key, data, out, counter=counter,
-                                                 final=final))
-        return written
+        return self.plane.seal_chunks(self.key, data, out, counter=counter, final=final)
+
+
+class Done:
+    """A run already done, with a future's ``result()``: on the fast path a stream's batch
+    needs no ``Future`` (its lock and condition cost more than the call's bookkeeping)."""
+
+    __slots__ = ("_error", "_value")
+
+    def __init__(self, value: int, error: BaseException | None) -> None:
+        self._value, self._error = value, error
+
+    @classmethod
+    def of(cls, fn: Callable[[Buffer, Any, int, bool], int], data: Buffer, out: Any,
+           counter: int, final: bool) -> Done:
+        try:
+            return cls(fn(data, out, counter, final), None)
+        except Exception as e:  # handed over with result(), as a future would
+            return cls(0, e)
+
+    def result(self) -> int:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+Outcome = Future[int] | Done

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 from cryptoplane.exceptions import ChunkAuthenticationFailed, InvalidRequest
 from cryptoplane.plane import Plane
-from cryptoplane.stream.chunks import Runs, parallel
+from cryptoplane.stream.chunks import Outcome, Runs, parallel
 from cryptoplane.stream.errors import (
     ChunkTampered,
     EmptyFinalChunk,
@@ -141,7 +140,7 @@ class _Done:
 class _Sealing:
     __slots__ = ("future",)
 
-    def __init__(self, future: Future[int]) -> None:
+    def __init__(self, future: Outcome) -> None:
         self.future = future
 
     def outcome(self) -> tuple[int, BaseException | None]:
