@@ -41,6 +41,7 @@ from cryptoplane.volume.ciphers import SectorCipher, sector_cipher
 from cryptoplane.volume.datalock import lock_data
 from cryptoplane.volume.errors import CorruptHeader
 from cryptoplane.volume.layout import DataLayout
+from cryptoplane.volume.luks import data_device_size
 from cryptoplane.volume.luks_io import (
     Device,
     LuksHeader,
@@ -117,7 +118,7 @@ def inspect(path: str | os.PathLike[str], secret: bytes, *,
         state = _conversion(loaded.h2.metadata)
         bare = _without_requirement(loaded)
         _, key = open_key(dev, bare, secret, None)
-        size = _data_size(path, header, dev)
+        size = data_device_size(path, header, dev)
     new = data_layout(bare, key, size)
     if state is not None:
         return Inspection("converting", new.sector_size, converted=state.offset,
@@ -176,7 +177,7 @@ def convert(path: str | os.PathLike[str], secret: bytes, *,
                                  "under both rules: nothing to convert")
         bare = _without_requirement(loaded)
         _, key = open_key(dev, bare, secret, None)
-        size = _data_size(path, header, dev)
+        size = data_device_size(path, header, dev)
         new = data_layout(bare, key, size)
         old = data_layout(bare, key, size, legacy_ivs=True)
         h2 = loaded.h2
@@ -299,17 +300,6 @@ def _without_requirement(loaded: LuksHeader) -> LuksHeader:
         meta.config, mandatory=tuple(r for r in meta.config.mandatory if r != REQUIREMENT))
     h2 = loaded.h2.replace(metadata=dataclasses.replace(meta, config=config))
     return LuksHeader(2, v2=h2)
-
-
-def _data_size(path: str | os.PathLike[str], header: str | os.PathLike[str] | None,
-               dev: Device) -> int:
-    if header is None:
-        return dev.size()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

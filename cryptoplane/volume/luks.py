@@ -127,7 +127,9 @@ def _secret(passphrase: bytes | None, key_file: PathLike | None, what: str = "pa
 
 # -- unlocking -----------------------------------------------------------------------
 
-def _data_size(path: PathLike, header: PathLike | None, meta_dev: Device) -> int:
+def data_device_size(path: PathLike, header: PathLike | None, meta_dev: Device) -> int:
+    """Bytes on the data device: the header's own device, or ``path`` when the
+    header is detached."""
     if header is None:
         return meta_dev.size()
     with _device(path, False) as data:
@@ -143,7 +145,7 @@ def unlock(path: PathLike, *, passphrase: bytes | None = None,
     with _device(_meta_path(path, header), False) as dev:
         loaded = read_header(dev)
         _, key = open_key(dev, loaded, secret, volume_key, slot)
-        size = _data_size(path, header, dev)
+        size = data_device_size(path, header, dev)
     return data_layout(loaded, key, size)
 
 
@@ -535,5 +537,5 @@ def erase(path: PathLike, header: PathLike | None = None) -> None:
 
 
 __all__ = ["CorruptHeader", "LuksInfo", "WrongPassphrase", "add_key", "backup_header",
-           "change_key", "dump", "erase", "format", "remove_key", "restore_header",
-           "test_passphrase", "unlock"]
+           "change_key", "data_device_size", "dump", "erase", "format", "remove_key",
+           "restore_header", "test_passphrase", "unlock"]
