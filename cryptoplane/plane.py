@@ -318,32 +318,25 @@ class Plane:
         one native call, GIL released: what ``SealChunks`` does, on the fast path (a
         stream's batch cost ~16 µs more through a request and its future). Returns the
         bytes written."""
-        s = key.session_hint
-        if s.fast_plane is not self:
-            s = self._sessions.for_key(key)
-            if s.fast_plane is not self:
-                written: int = self.run(rq.SealChunks(key, data, out, counter=counter,
-                                                      final=final))
-                return written
-        rq.check_chunks(data, counter)
-        n: int = self._on_kernel(s, "seal_chunks", data, out, counter, final)
-        s.tally.add(OP_SEAL_CHUNKS, len(data))
-        return n
+        return self._chunks(rq.SealChunks, OP_SEAL_CHUNKS, key, data, out, counter, final)
 
     def open_chunks(self, key: Key, data: Buffer, out: Any, *, counter: int,
                     final: bool) -> int:
         """The inverse of ``seal_chunks``: ``ChunkAuthenticationFailed`` (naming the
         chunk) for one that does not authenticate."""
+        return self._chunks(rq.OpenChunks, OP_OPEN_CHUNKS, key, data, out, counter, final)
+
+    def _chunks(self, cls: type[rq.SealChunks] | type[rq.OpenChunks], index: int, key: Key,
+                data: Buffer, out: Any, counter: int, final: bool) -> int:
         s = key.session_hint
         if s.fast_plane is not self:
             s = self._sessions.for_key(key)
             if s.fast_plane is not self:
-                written: int = self.run(rq.OpenChunks(key, data, out, counter=counter,
-                                                      final=final))
+                written: int = self.run(cls(key, data, out, counter=counter, final=final))
                 return written
         rq.check_chunks(data, counter)
-        n: int = self._on_kernel(s, "open_chunks", data, out, counter, final)
-        s.tally.add(OP_OPEN_CHUNKS, len(data))
+        n: int = self._on_kernel(s, cls.op.value, data, out, counter, final)
+        s.tally.add(index, len(data))
         return n
 
     def guard_mapped_reads(self) -> bool:
