@@ -81,6 +81,16 @@ class Op(enum.IntEnum):
     VERIFY_HMAC = 23
     DIGEST = 24
     RANDOM = 25
+    # offload sessions: the caller's own key, held in the server's memory for the
+    # connection (virtio-crypto's sessions); the raw plane operations on it
+    SESSION_OPEN = 32
+    SESSION_CLOSE = 33
+    RAW_ENCRYPT = 40
+    RAW_DECRYPT = 41
+    RAW_SIGN = 42
+    RAW_VERIFY = 43
+    RAW_MAC = 44
+    RAW_VERIFY_MAC = 45
     # key management (payload: a JSON field both ways)
     KEY_CREATE = 64
     KEY_IMPORT = 65
@@ -118,7 +128,10 @@ class Field(enum.IntEnum):
     JSON = 16           # UTF-8 JSON object: control arguments and answers
     MESSAGE = 17        # UTF-8 error text
     RETRY_AFTER = 18    # u32 milliseconds (THROTTLED, BUSY, SHUTTING_DOWN)
-    ALGORITHM = 19      # ASCII: digest algorithm
+    ALGORITHM = 19      # ASCII: digest algorithm; plane algorithm of a session
+    SESSION = 20        # u32: an offload session of this connection
+    KEY = 21            # key material (SESSION_OPEN): raw symmetric, PKCS#8/SPKI DER
+    TAG_SIZE = 22       # u32: MAC tag size (RAW_MAC), 0 = the algorithm's full size
 
 
 _FIELD_TAGS: Final = frozenset(int(f) for f in Field)
