@@ -169,6 +169,7 @@ _ERRORS: Final[tuple[tuple[Status, type[BaseException]], ...]] = (
     (Status.POLICY_VIOLATION, fe.PolicyViolation),
     (Status.PROTOCOL_ERROR, fe.ProtocolError),
     (Status.CONNECTION_LOST, fe.ConnectionLost),
+    (Status.INTERNAL, fe.ServerError),
     (Status.UNAUTHORIZED, fe.Unauthorized),
     (Status.FORBIDDEN, fe.Forbidden),
     (Status.KEY_NOT_FOUND, fe.KeyNotFound),
@@ -183,7 +184,7 @@ _ERRORS: Final[tuple[tuple[Status, type[BaseException]], ...]] = (
     (Status.BUSY, base.Busy),
     (Status.ENGINE_FAILED, base.EngineFailed),
     (Status.TIMEOUT, base.Timeout),
-    (Status.INTERNAL, fe.ServerError),
+
 )
 _CLASS_OF: Final = {status: cls for status, cls in _ERRORS}
 # statuses after which the request certainly did not run: safe to send again anywhere
