@@ -15,6 +15,8 @@ apt_packages=(gcc libssl-dev openssl pkg-config)
 # the real programs that volumes (LUKS, NBD) and streams (age) are tested against
 # (python3-libnbd: nbdsh, libnbd's client for the system python3, the NBD tests' oracle)
 apt_packages+=(cryptsetup-bin qemu-utils nbdkit fio libnbd-bin python3-libnbd age)
+# the fabric tests start their own PostgreSQL cluster (initdb/pg_ctl as an unprivileged user)
+apt_packages+=(postgresql)
 python_bin=${PYTHON:-python3}
 # Debian's python3 needs its -dev and -venv packages to build extensions and venvs
 if [ "$(command -v "$python_bin")" = /usr/bin/python3 ]; then

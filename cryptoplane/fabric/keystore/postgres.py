@@ -1,0 +1,148 @@
+"""The shared backend: PostgreSQL through psycopg 3, for several servers on several
+machines.
+
+Writers lock the key's row (``SELECT ... FOR UPDATE``) so concurrent rotations queue;
+every key change sends ``NOTIFY cryptoplane_keystore`` with ``[tenant, name]``,
+delivered at commit, which ``subscribe``'s listener thread (its own connection) turns
+into cache invalidations. NOTIFY has no replay, so after the listener (re)connects it
+reports a reset: whoever caches drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from .base import Keystore
+from .core import ChangeCallback, ResetCallback, Tx
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "cryptoplane_keystore"
+# pooled connections idle longer than this are pinged before use, so a database restart
+# costs a reconnect instead of a failed request
+PING_AFTER = 5.0
+# any constant shared by every process migrating the same database
+MIGRATION_LOCK = 0x6370_6B73  # "cpks"
+
+
+class PostgresKeystore(Keystore):
+    dialect = "postgresql"
+    for_update = " FOR UPDATE"
+
+    def __init__(self, conninfo: str, *, pool_size: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._conninfo = conninfo
+        self._pool_size = pool_size
+        self._idle: list[tuple[psycopg.Connection[Any], float]] = []
+        self._pool_lock = threading.Lock()
+        self._listener_stops: list[threading.Event] = []
+        self._threads: list[threading.Thread] = []
+        self._put(self._connect())  # fail now, at open, if the database is unreachable
+
+    def __repr__(self) -> str:
+        return "PostgresKeystore(...)"  # the conninfo may hold a password
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        # autocommit: transactions are explicit (conn.transaction()), never implicit
+        return psycopg.connect(self._conninfo, autocommit=True)
+
+    # -- the pool ---------------------------------------------------------------------
+
+    def _get(self) -> psycopg.Connection[Any]:
+        while True:
+            with self._pool_lock:
+                if not self._idle:
+                    break
+                conn, since = self._idle.pop()
+            if conn.closed or conn.broken:
+                continue
+            if time.monotonic() - since > PING_AFTER:
+                try:
+                    conn.execute("SELECT 1")
+                except psycopg.OperationalError:
+                    conn.close()
+                    continue
+            return conn
+        return self._connect()
+
+    def _put(self, conn: psycopg.Connection[Any]) -> None:
+        healthy = not (conn.closed or conn.broken) and (
+            conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
+        with self._pool_lock:
+            if healthy and not self._closed and len(self._idle) < self._pool_size:
+                self._idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[Tx]:
+        conn = self._get()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                yield Tx(cur, pyformat=True)
+        finally:
+            self._put(conn)
+
+    def _lock_for_migration(self, tx: Tx) -> None:
+        tx.one("SELECT pg_advisory_xact_lock(?)", MIGRATION_LOCK)
+
+    def _notify(self, tx: Tx, tenant: str, name: str) -> None:
+        tx.one("SELECT pg_notify(?, ?)", CHANNEL, self.notify_payload(tenant, name))
+
+    def _close_connections(self) -> None:
+        for stop in self._listener_stops:
+            stop.set()
+        for t in self._threads:
+            t.join()
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
+    # -- other servers' changes ---------------------------------------------------------
+
+    def subscribe(self, on_change: ChangeCallback,
+                  on_reset: ResetCallback) -> Callable[[], None]:
+        local = super().subscribe(on_change, on_reset)
+        stop = threading.Event()
+        t = threading.Thread(target=self._listen, args=(on_change, on_reset, stop),
+                             name="keystore-listen", daemon=True)
+        self._listener_stops.append(stop)
+        self._threads.append(t)
+        t.start()
+
+        def unsubscribe() -> None:
+            local()
+            stop.set()
+        return unsubscribe
+
+    def _listen(self, on_change: ChangeCallback, on_reset: ResetCallback,
+                stop: threading.Event) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                with self._connect() as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    on_reset()  # whatever happened while not listening is unknown
+                    backoff = 0.1
+                    while not stop.is_set():
+                        for n in conn.notifies(timeout=0.2):
+                            try:
+                                tenant, name = json.loads(n.payload)
+                            except (ValueError, TypeError):
+                                on_reset()
+                                continue
+                            on_change(str(tenant), str(name))
+            except psycopg.Error:
+                log.warning("keystore listener lost its connection; reconnecting")
+                on_reset()
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
