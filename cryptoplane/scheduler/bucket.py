@@ -13,6 +13,11 @@ from collections.abc import Callable
 
 Clock = Callable[[], float]
 
+# Floating-point slack when comparing tokens: a caller that waited exactly the time it
+# was told must find its tokens there, not 1e-16 short and told to wait 1e-19 s more
+# (which, added to a clock of 1e9, would not even move it: a livelock).
+_EPSILON = 1e-9
+
 
 class TokenBucket:
     __slots__ = ("_clock", "_last", "_tokens", "burst", "rate")
@@ -51,6 +56,32 @@ class TokenBucket:
         self._tokens -= amount
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``try_take(amount)`` would succeed (0: now); takes nothing."""
+        if not self.rate:
+            return 0.0
+        self._refill()
+        tokens = self._tokens
+        if tokens + _EPSILON >= amount:
+            return 0.0
+        # more than the burst can never be in the bucket: such an amount is admitted
+        # when the bucket is full, into debt, so a huge batch is slowed, not starved
+        if amount > self.burst:
+            return 0.0 if tokens + _EPSILON >= self.burst else (self.burst - tokens) / self.rate
+        return (amount - tokens) / self.rate
+
+    def try_take(self, amount: float) -> float:
+        """Take ``amount`` tokens if they are there (or the bucket is full and the amount
+        is more than it can hold: then it goes into debt, as ``reserve``); otherwise take
+        nothing and return the seconds until they would be. 0.0 means taken.
+
+        Unlike ``reserve``, a refusal costs the caller nothing: a server that answers
+        "retry later" without running the request must not charge for it."""
+        wait = self.wait_for(amount)
+        if wait == 0.0 and self.rate:
+            self._tokens -= amount
+        return wait
+
     @property
     def unlimited(self) -> bool:
         return not self.rate
@@ -79,6 +110,20 @@ class Limit:
     def reserve(self, nbytes: int) -> float:
         """Seconds until a request of ``nbytes`` may run under both limits."""
         return max(self.ops.reserve(1), self.bytes.reserve(nbytes))
+
+    def wait_for(self, ops: float, nbytes: float) -> float:
+        """Seconds until ``try_take(ops, nbytes)`` would succeed; takes nothing."""
+        return max(self.ops.wait_for(ops), self.bytes.wait_for(nbytes))
+
+    def try_take(self, ops: float, nbytes: float) -> float:
+        """Take ``ops`` and ``nbytes`` from both buckets, or from neither: 0.0 when taken,
+        else the seconds until both would allow it (``TokenBucket.try_take``)."""
+        wait = self.wait_for(ops, nbytes)
+        if wait == 0.0:
+            # both said yes just now and tokens only grow with time: these cannot refuse
+            self.ops.try_take(ops)
+            self.bytes.try_take(nbytes)
+        return wait
 
     def describe(self) -> dict[str, float]:
         return {"ops_per_s": self.ops.rate, "bytes_per_s": self.bytes.rate}
