@@ -45,3 +45,18 @@ fi
 echo "setup: installing cryptoplane${extras} into .venv (builds the native kernel)" >&2
 .venv/bin/python -m pip install -q -e ".${extras}"
 .venv/bin/python -c 'import cryptoplane._native as n; print(f"setup: sector kernel: {n.BACKEND}", n.BACKEND_REASON)' >&2
+
+# PyKMIP (0.11, its own server and ProxyKmipClient): the peer `cryptoplane remote-speed`
+# measures against (cryptoplane/yardstick/kmip_peer.py runs it in subprocesses). Not a
+# dependency of the package. It goes into .venv with cryptography held at the version
+# already there (48.x: PyKMIP 0.11 works with it); if pip cannot keep that version, it goes
+# into its own .venv-kmip instead, which kmip_peer.py uses when it exists.
+if ! .venv/bin/python -c 'import kmip.pie.client' 2>/dev/null && [ ! -x .venv-kmip/bin/python ]; then
+  held=$(.venv/bin/python -c 'import cryptography; print(cryptography.__version__)')
+  echo "setup: installing pykmip (cryptography held at $held)" >&2
+  if ! .venv/bin/python -m pip install -q pykmip "cryptography==$held"; then
+    echo "setup: pykmip needs another cryptography: installing it into .venv-kmip" >&2
+    "$python_bin" -m venv .venv-kmip
+    .venv-kmip/bin/python -m pip install -q pykmip
+  fi
+fi
