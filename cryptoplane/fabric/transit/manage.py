@@ -36,11 +36,8 @@ class KeyAdmin:
         self._rings: dict[tuple[str, str], Ring] = {}
         self._wrapping: rsa.RSAPrivateKey | None = None
         self._wrapping_lock = threading.Lock()
-        if wrapping_key is not None:
-            obj = serialization.load_der_private_key(wrapping_key, password=None)
-            if not isinstance(obj, rsa.RSAPrivateKey) or obj.key_size != mat.WRAPPING_BITS:
-                raise InvalidRequest("the wrapping key must be an RSA-4096 private key")
-            self._wrapping = obj
+        # loaded on first BYOK use: checking an RSA-4096 key costs half a second
+        self._wrapping_der = wrapping_key
 
     # -- the cache ----------------------------------------------------------------------
 
@@ -85,6 +82,12 @@ class KeyAdmin:
 
     def _wrapping_private(self) -> rsa.RSAPrivateKey:
         with self._wrapping_lock:  # one RSA-4096 generation, not one per racing caller
+            if self._wrapping is None and self._wrapping_der is not None:
+                obj = serialization.load_der_private_key(self._wrapping_der, password=None)
+                if not isinstance(obj, rsa.RSAPrivateKey) or (
+                        obj.key_size != mat.WRAPPING_BITS):
+                    raise InvalidRequest("the wrapping key must be an RSA-4096 private key")
+                self._wrapping = obj
             if self._wrapping is None:
                 self._wrapping = mat.new_wrapping_key()
             return self._wrapping

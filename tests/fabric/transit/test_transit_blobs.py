@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Callable
 
 import pytest
 from conftest import TENANT
@@ -87,7 +88,7 @@ _prefixed = st.one_of(
 @settings(max_examples=150, deadline=None)
 @given(blob=_prefixed)
 def test_operations_on_arbitrary_blobs_end_in_typed_errors(ring: Transit, blob: bytes) -> None:
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: ring.decrypt(TENANT, "aes256-gcm96", blob),
         lambda: ring.decrypt(TENANT, "chacha20-poly1305", blob),
         lambda: ring.rewrap(TENANT, "aes256-gcm96", blob),
