@@ -9,3 +9,7 @@ protocol, the tenant keystore, and the client and ``remote`` engine that reach i
     server.py     the asyncio server
     client.py     the pipelined client (sync and asyncio); remote.py: the engine
 """
+
+from .client import AsyncClient, Client
+
+__all__ = ["AsyncClient", "Client"]

@@ -1,0 +1,319 @@
+"""The client's connections: a small pool over one or more servers, and what happens to a
+request between being asked and being answered.
+
+Runs entirely on one event loop (no locks): ``submit(call)`` sends a ``Call`` on the
+live connection with the fewest requests in flight; calls that find no room (every
+connection at its server's ``max_in_flight``) or no connection wait in order.
+
+What the pool does for each call, so that it ends exactly once (``Call.done``):
+- THROTTLED, BUSY, SHUTTING_DOWN (the request did not run): sent again after the
+  answer's RETRY_AFTER, on any connection, until its deadline; then the error is its end.
+- its deadline passes: ``Timeout``; a late answer is dropped.
+- its connection dies unanswered: sent again elsewhere if repeating it cannot change the
+  outcome (``Call.safe``), else ``ConnectionLost``.
+- GOAWAY: nothing new goes to that connection; a replacement is opened at once.
+
+Each (server, slot) keeps one connection, reopened after a failure with exponential
+backoff and jitter. ``fail_fast`` (the remote engine): a call that finds no live
+connection ends at once with ``ConnectionLost`` instead of waiting, so the plane's
+scheduler can give it to another engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl as ssl_module
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from ..exceptions import Timeout
+from . import codec
+from .codec import Frame, Status
+from .connection_client import (
+    Call,
+    ClientConnection,
+    Endpoint,
+    SessionSpec,
+    connect,
+)
+from .errors import ConnectionLost, ProtocolError, ShuttingDown, Unauthorized
+
+BACKOFF_FIRST: Final = 0.05  # seconds before the first reconnect
+BACKOFF_MAX: Final = 2.0
+MAX_ATTEMPTS: Final = 4  # sends of one safe call across connection deaths
+RETRY_FLOOR: Final = 0.001  # a RETRY_AFTER of 0 still yields the loop once
+_RETRYABLE: Final = frozenset(int(s) for s in codec.RETRYABLE)
+
+
+def backoff(failures: int) -> float:
+    """Exponential, capped, with full jitter in [0.5, 1.5) of the step."""
+    step = min(BACKOFF_MAX, BACKOFF_FIRST * (2 ** max(0, failures - 1)))
+    return float(step * (0.5 + random.random()))
+
+
+class Pool:
+    def __init__(self, urls: Sequence[str], *, token: str | None = None,
+                 ssl: ssl_module.SSLContext | None = None, connections: int = 2,
+                 timeout: float = 30.0, name: str = "", fail_fast: bool = False) -> None:
+        if not urls:
+            raise ValueError("at least one server URL is needed")
+        self.endpoints = [Endpoint(u) for u in urls]
+        self.token = token
+        self.ssl = ssl
+        self.per_server = max(1, connections)
+        self.timeout = timeout
+        self.name = name
+        self.fail_fast = fail_fast
+        self.conns: list[ClientConnection] = []
+        self.info: dict[str, Any] = {}  # the last WELCOME
+        self.waiting: deque[Call] = deque()
+        self.on_state: Callable[[bool], None] | None = None  # live or not (the engine)
+        self.last_error: BaseException | None = None
+        self.counters = dict.fromkeys(("sent", "retried", "throttled", "lost",
+                                       "timeouts", "reconnects", "goaways"), 0)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+        self._attempted: set[int] = set()  # slots that have tried once (start)
+        self._slots = len(self.endpoints) * self.per_server
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    async def start(self, wait: bool = True) -> None:
+        """Open every slot's connection; with ``wait``, return once one is live, or raise
+        the failure (Unauthorized at once; others once every slot has failed)."""
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        for i in range(self._slots):
+            ep = self.endpoints[i // self.per_server]
+            self._tasks.append(self._loop.create_task(self._keep(i, ep)))
+        if not wait:
+            return
+        deadline = self._loop.time() + self.timeout
+        while not self.conns:
+            if isinstance(self.last_error, Unauthorized) or (
+                    len(self._attempted) >= self._slots and self.last_error is not None):
+                err = self.last_error
+                await self.close()
+                raise err
+            left = deadline - self._loop.time()
+            if left <= 0:
+                await self.close()
+                raise ConnectionLost(f"no server answered within {self.timeout:g} s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    async def _keep(self, slot: int, endpoint: Endpoint) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                conn, info = await connect(self, endpoint, token=self.token,
+                                           name=self.name, ssl=self.ssl,
+                                           timeout=min(self.timeout, 10.0))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # refused, reset, TLS, Unauthorized...
+                self.last_error = e if isinstance(e, Exception) else ConnectionLost(str(e))
+                if not isinstance(e, (Unauthorized, ConnectionLost)) and not isinstance(
+                        e, ProtocolError):
+                    self.last_error = ConnectionLost(f"{endpoint}: {e}")
+                self._attempted.add(slot)
+                self._notify()
+                failures += 1
+                await asyncio.sleep(backoff(failures))
+                continue
+            if self._closing:
+                conn.close()
+                return
+            if failures or slot in self._attempted:
+                self.counters["reconnects"] += 1
+            failures = 0
+            self._attempted.add(slot)
+            self.info = info
+            was_live = bool(self.conns)
+            self.conns.append(conn)
+            self._notify()
+            if not was_live and self.on_state is not None:
+                self.on_state(True)
+            self._drain()
+            # a GOAWAY or the connection's end: this slot opens another
+            await asyncio.shield(conn.retired)
+            if conn.closed and not conn.goaway:
+                failures = 1
+                await asyncio.sleep(backoff(failures))
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def close(self) -> None:
+        """Close every connection; what is still waiting or in flight ends with
+        ``ConnectionLost``."""
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks.clear()
+        conns, self.conns = list(self.conns), []
+        for c in conns:
+            c.close()
+        waiting, self.waiting = list(self.waiting), deque()
+        for call in waiting:
+            self.finish(call, None, ConnectionLost("the client was closed"))
+        for c in conns:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(c.closed_future), 1.0)
+
+    @property
+    def live(self) -> bool:
+        return any(c.usable for c in self.conns)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def submit(self, call: Call) -> None:
+        """Send ``call`` (on the loop's thread). Its deadline is armed here."""
+        loop = self._loop
+        assert loop is not None
+        call.timer = loop.call_at(call.deadline, self._expire, call)
+        self._dispatch(call)
+
+    def pick(self) -> ClientConnection | None:
+        best: ClientConnection | None = None
+        n = 1 << 62
+        for c in self.conns:
+            if c.usable:
+                k = len(c.pending)
+                if k < n and k < c.max_in_flight:
+                    best, n = c, k
+        return best
+
+    def _dispatch(self, call: Call) -> None:
+        if call.finished:
+            return
+        conn = self.pick()
+        if conn is None:
+            if self.fail_fast and not self.live:
+                self.finish(call, None, ConnectionLost(
+                    "no fabric server is reachable" + (f" ({self.last_error})"
+                                                      if self.last_error else "")))
+                return
+            if self._closing:
+                self.finish(call, None, ConnectionLost("the client was closed"))
+                return
+            call.conn = None
+            self.waiting.append(call)
+            return
+        self.counters["sent"] += 1
+        conn.send(call)
+
+    def _drain(self) -> None:
+        while self.waiting:
+            conn = self.pick()
+            if conn is None:
+                return
+            call = self.waiting.popleft()
+            if not call.finished:
+                self.counters["sent"] += 1
+                conn.send(call)
+
+    def _expire(self, call: Call) -> None:
+        if call.finished:
+            return
+        if call.conn is not None:
+            call.conn.forget(call)
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(call)
+        self.counters["timeouts"] += 1
+        self.finish(call, None, Timeout("the request did not complete within its "
+                                        "deadline"))
+
+    def finish(self, call: Call, frame: Frame | None, error: BaseException | None) -> None:
+        if call.finished:
+            return
+        call.finished = True
+        if call.timer is not None:
+            call.timer.cancel()
+        call.done(frame, error)
+
+    # -- what connections report ---------------------------------------------------------
+
+    def answered(self, conn: ClientConnection, call: Call, frame: Frame | None,
+                 error: BaseException | None = None) -> None:
+        if frame is not None and frame.status in _RETRYABLE and not call.finished:
+            err = codec.error_from(frame.status, frame.payload)
+            delay = max(RETRY_FLOOR, float(getattr(err, "retry_after", 0.0)))
+            if frame.status == Status.BUSY or frame.status == Status.THROTTLED:
+                self.counters["throttled"] += 1
+            if isinstance(err, ShuttingDown) and not conn.goaway:
+                conn.retire()
+                self.goaway(conn)
+            loop = self._loop
+            assert loop is not None
+            if loop.time() + delay < call.deadline:
+                call.conn = None
+                self.waiting_retry(call, delay)
+                self._drain()
+                return
+            self.finish(call, None, err)
+        else:
+            self.finish(call, frame, error)
+        if conn.goaway and not conn.pending:
+            conn.close()
+        if self.waiting:
+            self._drain()
+
+    def waiting_retry(self, call: Call, delay: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        self.counters["retried"] += 1
+        loop.call_later(delay, self._dispatch, call)
+
+    def lost(self, conn: ClientConnection, calls: list[Call], streams: list[Call],
+             exc: BaseException | None) -> None:
+        with contextlib.suppress(ValueError):
+            self.conns.remove(conn)
+        self._notify()
+        why = f"the connection to {conn.endpoint} was lost" + (f" ({exc})" if exc else "")
+        for call in streams:
+            if call.on_frame is not None and not call.finished:
+                call.on_frame(Frame(0, 0, call.id, call.op, Status.CONNECTION_LOST, b"",
+                                    codec.error_fields(why)))
+        for call in sorted(calls, key=lambda c: c.id):
+            if call.finished:
+                continue
+            call.conn = None
+            if call.safe and call.attempts < MAX_ATTEMPTS:
+                call.attempts += 1
+                self.counters["retried"] += 1
+                self._dispatch(call)
+            else:
+                self.counters["lost"] += 1
+                self.finish(call, None, ConnectionLost(why))
+        if not self.live and self.on_state is not None:
+            self.on_state(False)
+        if self.fail_fast and not self.live:
+            waiting, self.waiting = list(self.waiting), deque()
+            for call in waiting:
+                self._dispatch(call)
+
+    def goaway(self, conn: ClientConnection) -> None:
+        self.counters["goaways"] += 1
+        self._notify()
+        if not self.live and self.on_state is not None:
+            self.on_state(False)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def drop_session(self, spec: SessionSpec) -> None:
+        """A key died: close its session on every connection that holds one."""
+        for c in self.conns:
+            if c.usable:
+                c.close_session(spec)
