@@ -1,0 +1,705 @@
+"""``cryptoplane remote-speed``: what a fabric server serves, measured in one run on this
+machine, server and clients on loopback, with the ratios issue 16 asks for.
+
+The command starts its own servers (``cryptoplane server`` subprocesses over a SQLite
+keystore in a temporary folder, a bearer token made in that keystore, certificates made
+for mutual TLS) unless ``--server`` names one, and measures:
+
+* ``pipelined``: 64-byte AES-256-GCM encrypts through one server, without TLS and with
+  mutual TLS, and batches of 1,000 items; RSA-2048 signs through the server beside the
+  machine's local sign rate (``cryptography`` in one thread per core: what the server's
+  workers could do at most). The load comes from ``loadgen.py`` (pre-encoded frames,
+  many in flight, uvloop), in as many processes as the table says: the figure is then
+  the server's, not our Python client's.
+* ``latency``: one request at a time (64-byte encrypt, RSA-2048 sign): p50 and p99.
+* ``remote engine``: a plane on core 0 with and without ``cp.Remote`` to a server pinned to
+  core 1 (``taskset``): RSA-2048 signs (work that pays remotely) and 64-byte AEAD (work
+  that does not: the remote engine must cost it little).
+* ``stream``: ``encrypt_stream`` from many concurrent clients (100 of 64 MiB each by
+  default): aggregate MB/s (10**6 bytes/s) of plaintext.
+* ``kmip``: PyKMIP's server on the same operations (``kmip_peer.py``), and our ratios.
+
+Absolute numbers move 2-3x between machines; the ratios, measured side by side in one
+run, are what the targets are about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import kmip_peer
+from . import loadgen as lg
+
+TENANT = "bench"
+AES_KEY = "bench-aes"
+RSA_KEY = "bench-rsa"
+READY_TIMEOUT_S = 60.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Figure:
+    """One measured figure: ``value`` in ``unit``, how it was loaded, its target."""
+
+    section: str
+    name: str
+    value: float
+    unit: str
+    load: str = ""
+    target: float | None = None  # the value must be >= target
+    errors: int = 0
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.value >= self.target
+
+
+@dataclass
+class Ratio:
+    name: str
+    value: float
+    target: float | None = None
+    below: bool = False  # the target is an upper bound (value < target)
+    what: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value < self.target if self.below else self.value >= self.target
+
+
+@dataclass
+class Config:
+    duration: float = 3.0
+    warmup: float = 0.5
+    quick: bool = False
+    kmip: bool = True
+    tls: bool = True
+    plain: bool = True
+    server: str | None = None
+    token: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    cert_key: str | None = None
+    stream_clients: int = 100
+    stream_size: int = 64 << 20
+    in_flight: int = 1024
+    load_processes: int = 1
+    batch: int = 1000
+    latency_samples_s: float = 0.0  # 0: duration
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> Config:
+        base: dict[str, Any] = {"duration": 0.5, "warmup": 0.2, "quick": True,
+                                "stream_clients": 4, "stream_size": 4 << 20}
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass
+class Report:
+    figures: list[Figure] = field(default_factory=list)
+    ratios: list[Ratio] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def figure(self, section: str, name: str) -> Figure | None:
+        for f in self.figures:
+            if f.section == section and f.name == name:
+                return f
+        return None
+
+    def targets_missed(self) -> list[str]:
+        out = [f"{f.section} {f.name}" for f in self.figures if f.met is False]
+        out += [r.name for r in self.ratios if r.met is False]
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "figures": [{**asdict(f), "met": f.met} for f in self.figures],
+            "ratios": [{**asdict(r), "met": r.met} for r in self.ratios],
+            "notes": self.notes, "meta": self.meta,
+        }
+
+
+class BenchError(RuntimeError):
+    """A server did not start, a load process failed: the run cannot give its figures."""
+
+
+# -- servers --------------------------------------------------------------------------------
+
+@dataclass
+class Server:
+    """A server to measure: its URL, a token, and what a TLS client needs."""
+
+    url: str
+    token: str | None
+    ca: str | None = None
+    cert: str | None = None
+    cert_key: str | None = None
+    pid: int | None = None
+
+    def spec(self, **kw: Any) -> lg.Spec:
+        return lg.Spec(url=self.url, token=self.token, key=kw.pop("key", AES_KEY),
+                       ca=self.ca, cert=self.cert, cert_key=self.cert_key, **kw)
+
+    def ssl(self) -> Any:
+        return lg.ssl_context(self.spec())
+
+
+def _python() -> list[str]:
+    return [sys.executable, "-m", "cryptoplane"]
+
+
+@contextlib.contextmanager
+def local_server(folder: Path, *, tls: bool = False, cpu: int | None = None,
+                 name: str = "server") -> Iterator[Server]:
+    """``cryptoplane server`` on loopback over a SQLite keystore in ``folder`` (made on
+    first use, shared by the servers of a run): a token for tenant ``bench``; with
+    ``tls``, mutual TLS with certificates made in ``folder`` (the client's names the
+    tenant). Pinned to ``cpu`` with ``taskset`` where given. Stopped on exit."""
+    from ..fabric.keystore import MasterKey, open_keystore
+
+    master = folder / "master.key"
+    store = f"sqlite:///{folder / 'keystore.db'}"
+    token_file = folder / "token"
+    if not master.exists():
+        master.write_text(os.urandom(32).hex() + "\n")
+        master.chmod(0o600)
+        ks = open_keystore(store, MasterKey.from_file(master))
+        try:
+            token_file.write_text(ks.create_token(TENANT, label="remote-speed"))
+        finally:
+            ks.close()
+    certs: dict[str, Path] = {}
+    if tls:
+        cert_dir = folder / "certs"
+        if not cert_dir.exists():
+            cert_dir.mkdir()
+            kmip_peer.make_certificates(cert_dir, client_cn=TENANT)
+        certs = {k: cert_dir / v for k, v in (
+            ("ca", "ca.pem"), ("server_cert", "server.pem"), ("server_key", "server.key"),
+            ("client_cert", "client.pem"), ("client_key", "client.key"))}
+    ready = folder / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    argv = server_argv(store, master, ready, certs)
+    if cpu is not None and shutil.which("taskset"):
+        argv = ["taskset", "-c", str(cpu), *argv]
+    log = folder / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = _wait_ready(proc, ready, log, tls)
+        yield Server(url=url, token=token_file.read_text().strip(),
+                     ca=str(certs["ca"]) if tls else None,
+                     cert=str(certs["client_cert"]) if tls else None,
+                     cert_key=str(certs["client_key"]) if tls else None, pid=proc.pid)
+    finally:
+        kmip_peer.stop_process(proc)
+
+
+def server_argv(store: str, master: Path, ready: Path, certs: dict[str, Path]) -> list[str]:
+    """The command line of a server: ``cryptoplane server`` where that command exists,
+    else this module's own launcher (the same ``Server`` over ``open_service``)."""
+    if server_command_flags():
+        argv = [*_python(), "server", "--listen", "tcp://127.0.0.1:0", "--store", store,
+                "--master-key-file", str(master), "--ready-file", str(ready)]
+        if certs:
+            argv += ["--tls-cert", str(certs["server_cert"]), "--tls-key",
+                     str(certs["server_key"]), "--client-ca", str(certs["ca"])]
+        return argv
+    spec = {"store": store, "master": str(master), "ready": str(ready),
+            "certs": {k: str(v) for k, v in certs.items()}}
+    return [sys.executable, "-m", "cryptoplane.yardstick.remote_speed", "serve",
+            json.dumps(spec)]
+
+
+_FLAGS: list[bool] = []
+
+
+def server_command_flags() -> bool:
+    """Whether ``cryptoplane server`` exists and takes the flags ``server_argv`` gives."""
+    if not _FLAGS:
+        done = subprocess.run([*_python(), "server", "--help"], capture_output=True,
+                              text=True, check=False, timeout=60)
+        text = done.stdout
+        _FLAGS.append(done.returncode == 0 and all(
+            flag in text for flag in ("--listen", "--store", "--master-key-file",
+                                      "--ready-file", "--tls-cert", "--client-ca")))
+    return _FLAGS[0]
+
+
+def _serve_child(spec: dict[str, Any]) -> None:
+    """The launcher: ``open_service`` over the keystore, a ``Server`` on loopback port 0
+    (mutual TLS where certificates are given), on uvloop; its address in the ready file;
+    a graceful shutdown on SIGTERM."""
+    import signal
+
+    from ..fabric.auth import server_ssl_context
+    from ..fabric.keystore import MasterKey
+    from ..fabric.server import Server as FabricServer
+    from ..fabric.service import open_service
+
+    certs = spec["certs"]
+    service = open_service(spec["store"], master=MasterKey.from_file(spec["master"]))
+    tls = server_ssl_context(certs["server_cert"], certs["server_key"], client_ca=certs["ca"],
+                             require_client_cert=True) if certs else None
+
+    async def main() -> None:
+        server = FabricServer(service, listen=["tcp://127.0.0.1:0"], tls=tls)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tmp = spec["ready"] + ".tmp"
+        Path(tmp).write_text(json.dumps({"urls": server.addresses}))
+        os.replace(tmp, spec["ready"])
+        await stop.wait()
+        await server.shutdown(grace=2.0)
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+    finally:
+        service.close()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, tls: bool) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        text = ready.read_text().strip() if ready.exists() else ""
+        if text:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError("cryptoplane server did not start: "
+                             + log.read_text(errors="replace")[-2000:])
+        time.sleep(0.05)
+    return ready_url(text, tls)
+
+
+def ready_url(text: str, tls: bool) -> str:
+    """The URL a ready file names: a URL, JSON with ``url``/``urls``/``listen``, or a
+    port."""
+    with contextlib.suppress(ValueError):
+        obj = json.loads(text)
+        if isinstance(obj, dict):
+            for k in ("url", "urls", "listen", "listening"):
+                v = obj.get(k)
+                if isinstance(v, list) and v:
+                    v = v[0]
+                if isinstance(v, str):
+                    return v
+            if "port" in obj:
+                return f"{'tls' if tls else 'tcp'}://127.0.0.1:{int(obj['port'])}"
+        elif isinstance(obj, int):
+            return f"{'tls' if tls else 'tcp'}://127.0.0.1:{obj}"
+    m = re.search(r"(tcp|tls)://[^\s\"',]+", text)
+    if m:
+        return m.group(0)
+    raise BenchError(f"cannot read the server's address from its ready file: {text[:200]!r}")
+
+
+async def _prepare_keys(server: Server) -> None:
+    from ..fabric.client import AsyncClient
+    from ..fabric.errors import KeyExists
+
+    client = await AsyncClient.connect(server.url, token=server.token, ssl=server.ssl(),
+                                       connections=1)
+    try:
+        for name, kind in ((AES_KEY, "aes256-gcm96"), (RSA_KEY, "rsa-2048")):
+            with contextlib.suppress(KeyExists):
+                await client.create_key(name, kind)
+    finally:
+        await client.close()
+
+
+def prepare_keys(server: Server) -> None:
+    asyncio.run(_prepare_keys(server))
+
+
+# -- measurements ---------------------------------------------------------------------------
+
+def _load(server: Server, cfg: Config, processes: int = 1, cpus: list[int] | None = None,
+          **kw: Any) -> lg.Outcome:
+    spec = server.spec(duration=cfg.duration, warmup=cfg.warmup, **kw)
+    out = lg.run(spec, processes=processes, cpus=cpus)
+    if out.count == 0:
+        raise BenchError(f"no answers for {kw}: {out.first_error or 'none counted'}")
+    return out
+
+
+def _load_text(processes: int, in_flight: int, connections: int = 1, what: str = "") -> str:
+    return (f"load: {processes} process{'es' if processes > 1 else ''} x {connections} "
+            f"connection{'s' if connections > 1 else ''}, {in_flight:,} in flight each"
+            + (f", {what}" if what else ""))
+
+
+def local_sign_rate(duration: float, threads: int | None = None) -> tuple[float, int]:
+    """RSA-2048 PSS-SHA256 signs per second with ``cryptography`` in one thread per core
+    (OpenSSL releases the GIL): the most any server's workers could do here."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    threads = threads or os.cpu_count() or 1
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+    message = os.urandom(64)
+    counts = [0] * threads
+    stop = threading.Event()
+    go = threading.Barrier(threads + 1)
+
+    def work(i: int) -> None:
+        sign, h = key.sign, hashes.SHA256()
+        go.wait()
+        n = 0
+        while not stop.is_set():
+            for _ in range(8):
+                sign(message, pss, h)
+            n += 8
+        counts[i] = n
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    time.sleep(duration)
+    stop.set()
+    for t in pool:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0), threads
+
+
+def measure_server(server: Server, cfg: Config, report: Report, section: str,
+                   progress: Progress, *, full: bool) -> None:
+    """The pipelined, batch, sign and latency figures of one server."""
+    procs, inflight = cfg.load_processes, cfg.in_flight
+    progress(f"{section}: pipelined encrypts")
+    out = _load(server, cfg, procs, op="encrypt", size=64, mode="pipelined",
+                in_flight=inflight)
+    target = 100_000.0 if section == "tcp" else 70_000.0
+    report.figures.append(Figure(section, "encrypt 64 B, pipelined", out.rate, "ops/s",
+                                 _load_text(procs, inflight), target, out.errors))
+    if not full:
+        return
+    progress(f"{section}: batches")
+    out = _load(server, cfg, procs, op="encrypt", size=64, mode="batch", batch=cfg.batch,
+                in_flight=8)
+    report.figures.append(Figure(section, f"encrypt 64 B, batches of {cfg.batch:,}",
+                                 out.rate, "items/s",
+                                 _load_text(procs, 8, what=f"{cfg.batch:,} items a batch"),
+                                 150_000.0, out.errors))
+    progress(f"{section}: RSA-2048 signs")
+    out = _load(server, cfg, 1, op="sign", key=RSA_KEY, size=32, mode="pipelined",
+                in_flight=256)
+    report.figures.append(Figure(section, "RSA-2048 sign (PSS), pipelined", out.rate, "ops/s",
+                                 _load_text(1, 256), None, out.errors))
+    progress("local RSA-2048 sign rate")
+    local, threads = local_sign_rate(cfg.duration)
+    report.figures.append(Figure(section, "RSA-2048 sign (PSS), local", local, "ops/s",
+                                 f"cryptography in {threads} threads, in this process"))
+    report.ratios.append(Ratio("RSA sign: through the server / local", out.rate / local,
+                               0.85, what=f"{out.rate:,.0f} / {local:,.0f} ops/s"))
+    for name, op, key, size in (("encrypt 64 B", "encrypt", AES_KEY, 64),
+                                ("RSA-2048 sign", "sign", RSA_KEY, 32)):
+        progress(f"{section}: latency of {name}")
+        out = _load(server, cfg, 1, op=op, key=key, size=size, mode="latency")
+        report.figures.append(Figure(section, f"{name}, 1 in flight: p50", out.percentile_us(0.5),
+                                     "µs", f"{len(out.latencies_us):,} requests, one at a time"))
+        report.figures.append(Figure(section, f"{name}, 1 in flight: p99",
+                                     out.percentile_us(0.99), "µs",
+                                     f"{len(out.latencies_us):,} requests, one at a time"))
+
+
+# -- streams ------------------------------------------------------------------------------
+
+async def _streams(server: Server, clients: int, size: int, piece: int) -> dict[str, Any]:
+    from ..fabric.client import AsyncClient
+
+    data = os.urandom(piece)
+    pieces = size // piece
+
+    def source() -> Iterator[bytes]:
+        for _ in range(pieces):
+            yield data
+
+    conns = [await AsyncClient.connect(server.url, token=server.token, ssl=server.ssl(),
+                                       connections=1) for _ in range(clients)]
+    out_bytes = [0] * clients
+
+    async def one(i: int) -> None:
+        n = 0
+        async for chunk in conns[i].encrypt_stream(AES_KEY, source()):
+            n += len(chunk)
+        out_bytes[i] = n
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(clients)))
+        seconds = time.perf_counter() - t0
+    finally:
+        for c in conns:
+            await c.close()
+    return {"seconds": seconds, "plaintext": clients * pieces * piece,
+            "ciphertext": sum(out_bytes), "t0": time.time() - seconds}
+
+
+def measure_streams(server: Server, cfg: Config, report: Report, progress: Progress,
+                    processes: int = 2) -> None:
+    """``encrypt_stream`` from ``cfg.stream_clients`` clients (one connection each) in
+    ``processes`` client processes started together: plaintext MB/s over the wall time
+    from the first start to the last end."""
+    progress(f"stream: {cfg.stream_clients} clients x {cfg.stream_size >> 20} MiB")
+    processes = max(1, min(processes, cfg.stream_clients))
+    share = [cfg.stream_clients // processes + (i < cfg.stream_clients % processes)
+             for i in range(processes)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "cryptoplane.yardstick.remote_speed", "streams",
+         json.dumps({"server": asdict(server), "clients": n, "size": cfg.stream_size})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in share]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise BenchError(f"stream clients failed: {err[-1500:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    wall = time.perf_counter() - t0
+    busy = max(r["seconds"] for r in results)
+    plaintext = sum(r["plaintext"] for r in results)
+    if any(r["ciphertext"] <= r["plaintext"] for r in results):
+        raise BenchError("a stream's ciphertext is not longer than its plaintext")
+    report.figures.append(Figure(
+        "stream", f"encrypt_stream, {cfg.stream_clients} clients x "
+        f"{cfg.stream_size >> 20} MiB", plaintext / busy / 1e6, "MB/s",
+        f"{processes} client processes, one connection per client; {plaintext / 1e9:.2f} GB "
+        f"in {busy:.2f} s (with client start-up {wall:.2f} s)", 1_000.0))
+
+
+# -- the remote engine --------------------------------------------------------------------
+
+def measure_remote_engine(server: Server, cfg: Config, report: Report,
+                          progress: Progress) -> None:
+    """A plane on core 0, alone and with a remote engine to ``server`` (pinned to core 1),
+    in a subprocess pinned to core 0."""
+    progress("remote engine: plane on core 0, server on core 1")
+    argv = [sys.executable, "-m", "cryptoplane.yardstick.remote_speed", "plane",
+            json.dumps({"server": asdict(server), "duration": cfg.duration,
+                        "warmup": cfg.warmup})]
+    if shutil.which("taskset"):
+        argv = ["taskset", "-c", "0", *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False,
+                          timeout=120 + 12 * (cfg.duration + cfg.warmup))
+    if done.returncode != 0:
+        raise BenchError(f"the remote-engine measurement failed: {done.stderr[-2000:]}")
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    for work, unit in (("rsa", "RSA-2048 sign"), ("aead", "AES-256-GCM encrypt 64 B")):
+        alone, both = got[f"{work}_alone"], got[f"{work}_remote"]
+        report.figures.append(Figure("remote engine", f"{unit}: plane alone", alone, "ops/s",
+                                     got["how"][work]))
+        report.figures.append(Figure("remote engine", f"{unit}: plane + remote", both,
+                                     "ops/s", got["how"][work]))
+    report.ratios.append(Ratio("remote engine: RSA sign, plane+remote / plane alone",
+                               got["rsa_remote"] / got["rsa_alone"], 1.7))
+    cost = 1.0 - got["aead_remote"] / got["aead_alone"]
+    report.ratios.append(Ratio("remote engine: 64 B AEAD cost of adding it (1 - ratio)",
+                               cost, 0.05, below=True,
+                               what=f"{got['aead_remote']:,.0f} / {got['aead_alone']:,.0f}"))
+    if got.get("served"):
+        report.notes.append(f"remote engine served: {got['served']}")
+
+
+def _plane_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """In the pinned child: the plane alone and with ``cp.Remote``, RSA signs (``map`` in
+    batches) and 64-byte AEAD (the fast path, as users call it), interleaved."""
+    import cryptoplane as cp
+    from cryptoplane import requests as rq
+
+    server = Server(**spec["server"])
+    duration, warmup = float(spec["duration"]), float(spec["warmup"])
+    rsa_key = cp.Key.generate("rsa-pss-sha256")
+    aes_key = cp.Key.generate("aes-256-gcm")
+    message = os.urandom(32)
+    data = os.urandom(64)
+    nonce = os.urandom(12)
+    batch = 64
+
+    def rsa_rate(plane: Any) -> float:
+        reqs = [rq.Sign(rsa_key, message) for _ in range(batch)]
+        end = time.perf_counter() + warmup
+        while time.perf_counter() < end:
+            plane.map(reqs)
+        n = 0
+        t0 = time.perf_counter()
+        end = t0 + duration
+        while time.perf_counter() < end:
+            plane.map(reqs)
+            n += batch
+        return n / (time.perf_counter() - t0)
+
+    def aead_rate(plane: Any) -> float:
+        enc = plane.encrypt
+        end = time.perf_counter() + warmup
+        while time.perf_counter() < end:
+            enc(aes_key, data, nonce)
+        n = 0
+        t0 = time.perf_counter()
+        end = t0 + duration
+        while time.perf_counter() < end:
+            for _ in range(1000):
+                enc(aes_key, data, nonce)
+            n += 1000
+        return n / (time.perf_counter() - t0)
+
+    import importlib
+
+    # looked up by name: the remote engine is written beside this
+    remote_class: Any = getattr(cp, "Remote", None) or getattr(
+        importlib.import_module("cryptoplane.fabric"), "Remote", None)
+    if remote_class is None:
+        raise BenchError("cryptoplane has no Remote engine yet")
+    remote = remote_class(server.url, token=server.token, ssl=server.ssl())
+    alone = cp.Plane(["inline"])
+    both = cp.Plane(["inline", remote])
+    try:
+        out: dict[str, Any] = {"rsa_alone": 0.0, "rsa_remote": 0.0, "aead_alone": 0.0,
+                               "aead_remote": 0.0}
+        rounds = 2
+        for _ in range(rounds):  # interleaved: the machine's drift hits both alike
+            out["rsa_alone"] += rsa_rate(alone) / rounds
+            out["rsa_remote"] += rsa_rate(both) / rounds
+            out["aead_remote"] += aead_rate(both) / rounds
+            out["aead_alone"] += aead_rate(alone) / rounds
+        out["served"] = {k: v for k, v in _engine_counts(both).items() if v}
+        out["how"] = {
+            "rsa": f"plane.map of {batch} Sign requests, {rounds} interleaved rounds",
+            "aead": f"plane.encrypt (the fast path), {rounds} interleaved rounds"}
+        return out
+    finally:
+        both.close()
+        alone.close()
+
+
+def _engine_counts(plane: Any) -> dict[str, int]:
+    from .engine_paths import engine_requests
+
+    try:
+        return engine_requests(plane)
+    except Exception:
+        return {}
+
+
+# -- the run ----------------------------------------------------------------------------
+
+def run(cfg: Config, progress: Progress | None = None) -> Report:
+    """Every figure of the command, in one run."""
+    say = progress or (lambda _text: None)
+    report = Report()
+    t0 = time.perf_counter()
+    report.meta = {"cpus": os.cpu_count(), "duration_s": cfg.duration,
+                   "warmup_s": cfg.warmup, "python": sys.version.split()[0],
+                   "load_average_before": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="cryptoplane-remote-speed-") as tmp:
+        folder = Path(tmp)
+        if cfg.server:
+            server = Server(cfg.server, cfg.token, cfg.ca, cfg.cert, cfg.cert_key)
+            prepare_keys(server)
+            section = "tls" if cfg.server.startswith("tls") else "tcp"
+            measure_server(server, cfg, report, section, say, full=True)
+            measure_streams(server, cfg, report, say)
+            report.notes.append(f"measured {cfg.server}; the remote-engine section needs "
+                                "servers of the command's own (pinned), and was left out")
+        else:
+            if cfg.plain:
+                with local_server(folder, name="tcp") as server:
+                    prepare_keys(server)
+                    measure_server(server, cfg, report, "tcp", say, full=True)
+                    measure_streams(server, cfg, report, say)
+            if cfg.tls:
+                with local_server(folder, tls=True, name="tls") as server:
+                    prepare_keys(server)
+                    measure_server(server, cfg, report, "tls", say, full=not cfg.quick)
+            with local_server(folder, cpu=1, name="pinned") as server:
+                prepare_keys(server)
+                measure_remote_engine(server, cfg, report, say)
+        if cfg.kmip:
+            say("PyKMIP")
+            measure_kmip(cfg, report)
+    report.meta["elapsed_s"] = time.perf_counter() - t0
+    report.meta["load_average_after"] = os.getloadavg()[0]
+    return report
+
+
+def measure_kmip(cfg: Config, report: Report) -> None:
+    got = kmip_peer.measure(duration=max(cfg.duration, 2.0))
+    how = (f"PyKMIP {got.pykmip} (cryptography {got.cryptography}), TLS 1.2 + client "
+           "certificate, ProxyKmipClient, one request at a time")
+    report.figures.append(Figure("kmip", "PyKMIP: AES-256-GCM encrypt 64 B", got.encrypt_ops_s,
+                                 "ops/s", how))
+    report.figures.append(Figure("kmip", "PyKMIP: RSA-2048 sign (PSS)", got.sign_ops_s,
+                                 "ops/s", how))
+    report.figures.append(Figure("kmip", "PyKMIP: encrypt, 1 in flight: p50",
+                                 got.encrypt_p50_ms * 1e3, "µs", how))
+    report.figures.append(Figure("kmip", "PyKMIP: RSA sign, 1 in flight: p50",
+                                 got.sign_p50_ms * 1e3, "µs", how))
+    for section in ("tls", "tcp"):
+        enc = report.figure(section, "encrypt 64 B, pipelined")
+        if enc is None:
+            continue
+        report.ratios.append(Ratio(f"small encrypts: ours ({section}, pipelined) / PyKMIP",
+                                   enc.value / got.encrypt_ops_s, 100.0,
+                                   what=f"{enc.value:,.0f} / {got.encrypt_ops_s:,.1f} ops/s"))
+        lat = report.figure(section, "encrypt 64 B, 1 in flight: p50")
+        if lat is not None and lat.value > 0:
+            report.ratios.append(Ratio(
+                f"small encrypts, one at a time: PyKMIP p50 / ours ({section})",
+                got.encrypt_p50_ms * 1e3 / lat.value, None,
+                what=f"{got.encrypt_p50_ms * 1e3:,.0f} / {lat.value:,.0f} µs"))
+        break
+    for section in ("tls", "tcp"):
+        sign = report.figure(section, "RSA-2048 sign (PSS), pipelined")
+        if sign is None:
+            continue
+        report.ratios.append(Ratio(f"RSA-2048 signs: ours ({section}, pipelined) / PyKMIP",
+                                   sign.value / got.sign_ops_s, None,
+                                   what=f"{sign.value:,.0f} / {got.sign_ops_s:,.1f} ops/s"))
+        break
+
+
+def _main() -> None:
+    what, spec = sys.argv[1], json.loads(sys.argv[2])
+    if what == "streams":
+        got = asyncio.run(_streams(Server(**spec["server"]), int(spec["clients"]),
+                                   int(spec["size"]), 1 << 20))
+        print(json.dumps(got))
+    elif what == "serve":
+        _serve_child(spec)
+    elif what == "plane":
+        print(json.dumps(_plane_child(spec)))
+    else:
+        sys.exit(f"unknown child {what!r}")
+
+
+if __name__ == "__main__":
+    _main()
