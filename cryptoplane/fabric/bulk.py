@@ -97,10 +97,11 @@ class DataKeys(Protocol):
     ``KeyVersionRejected``, ``AuthenticationFailed``...) propagate through the jobs."""
 
     def datakey(self, tenant: str, name: str, *, bits: int = 256, plaintext: bool = True,
-                context: bytes | None = None) -> tuple[bytes | None, bytes]: ...
+                context: bytes | None = None,
+                principal: str = "") -> tuple[bytes | None, bytes]: ...
 
     def decrypt(self, tenant: str, name: str, ciphertext: bytes, *,
-                context: bytes | None = None) -> bytes: ...
+                context: bytes | None = None, principal: str = "") -> bytes: ...
 
 
 def header_size(wrapped_len: int) -> int:
@@ -222,8 +223,10 @@ class StreamEncryptJob:
     ``buffered``: the plaintext bytes held between calls (at most one chunk)."""
 
     def __init__(self, keys: DataKeys, tenant: str, key_name: str, *,
-                 context: bytes | None = None, plane: Plane, piece: int = PIECE) -> None:
+                 context: bytes | None = None, plane: Plane, piece: int = PIECE,
+                 principal: str = "") -> None:
         self._keys, self._tenant, self._name, self._context = keys, tenant, key_name, context
+        self._principal = principal  # who asked, for transit's record of key use
         self._plane = plane
         self._batch = _piece_chunks(piece)
         self._chunker: _Chunker | None = None
@@ -242,7 +245,8 @@ class StreamEncryptJob:
             raise InvalidRequest("this stream has already started")
         data_key, wrapped = self._keys.datakey(self._tenant, self._name,
                                                bits=DATA_KEY_BITS, plaintext=True,
-                                               context=self._context)
+                                               context=self._context,
+                                               principal=self._principal)
         if data_key is None or len(data_key) != DATA_KEY_BITS // 8:
             raise InvalidRequest("transit gave no 256-bit data key")
         header, salt = _pack_header(wrapped)
@@ -278,8 +282,10 @@ class StreamDecryptJob:
     (at most the header, or one sealed chunk)."""
 
     def __init__(self, keys: DataKeys, tenant: str, key_name: str, *,
-                 context: bytes | None = None, plane: Plane, piece: int = PIECE) -> None:
+                 context: bytes | None = None, plane: Plane, piece: int = PIECE,
+                 principal: str = "") -> None:
         self._keys, self._tenant, self._name, self._context = keys, tenant, key_name, context
+        self._principal = principal  # who asked, for transit's record of key use
         self._plane = plane
         self._batch = _piece_chunks(piece)
         self._head = bytearray()
@@ -360,7 +366,7 @@ class StreamDecryptJob:
             _check_fixed(head)  # the fixed part is whole: now the wrapped key's length
         header = bytes(head)
         data_key = self._keys.decrypt(self._tenant, self._name, header[FIXED_SIZE:],
-                                      context=self._context)
+                                      context=self._context, principal=self._principal)
         if len(data_key) != DATA_KEY_BITS // 8:
             raise InvalidRequest("the wrapped data key is not a 256-bit key")
         salt = header[10:10 + SALT_SIZE]

@@ -44,7 +44,8 @@ class FakeKeys:
             raise KeyNotFound(f"no key {name!r}") from None
 
     def datakey(self, tenant: str, name: str, *, bits: int = 256, plaintext: bool = True,
-                context: bytes | None = None) -> tuple[bytes | None, bytes]:
+                context: bytes | None = None,
+                principal: str = "") -> tuple[bytes | None, bytes]:
         ring = self._ring(tenant, name)
         key = os.urandom(bits // 8)
         nonce = os.urandom(12)
@@ -52,7 +53,7 @@ class FakeKeys:
         return (key if plaintext else None), _HEAD.pack(0xC7, len(ring)) + nonce + sealed
 
     def decrypt(self, tenant: str, name: str, ciphertext: bytes, *, aad: bytes = b"",
-                context: bytes | None = None) -> bytes:
+                context: bytes | None = None, principal: str = "") -> bytes:
         ring = self._ring(tenant, name)
         if len(ciphertext) < 33 or ciphertext[0] != 0xC7:
             raise InvalidRequest("not a transit ciphertext")
