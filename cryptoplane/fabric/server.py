@@ -1,0 +1,312 @@
+"""The fabric server: listeners, the connections' shared limits, the watchdog, shutdown.
+
+    server = Server(service, listen=["tcp://127.0.0.1:7700", "unix:///run/cp.sock"],
+                    tls=server_ssl_context(...), http="127.0.0.1:9700")
+    await server.start()          # bound: server.addresses, server.http_port
+    ...
+    await server.shutdown(grace=10.0)
+
+Run it on uvloop (``cryptoplane server`` does): the per-request path is the protocol's
+``data_received`` and one ``writelines`` per receive, and uvloop's transports are what
+make that cheap. TLS (1.3, ``auth.server_ssl_context``) applies to the TCP listeners;
+Unix sockets are local and plain (their file mode is their access control).
+
+Shutdown (``shutdown``): listeners close, every connection is sent GOAWAY, requests
+already received are answered, requests arriving afterwards are answered SHUTTING_DOWN,
+and each connection closes once it owes nothing; after ``grace`` seconds what is left is
+cut. ``ready`` turns false at once, so /readyz sends new clients elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import stat
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from ..exceptions import InvalidRequest
+from . import codec as C
+from .connection import HANDSHAKE, Connection
+from .http import OpsHttp
+from .service import Service
+from .workers import Workers
+
+log = logging.getLogger("cryptoplane.fabric")
+
+DEFAULT_PORT: Final = 7700
+MAX_CONNECTIONS: Final = 10_000
+MAX_IN_FLIGHT: Final = 4096
+HANDSHAKE_TIMEOUT: Final = 10.0
+FRAME_TIMEOUT: Final = 30.0
+IDLE_TIMEOUT: Final = 3600.0
+WRITE_HIGH_WATER: Final = 8 * 1024 * 1024
+_NAMES_MAX: Final = 65_536
+
+
+def parse_listen(spec: str) -> tuple[str, str, int]:
+    """``tcp://host:port``, ``host:port``, ``:port`` or ``unix:///path`` as (kind, host or
+    path, port)."""
+    if spec.startswith("unix://"):
+        path = spec[len("unix://"):]
+        if not path:
+            raise InvalidRequest(f"{spec!r}: a unix listener needs a path")
+        return "unix", path, 0
+    text = spec if "://" in spec else f"tcp://{spec}"
+    parts = urlsplit(text)
+    if parts.scheme != "tcp":
+        raise InvalidRequest(f"{spec!r}: listen on tcp://HOST:PORT or unix:///PATH")
+    try:
+        port = parts.port if parts.port is not None else DEFAULT_PORT
+    except ValueError:
+        raise InvalidRequest(f"{spec!r}: not a valid port") from None
+    return "tcp", parts.hostname or "0.0.0.0", port
+
+
+class Server:
+    """See the module docstring. ``workers``: crypto threads (signatures, big payloads;
+    default: the CPU count); ``admin_workers``: threads for the keystore and key
+    generation."""
+
+    def __init__(self, service: Service, *, listen: list[str],
+                 tls: ssl.SSLContext | None = None, http: str | None = None,
+                 workers: int | None = None, admin_workers: int = 2,
+                 max_connections: int = MAX_CONNECTIONS, max_in_flight: int = MAX_IN_FLIGHT,
+                 max_frame: int = C.MAX_FRAME, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 frame_timeout: float = FRAME_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 write_high_water: int = WRITE_HIGH_WATER, unix_mode: int = 0o660) -> None:
+        if not listen:
+            raise InvalidRequest("a server needs at least one address to listen on")
+        self.service = service
+        self.specs = [parse_listen(s) for s in listen]
+        self.tls = tls
+        self.http_spec = http
+        self.worker_count = workers or os.cpu_count() or 1
+        self.admin_count = admin_workers
+        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self.max_frame = min(max_frame, C.MAX_FRAME)
+        self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        self.write_high_water = write_high_water
+        self.unix_mode = unix_mode
+        self.connections: set[Connection] = set()
+        self.names: dict[bytes, str] = {}  # key references seen, decoded once
+        self.stopping = False
+        self.addresses: list[str] = []
+        self.http_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._http: OpsHttp | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._empty: asyncio.Event | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._workers: Workers | None = None
+        self._admin: Workers | None = None
+        self._unix_paths: list[str] = []
+
+    # -- what connections use --------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the server is not started")
+        return self._loop
+
+    @property
+    def workers(self) -> Workers:
+        assert self._workers is not None
+        return self._workers
+
+    @property
+    def admin(self) -> Workers:
+        assert self._admin is not None
+        return self._admin
+
+    def remember_name(self, raw: bytes, name: str) -> None:
+        if len(self.names) >= _NAMES_MAX:
+            self.names.clear()
+        self.names[raw] = name
+
+    @staticmethod
+    def kind_of(transport: Any) -> str:
+        if transport.get_extra_info("sslcontext") is not None:
+            return "tls"
+        return "unix" if isinstance(transport.get_extra_info("sockname"), str) else "tcp"
+
+    def connection_gone(self) -> None:
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._listeners) and not self.stopping
+
+    # -- start ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._empty = asyncio.Event()
+        self._workers = Workers(loop, self.worker_count, "cryptoplane-fabric")
+        self._admin = Workers(loop, self.admin_count, "cryptoplane-fabric-admin")
+        try:
+            for kind, host, port in self.specs:
+                if kind == "unix":
+                    await self._listen_unix(host)
+                else:
+                    srv = await loop.create_server(
+                        lambda: Connection(self), host, port, ssl=self.tls,
+                        ssl_handshake_timeout=self.handshake_timeout if self.tls else None,
+                        reuse_address=True, backlog=1024)
+                    self._listeners.append(srv)
+                    for sock in srv.sockets:
+                        h, p = sock.getsockname()[:2]
+                        scheme = "tls" if self.tls else "tcp"
+                        self.addresses.append(f"{scheme}://{_host(h)}:{p}")
+            if self.http_spec:
+                _, host, port = parse_listen(self.http_spec)
+                self._http = OpsHttp(self.service.metrics, ready=lambda: self.ready,
+                                     extra=self.status)
+                self.http_port = await self._http.start(host, port)
+            self._subscribe()
+        except BaseException:
+            await self.shutdown(0)
+            raise
+        self._watchdog = loop.create_task(self._watch())
+
+    async def _listen_unix(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a socket left by a server that died
+        srv = await self.loop.create_unix_server(lambda: Connection(self), path, backlog=1024)
+        os.chmod(path, self.unix_mode)
+        self._listeners.append(srv)
+        self._unix_paths.append(path)
+        self.addresses.append(f"unix://{path}")
+
+    def _subscribe(self) -> None:
+        """Tenant limits changed in the keystore (here or, on PostgreSQL, by another
+        server) become the live limits."""
+        store = self.service.store
+        if store is None:
+            return
+        loop = self.loop
+
+        def changed(tenant: str, name: str) -> None:
+            if not name:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._reload_limits, tenant)
+
+        def reset() -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._reload_limits, None)
+
+        self._unsubscribe = store.subscribe(changed, reset)
+
+    def _reload_limits(self, tenant: str | None) -> None:
+        if self._admin is not None and not self.stopping:
+            self._admin.submit(self.service.load_limits, (tenant,), _LimitsOwner(self), None)
+
+    def status(self) -> dict[str, Any]:
+        return {"listen": self.addresses, "connections": len(self.connections),
+                "stopping": self.stopping,
+                "in_flight": sum(c.inflight for c in self.connections)}
+
+    # -- the watchdog ----------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        period = max(0.05, min(1.0, self.frame_timeout / 4, self.handshake_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Close connections past a limit: handshake not done in time, a frame begun and
+        not completed in time (slowloris), silent and owed nothing for the idle time."""
+        now = self.loop.time()
+        in_flight = 0
+        for c in list(self.connections):
+            in_flight += c.inflight
+            if c.state == HANDSHAKE and now - c.born > self.handshake_timeout:
+                log.info("closing a connection: no handshake in %.0f s", self.handshake_timeout)
+                c.abort()
+                continue
+            buffered = c.decoder.buffered
+            if c.frames != c.mark[1] or not c.partial:
+                c.frame_at = now  # a frame completed, or one just began: its clock starts
+            if c.activity != c.mark[0]:
+                c.act_at = now
+            c.mark, c.partial = (c.activity, c.frames), bool(buffered)
+            if buffered and now - c.frame_at > self.frame_timeout:
+                log.info("closing a connection: a frame begun %.0f s ago is not complete",
+                         now - c.frame_at)
+                c.abort()
+            elif not buffered and not c.owes() and now - c.act_at > self.idle_timeout:
+                c.abort()
+        self.service.metrics.set_in_flight(in_flight)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """See the module docstring. Safe to call twice (the second call with grace 0
+        cuts what the first is still waiting for)."""
+        first = not self.stopping
+        self.stopping = True
+        if first:
+            for srv in self._listeners:
+                srv.close()
+            for c in list(self.connections):
+                c.goaway()
+        if self.connections and grace > 0 and self._empty is not None:
+            self._empty.clear()
+            if self.connections:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._empty.wait(), grace)
+        for c in list(self.connections):
+            c.abort()
+        if not first:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._http is not None:
+            await self._http.close()
+        for srv in self._listeners:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for pool in (self._workers, self._admin):
+            if pool is not None:
+                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, 5.0)
+        self._listeners = []
+
+
+class _LimitsOwner:
+    """Receives reloaded tenant limits from an admin worker."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def completed(self, token: Any, result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            log.warning("reloading tenant limits failed: %s", error)
+            return
+        for limits in result:
+            self.server.service.apply_limits(limits)
+
+    def settle(self) -> None:
+        pass
+
+
+def _host(h: str) -> str:
+    return f"[{h}]" if ":" in h else h
