@@ -89,25 +89,26 @@ def _typed(e: Exception) -> Exception:
     return InvalidRequest(f"{type(e).__name__}: {e}")
 
 
-def run(plane: Plane, source: KeySource, ring: Ring, op: str,
-        items: list[Any]) -> list[Any]:
+def run(plane: Plane, source: KeySource, ring: Ring, op: str, items: list[Any],
+        principal: str = "") -> list[Any]:
     if op == "encrypt" and ring.fast is not None:
-        return _encrypt(plane, source, ring, items)
+        return _encrypt(plane, source, ring, items, principal)
     if op == "decrypt" and ring.fast is not None:
-        return _decrypt(plane, source, ring, items)
+        return _decrypt(plane, source, ring, items, principal)
     nonces = os.urandom(12 * len(items)) if op in ("encrypt", "rewrap") else b""
-    return [_one(plane, source, ring, op, item, nonces[12 * i:12 * i + 12])
+    return [_one(plane, source, ring, op, item, nonces[12 * i:12 * i + 12], principal)
             for i, item in enumerate(items)]
 
 
 def _one(plane: Plane, source: KeySource, ring: Ring, op: str, item: Any,
-         nonce: bytes) -> Any:
+         nonce: bytes, principal: str) -> Any:
     try:
         fields = _fields(op, item)
         result, v = _RUN[op](plane, ring, fields, nonce)
     except (CryptoplaneError, ValueError, TypeError) as e:
         return _typed(e)
-    source.record_use(ring.tenant, ring.name, v, op, _audited_size(op, fields, result))
+    source.record_use(ring.tenant, ring.name, v, op, _audited_size(op, fields, result),
+                      principal)
     return result
 
 
@@ -119,7 +120,8 @@ def _plain(item: Any) -> bool:
     return n == 1 or (n == 2 and type(item.get("aad")) is bytes)
 
 
-def _encrypt(plane: Plane, source: KeySource, ring: Ring, items: list[Any]) -> list[Any]:
+def _encrypt(plane: Plane, source: KeySource, ring: Ring, items: list[Any],
+             principal: str) -> list[Any]:
     ver = ring.fast
     assert ver is not None and ver.aead is not None
     key, header, v = ver.aead, ver.ct_header, ver.number
@@ -138,13 +140,14 @@ def _encrypt(plane: Plane, source: KeySource, ring: Ring, items: list[Any]) -> l
             except CryptoplaneError as e:
                 append(e)
                 continue
-            record(tenant, name, v, "encrypt", len(pt))
+            record(tenant, name, v, "encrypt", len(pt), principal)
         else:
-            append(_one(plane, source, ring, "encrypt", item, n))
+            append(_one(plane, source, ring, "encrypt", item, n, principal))
     return out
 
 
-def _decrypt(plane: Plane, source: KeySource, ring: Ring, items: list[Any]) -> list[Any]:
+def _decrypt(plane: Plane, source: KeySource, ring: Ring, items: list[Any],
+             principal: str) -> list[Any]:
     dec = plane.decrypt
     record = source.record_use
     tenant, name = ring.tenant, ring.name
@@ -166,7 +169,7 @@ def _decrypt(plane: Plane, source: KeySource, ring: Ring, items: list[Any]) -> l
                 append(e)
                 continue
             append(pt)
-            record(tenant, name, v, "decrypt", len(pt))
+            record(tenant, name, v, "decrypt", len(pt), principal)
         else:
-            append(_one(plane, source, ring, "decrypt", item, b""))
+            append(_one(plane, source, ring, "decrypt", item, b"", principal))
     return out

@@ -147,7 +147,7 @@ class Ring:
         """The version that encrypts, signs or MACs: the latest unless ``v`` names one
         (an int, or "latest"); at least ``min_encryption_version`` (Vault's meaning:
         a floor, not a pin)."""
-        if v is None or v == "latest" or v == 0:
+        if v is None or v == "latest" or (type(v) is int and v == 0):
             return self._get(self.record.latest_version)
         n = self._check_number(v)
         floor = self.policy.min_encryption_version

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ...exceptions import InvalidRequest
 from ...plane import Plane
-from ..errors import PolicyViolation
+from ..errors import KeyNotFound, PolicyViolation
 from ..keytypes import KeyPolicy, KeyType, check_name
 from . import material as mat
 from .keyring import Ring
@@ -44,7 +44,12 @@ class KeyAdmin:
     def ring(self, tenant: str, name: str) -> Ring:
         """The usable key; ``KeyNotFound`` (the source's) for a missing key and for
         another tenant's, alike. Rebuilt when the source hands out a new record."""
-        rec = self.source.get_key(tenant, name)
+        try:
+            rec = self.source.get_key(tenant, name)
+        except KeyNotFound:
+            # deleted, maybe by another server: drop what was cached of it
+            self._rings.pop((tenant, name), None)
+            raise
         ring = self._rings.get((tenant, name))
         if ring is None or ring.record is not rec:
             ring = self._rings[tenant, name] = Ring(rec, ring)
@@ -139,8 +144,8 @@ class KeyAdmin:
         v = ring.record.latest_version if version in (None, "latest") else version
         return mat.public_pem(ring.for_any(v).private())  # type: ignore[arg-type]
 
-    def export(self, tenant: str, name: str,
-               version: int | str | None = None) -> dict[str, Any]:
+    def export(self, tenant: str, name: str, version: int | str | None = None, *,
+               principal: str = "") -> dict[str, Any]:
         """The material of every held version (``version=None``), one, or "latest", in
         the stored format; ``PolicyViolation`` unless the key was made exportable."""
         ring = self.ring(tenant, name)
@@ -154,7 +159,7 @@ class KeyAdmin:
             numbers = [ring.for_any(version).number]  # type: ignore[arg-type]
         keys = {v: ring.for_any(v).material for v in numbers}
         for v in numbers:
-            self.source.record_use(tenant, name, v, "export")
+            self.source.record_use(tenant, name, v, "export", 0, principal)
         return {"name": name, "type": ring.type.value, "keys": keys}
 
     # -- change ---------------------------------------------------------------------------

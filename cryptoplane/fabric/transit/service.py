@@ -30,7 +30,7 @@ class Transit(KeyAdmin):
 
     def encrypt(self, tenant: str, name: str, plaintext: bytes, *, aad: bytes = b"",
                 context: bytes | None = None, nonce: bytes | None = None,
-                version: int | None = None) -> bytes:
+                version: int | None = None, principal: str = "") -> bytes:
         """A ciphertext blob (``blobs``: 0xC7, u32 version, nonce, ct || tag)."""
         ring = self.ring(tenant, name)
         ver = ring.fast
@@ -40,14 +40,14 @@ class Transit(KeyAdmin):
                 and len(plaintext) <= MAX_REQUEST):
             n = os.urandom(12)
             out = ver.ct_header + n + self.plane.encrypt(ver.aead, plaintext, n, aad)  # type: ignore[arg-type]
-            self.source.record_use(tenant, name, ver.number, "encrypt", len(plaintext))
+            self.source.record_use(tenant, name, ver.number, "encrypt", len(plaintext), principal)
             return out
         blob, v = ops.encrypt(self.plane, ring, plaintext, aad, context, nonce, version)
-        self.source.record_use(tenant, name, v, "encrypt", len(plaintext))
+        self.source.record_use(tenant, name, v, "encrypt", len(plaintext), principal)
         return blob
 
     def decrypt(self, tenant: str, name: str, ciphertext: bytes, *, aad: bytes = b"",
-                context: bytes | None = None) -> bytes:
+                context: bytes | None = None, principal: str = "") -> bytes:
         """The plaintext, or ``AuthenticationFailed`` (nothing unauthenticated comes
         out), ``KeyVersionRejected`` (below min_decryption_version, trimmed, unknown),
         ``InvalidRequest`` (not a transit ciphertext)."""
@@ -61,18 +61,20 @@ class Transit(KeyAdmin):
             pt = self.plane.decrypt(ring.for_check(v).aead, ct[17:], ct[5:17], aad)  # type: ignore[arg-type]
         else:
             pt, v = ops.decrypt(self.plane, ring, ciphertext, aad, context)
-        self.source.record_use(tenant, name, v, "decrypt", len(pt))
+        self.source.record_use(tenant, name, v, "decrypt", len(pt), principal)
         return pt
 
     def rewrap(self, tenant: str, name: str, ciphertext: bytes, *, aad: bytes = b"",
-               context: bytes | None = None) -> bytes:
+               context: bytes | None = None, principal: str = "") -> bytes:
         """Decrypt and encrypt again under the latest version, inside the server."""
         blob, v = ops.rewrap(self.plane, self.ring(tenant, name), ciphertext, aad, context)
-        self.source.record_use(tenant, name, v, "rewrap", len(blob) - blobs.CIPHERTEXT_OVERHEAD)
+        self.source.record_use(tenant, name, v, "rewrap",
+                               len(blob) - blobs.CIPHERTEXT_OVERHEAD, principal)
         return blob
 
     def datakey(self, tenant: str, name: str, *, bits: int = 256, plaintext: bool = True,
-                context: bytes | None = None) -> tuple[bytes | None, bytes]:
+                context: bytes | None = None,
+                principal: str = "") -> tuple[bytes | None, bytes]:
         """A fresh random key of ``bits`` and its ciphertext under this key (Vault's
         ``datakey/plaintext`` and ``datakey/wrapped``: ``plaintext=False`` returns
         ``None`` in its place)."""
@@ -81,44 +83,45 @@ class Transit(KeyAdmin):
         ring = self.ring(tenant, name)
         key = os.urandom(bits // 8)
         blob, v = ops.encrypt(self.plane, ring, key, b"", context)
-        self.source.record_use(tenant, name, v, "datakey", len(key))
+        self.source.record_use(tenant, name, v, "datakey", len(key), principal)
         return (key if plaintext else None), blob
 
     # -- sign, verify ---------------------------------------------------------------------
 
     def sign(self, tenant: str, name: str, data: bytes, *, version: int | None = None,
-             hash: str | None = None, prehashed: bool = False, padding: str = "pss") -> bytes:
+             hash: str | None = None, prehashed: bool = False, padding: str = "pss",
+             principal: str = "") -> bytes:
         """A signature blob (0xC5, u32 version, signature); see ``signing`` for the
         schemes. ``hash`` defaults to sha256 (sha384 for P-384 keys)."""
         sig, v = ops.sign(self.plane, self.ring(tenant, name), data, version, hash,
                           prehashed, padding)
-        self.source.record_use(tenant, name, v, "sign", len(data))
+        self.source.record_use(tenant, name, v, "sign", len(data), principal)
         return sig
 
     def verify(self, tenant: str, name: str, data: bytes, signature: bytes, *,
                hash: str | None = None, prehashed: bool = False,
-               padding: str = "pss") -> bool:
+               padding: str = "pss", principal: str = "") -> bool:
         """True or False; ``InvalidRequest`` for a blob that is not a transit
         signature, ``KeyVersionRejected`` for a version below min_decryption_version."""
         ok, v = ops.verify(self.plane, self.ring(tenant, name), data, signature, hash,
                            prehashed, padding)
-        self.source.record_use(tenant, name, v, "verify", len(data))
+        self.source.record_use(tenant, name, v, "verify", len(data), principal)
         return ok
 
     # -- hmac -----------------------------------------------------------------------------
 
     def hmac(self, tenant: str, name: str, data: bytes, *, version: int | None = None,
-             algorithm: str = "sha256") -> bytes:
+             algorithm: str = "sha256", principal: str = "") -> bytes:
         """An HMAC tag blob (0xC6, u32 version, tag) with an ``hmac`` key."""
         tag, v = ops.hmac(self.plane, self.ring(tenant, name), data, version, algorithm)
-        self.source.record_use(tenant, name, v, "hmac", len(data))
+        self.source.record_use(tenant, name, v, "hmac", len(data), principal)
         return tag
 
     def verify_hmac(self, tenant: str, name: str, data: bytes, tag: bytes, *,
-                    algorithm: str = "sha256") -> bool:
+                    algorithm: str = "sha256", principal: str = "") -> bool:
         """Constant-time check of a tag blob: True or False."""
         ok, v = ops.verify_hmac(self.plane, self.ring(tenant, name), data, tag, algorithm)
-        self.source.record_use(tenant, name, v, "verify_hmac", len(data))
+        self.source.record_use(tenant, name, v, "verify_hmac", len(data), principal)
         return ok
 
     # -- keyless --------------------------------------------------------------------------
@@ -136,34 +139,42 @@ class Transit(KeyAdmin):
 
     # -- batches (batch.py) ---------------------------------------------------------------
 
-    def batch(self, tenant: str, op: str, name: str,
-              items: list[dict[str, Any]]) -> list[Any]:
+    def batch(self, tenant: str, op: str, name: str, items: list[dict[str, Any]], *,
+              principal: str = "") -> list[Any]:
         """Run ``op`` (encrypt, decrypt, rewrap, sign, verify, hmac, verify_hmac) over
         ``items`` (each a dict of that operation's keyword arguments, data included:
         ``{"plaintext": b"..", "aad": b".."}``). Returns one entry per item: its result,
         or the typed exception it raised, as Vault's ``batch_input`` (one bad item fails
-        alone). A missing key fails the whole batch."""
+        alone). A missing key fails the whole batch. ``principal``: who asked, for the
+        audit (every data operation takes it)."""
         batch.check(op, items)
-        return batch.run(self.plane, self.source, self.ring(tenant, name), op, items)
+        return batch.run(self.plane, self.source, self.ring(tenant, name), op, items,
+                         principal)
 
-    def encrypt_batch(self, tenant: str, name: str, items: list[dict[str, Any]]) -> list[Any]:
-        return self.batch(tenant, "encrypt", name, items)
+    def encrypt_batch(self, tenant: str, name: str, items: list[dict[str, Any]], *,
+                      principal: str = "") -> list[Any]:
+        return self.batch(tenant, "encrypt", name, items, principal=principal)
 
-    def decrypt_batch(self, tenant: str, name: str, items: list[dict[str, Any]]) -> list[Any]:
-        return self.batch(tenant, "decrypt", name, items)
+    def decrypt_batch(self, tenant: str, name: str, items: list[dict[str, Any]], *,
+                      principal: str = "") -> list[Any]:
+        return self.batch(tenant, "decrypt", name, items, principal=principal)
 
-    def rewrap_batch(self, tenant: str, name: str, items: list[dict[str, Any]]) -> list[Any]:
-        return self.batch(tenant, "rewrap", name, items)
+    def rewrap_batch(self, tenant: str, name: str, items: list[dict[str, Any]], *,
+                     principal: str = "") -> list[Any]:
+        return self.batch(tenant, "rewrap", name, items, principal=principal)
 
-    def sign_batch(self, tenant: str, name: str, items: list[dict[str, Any]]) -> list[Any]:
-        return self.batch(tenant, "sign", name, items)
+    def sign_batch(self, tenant: str, name: str, items: list[dict[str, Any]], *,
+                   principal: str = "") -> list[Any]:
+        return self.batch(tenant, "sign", name, items, principal=principal)
 
-    def verify_batch(self, tenant: str, name: str, items: list[dict[str, Any]]) -> list[Any]:
-        return self.batch(tenant, "verify", name, items)
+    def verify_batch(self, tenant: str, name: str, items: list[dict[str, Any]], *,
+                     principal: str = "") -> list[Any]:
+        return self.batch(tenant, "verify", name, items, principal=principal)
 
-    def hmac_batch(self, tenant: str, name: str, items: list[dict[str, Any]]) -> list[Any]:
-        return self.batch(tenant, "hmac", name, items)
+    def hmac_batch(self, tenant: str, name: str, items: list[dict[str, Any]], *,
+                   principal: str = "") -> list[Any]:
+        return self.batch(tenant, "hmac", name, items, principal=principal)
 
-    def verify_hmac_batch(self, tenant: str, name: str,
-                          items: list[dict[str, Any]]) -> list[Any]:
-        return self.batch(tenant, "verify_hmac", name, items)
+    def verify_hmac_batch(self, tenant: str, name: str, items: list[dict[str, Any]], *,
+                          principal: str = "") -> list[Any]:
+        return self.batch(tenant, "verify_hmac", name, items, principal=principal)

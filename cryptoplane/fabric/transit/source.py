@@ -53,10 +53,30 @@ CHANGEABLE = frozenset({"min_decryption_version", "min_encryption_version",
 def check_create(tenant: str, name: str, policy: KeyPolicy) -> None:
     check_name(tenant, "tenant")
     check_name(name)
+    _check_types(policy.to_json())
+    if not policy.auto_rotate_period >= 0:  # also refuses NaN
+        raise InvalidRequest("auto_rotate_period must be >= 0 seconds")
     if policy.convergent and not policy.derived:
         raise PolicyViolation("convergent encryption needs a derived key (derived=True)")
     if (policy.derived or policy.convergent) and not policy.type.aead:
         raise PolicyViolation(f"{policy.type.value} keys cannot be derived")
+
+
+_FLAGS = ("exportable", "deletion_allowed", "derived", "convergent")
+_VERSIONS = ("min_decryption_version", "min_encryption_version")
+
+
+def _check_types(fields: dict[str, Any]) -> None:
+    """Flags are booleans and versions integers: "false" must not read as true."""
+    for f in _FLAGS:
+        if f in fields and not isinstance(fields[f], bool):
+            raise InvalidRequest(f"{f} must be true or false")
+    for f in _VERSIONS:
+        if f in fields and (not isinstance(fields[f], int) or isinstance(fields[f], bool)):
+            raise InvalidRequest(f"{f} must be an integer")
+    period = fields.get("auto_rotate_period", 0.0)
+    if not isinstance(period, (int, float)) or isinstance(period, bool):
+        raise InvalidRequest("auto_rotate_period must be a number of seconds")
 
 
 def check_policy_change(record: KeyRecord, changes: dict[str, Any]) -> KeyPolicy:
@@ -64,15 +84,12 @@ def check_policy_change(record: KeyRecord, changes: dict[str, Any]) -> KeyPolicy
     unknown = sorted(set(changes) - CHANGEABLE)
     if unknown:
         raise PolicyViolation(f"cannot change {', '.join(unknown)} after creation")
+    _check_types(changes)
     old = record.policy
     new = old.updated(**changes)
     if old.exportable and not new.exportable:
         # once exported, material may be anywhere: taking the flag back would be a lie
         raise PolicyViolation("exportable cannot be turned off once on")
-    for field in ("min_decryption_version", "min_encryption_version"):
-        if field in changes and (not isinstance(changes[field], int)
-                                 or isinstance(changes[field], bool)):
-            raise InvalidRequest(f"{field} must be an integer")
     if not 1 <= new.min_decryption_version <= record.latest_version:
         raise InvalidRequest(f"min_decryption_version must be 1..{record.latest_version}")
     if new.min_decryption_version < record.min_available_version:

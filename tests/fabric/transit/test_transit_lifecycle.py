@@ -352,3 +352,54 @@ def test_auto_rotation(plane: object, wrapping_der: bytes) -> None:
     assert t.rotate_due(TENANT, now[0]) == ["k"]
     assert t.read_key(TENANT, "k")["latest_version"] == 2
     assert t.rotate_due(TENANT, now[0] + 1) == []
+
+
+def test_principal_reaches_the_audit(transit: Transit, source: MemoryKeySource) -> None:
+    transit.create_key(TENANT, "k", AES, exportable=True)
+    source.uses.clear()
+    ct = transit.encrypt(TENANT, "k", b"x", principal="alice")
+    transit.decrypt_batch(TENANT, "k", [{"ciphertext": ct}], principal="bob")
+    transit.rewrap_batch(TENANT, "k", [{"ciphertext": ct}], principal="carol")
+    transit.export(TENANT, "k", principal="dave")
+    assert [(u.op, u.principal) for u in source.uses] == [
+        ("encrypt", "alice"), ("decrypt", "bob"), ("rewrap", "carol"), ("export", "dave")]
+
+
+def test_flags_and_versions_are_typed(transit: Transit) -> None:
+    for bad in ({"exportable": "false"}, {"derived": 1}, {"auto_rotate_period": -5.0},
+                {"auto_rotate_period": "1h"}):
+        with pytest.raises(InvalidRequest):
+            transit.create_key(TENANT, "k", AES, **bad)
+    transit.create_key(TENANT, "k", AES)
+    for change in ({"deletion_allowed": "yes"}, {"exportable": 1},
+                   {"min_decryption_version": True}, {"auto_rotate_period": None}):
+        with pytest.raises(InvalidRequest):
+            transit.config(TENANT, "k", **change)
+    with pytest.raises(InvalidRequest):
+        transit.encrypt(TENANT, "k", b"x", version=False)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest):
+        transit.encrypt(TENANT, "k", b"x", version="2")  # type: ignore[arg-type]
+    assert ciphertext_version(transit.encrypt(TENANT, "k", b"x", version=0)) == 1
+
+
+def test_a_key_deleted_elsewhere_leaves_the_cache(transit: Transit,
+                                                   source: MemoryKeySource) -> None:
+    transit.create_key(TENANT, "k", AES, deletion_allowed=True)
+    transit.encrypt(TENANT, "k", b"x")
+    source.delete_key(TENANT, "k")  # another server, same keystore
+    with pytest.raises(KeyNotFound):
+        transit.encrypt(TENANT, "k", b"x")
+    transit.create_key(TENANT, "k", AES, exportable=True)  # same name, new material
+    blob = transit.encrypt(TENANT, "k", b"new")
+    _, n, sealed = parse_ciphertext(blob)
+    mat = transit.export(TENANT, "k")["keys"][1]
+    assert AESGCM(mat).decrypt(n, bytes(sealed), b"") == b"new"
+    # deleted and made again elsewhere, unseen here: the new record's material is used
+    transit.config(TENANT, "k", deletion_allowed=True)
+    policy = source.get_key(TENANT, "k").policy
+    source.delete_key(TENANT, "k")
+    source.create_key(TENANT, "k", policy, os.urandom(32))
+    blob = transit.encrypt(TENANT, "k", b"newer")
+    _, n, sealed = parse_ciphertext(blob)
+    mat = transit.export(TENANT, "k")["keys"][1]
+    assert AESGCM(mat).decrypt(n, bytes(sealed), b"") == b"newer"
