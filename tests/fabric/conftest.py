@@ -42,5 +42,5 @@ def pg_dsn(pg_cluster: PostgresCluster) -> Iterator[str]:
 def keystore_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A keystore url for an empty store, once per backend."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'keystore.db'}"
+        return f"sqlite://{tmp_path / 'keystore.db'}"  # sqlite:///abs/path
     return str(request.getfixturevalue("pg_dsn"))

@@ -24,7 +24,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Keystore, TenantLimits, check_policy, not_found
+from ..transit.source import not_found
+from .base import Keystore, TenantLimits, check_policy
 from .cache import KeyCache
 from .master import MasterKey, MasterKeyRejected, UnwrapFailed
 from .migrations import LATEST as SCHEMA_VERSION

@@ -5,6 +5,11 @@ WHERE clause, and a key of another tenant takes exactly the path a missing key t
 (``not_found``: same type, same message). Every change runs in one transaction with
 its admin audit row and the generation bump, so the trail and the caches never see a
 half-made change.
+
+The policy rules (what may change, how far a key may be trimmed) and the missing-key
+error are transit's ``source`` module's, which every ``KeySource`` applies, so a key
+behaves the same in the keystore as in ``MemoryKeySource``; ``check_policy`` adds what
+only a store that serialises the policy needs (types, ranges at creation).
 """
 
 from __future__ import annotations
@@ -17,23 +22,21 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from ...exceptions import InvalidRequest
-from ..errors import KeyExists, KeyNotFound, PolicyViolation, Unauthorized
+from ..errors import KeyExists, PolicyViolation, Unauthorized
 from ..keytypes import KeyPolicy, KeyRecord, KeyType, check_name
+from ..transit.source import (
+    check_create,
+    check_delete,
+    check_policy_change,
+    check_trim,
+    not_found,
+)
 from . import tokens
 from .core import StoreCore, Tx
 from .tokens import TokenInfo
 
 MATERIAL_MAX = 64 * 1024
 LABEL_MAX = 200
-# what update_policy may change; exportable only from False to True (Vault's rule: a
-# key once exportable may already be out, so turning it off would be a false promise)
-MUTABLE = frozenset({"deletion_allowed", "min_decryption_version",
-                     "min_encryption_version", "auto_rotate_period", "exportable"})
-
-
-def not_found(name: str) -> KeyNotFound:
-    """The one error for "no such key for this tenant", whoever owns the name."""
-    return KeyNotFound(f"no key named {name!r}")
 
 
 @dataclass(frozen=True)
@@ -159,14 +162,16 @@ class Keystore(StoreCore):
         return KeyRecord(tenant, name, KeyPolicy.from_json(json.loads(policy)), int(latest),
                          int(min_avail), versions, float(created), float(updated))
 
-    def _locked(self, tx: Tx, tenant: str, name: str) -> tuple[KeyPolicy, int, int]:
-        """Policy, latest and min available version of a key, its row locked until the
-        transaction ends (concurrent rotations queue here instead of colliding)."""
-        row = tx.one("SELECT policy, latest_version, min_available_version FROM keys "
-                     "WHERE tenant = ? AND name = ?" + self.for_update, tenant, name)
+    def _locked(self, tx: Tx, tenant: str, name: str) -> KeyRecord:
+        """The key without its versions, its row locked until the transaction ends
+        (concurrent rotations queue here instead of colliding)."""
+        row = tx.one("SELECT policy, latest_version, min_available_version, created_at, "
+                     "updated_at FROM keys WHERE tenant = ? AND name = ?" + self.for_update,
+                     tenant, name)
         if row is None:
             raise not_found(name)
-        return KeyPolicy.from_json(json.loads(row[0])), int(row[1]), int(row[2])
+        return KeyRecord(tenant, name, KeyPolicy.from_json(json.loads(row[0])), int(row[1]),
+                         int(row[2]), {}, float(row[3]), float(row[4]))
 
     def get_key(self, tenant: str, name: str) -> KeyRecord:
         """The key with its unwrapped versions; ``KeyNotFound`` if this tenant has none
@@ -183,8 +188,7 @@ class Keystore(StoreCore):
         """The key, for handing out: ``PolicyViolation`` unless exportable; audited.
         Not a change (no generation bump): caches stay warm."""
         with self._transaction(write=True) as tx:
-            policy, _, _ = self._locked(tx, tenant, name)
-            if not policy.exportable:
+            if not self._locked(tx, tenant, name).policy.exportable:
                 raise PolicyViolation(f"key {name!r} is not exportable")
             self._admin(tx, tenant, name, "export", principal=principal)
             return self._load(tx, tenant, name)
@@ -202,8 +206,7 @@ class Keystore(StoreCore):
                    principal: str = "") -> KeyRecord:
         """A new key at version 1; ``KeyExists`` if the tenant has one of that name.
         Creates the tenant if it is new."""
-        check_name(tenant, "tenant name")
-        check_name(name)
+        check_create(tenant, name, policy)
         material = _check_material(material)
         check_policy(policy, 1, 1)
         now = time.time()
@@ -225,7 +228,7 @@ class Keystore(StoreCore):
         servers) each get their own version."""
         material = _check_material(material)
         with self._change(tenant, name) as tx:
-            _, latest, _ = self._locked(tx, tenant, name)
+            latest = self._locked(tx, tenant, name).latest_version
             now = time.time()
             self._add_version(tx, tenant, name, latest + 1, material, now)
             tx.run("UPDATE keys SET latest_version = ?, updated_at = ? WHERE tenant = ? "
@@ -235,18 +238,13 @@ class Keystore(StoreCore):
 
     def update_policy(self, tenant: str, name: str, *, principal: str = "",
                       **changes: Any) -> KeyRecord:
-        """Changes the mutable policy fields (``MUTABLE``); ``PolicyViolation`` for the
-        others and for making an exportable key unexportable."""
-        for f in changes:
-            if f not in MUTABLE:
-                if f in KeyPolicy.__dataclass_fields__:
-                    raise PolicyViolation(f"policy field {f} cannot change after creation")
-                raise InvalidRequest(f"unknown policy field {f!r}")
+        """Changes the mutable policy fields (transit's ``CHANGEABLE``);
+        ``PolicyViolation`` for the others and for making an exportable key
+        unexportable, ``InvalidRequest`` for values out of range."""
         with self._change(tenant, name) as tx:
-            policy, latest, min_avail = self._locked(tx, tenant, name)
-            if policy.exportable and changes.get("exportable", True) is not True:
-                raise PolicyViolation("an exportable key cannot become unexportable")
-            new = check_policy(policy.updated(**changes), latest, min_avail)
+            old = self._locked(tx, tenant, name)
+            new = check_policy(check_policy_change(old, changes), old.latest_version,
+                               old.min_available_version)
             tx.run("UPDATE keys SET policy = ?, updated_at = ? WHERE tenant = ? AND "
                    "name = ?", json.dumps(new.to_json()), time.time(), tenant, name)
             self._admin(tx, tenant, name, "config", principal=principal,
@@ -256,14 +254,13 @@ class Keystore(StoreCore):
     def trim_key(self, tenant: str, name: str, min_version: int, *,
                  principal: str = "") -> KeyRecord:
         """Deletes the versions below ``min_version`` for good; it may not pass the
-        policy's ``min_decryption_version`` (data under those versions must be dead)."""
-        if isinstance(min_version, bool) or not isinstance(min_version, int):
-            raise InvalidRequest("min_version must be an integer")
+        policy's ``min_decryption_version`` (data under those versions must be dead).
+        Trimming to where the key already is changes nothing."""
         with self._change(tenant, name) as tx:
-            policy, _, min_avail = self._locked(tx, tenant, name)
-            if not min_avail <= min_version <= policy.min_decryption_version:
-                raise InvalidRequest(f"trim version must be between {min_avail} and "
-                                     f"min_decryption_version {policy.min_decryption_version}")
+            old = self._locked(tx, tenant, name)
+            check_trim(old, min_version)
+            if min_version <= old.min_available_version:
+                return self._load(tx, tenant, name)
             tx.run("DELETE FROM key_versions WHERE tenant = ? AND name = ? AND version < ?",
                    tenant, name, min_version)
             tx.run("UPDATE keys SET min_available_version = ?, updated_at = ? WHERE "
@@ -275,9 +272,7 @@ class Keystore(StoreCore):
         """Deletes the key and every version; ``PolicyViolation`` unless the policy
         allows deletion."""
         with self._change(tenant, name) as tx:
-            policy, _, _ = self._locked(tx, tenant, name)
-            if not policy.deletion_allowed:
-                raise PolicyViolation(f"key {name!r} does not allow deletion")
+            check_delete(self._locked(tx, tenant, name))
             tx.run("DELETE FROM key_versions WHERE tenant = ? AND name = ?", tenant, name)
             tx.run("DELETE FROM keys WHERE tenant = ? AND name = ?", tenant, name)
             self._admin(tx, tenant, name, "delete", principal=principal)
@@ -290,8 +285,8 @@ class Keystore(StoreCore):
         """A new bearer token for ``tenant``. The returned string is the only copy of
         its secret: the store keeps a digest."""
         check_name(tenant, "tenant name")
-        key_scopes = tokens.check_scopes(list(keys), "key")
-        op_scopes = tokens.check_scopes(list(ops), "op")
+        key_scopes = tokens.check_scopes(keys, "key")
+        op_scopes = tokens.check_scopes(ops, "op")
         if not isinstance(label, str) or len(label) > LABEL_MAX or not label.isprintable():
             raise InvalidRequest(f"token label must be at most {LABEL_MAX} printable "
                                  "characters")
@@ -315,10 +310,10 @@ class Keystore(StoreCore):
                          tuple(json.loads(op_scopes)),
                          None if expires_at is None else float(expires_at), str(label))
 
-    def check_token(self, token: str) -> TokenInfo:
+    def check_token(self, secret: str) -> TokenInfo:
         """What ``token`` grants; ``Unauthorized`` (one message for every reason) if it
         is malformed, unknown, revoked or expired."""
-        token_id, secret = tokens.parse(token)
+        token_id, secret = tokens.parse(secret)  # the full token string, then its secret
         with self._transaction(write=False) as tx:
             row = tx.one("SELECT token_id, tenant, keys, ops, expires_at, label, digest, "
                          "revoked_at FROM tokens WHERE token_id = ?", token_id)

@@ -20,7 +20,8 @@ from typing import Self
 
 from ..errors import KeyNotFound
 from ..keytypes import KeyRecord
-from .base import Keystore, not_found
+from ..transit.source import not_found
+from .base import Keystore
 
 
 class KeyCache:

@@ -209,6 +209,12 @@ class StoreCore(abc.ABC):
                                f"wrapped under master key {master_id}, which was not given")
         return m.unwrap(tenant, name, version, bytes(blob))
 
+    def master_usage(self) -> dict[str, int]:
+        """How many key versions each master key id wraps (a rotation's progress)."""
+        with self._transaction(write=False) as tx:
+            return {str(r[0]): int(r[1]) for r in tx.all(
+                "SELECT master_id, COUNT(*) FROM key_versions GROUP BY master_id")}
+
     def rotate_master(self, new: MasterKey | None = None, *, batch: int = 100,
                       on_batch: Callable[[int], None] | None = None) -> int:
         """Rewraps every key version under ``new`` (default: the store's master) in

@@ -5,7 +5,9 @@ Writers lock the key's row (``SELECT ... FOR UPDATE``) so concurrent rotations q
 every key change sends ``NOTIFY cryptoplane_keystore`` with ``[tenant, name]``,
 delivered at commit, which ``subscribe``'s listener thread (its own connection) turns
 into cache invalidations. NOTIFY has no replay, so after the listener (re)connects it
-reports a reset: whoever caches drops everything.
+reports a reset: whoever caches drops everything. The first connection needs none:
+``subscribe`` returns only once it is listening (so nothing can be cached yet that a
+missed notification would leave stale), unless that took longer than ``LISTEN_WAIT``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ CHANNEL = "cryptoplane_keystore"
 PING_AFTER = 5.0
 # any constant shared by every process migrating the same database
 MIGRATION_LOCK = 0x6370_6B73  # "cpks"
+LISTEN_WAIT = 5.0
 
 
 class PostgresKeystore(Keystore):
@@ -113,11 +116,13 @@ class PostgresKeystore(Keystore):
                   on_reset: ResetCallback) -> Callable[[], None]:
         local = super().subscribe(on_change, on_reset)
         stop = threading.Event()
-        t = threading.Thread(target=self._listen, args=(on_change, on_reset, stop),
+        started = _Started()
+        t = threading.Thread(target=self._listen, args=(on_change, on_reset, stop, started),
                              name="keystore-listen", daemon=True)
         self._listener_stops.append(stop)
         self._threads.append(t)
         t.start()
+        started.wait(LISTEN_WAIT)
 
         def unsubscribe() -> None:
             local()
@@ -125,13 +130,14 @@ class PostgresKeystore(Keystore):
         return unsubscribe
 
     def _listen(self, on_change: ChangeCallback, on_reset: ResetCallback,
-                stop: threading.Event) -> None:
+                stop: threading.Event, started: _Started) -> None:
         backoff = 0.1
         while not stop.is_set():
             try:
                 with self._connect() as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    on_reset()  # whatever happened while not listening is unknown
+                    if not started.listening():
+                        on_reset()  # whatever happened while not listening is unknown
                     backoff = 0.1
                     while not stop.is_set():
                         for n in conn.notifies(timeout=0.2):
@@ -146,3 +152,25 @@ class PostgresKeystore(Keystore):
                 on_reset()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+
+class _Started:
+    """Whether a listener's first LISTEN came while ``subscribe`` still waited for it
+    (then nothing was cached before it, and no reset is needed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._gave_up = False
+
+    def wait(self, timeout: float) -> None:
+        self._event.wait(timeout)
+        with self._lock:
+            self._gave_up = not self._event.is_set()
+
+    def listening(self) -> bool:
+        """Records that LISTEN is on; true if it is the first time and in time."""
+        with self._lock:
+            first = not self._event.is_set() and not self._gave_up
+            self._event.set()
+            return first

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -80,7 +81,7 @@ def matches(secret: str, stored: bytes | None) -> bool:
     return ok and stored is not None
 
 
-def check_scopes(patterns: list[str] | tuple[str, ...], what: str) -> tuple[str, ...]:
+def check_scopes(patterns: Sequence[str], what: str) -> tuple[str, ...]:
     from ...exceptions import InvalidRequest
     if isinstance(patterns, str) or not patterns or not all(
             isinstance(p, str) and p and len(p) <= 256 for p in patterns):
