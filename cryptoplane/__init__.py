@@ -23,6 +23,7 @@ from .exceptions import (
     SelfTestFailed,
     Timeout,
 )
+from .fabric.remote import Remote
 from .keys import Key
 from .plane import Plane
 from .requests import (
@@ -45,7 +46,7 @@ __all__ = [
     "Algorithm", "AuthenticationFailed", "Busy", "Chain", "CryptoplaneError", "Decrypt",
     "DecryptSectors", "Derive", "Digest", "Encrypt", "EncryptSectors", "EngineFailed",
     "InvalidRequest", "InvalidSignature", "Key", "KeyRejected", "Kind", "Mac", "NotSupported",
-    "Op", "Plane", "QuotaExceeded", "Random", "Request", "SelfTestFailed", "Session", "Sign",
-    "Timeout", "Verify", "VerifyMac", "__version__", "algorithms", "lookup", "stream",
+    "Op", "Plane", "QuotaExceeded", "Random", "Remote", "Request", "SelfTestFailed", "Session",
+    "Sign", "Timeout", "Verify", "VerifyMac", "__version__", "algorithms", "lookup", "stream",
     "volume",
 ]

@@ -83,9 +83,11 @@ class Pool:
 
     # -- lifetime ------------------------------------------------------------------------
 
-    async def start(self, wait: bool = True) -> None:
+    async def start(self, wait: bool = True, keep_trying: bool = False) -> None:
         """Open every slot's connection; with ``wait``, return once one is live, or raise
-        the failure (Unauthorized at once; others once every slot has failed)."""
+        the failure (Unauthorized at once; others once every slot has failed). With
+        ``keep_trying`` a failure other than Unauthorized leaves the pool reconnecting
+        in the background (the engine starts ``BROKEN`` and heals)."""
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         for i in range(self._slots):
@@ -98,11 +100,13 @@ class Pool:
             if isinstance(self.last_error, Unauthorized) or (
                     len(self._attempted) >= self._slots and self.last_error is not None):
                 err = self.last_error
-                await self.close()
+                if not keep_trying or isinstance(err, Unauthorized):
+                    await self.close()
                 raise err
             left = deadline - self._loop.time()
             if left <= 0:
-                await self.close()
+                if not keep_trying:
+                    await self.close()
                 raise ConnectionLost(f"no server answered within {self.timeout:g} s")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):

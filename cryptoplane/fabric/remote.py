@@ -1,0 +1,307 @@
+"""The ``remote`` engine: a plane's work offloaded to fabric servers.
+
+    plane = cp.Plane(engines=["inline", "threads",
+                              cp.Remote("tcp://10.0.0.5:7300", token=token)])
+
+A crypto device like the others (``engines/base.py``): it declares what the servers
+serve over offload sessions (docs/wire-protocol.md, 4.4: AEAD encrypt/decrypt,
+RSA/ECDSA/Ed25519 sign/verify, HMAC mac/verify_mac), takes batches from the scheduler's
+dispatcher and completes each job exactly once through its ``Completion``. Each job is a
+RAW_* request on an offload session that carries the job's own ``Key``, opened once per
+key per connection (virtio-crypto's sessions; cached by key identity, closed when the
+``Key`` dies). The answers are the server plane's, the same OpenSSL calls a local plane
+makes: byte for byte what the inline engine gives for deterministic operations.
+
+Work runs on the engine's own event loop (a daemon thread): ``submit`` only queues the
+jobs and wakes the loop, which pipelines them over a small pool of connections, many in
+flight (``pool.py``). The meter learns each job's round trip and the loop's CPU per job,
+so the balancer sends work here only when it completes sooner than locally.
+
+Failures: a dead connection's retry-safe jobs go to another connection or server of the
+engine's URL list; when no server is reachable the engine is ``BROKEN`` and jobs end at
+once with ``ConnectionLost`` (an ``EngineFailed``), which the scheduler hands to another
+engine when repeating the job is safe (plane requests with a caller-given nonce are);
+reconnects continue in the background with backoff, and health returns to ``OK``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl as ssl_module
+import threading
+import time
+import weakref
+from collections.abc import Coroutine, Sequence
+from typing import Any, Final, TypeVar
+
+from .. import requests as rq
+from ..algorithms import CATALOGUE, Algorithm, Kind, Op
+from ..engines.base import Engine, Health, Job, Traits, Work
+from ..keys import Key
+from . import codec
+from .codec import Field, Frame, FrameType, Status
+from .connection_client import Call, SessionSpec
+from .errors import Unauthorized
+from .pool import Pool
+
+T = TypeVar("T")
+
+# what an offload session serves, by kind (the servers' plane runs every one of these)
+SERVED: Final = (
+    "aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-poly1305",
+    "rsa-pss-sha256", "rsa-pkcs1v15-sha256", "ecdsa-p256-sha256", "ecdsa-p384-sha384",
+    "ed25519", "hmac-sha256", "hmac-sha384", "hmac-sha512",
+)
+_OPS_BY_KIND: Final = {
+    Kind.AEAD: frozenset({Op.ENCRYPT, Op.DECRYPT}),
+    Kind.AKCIPHER: frozenset({Op.SIGN, Op.VERIFY}),
+    Kind.MAC: frozenset({Op.MAC, Op.VERIFY_MAC}),
+}
+_CARRIED: Final = (rq.Encrypt, rq.Decrypt, rq.Sign, rq.Verify, rq.Mac, rq.VerifyMac)
+MAX_REQUEST: Final = codec.MAX_PAYLOAD - 64 * 1024  # room for the other fields
+DEFAULT_CAPACITY: Final = 1024  # jobs in flight (the scheduler keeps the rest queued)
+DECODE_SECONDS: Final = 3e-6  # the loop's share of reading an answer, not timed per job
+
+
+class Remote(Engine):
+    """An engine whose work runs on fabric servers. ``url``: one server or a list
+    (failover between them); ``token``/``ssl`` as for ``AsyncClient.connect``;
+    ``connections`` per server; ``timeout``: a job's deadline on the wire (the
+    scheduler's own ``timeout=`` still applies); ``capacity``: jobs in flight."""
+
+    name = "remote"
+    priority = 5
+    traits = Traits(local=False, in_process=False, pulls=False, takes_lanes=False)
+    max_request = MAX_REQUEST
+
+    def __init__(self, url: str | Sequence[str], *, token: str | None = None,
+                 ssl: ssl_module.SSLContext | None = None, connections: int = 2,
+                 timeout: float = 30.0, connect_timeout: float = 10.0,
+                 capacity: int = DEFAULT_CAPACITY, name: str = "remote") -> None:
+        super().__init__(algorithms=[CATALOGUE[n] for n in SERVED])
+        self.name = name
+        self.urls = [url] if isinstance(url, str) else list(url)
+        self.timeout = timeout
+        self.capacity = capacity
+        # Little's law: the measured round trip already holds the queueing of every job
+        # in flight, so each in-flight job is a lane
+        self.parallelism = capacity
+        self._pool = Pool(self.urls, token=token, ssl=ssl, connections=connections,
+                          timeout=connect_timeout, name=f"cryptoplane engine {name}",
+                          fail_fast=True)
+        self._pool.on_state = self._on_state
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name=f"cryptoplane-{name}")
+        self._thread.start()
+        self._incoming: collections.deque[Job] = collections.deque()
+        self._woken = False
+        self._inflight = 0
+        self._closed = False
+        self._specs: dict[int, SessionSpec] = {}  # id(Key) -> its session spec
+        self._dropped: collections.deque[SessionSpec] = collections.deque()
+        self._cpu = 20e-6  # the loop's CPU seconds per job (moving average)
+        self._self_tested = False
+        self.last_error: BaseException | None = None
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self, *, self_test: bool = True) -> None:
+        """Connect (waiting up to ``connect_timeout`` for one server), then run the
+        known answers through the servers. Unreachable servers leave the engine
+        ``BROKEN`` and reconnecting; a refused token raises ``Unauthorized``."""
+        try:
+            self._run(self._pool.start(wait=True, keep_trying=True))
+        except Unauthorized:
+            self.close()
+            raise
+        except Exception as e:
+            self.last_error = e
+            self.health = Health.BROKEN
+            super().start(self_test=False)
+            self.health = Health.BROKEN
+            return
+        super().start(self_test=self_test)
+        self._self_tested = self_test
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop.is_running():
+            with contextlib.suppress(Exception):
+                self._run(self._close_all(), 10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def _close_all(self) -> None:
+        self._drain()  # jobs still queued end with ConnectionLost, like those in flight
+        await self._pool.close()
+
+    def _on_state(self, live: bool) -> None:
+        if live:
+            if self.health is Health.BROKEN:
+                self.health = Health.OK
+        else:
+            self.health = Health.BROKEN
+
+    # -- what it serves ------------------------------------------------------------------
+
+    def ops_for(self, algorithm: Algorithm) -> frozenset[Op]:
+        return algorithm.ops & _OPS_BY_KIND.get(algorithm.kind, frozenset())
+
+    def can_serve(self, request: Work) -> bool:
+        if not isinstance(request, _CARRIED) or self._closed:
+            return False
+        if isinstance(request, (rq.Encrypt, rq.Decrypt)) and request.padding:
+            return False
+        return super().can_serve(request)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # -- submit --------------------------------------------------------------------------
+
+    def submit(self, jobs: Sequence[Job]) -> int:
+        if self._closed:
+            return 0
+        with self._lock:
+            self._incoming.extend(jobs)
+            self._inflight += len(jobs)
+            wake = not self._woken
+            self._woken = True
+        if wake:
+            self._loop.call_soon_threadsafe(self._drain)
+        return len(jobs)
+
+    def _drain(self) -> None:
+        """On the loop: turn the queued jobs into calls and send them."""
+        with self._lock:
+            jobs = list(self._incoming)
+            self._incoming.clear()
+            self._woken = False
+        while self._dropped:
+            self._pool.drop_session(self._dropped.popleft())
+        if not jobs:
+            return
+        t0 = time.thread_time()
+        deadline = self._loop.time() + self.timeout
+        for request, done in jobs:
+            try:
+                call = self._call(request, done, deadline)
+            except Exception as e:  # cannot be encoded (a key with no export...)
+                self._end(done, None, e)
+                continue
+            self._pool.submit(call)
+        per_job = (time.thread_time() - t0) / len(jobs)
+        self._cpu += 0.2 * (per_job + DECODE_SECONDS - self._cpu)
+
+    def _spec(self, key: Key) -> SessionSpec:
+        addr = id(key)
+        spec = self._specs.get(addr)
+        if spec is None:
+            alg = key.algorithm
+            material = key.export_raw() if alg.symmetric else key.export_der()
+            spec = self._specs[addr] = SessionSpec(alg.name, material)
+            fin = weakref.finalize(key, _forget, self._specs, addr, self._dropped)
+            fin.atexit = False
+        return spec
+
+    def _call(self, request: Work, done: Any, deadline: float) -> Call:
+        assert isinstance(request, _CARRIED) and request.key is not None
+        f: dict[int, bytes] = {}
+        if isinstance(request, (rq.Encrypt, rq.Decrypt)):
+            op = codec.Op.RAW_ENCRYPT if isinstance(request, rq.Encrypt) else codec.Op.RAW_DECRYPT
+            f[Field.DATA] = bytes(request.data)
+            if request.nonce is not None:
+                f[Field.NONCE] = bytes(request.nonce)
+            if request.aad is not None:
+                f[Field.AAD] = bytes(request.aad)
+        elif isinstance(request, rq.Sign):
+            op = codec.Op.RAW_SIGN
+            f[Field.DATA] = bytes(request.data)
+        elif isinstance(request, rq.Verify):
+            op = codec.Op.RAW_VERIFY
+            f[Field.DATA] = bytes(request.data)
+            f[Field.SIGNATURE] = bytes(request.signature)
+        elif isinstance(request, rq.Mac):
+            op = codec.Op.RAW_MAC
+            f[Field.DATA] = bytes(request.data)
+            if request.tag_size:
+                f[Field.TAG_SIZE] = codec.u32(request.tag_size)
+        else:
+            op = codec.Op.RAW_VERIFY_MAC
+            f[Field.DATA] = bytes(request.data)
+            f[Field.MAC] = bytes(request.tag)
+        spec = self._spec(request.key)
+        sent = time.perf_counter()
+
+        def finished(frame: Frame | None, error: BaseException | None) -> None:
+            result: Any = None
+            if error is None:
+                assert frame is not None
+                result, error = _outcome(op, frame)
+                if error is None or frame.status != Status.INTERNAL:
+                    # a crypto answer (a failed verify too) teaches the meter its cost
+                    self.meter.record(request.algorithm.name, request.op.value,
+                                      request.nbytes, time.perf_counter() - sent, self._cpu)
+            self._end(done, result, error)
+
+        return Call(FrameType.REQUEST, op, b"", codec.encode_fields(f), request.retry_safe,
+                    finished, deadline, spec)
+
+    def _end(self, done: Any, result: Any, error: BaseException | None) -> None:
+        with self._lock:
+            self._inflight -= 1
+        with contextlib.suppress(Exception):  # a caller's callback must not kill the loop
+            done(result, error)
+
+    # -- introspection -------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """The pool's: sent, retried, throttled, lost, timeouts, reconnects, goaways."""
+        return dict(self._pool.counters)
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update(urls=self.urls, server=self._pool.info.get("server"),
+                    tenant=self._pool.info.get("tenant"), counters=self.counters(),
+                    live_connections=sum(1 for c in self._pool.conns if c.usable))
+        return info
+
+
+def _outcome(op: int, frame: Frame) -> tuple[Any, BaseException | None]:
+    if frame.status != Status.OK:
+        return None, codec.error_from(frame.status, frame.payload)
+    if op in (codec.Op.RAW_VERIFY, codec.Op.RAW_VERIFY_MAC):
+        return None, None
+    try:
+        fields = codec.decode_fields(frame.payload)
+    except Exception as e:
+        return None, e
+    tag = {codec.Op.RAW_SIGN: Field.SIGNATURE, codec.Op.RAW_MAC: Field.MAC}.get(
+        codec.Op(op), Field.DATA)
+    value = fields.get(tag)
+    if value is None:
+        return None, codec.error_for(Status.INTERNAL, "the server's answer had no result")
+    return value, None
+
+
+def _forget(specs: dict[int, SessionSpec], addr: int,
+            dropped: collections.deque[SessionSpec]) -> None:
+    """A Key died (weakref.finalize, any thread): only atomic container operations; the
+    loop closes its sessions on its next turn."""
+    spec = specs.pop(addr, None)
+    if spec is not None:
+        dropped.append(spec)
+
+
+__all__ = ["SERVED", "Remote"]
