@@ -75,6 +75,7 @@ from ..stream.payload import CHUNK_SIZE, SEALED_SIZE, TAG_SIZE
 
 __all__ = [
     "CHUNK_SIZE",
+    "FIXED_SIZE",
     "MAGIC",
     "PIECE",
     "DataKeys",
@@ -285,8 +286,10 @@ class StreamDecryptJob:
     (``InvalidRequest`` for a header that does not parse, ``AuthenticationFailed`` for a
     changed, reordered, cut or extended stream, or what unwrapping the data key raises)
     ends the job: every later call raises it again. The plaintext returned before it is
-    the stream's, whole chunks from the start. ``buffered``: bytes held between calls
-    (at most the header, or one sealed chunk)."""
+    the stream's, whole chunks from the start; but a cut at a chunk boundary shows only
+    at ``finish``, so a consumer holds the plaintext as unfinished until ``finish``
+    returns. ``buffered``: bytes held between calls (at most the header, or one sealed
+    chunk)."""
 
     def __init__(self, keys: DataKeys, tenant: str, key_name: str, *,
                  context: bytes | None = None, plane: Plane, piece: int = PIECE,

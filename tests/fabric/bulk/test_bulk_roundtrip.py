@@ -13,6 +13,7 @@ from bulkfakes import FakeKeys, decrypt_pieces, pieces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cryptoplane.engines import ThreadsEngine
 from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest
 from cryptoplane.fabric import bulk
 from cryptoplane.fabric.bulk import (
@@ -220,3 +221,16 @@ def test_format_constants() -> None:
     assert bulk.FIXED_SIZE == 28 and bulk.MAGIC == b"CPFS1"
     assert sealed_size(0) == TAG_SIZE and sealed_size(CHUNK_SIZE) == SEALED_SIZE
     assert sealed_size(CHUNK_SIZE + 1) == SEALED_SIZE + 1 + TAG_SIZE
+
+
+def test_plane_without_inline_engine(keys: FakeKeys) -> None:
+    """Off the fast path each run is a queued request: slower, the same bytes, and a bad
+    chunk still fails typed."""
+    data = os.urandom(2 * CHUNK_SIZE + 3)
+    with Plane(engines=[ThreadsEngine(workers=1)]) as queued:
+        ct = encrypt_all(keys, "acme", "files", data, queued)
+        assert decrypt_all(keys, "acme", "files", ct, queued) == data
+        bad = bytearray(ct)
+        bad[-40] ^= 1
+        plain, err = decrypt_pieces(keys, bytes(bad), [], queued)
+        assert isinstance(err, AuthenticationFailed) and data.startswith(plain)
