@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
+from contextlib import suppress
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -92,14 +93,18 @@ class Version:
         """The derived key for ``context``, from a small LRU."""
         cache = self._derived
         d = cache.get(context)
+        # threads may share a ring: another may evict between two steps here, which
+        # costs a re-derivation at worst, never an error (hence the suppress)
         if d is not None:
-            cache.move_to_end(context)
+            with suppress(KeyError):
+                cache.move_to_end(context)
             return d
         enc, nonce_key = derive(self.material, context)
         alg = AEAD_ALGORITHM[self.type]
         d = cache[context] = Derived(Key(alg, enc), nonce_key)
-        if len(cache) > DERIVED_CACHE:
-            cache.popitem(last=False)
+        while len(cache) > DERIVED_CACHE:
+            with suppress(KeyError):
+                cache.popitem(last=False)
         return d
 
 

@@ -12,7 +12,7 @@ from conftest import TENANT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
+from cryptoplane.exceptions import CryptoplaneError, InvalidRequest, KeyRejected
 from cryptoplane.fabric.transit import (
     CIPHERTEXT_OVERHEAD,
     Transit,
@@ -109,3 +109,23 @@ def test_operations_on_arbitrary_blobs_end_in_typed_errors(ring: Transit, blob: 
         item = {field: blob, "data": b"m"} if op == "verify_hmac" else {field: blob}
         (res,) = ring.batch(TENANT, op, name, [item])
         assert isinstance(res, CryptoplaneError) or res is False
+
+
+@settings(max_examples=40, deadline=None)
+@given(blob=st.one_of(st.binary(max_size=600), st.binary(min_size=512, max_size=700)))
+def test_arbitrary_import_blobs_are_invalid_requests(ring: Transit, blob: bytes) -> None:
+    with contextlib.suppress(KeyRejected):  # an unwrap that works but holds no key
+        try:
+            ring.import_key(TENANT, "fuzz", "aes256-gcm96", blob)
+        except InvalidRequest:
+            return
+    raise AssertionError("an arbitrary blob imported")  # pragma: no cover
+
+
+@settings(max_examples=100, deadline=None)
+@given(pt=st.binary(max_size=300), aad=st.binary(max_size=40),
+       kt=st.sampled_from(["aes256-gcm96", "chacha20-poly1305"]))
+def test_round_trips(ring: Transit, pt: bytes, aad: bytes, kt: str) -> None:
+    blob = ring.encrypt(TENANT, kt, pt, aad=aad)
+    assert ring.decrypt(TENANT, kt, blob, aad=aad) == pt
+    assert ring.decrypt_batch(TENANT, kt, [{"ciphertext": blob, "aad": aad}]) == [pt]
