@@ -6,6 +6,7 @@ import click
 
 from .. import __version__
 from .engines import engines
+from .remote_speed import remote_speed
 from .serve import serve
 from .stats import stats
 from .stream import decrypt_cmd, encrypt_cmd, keygen_cmd, stream
@@ -28,6 +29,7 @@ def cli() -> None:
 
 cli.add_command(engines)
 cli.add_command(stats)
+cli.add_command(remote_speed)  # a fabric server's figures
 volume.add_command(volume_bench)
 volume.add_command(convert_ivs_cmd)
 cli.add_command(volume)

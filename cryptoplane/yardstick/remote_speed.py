@@ -170,8 +170,9 @@ def _python() -> list[str]:
 @contextlib.contextmanager
 def local_server(folder: Path, *, tls: bool = False, cpu: int | None = None,
                  name: str = "server") -> Iterator[Server]:
-    """``cryptoplane server`` on loopback over a SQLite keystore in ``folder`` (made on
-    first use, shared by the servers of a run): a token for tenant ``bench``; with
+    """``cryptoplane server`` (``server_argv``) on loopback over a SQLite keystore in
+    ``folder`` (made on first use, shared by the servers of a run): a token for tenant
+    ``bench``; with
     ``tls``, mutual TLS with certificates made in ``folder`` (the client's names the
     tenant). Pinned to ``cpu`` with ``taskset`` where given. Stopped on exit."""
     from ..fabric.keystore import MasterKey, open_keystore
@@ -223,7 +224,8 @@ def server_argv(store: str, master: Path, ready: Path, certs: dict[str, Path]) -
                 "--master-key-file", str(master), "--ready-file", str(ready)]
         if certs:
             argv += ["--tls-cert", str(certs["server_cert"]), "--tls-key",
-                     str(certs["server_key"]), "--client-ca", str(certs["ca"])]
+                     str(certs["server_key"]), "--tls-client-ca", str(certs["ca"]),
+                     "--require-client-cert"]
         return argv
     spec = {"store": store, "master": str(master), "ready": str(ready),
             "certs": {k: str(v) for k, v in certs.items()}}
@@ -242,7 +244,8 @@ def server_command_flags() -> bool:
         text = done.stdout
         _FLAGS.append(done.returncode == 0 and all(
             flag in text for flag in ("--listen", "--store", "--master-key-file",
-                                      "--ready-file", "--tls-cert", "--client-ca")))
+                                      "--ready-file", "--tls-cert", "--tls-client-ca",
+                                      "--require-client-cert")))
     return _FLAGS[0]
 
 
