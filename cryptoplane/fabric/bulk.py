@@ -277,6 +277,7 @@ class StreamEncryptJob:
         """The final chunk; the job is then done."""
         chunker = self._open()
         self._done = True
+        self._chunker = None  # the chunk key goes with it
         return [chunker.finish()]
 
 
@@ -343,6 +344,7 @@ class StreamDecryptJob:
             if chunker.held < TAG_SIZE or (chunker.held == TAG_SIZE and chunker.counter):
                 raise AuthenticationFailed("the stream is truncated: it stops before its "
                                            "final chunk")
+            self._chunker = None  # the chunk key goes with it
             return [chunker.finish()]
         except ChunkAuthenticationFailed:
             raise self._fail(AuthenticationFailed(
