@@ -43,6 +43,8 @@ class AuditRow:
 
 
 _Slot = tuple[str, str, int, str, str, int]  # tenant, key, version, op, principal, second
+_Request = tuple[float, str, str, int, str, int, str]  # ts, tenant, key, version, op, ...
+_now = time.time
 
 
 class AuditLog:
@@ -57,7 +59,8 @@ class AuditLog:
         self._write = write
         self._lock = threading.Lock()
         self._counts: dict[_Slot, list[int]] = {}
-        self._requests: list[AuditRow] = []
+        self._requests: list[_Request] = []
+        self._failed: list[AuditRow] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()  # one flush at a time keeps rows in order
@@ -67,7 +70,7 @@ class AuditLog:
     def record(self, tenant: str, key: str, version: int, op: str, nbytes: int = 0,
                principal: str = "") -> None:
         """One use: a dict increment under a lock (well under a microsecond)."""
-        slot = (tenant, key, version, op, principal, int(time.time()))
+        slot = (tenant, key, version, op, principal, int(_now()))
         with self._lock:
             c = self._counts.get(slot)
             if c is None:
@@ -78,13 +81,14 @@ class AuditLog:
 
     def _record_request(self, tenant: str, key: str, version: int, op: str,
                         nbytes: int = 0, principal: str = "") -> None:
-        row = AuditRow(time.time(), "use", tenant, key, version, op, 1, nbytes, principal)
+        # a plain tuple: a frozen dataclass per request would cost microseconds
+        row = (_now(), tenant, key, version, op, nbytes, principal)
         with self._lock:
             self._requests.append(row)
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._counts) + len(self._requests)
+            return len(self._counts) + len(self._requests) + len(self._failed)
 
     def flush(self) -> int:
         """Write what was recorded since the last flush; returns the rows written. On a
@@ -92,7 +96,10 @@ class AuditLog:
         with self._flush_lock:
             with self._lock:
                 counts, self._counts = self._counts, {}
-                rows, self._requests = self._requests, []
+                requests, self._requests = self._requests, []
+                rows, self._failed = self._failed, []
+            rows += [AuditRow(r[0], "use", r[1], r[2], r[3], r[4], 1, r[5], r[6])
+                     for r in requests]
             rows += [AuditRow(float(s[5]), "use", s[0], s[1], s[2], s[3], c[0], c[1], s[4])
                      for s, c in counts.items()]
             if not rows:
@@ -102,7 +109,7 @@ class AuditLog:
                 self._write(rows)
             except BaseException:
                 with self._lock:
-                    self._requests[:0] = rows  # kept as rows: counts are not re-merged
+                    self._failed[:0] = rows
                 raise
             return len(rows)
 

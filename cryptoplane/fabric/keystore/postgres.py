@@ -28,9 +28,6 @@ from .core import ChangeCallback, ResetCallback, Tx
 log = logging.getLogger(__name__)
 
 CHANNEL = "cryptoplane_keystore"
-# pooled connections idle longer than this are pinged before use, so a database restart
-# costs a reconnect instead of a failed request
-PING_AFTER = 5.0
 # any constant shared by every process migrating the same database
 MIGRATION_LOCK = 0x6370_6B73  # "cpks"
 LISTEN_WAIT = 5.0
@@ -59,22 +56,23 @@ class PostgresKeystore(Keystore):
 
     # -- the pool ---------------------------------------------------------------------
 
-    def _get(self) -> psycopg.Connection[Any]:
+    def _begin(self) -> psycopg.Connection[Any]:
+        """A connection in a fresh transaction. BEGIN doubles as the liveness check: a
+        pooled connection that died (a database restart, an idle timeout) fails there,
+        before anything ran, so trying the next one is safe; the last resort is a new
+        connection, whose failure is the caller's."""
         while True:
             with self._pool_lock:
-                if not self._idle:
-                    break
-                conn, since = self._idle.pop()
-            if conn.closed or conn.broken:
-                continue
-            if time.monotonic() - since > PING_AFTER:
-                try:
-                    conn.execute("SELECT 1")
-                except psycopg.OperationalError:
-                    conn.close()
-                    continue
-            return conn
-        return self._connect()
+                conn = self._idle.pop()[0] if self._idle else None
+            if conn is None:
+                conn = self._connect()
+                conn.execute("BEGIN")
+                return conn
+            try:
+                conn.execute("BEGIN")
+                return conn
+            except psycopg.OperationalError:
+                conn.close()
 
     def _put(self, conn: psycopg.Connection[Any]) -> None:
         healthy = not (conn.closed or conn.broken) and (
@@ -87,10 +85,18 @@ class PostgresKeystore(Keystore):
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Tx]:
-        conn = self._get()
+        conn = self._begin()
         try:
-            with conn.transaction(), conn.cursor() as cur:
+            with conn.cursor() as cur:
                 yield Tx(cur, pyformat=True)
+            conn.execute("COMMIT")
+        except BaseException:
+            if not (conn.closed or conn.broken):
+                try:
+                    conn.execute("ROLLBACK")
+                except psycopg.Error:
+                    conn.close()
+            raise
         finally:
             self._put(conn)
 

@@ -13,8 +13,8 @@ def execute(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(url, autocommit=True) as conn:
             cur = conn.execute(sql.replace("?", "%s").encode(), params)
             return [tuple(r) for r in cur.fetchall()] if cur.description else []
-    conn = sqlite3.connect(url.removeprefix("sqlite://"), isolation_level=None)
+    db = sqlite3.connect(url.removeprefix("sqlite://"), isolation_level=None)
     try:
-        return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+        return [tuple(r) for r in db.execute(sql, params).fetchall()]
     finally:
-        conn.close()
+        db.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,17 @@ def test_a_fetch_that_raced_an_invalidation_is_not_kept(store: Keystore) -> None
         del store.get_key  # type: ignore[method-assign]
     assert len(cache) == 0
     cache.close()
+
+
+def test_a_database_restart_is_survived(pg_cluster: Any, pg_dsn: str,
+                                        master: MasterKey) -> None:
+    """After PostgreSQL restarts, pooled connections reconnect on their next use and the
+    listener reconnects and drops the cache (it may have missed notifications)."""
+    with open_keystore(pg_dsn, master) as mine, open_keystore(pg_dsn, master) as theirs:
+        theirs.create_key("a", "k", AES, b"1" * 32)
+        with KeyCache(mine, max_age=300) as cache:
+            assert cache.get("a", "k").latest_version == 1
+            pg_cluster.restart()
+            theirs.rotate_key("a", "k", b"2" * 32)  # while mine's listener is away
+            assert eventually(lambda: cache.get("a", "k").latest_version == 2, 3.0) < 2.5
+            assert mine.get_key("a", "k").versions[2] == b"2" * 32

@@ -42,8 +42,10 @@ def test_constructors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert MasterKey.from_env(var) == ref
     bad = tmp_path / "bad"
     bad.write_text("deadbeef" * 5)
-    for make in (lambda: MasterKey.from_file(bad), lambda: MasterKey.from_env("MK_NONE"),
-                 lambda: MasterKey(b"short"), lambda: MasterKey.from_text("zz" * 32)):
+    makers: list[Callable[[], MasterKey]] = [
+        lambda: MasterKey.from_file(bad), lambda: MasterKey.from_env("MK_NONE"),
+        lambda: MasterKey(b"short"), lambda: MasterKey.from_text("zz" * 32)]
+    for make in makers:
         with pytest.raises(MasterKeyRejected) as e:
             make()
         assert "deadbeef" not in str(e.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -76,9 +77,11 @@ def test_scopes_are_globs() -> None:
 
 
 def test_bad_token_requests(store: Keystore) -> None:
-    for kw in ({"keys": []}, {"ops": "encrypt"}, {"keys": [""]}, {"label": "x\n"},
-               {"label": "x" * 201}, {"expires_at": float("nan")}):
+    bad: list[dict[str, Any]] = [{"keys": []}, {"ops": "encrypt"}, {"keys": [""]},
+                                 {"label": "x\n"}, {"label": "x" * 201},
+                                 {"expires_at": float("nan")}]
+    for kw in bad:
         with pytest.raises(InvalidRequest):
-            store.create_token("acme", **kw)  # type: ignore[arg-type]
+            store.create_token("acme", **kw)
     with pytest.raises(InvalidRequest):
         store.create_token("bad tenant")
