@@ -10,6 +10,9 @@ import tracemalloc
 
 import pytest
 from bulkfakes import FakeKeys, decrypt_pieces, pieces
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -234,3 +237,21 @@ def test_plane_without_inline_engine(keys: FakeKeys) -> None:
         bad[-40] ^= 1
         plain, err = decrypt_pieces(keys, bytes(bad), [], queued)
         assert isinstance(err, AuthenticationFailed) and data.startswith(plain)
+
+
+def test_format_as_documented(keys: FakeKeys, plane: Plane) -> None:
+    """Decrypt a stream from the module docstring's description alone, with
+    ``cryptography`` (not the plane's kernel): HKDF for the chunk key, then age's STREAM."""
+    data = os.urandom(2 * CHUNK_SIZE + 99)
+    ct = encrypt_all(keys, "acme", "files", data, plane)
+    wrapped_len = int.from_bytes(ct[26:28], "big")
+    header = ct[:28 + wrapped_len]
+    data_key = keys.decrypt("acme", "files", header[28:])
+    chunk_key = HKDF(hashes.SHA256(), 32, header[10:26],
+                     b"cryptoplane bulk v1 chunk key\x00" + header).derive(data_key)
+    aead = ChaCha20Poly1305(chunk_key)
+    body = ct[len(header):]
+    sealed = [body[i:i + SEALED_SIZE] for i in range(0, len(body), SEALED_SIZE)]
+    plain = b"".join(aead.decrypt(i.to_bytes(11, "big") + bytes([i == len(sealed) - 1]),
+                                  chunk, None) for i, chunk in enumerate(sealed))
+    assert plain == data
