@@ -321,8 +321,11 @@ class AsyncClient:
 
     # -- key management --------------------------------------------------------------------
 
-    async def create_key(self, name: str, type: str, **policy: Any) -> dict[str, Any]:
-        return await self._control(Op.KEY_CREATE, name, {"type": type, **policy})
+    async def create_key(self, name: str, type: str, *, timeout: float | None = None,
+                         **policy: Any) -> dict[str, Any]:
+        """A new key: ``type`` as WELCOME's ``key_types`` lists; ``policy``: exportable,
+        deletion_allowed, derived, convergent."""
+        return await self._control(Op.KEY_CREATE, name, {"type": type, **policy}, timeout)
 
     async def import_key(self, name: str, type: str, *, wrapped: bytes | None = None,
                          material: bytes | None = None, **policy: Any) -> dict[str, Any]:
@@ -359,8 +362,9 @@ class AsyncClient:
     async def rotate_key(self, name: str) -> dict[str, Any]:
         return await self._control(Op.KEY_ROTATE, name)
 
-    async def config_key(self, name: str, **changes: Any) -> dict[str, Any]:
-        return await self._control(Op.KEY_CONFIG, name, changes)
+    async def config_key(self, name: str, *, timeout: float | None = None,
+                         **changes: Any) -> dict[str, Any]:
+        return await self._control(Op.KEY_CONFIG, name, changes, timeout)
 
     async def trim_key(self, name: str, min_version: int) -> dict[str, Any]:
         return await self._control(Op.KEY_TRIM, name, {"min_version": min_version})
