@@ -114,8 +114,10 @@ class Connection(asyncio.Protocol):
         self.peercert: dict[str, Any] | None = None
         self.allowed: dict[tuple[str, str | None], bool] = {}
         self.out: list[Any] = []
+        self.out_bytes = 0  # payload bytes in ``out`` (big answers; the hot path's aside)
         self.ids: set[int] = set()  # requests at the workers and streams open
         self.inflight = 0
+        self.inflight_bytes = 0  # request payload bytes at the workers
         self.held: list[C.Frame] = []  # frames that came before the handshake finished
         self.read_paused = False
         self.write_paused = False
@@ -174,6 +176,11 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.held and self.state == OPEN:
+            held, self.held = self.held, []
+            self._frames(held)
+            if self.out:
+                self._write()
         self._update_reading()
 
     def eof_received(self) -> bool | None:
@@ -210,9 +217,19 @@ class Connection(asyncio.Protocol):
         if self.expires_at <= time.time():
             self._expired()
         out = self.out
-        for f in frames:
+        high = self.server.write_high_water
+        for i, f in enumerate(frames):
             if self.state == CLOSED:
                 return
+            if self.out_bytes > high:
+                # answers pile up faster than the client takes them: write what there is
+                # and, if the transport is full, keep the rest of the frames for later
+                self._write()
+                out = self.out
+                if self.write_paused:
+                    self.held[:0] = frames[i:]
+                    self._pause()
+                    return
             ftype = f.type
             if ftype == _REQUEST:
                 if f.op == _ENCRYPT and self._encrypt_fast(f, out):
@@ -312,6 +329,7 @@ class Connection(asyncio.Protocol):
     def _answer(self, out: list[Any], fid: int, op: int, status: int, payload: bytes,
                 ftype: int = _RESPONSE) -> None:
         n = len(payload)
+        self.out_bytes += n
         head = _pack(_AFTER_LENGTH + n, _VERSION, ftype, 0, fid, op, status, 0, 0)
         if n <= _COPY_LIMIT:
             out.append(head + payload)
@@ -418,7 +436,8 @@ class Connection(asyncio.Protocol):
         try:
             name = self._check(spec, f)
             assert self.principal is not None
-            wait = self.admit(self.principal, 1, len(f.payload))
+            # an operator lifting a limit must not be refused by it
+            wait = self.admit(self.principal, 1, len(f.payload)) if op != _TENANT_LIMITS else 0
             if wait:
                 raise C.error_for(Status.THROTTLED, "rate limit exceeded", wait)
             fields = C.decode_fields(f.payload)
@@ -453,9 +472,11 @@ class Connection(asyncio.Protocol):
                 ) -> None:
         self.ids.add(token[1])
         self.inflight += 1
+        self.inflight_bytes += token[3]
         pool = self.server.admin if where == ADMIN else self.server.workers
         pool.submit(fn, args, self, token)
-        if self.inflight >= self.server.max_in_flight:
+        if (self.inflight >= self.server.max_in_flight
+                or self.inflight_bytes >= self.server.max_in_flight_bytes):
             self._pause()
 
     def _batch(self, f: C.Frame, out: list[Any]) -> None:
@@ -613,6 +634,7 @@ class Connection(asyncio.Protocol):
             return
         self.ids.discard(fid)
         self.inflight -= 1
+        self.inflight_bytes -= nbytes
         out = self.out
         if error is not None:
             self._error(out, fid, op, error)
@@ -638,6 +660,7 @@ class Connection(asyncio.Protocol):
 
     def _write(self) -> None:
         out, self.out = self.out, []
+        self.out_bytes = 0
         t = self.transport
         if t is not None and not t.is_closing():
             t.writelines(out)
@@ -658,7 +681,8 @@ class Connection(asyncio.Protocol):
                 self._close()
             return
         blocked = (self.write_paused or self.inflight >= self.server.max_in_flight
-                   or self.principal is None
+                   or self.principal is None or bool(self.held)
+                   or self.inflight_bytes >= self.server.max_in_flight_bytes
                    or any(len(s.queue) >= STREAM_QUEUE for s in self.streams.values()))
         if blocked and not self.read_paused:
             self.read_paused = True

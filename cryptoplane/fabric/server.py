@@ -41,6 +41,7 @@ log = logging.getLogger("cryptoplane.fabric")
 DEFAULT_PORT: Final = 7700
 MAX_CONNECTIONS: Final = 10_000
 MAX_IN_FLIGHT: Final = 4096
+MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # request payloads at the workers
 HANDSHAKE_TIMEOUT: Final = 10.0
 FRAME_TIMEOUT: Final = 30.0
 IDLE_TIMEOUT: Final = 3600.0
@@ -89,6 +90,7 @@ class Server:
         self.admin_count = admin_workers
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
+        self.max_in_flight_bytes = MAX_IN_FLIGHT_BYTES
         self.max_frame = min(max_frame, C.MAX_FRAME)
         self.handshake_timeout = handshake_timeout
         self.frame_timeout = frame_timeout

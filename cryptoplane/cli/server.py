@@ -1,0 +1,409 @@
+"""``cryptoplane server``: the fabric's crypto server; ``cryptoplane tokens`` and
+``cryptoplane tenants``: operator commands that act on the keystore directly.
+
+The keystore is named by ``--store`` (``sqlite:///path`` or ``postgresql://...``, or the
+``CRYPTOPLANE_STORE`` environment variable) and opened with the master key from one of
+``--master-key-file``, ``--master-key-env`` or ``--master-passphrase-file`` (argon2id
+with the store's own salt); with none of them, the ``CRYPTOPLANE_MASTER_KEY`` variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..exceptions import CryptoplaneError
+
+DEFAULT_STORE = "sqlite:///cryptoplane-keys.db"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def store_options(fn: F) -> F:
+    """--store and the master key options, for every command that opens the keystore."""
+    decorators = [
+        click.option("--store", envvar="CRYPTOPLANE_STORE", default=DEFAULT_STORE,
+                     show_default=True, metavar="URL",
+                     help="Keystore: sqlite:///PATH or postgresql://... "
+                          "(env CRYPTOPLANE_STORE)."),
+        click.option("--master-key-file", type=click.Path(dir_okay=False), default=None,
+                     help="File holding the master key (base64 or hex of 32 bytes)."),
+        click.option("--master-key-env", metavar="VAR", default=None,
+                     help="Environment variable holding the master key "
+                          "(default when no master option is given: "
+                          "CRYPTOPLANE_MASTER_KEY)."),
+        click.option("--master-passphrase-file", type=click.Path(dir_okay=False),
+                     default=None,
+                     help="File holding a passphrase; the master key is derived from it "
+                          "with argon2id and the store's salt."),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+def open_store(store: str, master_key_file: str | None, master_key_env: str | None,
+               master_passphrase_file: str | None) -> Any:
+    """The keystore, migrated and keyed; a usage error for a missing or wrong key."""
+    from ..fabric.keystore import MasterKey, open_keystore
+
+    given = [x for x in (master_key_file, master_key_env, master_passphrase_file)
+             if x is not None]
+    if len(given) > 1:
+        raise click.UsageError("give at most one of --master-key-file, --master-key-env "
+                               "and --master-passphrase-file")
+    try:
+        if master_passphrase_file is not None:
+            text = Path(master_passphrase_file).read_bytes().rstrip(b"\r\n")
+            return open_keystore(store, master_passphrase=text)
+        if master_key_file is not None:
+            master = MasterKey.from_file(master_key_file)
+        else:
+            master = MasterKey.from_env(master_key_env or "CRYPTOPLANE_MASTER_KEY")
+        return open_keystore(store, master)
+    except (CryptoplaneError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _with_store(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @store_options
+    @functools.wraps(fn)
+    def wrapper(store: str, master_key_file: str | None, master_key_env: str | None,
+                master_passphrase_file: str | None, **kw: Any) -> Any:
+        ks = open_store(store, master_key_file, master_key_env, master_passphrase_file)
+        try:
+            return fn(ks, **kw)
+        except CryptoplaneError as e:
+            raise click.ClickException(str(e)) from None
+        finally:
+            ks.close()
+    return wrapper
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d``, ``2w`` as seconds."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration such as 30d, 12h or 15m")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _globs(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+# -- cryptoplane server -------------------------------------------------------------------
+
+
+@click.command("server")
+@store_options
+@click.option("--listen", "-l", multiple=True, metavar="ADDR",
+              help="tcp://HOST:PORT, HOST:PORT or unix:///PATH (repeatable; port 0: any "
+                   "free port). Default tcp://127.0.0.1:7700.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Server certificate (PEM) for TLS 1.3 on the TCP listeners.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Its private key (PEM; default: inside --tls-cert).")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CA whose client certificates authenticate (their CN is the tenant).")
+@click.option("--require-client-cert", is_flag=True,
+              help="Refuse TLS clients without a certificate from --tls-client-ca.")
+@click.option("--http", "http", metavar="HOST:PORT", default=None,
+              help="Serve /metrics, /healthz and /readyz here.")
+@click.option("--engines", default=None, metavar="LIST",
+              help="Plane engines, comma-separated (default: inline,threads).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Threads for signatures and big payloads (default: CPU count).")
+@click.option("--max-connections", type=click.IntRange(1), default=10_000, show_default=True)
+@click.option("--max-in-flight", type=click.IntRange(1), default=4096, show_default=True,
+              help="Requests at the workers per connection before it is no longer read.")
+@click.option("--handshake-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a client has to complete HELLO (and TLS).")
+@click.option("--frame-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a frame begun has to arrive whole.")
+@click.option("--idle-timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds of silence before a connection owed nothing is closed.")
+@click.option("--cache-ttl", type=float, default=1.0, show_default=True,
+              help="Seconds a key or token read from the keystore is trusted.")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="Seconds in-flight requests get on SIGTERM/SIGINT (a second signal: "
+                   "stop at once).")
+@click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the ready event's JSON here once serving (else it goes to "
+                   "stdout).")
+@click.option("--server-id", default=None, help="Name in WELCOME (default: host:pid).")
+@click.option("--json", "json_logs", is_flag=True, help="Log JSON lines to stderr.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def server_cmd(store: str, master_key_file: str | None, master_key_env: str | None,
+               master_passphrase_file: str | None, listen: tuple[str, ...],
+               tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None,
+               require_client_cert: bool, http: str | None, engines: str | None,
+               workers: int | None, max_connections: int, max_in_flight: int,
+               handshake_timeout: float, frame_timeout: float, idle_timeout: float,
+               cache_ttl: float, grace: float, ready_file: str | None, server_id: str | None,
+               json_logs: bool, log_level: str) -> None:
+    """Serve transit (encrypt, decrypt, sign, data keys, key management...), offload
+    sessions and bulk streams over the fabric wire protocol (docs/wire-protocol.md).
+
+    Clients authenticate with a token (`cryptoplane tokens create`) or, with
+    --tls-client-ca, a client certificate. On SIGTERM or SIGINT the server says GOAWAY,
+    answers what it received, and exits; a second signal stops it at once.
+    """
+    _logging(json_logs, log_level)
+    if (tls_key or tls_client_ca or require_client_cert) and not tls_cert:
+        raise click.UsageError("--tls-key, --tls-client-ca and --require-client-cert "
+                               "need --tls-cert")
+    if require_client_cert and not tls_client_ca:
+        raise click.UsageError("--require-client-cert needs --tls-client-ca")
+    from ..fabric.auth import Authenticator, server_ssl_context
+    from ..fabric.keystore import KeyCache
+    from ..fabric.service import CachedSource, Service
+    from ..fabric.transit import Transit
+    from ..plane import Plane
+
+    tls = None
+    if tls_cert:
+        tls = server_ssl_context(tls_cert, tls_key, client_ca=tls_client_ca,
+                                 require_client_cert=require_client_cert)
+    ks = open_store(store, master_key_file, master_key_env, master_passphrase_file)
+    closers: list[Callable[[], object]] = [ks.close]
+    try:
+        plane = Plane(_globs(engines) if engines else None)
+        closers.append(plane.close)
+        cache = KeyCache(ks, max_age=cache_ttl)
+        closers.append(cache.close)
+        transit = Transit(plane, CachedSource(ks, cache))
+        auth = Authenticator(ks, cache_ttl=cache_ttl)
+        service = Service(transit, auth, store=ks,
+                          server_id=server_id or f"{os.uname().nodename}:{os.getpid()}",
+                          closers=closers)
+        for limits in service.load_limits():
+            service.apply_limits(limits)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    options = {"listen": list(listen) or ["tcp://127.0.0.1:7700"], "tls": tls, "http": http,
+               "workers": workers, "max_connections": max_connections,
+               "max_in_flight": max_in_flight, "handshake_timeout": handshake_timeout,
+               "frame_timeout": frame_timeout, "idle_timeout": idle_timeout}
+    try:
+        code = _run(service, options, grace, ready_file)
+    finally:
+        service.close()
+    sys.exit(code)
+
+
+def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | None) -> int:
+    import uvloop
+
+    from ..fabric.server import Server
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        server = Server(service, **options)
+        try:
+            await server.start()
+        except (OSError, CryptoplaneError) as e:
+            click.echo(f"cryptoplane server: {e}", err=True)
+            return 1
+        stop = asyncio.Event()
+        signals: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            signals.append(signum)
+            logging.getLogger("cryptoplane.fabric").info(
+                "%s: %s", signal.Signals(signum).name,
+                "stopping now" if len(signals) > 1 else f"draining (grace {grace:g} s)")
+            stop.set()
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, on_signal, s)
+        http = f"{_http_host(options['http'])}:{server.http_port}" if server.http_port else None
+        _announce({"event": "ready", "listen": server.addresses, "http": http,
+                   "pid": os.getpid()}, ready_file)
+        await stop.wait()
+        drain = loop.create_task(server.shutdown(grace))
+        while not drain.done():
+            stop.clear()
+            waiter = loop.create_task(stop.wait())
+            await asyncio.wait({drain, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not drain.done() and len(signals) > 1:
+                await server.shutdown(0)  # cut what is left; the drain then ends
+        await drain
+        if ready_file:
+            with contextlib.suppress(OSError):
+                os.unlink(ready_file)
+        return 0
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+def _http_host(spec: str) -> str:
+    from ..fabric.server import parse_listen
+
+    return parse_listen(spec)[1]
+
+
+def _announce(event: dict[str, Any], ready_file: str | None) -> None:
+    line = json.dumps(event)
+    if ready_file:
+        tmp = f"{ready_file}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, ready_file)
+    else:
+        click.echo(line)
+        sys.stdout.flush()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": round(record.created, 3), "level": record.levelname.lower(),
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _logging(json_logs: bool, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if json_logs else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("cryptoplane")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# -- cryptoplane tokens ---------------------------------------------------------------------
+
+
+@click.group("tokens")
+def tokens() -> None:
+    """Bearer tokens for the fabric server: create (the secret is shown once), list,
+    revoke. Acts on the keystore directly."""
+
+
+@tokens.command("create")
+@click.option("--tenant", "-t", required=True, help="The tenant the token acts for.")
+@click.option("--keys", default="*", show_default=True, metavar="GLOBS",
+              help="Comma-separated globs over key names.")
+@click.option("--ops", default="*", show_default=True, metavar="LIST",
+              help="Comma-separated op names or globs: encrypt, decrypt, sign, "
+                   "key_create, session, admin...")
+@click.option("--expires", default=None, metavar="DURATION",
+              help="Lifetime such as 30d, 12h, 15m (default: never).")
+@click.option("--label", default="", help="A note shown by `tokens list`.")
+@_with_store
+def tokens_create(ks: Any, tenant: str, keys: str, ops: str, expires: str | None,
+                  label: str) -> None:
+    """Create a token and print it (the only time the secret is shown)."""
+    expires_at = time.time() + parse_duration(expires) if expires else None
+    token = ks.create_token(tenant, keys=_globs(keys), ops=_globs(ops),
+                            expires_at=expires_at, label=label)
+    click.echo(token)
+
+
+@tokens.command("list")
+@click.option("--tenant", "-t", required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@_with_store
+def tokens_list(ks: Any, tenant: str, as_json: bool) -> None:
+    """The tenant's tokens that are not revoked (never their secrets)."""
+    for info in ks.list_tokens(tenant):
+        row = {"token_id": info.token_id, "tenant": info.tenant, "keys": list(info.keys),
+               "ops": list(info.ops), "expires_at": info.expires_at, "label": info.label}
+        if as_json:
+            click.echo(json.dumps(row))
+        else:
+            exp = ("never" if info.expires_at is None else
+                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.expires_at)))
+            click.echo(f"{info.token_id}  keys={','.join(info.keys)}  "
+                       f"ops={','.join(info.ops)}  expires={exp}  {info.label}".rstrip())
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@click.option("--tenant", "-t", default=None, help="Only if the token is this tenant's.")
+@_with_store
+def tokens_revoke(ks: Any, token_id: str, tenant: str | None) -> None:
+    """Revoke a token by its id (the 16 hex digits after cpt_). Servers stop taking it
+    within their cache TTL."""
+    if token_id.startswith("cpt_"):
+        token_id = token_id[4:].split("_", 1)[0]
+    if not ks.revoke_token(token_id, tenant=tenant):
+        raise click.ClickException(f"no live token {token_id}")
+    click.echo(f"revoked {token_id}")
+
+
+# -- cryptoplane tenants -----------------------------------------------------------------------
+
+
+@click.group("tenants")
+def tenants() -> None:
+    """Tenants and their rate limits, in the keystore (servers apply changes live)."""
+
+
+def _rate(value: float | None) -> float | None:
+    return None if value is None or value == 0 else value
+
+
+@tenants.command("create")
+@click.argument("tenant")
+@click.option("--ops", type=click.FloatRange(0), default=None, help="Requests/s (0: none).")
+@click.option("--bytes", "nbytes", type=click.FloatRange(0), default=None,
+              help="Payload bytes/s (0: none).")
+@_with_store
+def tenants_create(ks: Any, tenant: str, ops: float | None, nbytes: float | None) -> None:
+    """Create a tenant, optionally with limits."""
+    if not ks.create_tenant(tenant, ops=_rate(ops), bytes=_rate(nbytes)):
+        raise click.ClickException(f"tenant {tenant!r} already exists")
+    click.echo(f"created {tenant}")
+
+
+@tenants.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@_with_store
+def tenants_list(ks: Any, as_json: bool) -> None:
+    """Every tenant with its limits."""
+    for t in ks.list_tenants():
+        lim = ks.tenant_limits(t)
+        if as_json:
+            click.echo(json.dumps({"tenant": t, "ops_per_s": lim.ops, "bytes_per_s": lim.bytes}))
+        else:
+            click.echo(f"{t}  ops/s={lim.ops or 'unlimited'}  bytes/s={lim.bytes or 'unlimited'}")
+
+
+@tenants.command("limits")
+@click.argument("tenant")
+@click.option("--ops", type=click.FloatRange(0), default=None,
+              help="New requests/s (0: unlimited).")
+@click.option("--bytes", "nbytes", type=click.FloatRange(0), default=None,
+              help="New payload bytes/s (0: unlimited).")
+@_with_store
+def tenants_limits(ks: Any, tenant: str, ops: float | None, nbytes: float | None) -> None:
+    """Show a tenant's limits, or change them (an option left out keeps its value)."""
+    lim = ks.tenant_limits(tenant)
+    if ops is not None or nbytes is not None:
+        lim = ks.set_tenant_limits(tenant, _rate(ops) if ops is not None else lim.ops,
+                                   _rate(nbytes) if nbytes is not None else lim.bytes)
+    click.echo(json.dumps({"tenant": tenant, "ops_per_s": lim.ops, "bytes_per_s": lim.bytes}))

@@ -1,0 +1,315 @@
+"""The server at its edges: authentication, scopes, tenants, limits, malformed input,
+slow clients, rate limits, shutdown."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serverwire import Running, Tokens, Wire, make_service, message, running
+
+from cryptoplane.fabric import codec as C
+from cryptoplane.fabric.codec import Field, FrameType, Op, Status
+from cryptoplane.fabric.service import Service
+
+ENC = {Field.DATA: b"x" * 64}
+
+
+def _alive(port: int, token: str) -> None:
+    with Wire(port, token) as w:
+        st_, _f = w.call(Op.ENCRYPT, b"aes", ENC)
+        assert st_ == 0
+
+
+# -- handshake and authentication ---------------------------------------------------------
+
+
+def test_bad_and_expired_tokens_are_refused(server: Running, tokens: Tokens) -> None:
+    for token in ("cpt_nope", tokens.add("acme", expires_at=time.time() - 1), 42):
+        w = Wire(server.port, hello=False)
+        w.send(C.encode_json_frame(FrameType.HELLO, {"versions": [1], "token": token}))
+        f = w.recv()
+        assert (f.type, f.status) == (FrameType.WELCOME, Status.UNAUTHORIZED)
+        assert w.closed()
+        w.close()
+
+
+def test_token_expiring_mid_connection(server: Running, tokens: Tokens) -> None:
+    token = tokens.add("acme", expires_at=time.time() + 0.5)
+    with Wire(server.port, token) as w:
+        assert w.call(Op.ENCRYPT, b"aes", ENC)[0] == 0
+        time.sleep(0.6)
+        w.request(Op.ENCRYPT, b"aes", ENC)
+        f = w.recv()
+        assert f.status == Status.UNAUTHORIZED
+        assert w.closed()
+
+
+def test_first_frame_must_be_hello(server: Running, token: str) -> None:
+    w = Wire(server.port, hello=False)
+    w.request(Op.ENCRYPT, b"aes", ENC)
+    f = w.recv()
+    assert f.status == Status.PROTOCOL_ERROR
+    assert w.closed()
+    # an unsupported version, a HELLO without credentials
+    for hello in ({"versions": [7], "token": token}, {"versions": [1]}):
+        w = Wire(server.port, hello=False)
+        w.send(C.encode_json_frame(FrameType.HELLO, hello))
+        f = w.recv()
+        assert f.type == FrameType.WELCOME and f.status in (Status.PROTOCOL_ERROR,
+                                                            Status.UNAUTHORIZED)
+        assert w.closed()
+
+
+def test_oversized_frames_refused_by_header(server: Running, token: str) -> None:
+    # before the handshake: 16 KiB; the header alone is enough to refuse it
+    w = Wire(server.port, hello=False)
+    w.send(C.HEADER.pack(C.MAX_UNAUTHENTICATED_FRAME, 1, FrameType.HELLO, 0, 0, 0, 0, 0, 0))
+    assert w.closed()
+    # after: 32 MiB + a header is fine, 4 GiB is refused with nothing allocated
+    with Wire(server.port, token) as w:
+        w.send(C.HEADER.pack(0xFFFFFFF0, 1, FrameType.REQUEST, 0, 5, Op.ENCRYPT, 0, 0, 0))
+        f = w.recv()
+        assert f.status == Status.PROTOCOL_ERROR
+        assert w.closed()
+    _alive(server.port, token)
+
+
+def test_scopes_and_tenant_isolation(server: Running, tokens: Tokens) -> None:
+    narrow = tokens.add("acme", keys=("ae*",), ops=("encrypt",))
+    with Wire(server.port, narrow) as w:
+        assert w.call(Op.ENCRYPT, b"aes", ENC)[0] == 0
+        assert w.call(Op.DECRYPT, b"aes", {Field.CIPHERTEXT: b"x"})[0] == Status.FORBIDDEN
+        assert w.call(Op.ENCRYPT, b"chacha", ENC)[0] == Status.FORBIDDEN
+        assert w.json(Op.KEY_CREATE, b"aex", {"type": "hmac"})[0] == Status.FORBIDDEN
+        assert w.call(Op.SESSION_OPEN, b"", {})[0] == Status.FORBIDDEN
+        st_, _d = w.json(Op.TENANT_LIMITS, b"", {"tenant": "acme", "ops_per_s": 1})
+        assert st_ == Status.FORBIDDEN
+    other = tokens.add("other")
+    with Wire(server.port, other) as w:
+        st_, f = w.call(Op.ENCRYPT, b"aes", ENC)  # acme's key
+        st2, f2 = w.call(Op.ENCRYPT, b"never-made", ENC)
+        assert st_ == st2 == Status.KEY_NOT_FOUND
+        assert message(f) == message(f2).replace("never-made", "aes")
+        assert w.call(Op.ENCRYPT, b"secret", ENC)[0] == 0
+
+
+def test_mutual_tls(service: Service, tmp_path: object, tokens: Tokens) -> None:
+    from certs import make_pki
+
+    from cryptoplane.fabric.auth import client_ssl_context, server_ssl_context
+
+    pki = make_pki(tmp_path)  # type: ignore[arg-type]
+    service.transit.create_key("tenant-a", "k", "aes256-gcm96")
+    tls = server_ssl_context(pki.server_cert, pki.server_key, client_ca=pki.ca_cert,
+                             require_client_cert=False)
+    with running(service, tls=tls) as srv:
+        ctx = client_ssl_context(pki.ca_cert, certfile=pki.client_a_cert,
+                                 keyfile=pki.client_a_key)
+        with Wire(srv.port, None, tls=ctx) as w:  # no token: the certificate names it
+            assert w.welcome is not None and w.welcome["tenant"] == "tenant-a"
+            assert w.call(Op.ENCRYPT, b"k", ENC)[0] == 0
+        # a token over TLS without a certificate
+        plain = client_ssl_context(pki.ca_cert)
+        with Wire(srv.port, tokens.add("acme"), tls=plain) as w:
+            assert w.call(Op.ENCRYPT, b"aes", ENC)[0] == 0
+        with Wire(srv.port, None, tls=plain, hello=False) as w:
+            f = w.hello(None)
+            assert f.status == Status.UNAUTHORIZED
+        # a certificate from an untrusted CA: the TLS handshake fails
+        bad = client_ssl_context(pki.ca_cert, certfile=pki.untrusted_client_cert,
+                                 keyfile=pki.untrusted_client_key)
+        with pytest.raises((OSError, ConnectionError)):
+            w = Wire(srv.port, None, tls=bad)
+            w.call(Op.ENCRYPT, b"k", ENC)
+
+
+# -- malformed input ---------------------------------------------------------------------
+
+
+def test_protocol_errors_close_only_that_connection(server: Running, token: str) -> None:
+    cases = [
+        C.HEADER.pack(20, 9, FrameType.REQUEST, 0, 1, 16, 0, 0, 0),  # version 9
+        C.HEADER.pack(20, 1, 77, 0, 1, 16, 0, 0, 0),  # frame type 77
+        C.HEADER.pack(20, 1, FrameType.REQUEST, 0, 1, 16, 0, 300, 0),  # key too long
+        C.encode_frame(FrameType.WELCOME, 0),  # a server's frame
+        C.encode_frame(FrameType.HELLO, 0),  # a second HELLO
+    ]
+    for bad in cases:
+        with Wire(server.port, token) as w:
+            w.send(bad)
+            f = w.recv()
+            assert f.status == Status.PROTOCOL_ERROR
+            assert w.closed()
+    # a duplicate id in flight
+    with Wire(server.port, token) as w:
+        sign = C.encode_frame(FrameType.REQUEST, 5, op=Op.SIGN, key=b"rsa",
+                              payload=C.encode_fields({Field.DATA: b"m"}))
+        w.send(sign + sign)
+        assert w.closed()  # the first may be answered or not: the connection is over
+        assert Status.PROTOCOL_ERROR in {f.status for f in w.frames}
+    _alive(server.port, token)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.binary(max_size=300), cuts=st.lists(st.integers(0, 300), max_size=5))
+def test_fuzz_arbitrary_bytes_never_hurt_the_server(server: Running, token: str,
+                                                    junk: bytes, cuts: list[int]) -> None:
+    w = Wire(server.port, token, timeout=2.0)
+    try:
+        pieces, last = [], 0
+        for c in sorted(set(cuts)):
+            pieces.append(junk[last:c])
+            last = c
+        pieces.append(junk[last:])
+        for p in pieces:
+            if p:
+                w.send(p)
+        w.sock.settimeout(0.05)
+        w.closed()
+    except OSError:
+        pass
+    finally:
+        w.close()
+    _alive(server.port, token)
+
+
+def test_fuzz_valid_frames_with_junk_payloads(server: Running, token: str) -> None:
+    import random
+    rng = random.Random(7)
+    with Wire(server.port, token) as w:
+        n = 0
+        for op in [*list(Op), 0, 1, 200]:
+            for _ in range(5):
+                payload = rng.randbytes(rng.randrange(0, 64))
+                key = rng.choice([b"aes", b"rsa", b"mac", b"", b"\xff\xfe"])
+                n += 1
+                w.send(C.encode_frame(FrameType.REQUEST, n, op=op, key=key, payload=payload))
+        seen = set()
+        # streams opened by junk wait for DATA: every other request is answered
+        streams = {i for i in range(1, n + 1)}
+        while len(seen) < n - 12:
+            f = w.recv()
+            seen.add(f.id)
+            assert f.id in streams
+    _alive(server.port, token)
+
+
+# -- slow clients ---------------------------------------------------------------------------
+
+
+def test_slowloris_cut_after_frame_timeout(server: Running, token: str) -> None:
+    with Wire(server.port, token) as w:
+        frame = C.encode_frame(FrameType.REQUEST, 1, op=Op.ENCRYPT, key=b"aes",
+                               payload=C.encode_fields(ENC))
+        start = time.monotonic()
+        with pytest.raises(OSError):
+            for b in frame:
+                w.send(bytes([b]))
+                time.sleep(0.05)
+        took = time.monotonic() - start
+        assert 0.9 < took < 3.5  # frame_timeout is 1 s, swept every 0.25 s
+    _alive(server.port, token)
+
+
+def test_handshake_timeout(server: Running) -> None:
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    start = time.monotonic()
+    assert s.recv(100) == b""
+    assert 1.5 < time.monotonic() - start < 4.5
+    s.close()
+
+
+def test_client_not_reading_pauses_the_connection(server: Running, token: str) -> None:
+    """A client that sends and never reads: the server stops reading it instead of
+    buffering answers without bound (3,000 requests for 1 MiB each: 3 GiB unbounded)."""
+    with Wire(server.port, token) as w:
+        frame = C.encode_frame(FrameType.REQUEST, 1, op=Op.RANDOM,
+                               payload=C.encode_fields({Field.LENGTH: C.u32(1 << 20)}))
+        w.send(frame * 3000)
+        time.sleep(1.0)
+        assert server.server is not None
+
+        def state() -> tuple[int, bool, int]:
+            (c,) = server.server.connections  # type: ignore[union-attr]
+            assert c.transport is not None
+            return c.transport.get_write_buffer_size(), c.read_paused, len(c.held)
+
+        queued, paused, held = server.call(state)
+        assert paused and queued < 64 * 1024 * 1024 and held > 0
+    _alive(server.port, token)
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+
+def test_throttled_with_retry_after(server: Running, tokens: Tokens) -> None:
+    admin = tokens.add("acme", ops=("admin", "encrypt"))
+    with Wire(server.port, admin) as w:
+        st_, d = w.json(Op.TENANT_LIMITS, b"", {"tenant": "acme", "ops_per_s": 20})
+        assert st_ == 0 and d["ops_per_s"] == 20
+        statuses = []
+        retry = 0
+        for _ in range(30):
+            s, f = w.call(Op.ENCRYPT, b"aes", ENC)
+            statuses.append(s)
+            if s == Status.THROTTLED:
+                retry = C.get_u32(f, Field.RETRY_AFTER)
+        assert Status.THROTTLED in statuses and 0 < retry <= 100
+        time.sleep(retry / 1000 + 0.05)
+        assert w.call(Op.ENCRYPT, b"aes", ENC)[0] == 0
+        # a batch counts its items
+        f = w.batch(Op.ENCRYPT, b"aes", [ENC] * 50)
+        assert (f.type, f.status) == (FrameType.RESPONSE, Status.THROTTLED)
+        st_, d = w.json(Op.TENANT_LIMITS, b"", {"tenant": "acme", "ops_per_s": 0})
+        assert st_ == 0
+        assert [w.call(Op.ENCRYPT, b"aes", ENC)[0] for _ in range(50)] == [0] * 50
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+def test_graceful_shutdown_answers_everything(tokens: Tokens) -> None:
+    svc = make_service(tokens)
+    svc.transit.create_key("acme", "rsa", "rsa-2048")
+    svc.transit.create_key("acme", "aes", "aes256-gcm96")
+    token = tokens.add("acme")
+    with running(svc) as srv:
+        w = Wire(srv.port, token)
+        n = 40
+        frames = b"".join(C.encode_frame(FrameType.REQUEST, i, op=Op.SIGN, key=b"rsa",
+                                         payload=C.encode_fields({Field.DATA: b"m"}))
+                          for i in range(1, n + 1))
+        w.send(frames)
+        time.sleep(0.01)
+        done = threading.Thread(target=srv.shutdown, args=(10.0,))
+        done.start()
+        got: dict[int, int] = {}
+        goaway = False
+        late = None
+        while len(got) < n:
+            f = w.recv()
+            if f.type == FrameType.GOAWAY:
+                goaway = True
+                # a request after GOAWAY is refused, not run
+                w.request(Op.ENCRYPT, b"aes", ENC, fid=10_000)
+            elif f.id == 10_000:
+                late = f.status
+            else:
+                got[f.id] = f.status
+        assert goaway
+        assert all(got[i] == 0 for i in range(1, n + 1))
+        while not w.closed():
+            pass
+        late = next((f.status for f in w.frames if f.id == 10_000), late)
+        # refused if it arrived before the last answer went out; else never read
+        assert late in (None, Status.SHUTTING_DOWN)
+        done.join(15)
+        assert srv.server is not None and not srv.server.connections
+        w.close()
+    svc.close()
