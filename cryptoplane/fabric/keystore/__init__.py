@@ -16,6 +16,14 @@ key::
     store = open_keystore("sqlite:///var/lib/cryptoplane/keys.db", MasterKey.from_file(p))
     store = open_keystore("postgresql:///keys?host=/run/postgresql", master=new,
                           previous=[old])  # during or after an interrupted rotation
+
+Rotating the master key without stopping: restart each server with ``master=new,
+previous=[old]`` (it unwraps under both and wraps new versions under ``new``), then on
+one of them call ``store.rotate_master()``: it rewraps every version in short
+transactions and can be interrupted at any point (run it again to finish;
+``master_usage()`` shows the progress). Once it returns, ``previous`` can go. A store
+refuses to open (``MasterKeyRejected``, naming key ids only) with a wrong key, or
+without a key that some row still needs.
 """
 
 from __future__ import annotations

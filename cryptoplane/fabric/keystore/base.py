@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 from ...exceptions import InvalidRequest
 from ..errors import KeyExists, PolicyViolation, Unauthorized
@@ -91,9 +91,6 @@ def check_policy(policy: KeyPolicy, latest: int, min_available: int) -> KeyPolic
 
 class Keystore(StoreCore):
     """Tenants, their named and versioned keys, bearer tokens and the audit trail."""
-
-    def __enter__(self) -> Self:
-        return self
 
     # -- tenants ----------------------------------------------------------------------
 

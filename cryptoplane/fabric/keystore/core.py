@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import cache
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from .audit import AuditLog, AuditRow
 from .master import MasterKey, MasterKeyRejected, UnwrapFailed, new_salt
@@ -349,7 +349,7 @@ class StoreCore(abc.ABC):
                 self._listeners.clear()
             self._close_connections()
 
-    def __enter__(self) -> StoreCore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
