@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 Clock = Callable[[], float]
 
-# Floating-point slack when comparing tokens: a caller that waited exactly the time it
-# was told must find its tokens there, not 1e-16 short and told to wait 1e-19 s more
-# (which, added to a clock of 1e9, would not even move it: a livelock).
-_EPSILON = 1e-9
+# A wait shorter than this is no wait. A caller that waited exactly the time it was told
+# must find its tokens there, not a rounding error short and told to wait a few
+# femtoseconds more: added to a clock at 1e3..1e9 s, such a wait does not even move it
+# (a livelock). A microsecond is above a float clock's resolution up to ~1e9 s; the
+# tokens still owed are taken anyway (a sliver of debt), so the long-run rate is exact.
+_SLACK_S = 1e-6
 
 
 class TokenBucket:
@@ -61,14 +63,14 @@ class TokenBucket:
         if not self.rate:
             return 0.0
         self._refill()
-        tokens = self._tokens
-        if tokens + _EPSILON >= amount:
+        tokens = self._tokens + self.rate * _SLACK_S
+        if tokens >= amount:
             return 0.0
         # more than the burst can never be in the bucket: such an amount is admitted
         # when the bucket is full, into debt, so a huge batch is slowed, not starved
         if amount > self.burst:
-            return 0.0 if tokens + _EPSILON >= self.burst else (self.burst - tokens) / self.rate
-        return (amount - tokens) / self.rate
+            return 0.0 if tokens >= self.burst else (self.burst - self._tokens) / self.rate
+        return (amount - self._tokens) / self.rate
 
     def try_take(self, amount: float) -> float:
         """Take ``amount`` tokens if they are there (or the bucket is full and the amount

@@ -1,0 +1,1 @@
+"""Tests of the fabric's edge: authentication, TLS, rate limits, metrics, ops HTTP."""
