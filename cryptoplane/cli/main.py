@@ -8,6 +8,7 @@ from .. import __version__
 from .engines import engines
 from .remote_speed import remote_speed
 from .serve import serve
+from .server import server_cmd, tenants, tokens
 from .stats import stats
 from .stream import decrypt_cmd, encrypt_cmd, keygen_cmd, stream
 from .stream_bench import bench as stream_bench
@@ -40,6 +41,9 @@ for command in (encrypt_cmd, decrypt_cmd, keygen_cmd):
     cli.add_command(command)
 stream.add_command(stream_bench)
 cli.add_command(stream)
+# the fabric: the crypto server, and operator commands acting on its keystore
+for command in (server_cmd, tokens, tenants):
+    cli.add_command(command)
 
 try:  # the speed command lives in its own module
     from .speed import speed
