@@ -40,13 +40,18 @@ def render(report: rs.Report, console: Console) -> None:
                   title_justify="left")
     for name, justify in (("section", "left"), ("figure", "left"), ("value", "right"),
                           ("unit", "left"), ("target", "right"), ("", "left"),
-                          ("how", "left")):
+                          ("how", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    hows: dict[str, int] = {}
     for f in report.figures:
+        mark = hows.setdefault(f.load, len(hows) + 1) if f.load else None
         table.add_row(f.section, f.name, _value(f.value, f.unit), f.unit,
                       "" if f.target is None else f"≥ {f.target:,.0f}", _status(f.met),
-                      f.load + (f" [red]({f.errors} errors)[/red]" if f.errors else ""))
+                      ("" if mark is None else f"[{mark}]")
+                      + (f" [red]{f.errors} errors[/red]" if f.errors else ""))
     console.print(table)
+    for how, mark in hows.items():
+        console.print(f"\\[{mark}] {how}", highlight=False)
     ratios = Table(title="ratios", title_justify="left")
     for name, justify in (("ratio", "left"), ("value", "right"), ("target", "right"),
                           ("", "left"), ("of", "left")):
@@ -70,7 +75,7 @@ def render(report: rs.Report, console: Console) -> None:
 
 @click.command("remote-speed")
 @click.option("--duration", type=float, default=None,
-              help="Seconds per measurement (default 3, or 0.3 with --quick).")
+              help="Seconds per measurement (default 3, or 0.25 with --quick).")
 @click.option("--quick", is_flag=True, help="Every figure, briefly (a smoke run: the "
               "figures are then rough), small streams.")
 @click.option("--skip-kmip", is_flag=True, help="Leave PyKMIP's server out.")

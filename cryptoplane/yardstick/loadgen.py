@@ -129,6 +129,7 @@ class _Load(asyncio.Protocol):
         self.welcome: asyncio.Future[dict[str, Any]] = (
             asyncio.get_running_loop().create_future())
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ready = False
         self.counting = False
         self.stopping = False
@@ -205,6 +206,8 @@ class _Load(asyncio.Protocol):
                         self.sent_at[fid] = time.perf_counter()
             pos += total
         self.buf = buf[pos:] if pos < end else b""
+        if answered and not self.answered.done():
+            self.answered.set_result(None)
         if self.counting:
             self.count += answered * self.per_answer
         if resend and self.transport is not None:
@@ -268,11 +271,17 @@ async def _run_async(spec: Spec) -> Outcome:
         await asyncio.sleep(max(0.0, spec.start_at - time.time() - spec.warmup))
     for c in conns:
         c.start()
+    # the warm-up starts with the first answer (a server's first use of a key reads it
+    # from the keystore); a window with no answer at all is made longer until one comes
+    await asyncio.wait_for(asyncio.gather(*(c.answered for c in conns)), 60)
     await asyncio.sleep(spec.warmup)
     for c in conns:
         c.counting = True
     t0 = time.perf_counter()
     await asyncio.sleep(spec.duration)
+    deadline = t0 + spec.duration + 30
+    while not any(c.count for c in conns) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
     for c in conns:
         c.counting = False
     seconds = time.perf_counter() - t0

@@ -1,0 +1,86 @@
+"""``cryptoplane remote-speed --quick --skip-kmip --json``: a smoke run with tiny
+durations (servers started and stopped, every section measured); every figure and ratio
+is present and sane. The figures of so short a run are rough: only their presence and
+sign are checked here, never a target."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+EXPECTED_FIGURES = {
+    ("tcp", "encrypt 64 B, pipelined"),
+    ("tcp", "encrypt 64 B, batches of 1,000"),
+    ("tcp", "RSA-2048 sign (PSS), pipelined"),
+    ("tcp", "RSA-2048 sign (PSS), local"),
+    ("tcp", "encrypt 64 B, 1 in flight: p50"),
+    ("tcp", "encrypt 64 B, 1 in flight: p99"),
+    ("tcp", "RSA-2048 sign, 1 in flight: p50"),
+    ("tcp", "RSA-2048 sign, 1 in flight: p99"),
+    ("tls", "encrypt 64 B, pipelined"),
+    ("stream", "encrypt_stream, 3 clients x 2 MiB"),
+    ("remote engine", "RSA-2048 sign: plane alone"),
+    ("remote engine", "RSA-2048 sign: plane + remote"),
+    ("remote engine", "AES-256-GCM encrypt 64 B: plane alone"),
+    ("remote engine", "AES-256-GCM encrypt 64 B: plane + remote"),
+}
+EXPECTED_RATIOS = {
+    "RSA sign: through the server / local",
+    "remote engine: RSA sign, plane+remote / plane alone",
+    "remote engine: 64 B AEAD cost of adding it (1 - ratio)",
+}
+
+
+def _servers_left(before: set[int]) -> set[int]:
+    """Our cryptoplane server processes started since ``before``."""
+    out = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) in before:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"server" in argv and any(b"cryptoplane-remote-speed-" in a for a in argv):
+            out.add(int(pid))
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_quick_run_gives_every_figure() -> None:
+    before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "cryptoplane", "remote-speed", "--quick", "--skip-kmip",
+         "--json", "--duration", "0.15", "--stream-clients", "3", "--stream-size", "2M"],
+        capture_output=True, text=True, timeout=110, check=False)
+    elapsed = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    figures = {(f["section"], f["name"]): f for f in report["figures"]}
+    assert set(figures) >= EXPECTED_FIGURES, EXPECTED_FIGURES - set(figures)
+    for key, f in figures.items():
+        assert math.isfinite(f["value"]) and f["value"] > 0, (key, f)
+        assert f["errors"] == 0, (key, f)
+    for section in ("tcp",):
+        p50 = figures[(section, "encrypt 64 B, 1 in flight: p50")]["value"]
+        p99 = figures[(section, "encrypt 64 B, 1 in flight: p99")]["value"]
+        assert p50 <= p99
+    ratios = {r["name"]: r for r in report["ratios"]}
+    assert set(ratios) >= EXPECTED_RATIOS, EXPECTED_RATIOS - set(ratios)
+    for name, r in ratios.items():
+        assert math.isfinite(r["value"]), (name, r)
+        if not r["below"]:
+            assert r["value"] > 0, (name, r)
+    assert report["meta"]["elapsed_s"] > 0
+    assert elapsed < 60, f"the quick run took {elapsed:.1f} s"
+    assert not _servers_left(before), "a server outlived the command"
