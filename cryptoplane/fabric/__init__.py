@@ -5,7 +5,7 @@ protocol, the tenant keystore, and the client and ``remote`` engine that reach i
     errors.py     the fabric's typed errors and their one-to-one wire statuses
     keytypes.py   key types, policies and key records shared by keystore and transit
     keystore/     named, versioned keys per tenant, wrapped under a master key
-    transit.py    the operations (encrypt, sign, rewrap, data keys...) over a keyring
+    transit/      the operations (encrypt, sign, rewrap, data keys...) over a keyring
     server.py     the asyncio server
     client.py     the pipelined client (sync and asyncio); remote.py: the engine
 """
