@@ -110,7 +110,7 @@ class PostgresKeystore(Keystore):
         for stop in self._listener_stops:
             stop.set()
         for t in self._threads:
-            t.join()
+            t.join(timeout=5.0)  # a listener stuck connecting is a daemon: let it be
         with self._pool_lock:
             idle, self._idle = self._idle, []
         for conn, _ in idle:

@@ -53,12 +53,11 @@ class SqliteKeystore(Keystore):
             cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield Tx(cur, pyformat=False)
-            except BaseException:
+                cur.execute("COMMIT")
+            except BaseException:  # the body's error or a failed COMMIT: undo it all
                 if self._conn.in_transaction:
                     cur.execute("ROLLBACK")
                 raise
-            else:
-                cur.execute("COMMIT")
             finally:
                 cur.close()
 
