@@ -67,6 +67,15 @@ class FakeKeys:
             raise AuthenticationFailed("the ciphertext failed authentication") from None
 
 
+def make_keys() -> FakeKeys:
+    """Keys ``files`` and ``other`` for tenant ``acme``, ``files`` for ``globex``."""
+    k = FakeKeys()
+    k.create("acme", "files")
+    k.create("acme", "other")
+    k.create("globex", "files")
+    return k
+
+
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     """``data`` cut at ``cuts`` (any order, repeats allowed: empty pieces)."""
     points = [0, *sorted(min(max(c, 0), len(data)) for c in cuts), len(data)]

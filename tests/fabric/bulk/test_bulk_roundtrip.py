@@ -9,7 +9,7 @@ import struct
 import tracemalloc
 
 import pytest
-from bulkfakes import FakeKeys, decrypt_pieces, pieces
+from bulkfakes import FakeKeys, decrypt_pieces, make_keys, pieces
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -31,6 +31,11 @@ from cryptoplane.fabric.bulk import (
 from cryptoplane.fabric.errors import KeyNotFound, KeyVersionRejected
 from cryptoplane.plane import Plane
 from cryptoplane.stream.payload import SEALED_SIZE, TAG_SIZE
+
+
+@pytest.fixture
+def keys() -> FakeKeys:
+    return make_keys()
 
 MiB = 1 << 20
 WRAPPED = 65  # the fake's wrapped 256-bit key, as transit's: 33 + 32

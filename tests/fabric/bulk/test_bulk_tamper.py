@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from bulkfakes import FakeKeys, chunk_runs, decrypt_pieces
+from bulkfakes import FakeKeys, chunk_runs, decrypt_pieces, make_keys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +17,11 @@ from cryptoplane.fabric.bulk import CHUNK_SIZE, FIXED_SIZE, StreamDecryptJob, en
 from cryptoplane.fabric.errors import KeyVersionRejected
 from cryptoplane.plane import Plane
 from cryptoplane.stream.payload import SEALED_SIZE, TAG_SIZE
+
+
+@pytest.fixture
+def keys() -> FakeKeys:
+    return make_keys()
 
 HEADER = FIXED_SIZE + 65  # with the fake's 65-byte wrapped key
 PLAIN = os.urandom(5 * CHUNK_SIZE + 1000)  # five full chunks and a short final one
