@@ -236,15 +236,33 @@ def test_throttle_raises_with_retry_after() -> None:
     limits.throttle(ACME, 1, 0)
 
 
-def test_real_time_client_honouring_retry_after_within_5_percent() -> None:
+def _real_time_run(rate: float, seconds: float) -> tuple[int, float]:
+    """A client honouring retry_after in real time for ``seconds``: (admitted, the
+    seconds it lost by coming back later than the burst can absorb)."""
     limits = RateLimits()  # time.monotonic
-    limits.set_tenant("acme", ops=500)
-    admitted = 0
-    end = time.monotonic() + 2.0
+    limits.set_tenant("acme", ops=rate)
+    admitted, lost = 0, 0.0
+    end = time.monotonic() + seconds
+    due = time.monotonic()
     while (now := time.monotonic()) < end:
+        lost += max(0.0, now - due - BURST_SECONDS)
         wait = limits.admit(ACME, 1, 0)
         if wait:
             time.sleep(min(wait, end - now))
+            due = now + wait
         else:
             admitted += 1
-    assert abs(admitted / 1000 - 1) <= 0.05, admitted
+            due = time.monotonic()
+    return admitted, lost
+
+
+def test_real_time_client_honouring_retry_after_within_5_percent() -> None:
+    # 2 s at 500 ops/s. The limiter absorbs a client's lateness up to the burst (20 ms);
+    # time a client spends descheduled beyond that (a loaded test machine) is lost to it
+    # through no fault of the limiter: such a run is repeated, and if every run was
+    # disturbed, judged against the time the client was actually there
+    for _ in range(3):
+        admitted, lost = _real_time_run(500, 2.0)
+        if lost < 0.01:
+            break
+    assert abs(admitted / (500 * (2.0 - lost)) - 1) <= 0.05, (admitted, lost)

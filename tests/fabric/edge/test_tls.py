@@ -122,7 +122,7 @@ def test_no_certificate_accepted_when_optional_but_names_no_tenant(pki: Pki) -> 
         Authenticator(_NoTokens()).from_certificate(out.peercert)
 
 
-def test_certificate_without_cn_is_unauthorized(pki: Pki, tmp_path: Path) -> None:
+def test_certificate_without_cn_is_unauthorized(pki: Pki) -> None:
     nocn = pki.issue_client(None)
     server = server_ssl_context(pki.server_cert, pki.server_key, client_ca=pki.ca_cert,
                                 require_client_cert=True)
