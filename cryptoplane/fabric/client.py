@@ -21,7 +21,14 @@ import asyncio
 import base64
 import ssl as ssl_module
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from typing import IO, Any, Final, TypeVar
 
 from ..exceptions import InvalidRequest
@@ -112,6 +119,15 @@ def result_of(op: int, fields: dict[int, bytes]) -> object:
     return fields
 
 
+def _decoder(op: int) -> Callable[[Frame], Any]:
+    def decode(frame: Frame) -> Any:
+        return result_of(op, answer_fields(frame))
+    return decode
+
+
+_DECODERS: Final = {op: _decoder(op) for op in Op}
+
+
 class AsyncClient:
     """A pipelined asyncio client over a small pool of connections. Make one with
     ``await AsyncClient.connect(...)``; ``close()`` (or ``async with``) when done."""
@@ -156,17 +172,24 @@ class AsyncClient:
     # -- the core --------------------------------------------------------------------------
 
     def _send(self, ftype: int, op: int, key: bytes, payload: bytes, safe: bool,
-              timeout: float | None, session: SessionSpec | None = None
-              ) -> asyncio.Future[Frame]:
-        fut: asyncio.Future[Frame] = self._loop.create_future()
+              timeout: float | None, session: SessionSpec | None = None,
+              decode: Callable[[Frame], Any] | None = None) -> asyncio.Future[Any]:
+        """Send one call; its future gets the answer frame, or ``decode(frame)`` (run in
+        the completion: no coroutine of ours in between), or the error."""
+        fut: asyncio.Future[Any] = self._loop.create_future()
 
         def done(frame: Frame | None, error: BaseException | None) -> None:
             if fut.done():
                 return
             if error is not None:
                 fut.set_exception(error)
+            elif decode is None:
+                fut.set_result(frame)
             else:
-                fut.set_result(frame)  # type: ignore[arg-type]
+                try:
+                    fut.set_result(decode(frame))  # type: ignore[arg-type]
+                except Exception as e:
+                    fut.set_exception(e)
 
         deadline = self._loop.time() + (self._pool.timeout if timeout is None else timeout)
         self._pool.submit(Call(ftype, op, key, payload, safe, done, deadline, session))
@@ -182,11 +205,10 @@ class AsyncClient:
                                  op in SAFE_OPS if safe is None else safe, timeout)
         return answer_fields(frame)
 
-    async def _data(self, op: Op, key: str, fields: dict[int, bytes],
-                    timeout: float | None) -> object:
-        frame = await self._send(FrameType.REQUEST, op, _key(key),
-                                 codec.encode_fields(fields), op in SAFE_OPS, timeout)
-        return result_of(op, answer_fields(frame))
+    def _data(self, op: Op, key: str, fields: dict[int, bytes],
+              timeout: float | None) -> asyncio.Future[Any]:
+        return self._send(FrameType.REQUEST, op, _key(key), codec.encode_fields(fields),
+                          op in SAFE_OPS, timeout, None, _DECODERS[op])
 
     async def _control(self, op: Op, key: str = "", obj: dict[str, Any] | None = None,
                        timeout: float | None = None) -> dict[str, Any]:
@@ -206,7 +228,7 @@ class AsyncClient:
             f[Field.CONTEXT] = context
         if version is not None:
             f[Field.VERSION] = codec.u32(version)
-        return await self._data(Op.ENCRYPT, key, f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.ENCRYPT, key, f, timeout)  # type: ignore[no-any-return]
 
     async def decrypt(self, key: str, ciphertext: bytes, *, aad: bytes = b"",
                       context: bytes | None = None, timeout: float | None = None) -> bytes:
@@ -215,7 +237,7 @@ class AsyncClient:
             f[Field.AAD] = aad
         if context is not None:
             f[Field.CONTEXT] = context
-        return await self._data(Op.DECRYPT, key, f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.DECRYPT, key, f, timeout)  # type: ignore[no-any-return]
 
     async def rewrap(self, key: str, ciphertext: bytes, *, aad: bytes = b"",
                      context: bytes | None = None, timeout: float | None = None) -> bytes:
@@ -224,7 +246,7 @@ class AsyncClient:
             f[Field.AAD] = aad
         if context is not None:
             f[Field.CONTEXT] = context
-        return await self._data(Op.REWRAP, key, f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.REWRAP, key, f, timeout)  # type: ignore[no-any-return]
 
     async def datakey(self, key: str, *, bits: int = 256, plaintext: bool = True,
                       context: bytes | None = None, timeout: float | None = None
@@ -235,7 +257,7 @@ class AsyncClient:
             f[Field.PLAINTEXT] = b"\x00"
         if context is not None:
             f[Field.CONTEXT] = context
-        return await self._data(Op.DATAKEY, key, f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.DATAKEY, key, f, timeout)  # type: ignore[no-any-return]
 
     @staticmethod
     def _sign_fields(data: bytes, hash: str, prehashed: bool, padding: str | None,
@@ -255,14 +277,14 @@ class AsyncClient:
                    prehashed: bool = False, padding: str = "pss", version: int | None = None,
                    timeout: float | None = None) -> bytes:
         f = self._sign_fields(data, hash, prehashed, padding, version)
-        return await self._data(Op.SIGN, key, f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.SIGN, key, f, timeout)  # type: ignore[no-any-return]
 
     async def verify(self, key: str, data: bytes, signature: bytes, *, hash: str = "sha256",
                      prehashed: bool = False, padding: str = "pss",
                      timeout: float | None = None) -> bool:
         f = self._sign_fields(data, hash, prehashed, padding)
         f[Field.SIGNATURE] = signature
-        return await self._data(Op.VERIFY, key, f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.VERIFY, key, f, timeout)  # type: ignore[no-any-return]
 
     async def hmac(self, key: str, data: bytes, *, algorithm: str | None = None,
                    version: int | None = None, timeout: float | None = None) -> bytes:
@@ -271,23 +293,23 @@ class AsyncClient:
             f[Field.VERSION] = codec.u32(version)
         if algorithm is not None:
             f[Field.ALGORITHM] = algorithm.encode()
-        return await self._data(Op.HMAC, key, f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.HMAC, key, f, timeout)  # type: ignore[no-any-return]
 
     async def verify_hmac(self, key: str, data: bytes, mac: bytes, *,
                           algorithm: str | None = None, timeout: float | None = None) -> bool:
         f: dict[int, bytes] = {Field.DATA: data, Field.MAC: mac}
         if algorithm is not None:
             f[Field.ALGORITHM] = algorithm.encode()
-        return await self._data(Op.VERIFY_HMAC, key, f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.VERIFY_HMAC, key, f, timeout)  # type: ignore[no-any-return]
 
     async def digest(self, data: bytes, algorithm: str = "sha256", *,
                      timeout: float | None = None) -> bytes:
         f: dict[int, bytes] = {Field.DATA: data, Field.ALGORITHM: algorithm.encode()}
-        return await self._data(Op.DIGEST, "", f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.DIGEST, "", f, timeout)  # type: ignore[no-any-return]
 
     async def random(self, n: int, *, timeout: float | None = None) -> bytes:
         f: dict[int, bytes] = {Field.LENGTH: codec.u32(n)}
-        return await self._data(Op.RANDOM, "", f, timeout)  # type: ignore[return-value]
+        return await self._data(Op.RANDOM, "", f, timeout)  # type: ignore[no-any-return]
 
     async def batch(self, op: str, key: str, items: list[dict[str, object]], *,
                     timeout: float | None = None) -> list[object | BaseException]:

@@ -59,8 +59,8 @@ class SessionSpec:
 class Call:
     """One request on its way. ``done(frame, error)`` is called exactly once, by the pool."""
 
-    __slots__ = ("attempts", "conn", "deadline", "done", "finished", "ftype", "id", "key",
-                 "kind", "on_frame", "op", "payload", "safe", "sent_at", "session", "timer")
+    __slots__ = ("attempts", "bucket", "conn", "deadline", "done", "finished", "ftype", "id", "key",
+                 "kind", "on_frame", "op", "payload", "safe", "session")
 
     def __init__(self, ftype: int, op: int, key: bytes, payload: bytes, safe: bool,
                  done: Done, deadline: float, session: SessionSpec | None = None) -> None:
@@ -76,10 +76,9 @@ class Call:
         self.on_frame: Callable[[Frame], None] | None = None
         self.id = 0
         self.conn: ClientConnection | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.bucket: set[Call] | None = None  # the pool's deadline bucket holding it
         self.finished = False
         self.attempts = 0
-        self.sent_at = 0.0
 
 
 class Endpoint:
@@ -270,7 +269,6 @@ class ClientConnection(asyncio.Protocol):
         fid = next(self._ids)
         call.id = fid
         self.pending[fid] = call
-        call.sent_at = self.loop.time()
         self._queue([codec.header_bytes(call.ftype, fid, call.op, 0, len(call.key),
                                         len(payload)), call.key, payload])
 

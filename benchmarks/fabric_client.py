@@ -1,0 +1,154 @@
+"""The fabric client's throughput against a ``cryptoplane server`` subprocess on this
+machine (loopback; client and server share the cores).
+
+    .venv/bin/python benchmarks/fabric_client.py [--requests 200000] [--json]
+
+Prints:
+- pipelined 64-byte transit encrypts/s through one AsyncClient with 1,024 in flight
+  (and with 1 in flight, for the round trip);
+- batch items/s (64-byte encrypts, batches of 1,000, 8 batches in flight);
+- RSA-2048 PSS signs/s through a plane with and without a Remote engine (plane.map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cryptoplane as cp
+from cryptoplane.fabric.client import AsyncClient
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(folder: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
+    env = dict(os.environ, CRYPTOPLANE_MASTER_KEY="11" * 32,
+               CRYPTOPLANE_STORE=f"sqlite:///{folder / 'keys.db'}")
+    token = subprocess.run([sys.executable, "-m", "cryptoplane", "tokens", "create",
+                            "--tenant", "bench"], env=env, capture_output=True, text=True,
+                           check=True).stdout.strip().splitlines()[-1]
+    ready = folder / "ready.json"
+    proc = subprocess.Popen([sys.executable, "-m", "cryptoplane", "server", "--listen",
+                             "tcp://127.0.0.1:0", "--ready-file", str(ready), "--workers",
+                             str(workers), "--log-level", "error"], env=env)
+    while not (ready.exists() and ready.stat().st_size):
+        if proc.poll() is not None:
+            raise SystemExit("the server did not start")
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())["listen"][0], token
+
+
+async def pipelined(url: str, token: str, total: int, depth: int) -> float:
+    async with await AsyncClient.connect(url, token=token, connections=2) as c:
+        await c.create_key("k64", "aes256-gcm96") if "k64" not in await c.list_keys() else None
+        data = os.urandom(64)
+        left = total
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await c.encrypt("k64", data)
+
+        await asyncio.gather(*(worker() for _ in range(min(depth, 64))))  # warm up
+        left = total
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(depth)))
+        return total / (time.perf_counter() - t0)
+
+
+async def batched(url: str, token: str, total: int, size: int = 1000,
+                  depth: int = 8) -> float:
+    async with await AsyncClient.connect(url, token=token, connections=2) as c:
+        items: list[dict[str, object]] = [{"data": os.urandom(64)} for _ in range(size)]
+        left = total // size
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                out = await c.batch("encrypt", "k64", items)
+                assert not any(isinstance(x, BaseException) for x in out)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(depth)))
+        return (total // size) * size / (time.perf_counter() - t0)
+
+
+def signs(url: str, token: str, n: int) -> dict[str, float]:
+    key = cp.Key.generate("rsa-pss-sha256", size=2048)
+    out: dict[str, float] = {}
+    for label, engines in (("local", ["inline", "threads"]),
+                           ("local+remote", ["inline", "threads",
+                                             cp.Remote(url, token=token)])):
+        with cp.Plane(engines=engines) as plane:
+            reqs = [cp.Sign(key, b"m%d" % i) for i in range(n)]
+            plane.map(reqs[: n // 4])  # warm up: the balancer measures each engine
+            t0 = time.perf_counter()
+            plane.map(reqs)
+            out[label] = n / (time.perf_counter() - t0)
+            if label != "local":
+                stats = plane.stats() if hasattr(plane, "stats") else {}
+                out["remote_share"] = _share(stats)
+    return out
+
+
+def _share(stats: Any) -> float:
+    try:
+        rows = stats["engines"]
+        total = sum(r["requests"] for r in rows.values())
+        return rows.get("remote", {}).get("requests", 0) / total if total else 0.0
+    except Exception:
+        return -1.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=200_000)
+    ap.add_argument("--signs", type=int, default=4000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        proc, url, token = start_server(Path(d), args.workers)
+        try:
+            res: dict[str, Any] = {}
+            c0, s0 = time.process_time(), cpu_seconds(proc.pid)
+            res["encrypt64_1024_in_flight_per_s"] = asyncio.run(
+                pipelined(url, token, args.requests, 1024))
+            n = args.requests * 1.0 + min(1024, 64) * 0
+            res["client_cpu_us_per_request"] = (time.process_time() - c0) / n * 1e6
+            res["server_cpu_us_per_request"] = (cpu_seconds(proc.pid) - s0) / n * 1e6
+            res["encrypt64_1_in_flight_per_s"] = asyncio.run(
+                pipelined(url, token, min(args.requests, 20_000), 1))
+            res["batch_items_per_s"] = asyncio.run(batched(url, token, args.requests))
+            res["rsa2048_sign_per_s"] = signs(url, token, args.signs)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            if isinstance(v, dict):
+                print(f"{k}: " + ", ".join(f"{kk} {vv:,.0f}" if vv >= 1 else f"{kk} {vv:.2f}"
+                                           for kk, vv in v.items()))
+            else:
+                print(f"{k}: {v:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
