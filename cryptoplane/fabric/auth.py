@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,9 @@ class Authenticator:
         self._clock = clock
         # sha256(token) -> (monotonic time the entry stops being trusted, principal)
         self._cache: dict[bytes, tuple[float, Principal]] = {}
+        # servers call from_token on worker threads (the keystore blocks): a hit is one
+        # atomic dict get, lock-free; changes to the cache take the lock
+        self._lock = threading.Lock()
 
     def from_token(self, secret: str) -> Principal:
         """The principal of a bearer token (``cpt_<id>_<secret>``); ``Unauthorized`` if
@@ -143,6 +147,8 @@ class Authenticator:
         if not isinstance(secret, str):
             raise Unauthorized("invalid, revoked or expired token")
         key = hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+        # read before the keystore is asked: an entry's TTL runs from before the answer
+        # it caches, so a revocation committed during the lookup is still seen in time
         now = self._clock()
         hit = self._cache.get(key)
         if hit is not None:
@@ -151,7 +157,8 @@ class Authenticator:
                 if principal.expired():
                     raise Unauthorized("invalid, revoked or expired token")
                 return principal
-            del self._cache[key]
+            with self._lock:
+                self._cache.pop(key, None)
         grant = self._tokens.check_token(secret)  # raises Unauthorized; not cached
         principal = Principal(tenant=grant.tenant, token_id=grant.token_id,
                               keys=tuple(grant.keys), ops=tuple(grant.ops),
@@ -159,12 +166,13 @@ class Authenticator:
         if principal.expired():  # a keystore that left expiry to us
             raise Unauthorized("invalid, revoked or expired token")
         if self._ttl > 0:
-            if len(self._cache) >= _CACHE_MAX:
-                self._sweep(now)
-            self._cache[key] = (now + self._ttl, principal)
+            with self._lock:
+                if len(self._cache) >= _CACHE_MAX:
+                    self._sweep(now)
+                self._cache[key] = (now + self._ttl, principal)
         return principal
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, now: float) -> None:  # under the lock
         for k in [k for k, (until, _) in self._cache.items() if until <= now]:
             del self._cache[k]
         if len(self._cache) >= _CACHE_MAX:

@@ -244,3 +244,49 @@ def test_certificate_without_serial_is_labelled_by_cn() -> None:
     cert = peercert("tenant-b")
     del cert["serialNumber"]
     assert auth.from_certificate(cert).label == "tenant-b/cert:tenant-b"
+
+
+def test_concurrent_lookups_from_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # servers run from_token on worker threads; expiring entries must not race into a
+    # KeyError or a "dict changed size" while others insert
+    import threading
+
+    from cryptoplane.fabric import auth as auth_module
+
+    tokens = FakeTokens()
+    secrets = [f"cpt_{i:016x}_" + "q" * 43 for i in range(50)]
+    for i, s in enumerate(secrets):
+        tokens.grants[s] = Grant(f"{i:016x}", "acme", ("*",), ("*",), None)
+    auth = Authenticator(tokens, cache_ttl=0.0005)  # real clock: entries expire mid-run
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                for s in secrets:
+                    assert auth.from_token(s).tenant == "acme"
+        except BaseException as e:
+            errors.append(e)
+
+    monkeypatch.setattr(auth_module, "_CACHE_MAX", 16)  # sweeps and restarts too
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptoplane.fabric import auth as auth_module
+
+    monkeypatch.setattr(auth_module, "_CACHE_MAX", 10)
+    tokens, clock = FakeTokens(), FakeClock()
+    auth = Authenticator(tokens, cache_ttl=60, clock=clock)
+    for i in range(100):
+        s = f"cpt_{i:016x}_" + "b" * 43
+        tokens.grants[s] = Grant(f"{i:016x}", "acme", ("*",), ("*",), None)
+        auth.from_token(s)
+    calls = tokens.calls
+    auth.from_token(s)  # the newest is still cached
+    assert tokens.calls == calls
