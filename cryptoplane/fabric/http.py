@@ -54,7 +54,9 @@ class OpsHttp:
         self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
-        """Listen on ``host``:``port`` (0: any free port); returns the bound port."""
+        """Listen on ``host``:``port`` (0: any free port); returns the bound port. Give
+        one address: a name that resolves to several would, with port 0, get a different
+        free port on each."""
         if self._server is not None:
             raise RuntimeError("already started")
         # limit: a StreamReader refuses a head without its blank line past this size

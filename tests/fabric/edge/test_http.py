@@ -150,3 +150,19 @@ def test_close_does_not_wait_for_idle_clients() -> None:
             await asyncio.open_connection("127.0.0.1", port)
         await ops.close()  # twice is fine
     asyncio.run(main())
+
+
+def test_connections_beyond_the_cap_are_closed_unanswered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops_http, "MAX_CONNECTIONS", 2)
+
+    async def t(_: OpsHttp, port: int) -> None:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert await raw(port, b"GET /healthz HTTP/1.1\r\n\r\n") == b""
+        for _, w in idle:
+            w.close()
+        await asyncio.sleep(0.05)
+        assert (await raw(port, b"GET /healthz HTTP/1.1\r\n\r\n")).startswith(
+            b"HTTP/1.1 200 ")
+    serve(t)
