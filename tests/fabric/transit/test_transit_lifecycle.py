@@ -4,6 +4,8 @@ and convergent keys, BYOK import, export and delete rules, config, auditing."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 from conftest import TENANT
@@ -403,3 +405,47 @@ def test_a_key_deleted_elsewhere_leaves_the_cache(transit: Transit,
     _, n, sealed = parse_ciphertext(blob)
     mat = transit.export(TENANT, "k")["keys"][1]
     assert AESGCM(mat).decrypt(n, bytes(sealed), b"") == b"newer"
+
+
+def test_rotation_under_concurrent_use(transit: Transit) -> None:
+    """Threads encrypting (single, batch, derived) while another rotates: every
+    ciphertext decrypts, and names a version that existed when it was made."""
+    transit.create_key(TENANT, "k", AES)
+    transit.create_key(TENANT, "d", AES, derived=True, convergent=True)
+    made: list[tuple[str, bytes, bytes | None]] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                pt = f"{i}-{n}".encode()
+                made.append(("k", transit.encrypt(TENANT, "k", pt), None))
+                ctx = f"c{n % 300}".encode()  # more contexts than the LRU holds
+                made.append(("d", transit.encrypt(TENANT, "d", pt, context=ctx), ctx))
+                for blob in transit.encrypt_batch(TENANT, "k", [{"plaintext": pt}] * 3):
+                    made.append(("k", blob, None))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for _ in range(10):
+        seen = len(made)
+        deadline = time.monotonic() + 10
+        while len(made) < seen + 10 and time.monotonic() < deadline:
+            time.sleep(0.001)  # let the workers use this version before the next
+        transit.rotate(TENANT, "k")
+        transit.rotate(TENANT, "d")
+    stop.set()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(made) >= 50
+    assert len({ciphertext_version(b) for n, b, _ in made if n == "k"}) >= 3
+    for name, blob, ctx in made:
+        transit.decrypt(TENANT, name, blob, context=ctx)
+    assert ciphertext_version(transit.encrypt(TENANT, "k", b"x")) == 11
