@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -64,6 +66,10 @@ _ENCRYPT: Final = int(Op.ENCRYPT)
 _DECRYPT: Final = int(Op.DECRYPT)
 _TENANT_LIMITS: Final = int(Op.TENANT_LIMITS)
 _AFTER_LENGTH: Final = C.HEADER_SIZE - 4
+# a RESPONSE header and its first field's head, packed at once (the hot path's answer)
+_pack_field_answer = struct.Struct("!IBBHQHHHHBI").pack
+_VERSION_FIELD: Final = bytes((Field.VERSION,)) + (4).to_bytes(4, "big")
+_NONCE_POOL: Final = 12 * 512
 _COPY_LIMIT: Final = 16 * 1024  # answers up to this size are joined to their header
 STATUS_NAMES: Final = {int(s): s.name.lower() for s in Status}
 MAX_PING: Final = 64
@@ -126,6 +132,13 @@ class Connection(asyncio.Protocol):
         self.sessions: Sessions | None = None
         self.streams: dict[int, Stream] = {}
         self.counts: dict[tuple[int, int], list[int]] = {}
+        # the hot path: keys looked up this receive, nonces drawn in bulk
+        self.hot: dict[bytes, tuple[Any, bytes, int, str, bytes]] = {}
+        self.nonces = b""
+        self.npos = _NONCE_POOL
+        self.encrypt = server.service.plane.encrypt
+        self.record_use = server.service.transit.source.record_use
+        self.label = ""
         # for the watchdog
         loop_time = server.loop.time()
         self.born = loop_time
@@ -212,6 +225,7 @@ class Connection(asyncio.Protocol):
             self._write()
         if self.counts:
             self._flush_counts()
+        self.hot.clear()
 
     def _frames(self, frames: list[C.Frame]) -> None:
         if self.expires_at <= time.time():
@@ -306,6 +320,7 @@ class Connection(asyncio.Protocol):
             return
         self.principal = principal
         self.tenant = principal.tenant
+        self.label = principal.label
         self.expires_at = principal.expires_at if principal.expires_at is not None else float(
             "inf")
         self.decoder.max_frame = self.server.max_frame
@@ -362,34 +377,42 @@ class Connection(asyncio.Protocol):
         self._count(op, status, 0)
 
     def _encrypt_fast(self, f: C.Frame, out: list[Any]) -> bool:
-        """ENCRYPT of one DATA field, in scope, not draining: the hot path. False: take
-        the general one."""
+        """ENCRYPT of one DATA field with a plain AEAD key, in scope, not draining: the
+        hot path. False: take the general one (``Transit.encrypt``, same result).
+
+        What it saves over the general path: the key's usable version is looked up once
+        per receive (``hot``), nonces come from one ``os.urandom`` per 512 requests, and
+        the answer is packed with one struct and joined once."""
         p = f.payload
         n = len(p) - 5
-        if (self.draining or n < 0 or n >= BIG or p[0] != 1
-                or int.from_bytes(p[1:5], "big") != n or f.id in self.ids):
+        if (n < 0 or n >= BIG or p[0] != 1 or int.from_bytes(p[1:5], "big") != n
+                or self.draining or f.id in self.ids):
             return False
-        key = f.key
-        name = self.server.names.get(key)
-        if name is None or ("encrypt", name) not in self.allowed:
-            return False
+        hot = self.hot.get(f.key)
+        if hot is None:
+            hot = self._heat(f.key)
+            if hot is None:
+                return False
+        aead, header, version, name, tail = hot
         principal = self.principal
         assert principal is not None
-        wait = self.admit(principal, 1, n)
-        if wait:
-            self._error(out, f.id, _ENCRYPT, C.error_for(Status.THROTTLED, "rate limit "
-                                                         "exceeded", wait))
-            return True
+        if self.admit(principal, 1, n):
+            return False  # the general path answers THROTTLED
+        pos = self.npos
+        if pos >= _NONCE_POOL:
+            self.nonces = os.urandom(_NONCE_POOL)
+            pos = 0
+        nonce = self.nonces[pos:pos + 12]
+        self.npos = pos + 12
         try:
-            blob = self.transit.encrypt(self.tenant, name, p[5:])
-        except Exception as e:
-            self._error(out, f.id, _ENCRYPT, e)
-            return True
-        m = len(blob)
-        # CIPHERTEXT field, the blob, then VERSION (the blob's bytes 1..4)
-        out.append(b"".join((_pack(_AFTER_LENGTH + m + 14, _VERSION, _RESPONSE, 0, f.id,
-                                   _ENCRYPT, 0, 0, 0), b"\x02", m.to_bytes(4, "big"), blob,
-                             b"\x08\x00\x00\x00\x04", blob[1:5])))
+            ct = self.encrypt(aead, p[5:], nonce, b"")
+        except Exception:
+            return False  # the general path says why
+        self.record_use(self.tenant, name, version, "encrypt", n, self.label)
+        out.append(b"".join((_pack_field_answer(_AFTER_LENGTH + len(ct) + 31, _VERSION,
+                                                _RESPONSE, 0, f.id, _ENCRYPT, 0, 0, 0, 2,
+                                                len(ct) + 17),
+                             header, nonce, ct, tail)))
         row = self.counts.get((_ENCRYPT, 0))
         if row is None:
             self.counts[_ENCRYPT, 0] = [1, n, 0]
@@ -397,6 +420,23 @@ class Connection(asyncio.Protocol):
             row[0] += 1
             row[1] += n
         return True
+
+    def _heat(self, key: bytes) -> tuple[Any, bytes, int, str, bytes] | None:
+        """The hot path's view of a key, for this receive: None when it does not apply
+        (a derived or non-AEAD key, out of scope, not found: the general path answers)."""
+        name = self.server.names.get(key)
+        if name is None or ("encrypt", name) not in self.allowed:
+            return None
+        try:
+            ver = self.transit.ring(self.tenant, name).fast
+        except Exception:
+            return None
+        if ver is None or ver.aead is None:
+            return None
+        hot = (ver.aead, ver.ct_header, ver.number, name,
+               _VERSION_FIELD + ver.number.to_bytes(4, "big"))
+        self.hot[key] = hot
+        return hot
 
     def _check(self, spec: OpSpec, f: C.Frame) -> str:
         """The key name, once scope and shutdown are checked (raises the error)."""
@@ -452,7 +492,7 @@ class Connection(asyncio.Protocol):
                 where = 1
             if where == INLINE:
                 assert spec.run is not None
-                answer = spec.run(self.svc, self.tenant, name, fields)
+                answer = spec.run(self.svc, self.tenant, name, fields, self.label)
                 self._answer(out, fid, op, 0, answer)
                 self._count(op, 0, len(f.payload))
                 return
@@ -465,7 +505,7 @@ class Connection(asyncio.Protocol):
             self._error(out, fid, op, e)
             return
         assert spec.run is not None
-        self._submit(where, spec.run, (self.svc, self.tenant, name, fields),
+        self._submit(where, spec.run, (self.svc, self.tenant, name, fields, self.label),
                      ("req", fid, op, len(f.payload), 0))
 
     def _submit(self, where: int, fn: Any, args: tuple[Any, ...], token: tuple[Any, ...]
@@ -500,7 +540,7 @@ class Connection(asyncio.Protocol):
             if wait:
                 raise C.error_for(Status.THROTTLED, "rate limit exceeded", wait)
             if spec.where == INLINE and len(f.payload) < BIG:
-                answer = run_batch(self.svc, self.tenant, spec, name, items)
+                answer = run_batch(self.svc, self.tenant, spec, name, items, self.label)
                 self._answer(out, fid, op, 0, answer, _BATCH_RESPONSE)
                 self._count(op, 0, len(f.payload), len(items))
                 return
@@ -511,7 +551,7 @@ class Connection(asyncio.Protocol):
                 return
             self._error(out, fid, op, e)
             return
-        self._submit(1, run_batch, (self.svc, self.tenant, spec, name, items),
+        self._submit(1, run_batch, (self.svc, self.tenant, spec, name, items, self.label),
                      ("batch", fid, op, len(f.payload), len(items)))
 
     # ---- offload sessions ------------------------------------------------------------
