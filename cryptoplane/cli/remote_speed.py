@@ -70,7 +70,10 @@ def render(report: rs.Report, console: Console) -> None:
         1 for r in report.ratios if r.target is not None)
     console.print(f"targets: {checked - len(missed)}/{checked} met"
                   + "".join(f"; MISSED {m}" for m in missed), highlight=False)
-    console.print(f"took {meta.get('elapsed_s', 0):.1f} s", highlight=False)
+    other = meta.get("other_processes_cores")
+    console.print(f"took {meta.get('elapsed_s', 0):.1f} s" + (
+        "" if other is None else f"; other processes used {other:.2f} of "
+        f"{meta.get('cpus')} cores meanwhile (on average)"), highlight=False)
 
 
 @click.command("remote-speed")

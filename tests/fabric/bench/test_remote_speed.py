@@ -32,7 +32,7 @@ EXPECTED_FIGURES = {
     ("remote engine", "AES-256-GCM encrypt 64 B: plane + remote"),
 }
 EXPECTED_RATIOS = {
-    "RSA sign: through the server / local",
+    "RSA sign: through the server (tcp) / local",
     "remote engine: RSA sign, plane+remote / plane alone",
     "remote engine: 64 B AEAD cost of adding it (1 - ratio)",
 }
