@@ -94,6 +94,11 @@ class OpsHttp:
                 await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
         except ConnectionError:
             pass  # the client left; nothing to answer
+        except asyncio.CancelledError:
+            # close() cancels handlers still waiting on a client: end quietly, as
+            # Python 3.11's StreamReaderProtocol logs a handler task that ends cancelled
+            # as an error
+            pass
         finally:
             if task is not None:
                 self._handlers.discard(task)
