@@ -114,6 +114,16 @@ class KeyAdmin:
         self.forget(tenant, name)
         return self.read_key(tenant, name)
 
+    def import_version(self, tenant: str, name: str, wrapped: bytes) -> dict[str, Any]:
+        """BYOK for a new latest version of an existing key (Vault's
+        ``import_version``): ``wrapped`` as for ``import_key``, material of the key's
+        type."""
+        ring = self.ring(tenant, name)
+        material = mat.check_material(ring.type,
+                                      mat.unwrap_import(self._wrapping_private(), wrapped))
+        self.source.rotate_key(tenant, name, material)
+        return self.read_key(tenant, name)
+
     @staticmethod
     def _policy(type: KeyType | str, **flags: Any) -> KeyPolicy:
         for flag in ("exportable", "deletion_allowed", "derived", "convergent"):

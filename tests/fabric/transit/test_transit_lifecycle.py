@@ -449,3 +449,20 @@ def test_rotation_under_concurrent_use(transit: Transit) -> None:
     for name, blob, ctx in made:
         transit.decrypt(TENANT, name, blob, context=ctx)
     assert ciphertext_version(transit.encrypt(TENANT, "k", b"x")) == 11
+
+
+def test_import_version(transit: Transit) -> None:
+    transit.create_key(TENANT, "k", "chacha20-poly1305", exportable=True)
+    old = transit.encrypt(TENANT, "k", b"old")
+    pem = transit.wrapping_key(TENANT)
+    mat = os.urandom(32)
+    assert transit.import_version(TENANT, "k", wrap_for_import(pem, mat))["versions"] == [1, 2]
+    assert transit.export(TENANT, "k", 2)["keys"][2] == mat
+    _, n, sealed = parse_ciphertext(transit.encrypt(TENANT, "k", b"new"))
+    assert ChaCha20Poly1305(mat).decrypt(n, bytes(sealed), b"") == b"new"
+    assert transit.decrypt(TENANT, "k", old) == b"old"
+    with pytest.raises(KeyRejected):  # an ed25519 key is no chacha20 key
+        transit.import_version(TENANT, "k", wrap_for_import(
+            pem, _material_for(KeyType.ED25519)))
+    with pytest.raises(KeyNotFound):
+        transit.import_version("t2", "k", wrap_for_import(pem, mat))
