@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..exceptions import CryptoplaneError
-from ..fabric.client import Client
+from ..fabric.client_sync import Client
 
 F = TypeVar("F", bound=Callable[..., Any])
 

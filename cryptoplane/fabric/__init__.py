@@ -10,6 +10,7 @@ protocol, the tenant keystore, and the client and ``remote`` engine that reach i
     client.py     the pipelined client (sync and asyncio); remote.py: the engine
 """
 
-from .client import AsyncClient, Client
+from .client import AsyncClient
+from .client_sync import Client
 
 __all__ = ["AsyncClient", "Client"]

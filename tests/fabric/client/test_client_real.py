@@ -17,8 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from realserver import RealServer
 
 from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest, Timeout
-from cryptoplane.fabric import codec
-from cryptoplane.fabric.client import AsyncClient, Client
+from cryptoplane.fabric import AsyncClient, Client, codec
 from cryptoplane.fabric.errors import (
     KeyExists,
     KeyNotFound,

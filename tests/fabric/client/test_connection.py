@@ -12,8 +12,7 @@ import pytest
 from fake_server import FakeServer
 
 from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest, Timeout
-from cryptoplane.fabric import codec
-from cryptoplane.fabric.client import AsyncClient, Client
+from cryptoplane.fabric import AsyncClient, Client, codec
 from cryptoplane.fabric.errors import ConnectionLost, Throttled, Unauthorized
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import cryptoplane as cp
-from cryptoplane.fabric.client import AsyncClient, Client
+from cryptoplane.fabric import AsyncClient, Client
 from cryptoplane.fabric.errors import ConnectionLost
 
 TOTAL = 10_000
