@@ -118,6 +118,8 @@ class Connection(asyncio.Protocol):
         self.expires_at = float("inf")
         self.kind = "tcp"
         self.peercert: dict[str, Any] | None = None
+        self.token: str | None = None  # kept to recheck it while the connection lives
+        self.rechecking = False
         self.allowed: dict[tuple[str, str | None], bool] = {}
         self.out: list[Any] = []
         self.out_bytes = 0  # payload bytes in ``out`` (big answers; the hot path's aside)
@@ -199,7 +201,7 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # the client is done sending; answers still owed go out, then we close
         self.closing = True
-        if not self.inflight:
+        if not self.inflight or self.kind == "tls":  # TLS cannot stay half-open
             return None
         return True
 
@@ -309,11 +311,31 @@ class Connection(asyncio.Protocol):
             return
         # the keystore may be a database away: a worker asks it
         self.inflight += 1
-        self.server.admin.submit(self.svc.auth.from_token, (token,), self, ("hello",))
+        self.token = token
+        self.server.auth.submit(self.svc.auth.from_token, (token,), self, ("hello",))
+
+    def recheck(self) -> None:
+        """Ask the keystore (through the authenticator's cache) whether the token still
+        stands: a revoked token stops working on open connections too, within the
+        server's recheck period plus the cache's TTL (the watchdog calls this)."""
+        if self.token is not None and self.state == OPEN and not self.rechecking:
+            self.rechecking = True
+            self.server.auth.submit(self.svc.auth.from_token, (self.token,), self,
+                                    ("recheck",))
 
     def _refuse(self, reason: str, message: str) -> None:
         self.svc.metrics.auth_failure(reason)
         self._fatal(0, message, FrameType.WELCOME, Status.UNAUTHORIZED)
+
+    def _welcome_again(self, principal: Principal) -> None:
+        """The token's grant changed (scopes, expiry): use the new one from now on."""
+        if principal.tenant != self.tenant:
+            self._fatal(0, "credential changed tenant", _RESPONSE, Status.UNAUTHORIZED)
+            return
+        self.principal = principal
+        self.expires_at = (principal.expires_at if principal.expires_at is not None
+                           else float("inf"))
+        self.allowed.clear()
 
     def _welcome(self, principal: Principal) -> None:
         if self.state == CLOSED:
@@ -656,6 +678,15 @@ class Connection(asyncio.Protocol):
                              else "invalid, revoked or expired token")
             else:
                 self._welcome(result)
+            return
+        if kind == "recheck":
+            self.rechecking = False
+            if isinstance(error, Unauthorized):
+                self.svc.metrics.auth_failure("revoked")
+                self._fatal(0, "credential revoked or expired", _RESPONSE,
+                            Status.UNAUTHORIZED)
+            elif error is None and result != self.principal:
+                self._welcome_again(result)
             return
         if self.state == CLOSED:
             return

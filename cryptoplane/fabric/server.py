@@ -47,6 +47,7 @@ FRAME_TIMEOUT: Final = 30.0
 IDLE_TIMEOUT: Final = 3600.0
 WRITE_HIGH_WATER: Final = 8 * 1024 * 1024
 _NAMES_MAX: Final = 65_536
+RECHECK_PERIOD: Final = 5.0  # seconds between checks that open connections' tokens stand
 
 
 def parse_listen(spec: str) -> tuple[str, str, int]:
@@ -110,6 +111,9 @@ class Server:
         self._unsubscribe: Callable[[], None] | None = None
         self._workers: Workers | None = None
         self._admin: Workers | None = None
+        self._auth: Workers | None = None
+        self.recheck_period = RECHECK_PERIOD
+        self._rechecked = 0.0
         self._unix_paths: list[str] = []
 
     # -- what connections use --------------------------------------------------------------
@@ -129,6 +133,13 @@ class Server:
     def admin(self) -> Workers:
         assert self._admin is not None
         return self._admin
+
+    @property
+    def auth(self) -> Workers:
+        """Token checks: a thread of their own, so slow key generations on the admin
+        threads never hold up a handshake."""
+        assert self._auth is not None
+        return self._auth
 
     def remember_name(self, raw: bytes, name: str) -> None:
         if len(self.names) >= _NAMES_MAX:
@@ -156,6 +167,7 @@ class Server:
         self._empty = asyncio.Event()
         self._workers = Workers(loop, self.worker_count, "cryptoplane-fabric")
         self._admin = Workers(loop, self.admin_count, "cryptoplane-fabric-admin")
+        self._auth = Workers(loop, 1, "cryptoplane-fabric-auth")
         try:
             for kind, host, port in self.specs:
                 if kind == "unix":
@@ -232,6 +244,9 @@ class Server:
         not completed in time (slowloris), silent and owed nothing for the idle time."""
         now = self.loop.time()
         in_flight = 0
+        recheck = now - self._rechecked >= self.recheck_period
+        if recheck:
+            self._rechecked = now
         for c in list(self.connections):
             in_flight += c.inflight
             if c.state == HANDSHAKE and now - c.born > self.handshake_timeout:
@@ -250,6 +265,8 @@ class Server:
                 c.abort()
             elif not buffered and not c.owes() and now - c.act_at > self.idle_timeout:
                 c.abort()
+            elif recheck:
+                c.recheck()
         self.service.metrics.set_in_flight(in_flight)
 
     # -- shutdown ------------------------------------------------------------------------
@@ -287,7 +304,7 @@ class Server:
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        for pool in (self._workers, self._admin):
+        for pool in (self._workers, self._admin, self._auth):
             if pool is not None:
                 await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, 5.0)
         self._listeners = []

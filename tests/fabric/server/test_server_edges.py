@@ -49,6 +49,19 @@ def test_token_expiring_mid_connection(server: Running, tokens: Tokens) -> None:
         assert w.closed()
 
 
+def test_token_revoked_mid_connection(server: Running, tokens: Tokens) -> None:
+    token = tokens.add("acme")
+    assert server.server is not None
+    server.server.recheck_period = 0.2
+    with Wire(server.port, token) as w:
+        assert w.call(Op.ENCRYPT, b"aes", ENC)[0] == 0
+        del tokens.grants[token]  # revoked; the authenticator trusts its cache for 1 s
+        deadline = time.monotonic() + 5
+        while not w.closed() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [f.status for f in w.frames] == [Status.UNAUTHORIZED]
+
+
 def test_first_frame_must_be_hello(server: Running, token: str) -> None:
     w = Wire(server.port, hello=False)
     w.request(Op.ENCRYPT, b"aes", ENC)
