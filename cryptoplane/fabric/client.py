@@ -27,7 +27,7 @@ from collections.abc import (
     Callable,
     Iterable,
 )
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final
 
 from ..exceptions import InvalidRequest
 from . import codec
@@ -36,8 +36,6 @@ from .codec import Field, Frame, FrameType, Op, Status
 from .connection_client import Call, SessionSpec
 from .errors import ProtocolError
 from .pool import Pool
-
-T = TypeVar("T")
 
 # repeating these cannot change what they answer (wire protocol, section 5)
 SAFE_OPS: Final = frozenset({

@@ -59,7 +59,8 @@ def backoff(failures: int) -> float:
 class Pool:
     def __init__(self, urls: Sequence[str], *, token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connections: int = 2,
-                 timeout: float = 30.0, name: str = "", fail_fast: bool = False) -> None:
+                 timeout: float = 30.0, name: str = "", fail_fast: bool = False,
+                 max_retry_wait: float = math.inf) -> None:
         if not urls:
             raise ValueError("at least one server URL is needed")
         self.endpoints = [Endpoint(u) for u in urls]
@@ -69,6 +70,9 @@ class Pool:
         self.timeout = timeout
         self.name = name
         self.fail_fast = fail_fast
+        # a RETRY_AFTER longer than this ends the call with its error at once (the
+        # engine: local engines can take the work rather than wait)
+        self.max_retry_wait = max_retry_wait
         self.conns: list[ClientConnection] = []
         self.info: dict[str, Any] = {}  # the last WELCOME
         self.waiting: deque[Call] = deque()
@@ -278,7 +282,7 @@ class Pool:
                 self.goaway(conn)
             loop = self._loop
             assert loop is not None
-            if loop.time() + delay < call.deadline:
+            if loop.time() + delay < call.deadline and delay <= self.max_retry_wait:
                 call.conn = None
                 self.waiting_retry(call, delay)
                 self._drain()

@@ -39,11 +39,18 @@ from typing import Any, Final, TypeVar
 from .. import requests as rq
 from ..algorithms import CATALOGUE, Algorithm, Kind, Op
 from ..engines.base import Engine, Health, Job, Traits, Work
+from ..exceptions import (
+    AuthenticationFailed,
+    Busy,
+    EngineFailed,
+    InvalidSignature,
+    QuotaExceeded,
+)
 from ..keys import Key
 from . import codec
 from .codec import Field, Frame, FrameType, Status
 from .connection_client import Call, SessionSpec
-from .errors import Unauthorized
+from .errors import ShuttingDown, Unauthorized
 from .pool import Pool
 
 T = TypeVar("T")
@@ -60,8 +67,10 @@ _OPS_BY_KIND: Final = {
     Kind.MAC: frozenset({Op.MAC, Op.VERIFY_MAC}),
 }
 _CARRIED: Final = (rq.Encrypt, rq.Decrypt, rq.Sign, rq.Verify, rq.Mac, rq.VerifyMac)
+_CRYPTO_ANSWERS: Final = (AuthenticationFailed, InvalidSignature)
 MAX_REQUEST: Final = codec.MAX_PAYLOAD - 64 * 1024  # room for the other fields
 DEFAULT_CAPACITY: Final = 1024  # jobs in flight (the scheduler keeps the rest queued)
+MAX_RETRY_WAIT: Final = 0.05  # longer RETRY_AFTERs: the job goes back to the scheduler
 DECODE_SECONDS: Final = 3e-6  # the loop's share of reading an answer, not timed per job
 
 
@@ -90,7 +99,7 @@ class Remote(Engine):
         self.parallelism = capacity
         self._pool = Pool(self.urls, token=token, ssl=ssl, connections=connections,
                           timeout=connect_timeout, name=f"cryptoplane engine {name}",
-                          fail_fast=True)
+                          fail_fast=True, max_retry_wait=MAX_RETRY_WAIT)
         self._pool.on_state = self._on_state
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
@@ -126,6 +135,9 @@ class Remote(Engine):
             super().start(self_test=False)
             self.health = Health.BROKEN
             return
+        offered = self._pool.info.get("session_algorithms")
+        if isinstance(offered, list):  # a server that lists what its sessions serve
+            self._algorithms = [a for a in self._algorithms if a.name in offered]
         super().start(self_test=self_test)
         self._self_tested = self_test
 
@@ -249,10 +261,14 @@ class Remote(Engine):
             if error is None:
                 assert frame is not None
                 result, error = _outcome(op, frame)
-                if error is None or frame.status != Status.INTERNAL:
-                    # a crypto answer (a failed verify too) teaches the meter its cost
+                if error is None or isinstance(error, _CRYPTO_ANSWERS):
+                    # it ran: a result or a crypto verdict teaches the meter its cost
                     self.meter.record(request.algorithm.name, request.op.value,
                                       request.nbytes, time.perf_counter() - sent, self._cpu)
+            if isinstance(error, (QuotaExceeded, Busy, ShuttingDown)):
+                # refused, not run (throttled, a session quota, draining): another
+                # engine may take it at once
+                error = EngineFailed(f"the fabric server refused it: {error}")
             self._end(done, result, error)
 
         return Call(FrameType.REQUEST, op, b"", codec.encode_fields(f), request.retry_safe,

@@ -6,6 +6,7 @@ the local exception classes, and a dead server's work goes back to the scheduler
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from realserver import RealServer
 
 import cryptoplane as cp
 from cryptoplane.engines.base import Health
+from cryptoplane.fabric import Client
 from cryptoplane.fabric.errors import Unauthorized
 
 
@@ -141,3 +143,32 @@ def test_a_dead_server_hands_safe_work_back_and_the_engine_heals(tmp_path: Path)
             assert remote.counters()["reconnects"] >= 1
     finally:
         srv.close()
+
+
+def test_throttled_jobs_go_back_to_the_scheduler_at_once(server: RealServer) -> None:
+    token = server.token("tiny")
+    with Client(server.url, token=server.token()) as admin:
+        admin.set_tenant_limits("tiny", ops=2)
+    remote = cp.Remote(server.url, token=token)
+    try:
+        remote.start(self_test=False)
+        key = cp.Key.generate("hmac-sha256")
+        outcomes: list[tuple[object, BaseException | None]] = []
+        done = threading.Event()
+
+        def complete(result: object, error: BaseException | None) -> None:
+            outcomes.append((result, error))
+            if len(outcomes) == 50:
+                done.set()
+
+        t0 = time.monotonic()
+        remote.submit([(cp.Mac(key, b"%d" % i), complete) for i in range(50)])
+        assert done.wait(10)
+        assert time.monotonic() - t0 < 5  # not held until a 30 s deadline
+        refused = [e for _, e in outcomes if e is not None]
+        assert refused and all(type(e) is cp.EngineFailed for e in refused)
+        assert remote.inflight == 0
+    finally:
+        remote.close()
+        with Client(server.url, token=server.token()) as admin:
+            admin.set_tenant_limits("tiny", ops=0)
