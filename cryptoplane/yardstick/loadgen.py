@@ -300,6 +300,196 @@ async def _run_async(spec: Spec) -> Outcome:
     return out
 
 
+# -- streams ----------------------------------------------------------------------------
+
+STREAM_WINDOW = 4  # pieces sent ahead of the ciphertext received (as the client's window)
+
+
+class _StreamLoad(asyncio.Protocol):
+    """One client's ENCRYPT_STREAM of ``size`` bytes: the REQUEST, then DATA pieces of the
+    server's ``stream_piece`` (the same piece of bytes each time, its header made once),
+    at most ``STREAM_WINDOW`` pieces ahead of the answers; the answers are counted, not
+    kept (a header parser skips their payloads without copying them)."""
+
+    def __init__(self, spec: Spec, piece_data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self.spec = spec
+        self.piece_data = piece_data
+        self.transport: asyncio.Transport | None = None
+        self.welcome: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.ready = False
+        self.head = b""  # a header not yet whole
+        self.skip = 0  # payload bytes of the current answer frame still to come
+        self.sent = 0
+        self.received = 0
+        self.left = spec.size
+        self.piece = len(piece_data)
+        self.error = ""
+        self.ending = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        hello = json.dumps({"versions": [1], "client": "cryptoplane loadgen streams",
+                            **({"token": self.spec.token} if self.spec.token else {})})
+        transport.write(codec.encode_frame(  # type: ignore[attr-defined]
+            FrameType.HELLO, 0, payload=codec.encode_fields({Field.JSON: hello.encode()})))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError(f"closed before WELCOME: {exc}"))
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"stream cut: {exc or self.error}"))
+
+    def start(self) -> None:
+        assert self.transport is not None
+        self.transport.write(codec.encode_frame(FrameType.REQUEST, 1, op=Op.ENCRYPT_STREAM,
+                                                key=self.spec.key.encode()))
+        self._send()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        window = STREAM_WINDOW * self.piece
+        out: list[bytes] = []
+        while self.left > 0 and self.sent - self.received < window:
+            n = min(self.piece, self.left)
+            self.left -= n
+            flags = codec.Flag.END if self.left == 0 else 0
+            out.append(codec.header_bytes(FrameType.DATA, 1, Op.ENCRYPT_STREAM, 0, 0, n,
+                                          flags))
+            out.append(self.piece_data if n == self.piece else self.piece_data[:n])
+            self.sent += n
+        if out:
+            self.transport.writelines(out)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.ready:  # the WELCOME (small): kept until whole
+            self.head += data
+            if len(self.head) < 24:
+                return
+            length, _v, ftype, _fl, _fid, _op, status, klen, _r = _HEAD.unpack_from(self.head)
+            if len(self.head) < length + 4:
+                return
+            frame, data = self.head[:length + 4], self.head[length + 4:]
+            self.head = b""
+            if ftype != FrameType.WELCOME or status != Status.OK:
+                self.welcome.set_exception(ConnectionError(f"handshake refused: {status}"))
+                return
+            self.ready = True
+            self.welcome.set_result(json.loads(codec.decode_fields(frame[24 + klen:]).get(
+                Field.JSON, b"{}")))
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.skip:
+                n = min(self.skip, end - pos)
+                self.skip -= n
+                pos += n
+                self.received += n
+                if not self.skip and self.ending and not self.done.done():
+                    self.done.set_result(None)
+                continue
+            need = 24 - len(self.head)
+            self.head += bytes(view[pos:pos + need])
+            pos += min(need, end - pos)
+            if len(self.head) < 24:
+                break
+            length, _v, ftype, flags, _fid, _op, status, klen, _r = _HEAD.unpack(self.head)
+            self.head = b""
+            body = length + 4 - 24
+            if ftype == FrameType.DATA:
+                self.skip = body
+                self.received -= klen  # the key reference is not ciphertext
+                if flags & codec.Flag.END:
+                    self.ending = True  # done once its payload is in
+                    if not body and not self.done.done():
+                        self.done.set_result(None)
+            elif ftype == FrameType.RESPONSE:
+                self.error = f"status {status}"
+                if not self.done.done():
+                    if status == Status.OK:
+                        self.done.set_result(None)
+                    else:
+                        self.done.set_exception(RuntimeError(
+                            f"stream refused: {Status(status).name}"))
+                self.skip = body
+            else:
+                self.skip = body
+        if self.sent:
+            self._send()
+
+
+async def _run_streams_async(spec: Spec) -> dict[str, Any]:
+    """``spec.connections`` clients, one ENCRYPT_STREAM of ``spec.size`` bytes each,
+    started together at ``spec.start_at`` (after every handshake)."""
+    loop = asyncio.get_running_loop()
+    endpoint = codec_endpoint(spec.url)
+    ctx = ssl_context(spec)
+    piece_data = os.urandom(1 << 20)
+    conns: list[_StreamLoad] = []
+    for _ in range(spec.connections):
+        _, proto = await loop.create_connection(
+            lambda: _StreamLoad(spec, piece_data), endpoint[1], int(endpoint[2]), ssl=ctx,
+            server_hostname=endpoint[1] if ctx else None)
+        conns.append(proto)
+    for c in conns:
+        info = await asyncio.wait_for(c.welcome, 30)
+        piece = int(info.get("limits", {}).get("stream_piece", len(piece_data)))
+        if piece < len(piece_data):
+            c.piece_data = piece_data[:piece]
+            c.piece = piece
+    await asyncio.sleep(max(0.0, spec.start_at - time.time()))
+    began = time.time()
+    for c in conns:
+        c.start()
+    await asyncio.wait_for(asyncio.gather(*(c.done for c in conns)), 3600)
+    ended = time.time()
+    for c in conns:
+        if c.transport is not None:
+            c.transport.close()
+    return {"began": began, "ended": ended, "plaintext": spec.size * len(conns),
+            "ciphertext": sum(c.received for c in conns)}
+
+
+def run_streams_here(spec: Spec) -> dict[str, Any]:
+    try:
+        import uvloop
+
+        return uvloop.run(_run_streams_async(spec))
+    except ImportError:
+        return asyncio.run(_run_streams_async(spec))
+
+
+def run_streams(spec: Spec, clients: int, processes: int) -> dict[str, Any]:
+    """``clients`` streams of ``spec.size`` bytes from ``processes`` load processes,
+    started at one wall-clock instant: plaintext bytes, the span from the first start to
+    the last end, and how late the last process started."""
+    processes = max(1, min(processes, clients))
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    spec.start_at = time.time() + 1.0 + 0.01 * clients
+    procs = []
+    for n in shares:
+        one = Spec(**{**asdict(spec), "connections": n, "mode": "stream"})
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cryptoplane.yardstick.loadgen", json.dumps(asdict(one))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    failures = []
+    for p in procs:
+        out, err = p.communicate(timeout=3600)
+        if p.returncode != 0:
+            failures.append(err[-1500:])
+        else:
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    if failures:
+        raise RuntimeError("stream load failed: " + failures[0])
+    return {"plaintext": sum(r["plaintext"] for r in results),
+            "ciphertext": sum(r["ciphertext"] for r in results),
+            "seconds": max(r["ended"] for r in results) - min(r["began"] for r in results),
+            "late": max(r["began"] for r in results) - spec.start_at,
+            "processes": processes}
+
+
 def codec_endpoint(url: str) -> tuple[str, str, str]:
     from ..fabric.connection_client import Endpoint
 
@@ -361,6 +551,9 @@ def run(spec: Spec, processes: int = 1, cpus: list[int] | None = None,
 
 def _main() -> None:
     spec = Spec(**json.loads(sys.argv[1]))
+    if spec.mode == "stream":
+        print(json.dumps(run_streams_here(spec)))
+        return
     out = run_here(spec)
     print(json.dumps({"count": out.count, "errors": out.errors, "seconds": out.seconds,
                       "first_error": out.first_error, "latencies_us": out.latencies_us}))
