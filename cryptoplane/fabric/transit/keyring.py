@@ -123,7 +123,8 @@ class Ring:
         if old is not None:  # keep what did not change: loaded keys, plane sessions
             for v, ver in old.versions.items():
                 m = record.versions.get(v)
-                if m is not None and (m is ver.material or hmac.compare_digest(m, ver.material)):
+                if m is not None and ver.type is self.type and (
+                        m is ver.material or hmac.compare_digest(m, ver.material)):
                     self.versions[v] = ver
         # the version a plain encrypt uses, when nothing per request (derivation, an
         # explicit version or nonce) changes it: the hot path reads this one slot
