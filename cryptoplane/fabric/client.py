@@ -152,6 +152,11 @@ class AsyncClient:
         return dict(self._pool.info)
 
     @property
+    def live_connections(self) -> int:
+        """Connections open, welcomed and not draining."""
+        return sum(1 for c in self._pool.conns if c.usable)
+
+    @property
     def counters(self) -> dict[str, int]:
         """Sends, retries, throttled answers, lost requests, timeouts, reconnects."""
         return dict(self._pool.counters)

@@ -73,6 +73,10 @@ class Client:
     def counters(self) -> dict[str, int]:
         return self._a.counters
 
+    @property
+    def live_connections(self) -> int:
+        return self._a.live_connections
+
     def request(self, op: int, key: str = "", fields: dict[int, bytes] | None = None, *,
                 timeout: float | None = None, safe: bool | None = None) -> dict[int, bytes]:
         return self._run(self._a.request(op, key, fields, timeout=timeout, safe=safe))

@@ -218,6 +218,8 @@ def test_goaway_during_load_and_reconnect_after_restart(tmp_path: Path) -> None:
     async def main() -> None:
         async with await AsyncClient.connect([a.url, b.url], token=token) as c:
             await c.create_key("g", "aes256-gcm96")
+            while c.live_connections < 4:  # both servers' connections are up
+                await asyncio.sleep(0.01)
             tasks = [asyncio.ensure_future(c.encrypt("g", b"%d" % i)) for i in range(3000)]
             await asyncio.sleep(0.01)
             await asyncio.get_running_loop().run_in_executor(None, a.stop, 2.0)
