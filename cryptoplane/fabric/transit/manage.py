@@ -10,6 +10,7 @@ transit hand out what Vault would refuse.
 from __future__ import annotations
 
 import threading
+from contextlib import suppress
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -48,7 +49,8 @@ class KeyAdmin:
             rec = self.source.get_key(tenant, name)
         except KeyNotFound:
             # deleted, maybe by another server: drop what was cached of it
-            self._rings.pop((tenant, name), None)
+            with suppress(TypeError):  # an unhashable name was never cached
+                self._rings.pop((tenant, name), None)
             raise
         ring = self._rings.get((tenant, name))
         if ring is None or ring.record is not rec:

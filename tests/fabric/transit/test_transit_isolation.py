@@ -114,3 +114,11 @@ def test_tampered_signatures_and_tags_are_false(ring: Transit) -> None:
         assert not ring.verify_hmac(TENANT, "hmac", b"m", tag[:i] + bytes([tag[i] ^ 1])
                                     + tag[i + 1:])
     assert not ring.verify_hmac(TENANT, "hmac", b"m", tag[:-1])
+
+
+@pytest.mark.parametrize("name", [["list"], None, 7, b"aes256-gcm96"])
+def test_names_of_the_wrong_type_are_missing_keys(ring: Transit, name: Any) -> None:
+    with pytest.raises(KeyNotFound):
+        ring.encrypt(TENANT, name, b"x")
+    with pytest.raises(KeyNotFound):
+        ring.batch(TENANT, "encrypt", name, [])
