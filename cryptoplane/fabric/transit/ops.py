@@ -134,7 +134,7 @@ def verify(plane: Plane, ring: Ring, data: Any, signature: Any, hash: Any = None
 
 
 def _mac(plane: Plane, ver: Version, algorithm: Any, data: Any) -> bytes:
-    if algorithm not in HASHES:
+    if not isinstance(algorithm, str) or algorithm not in HASHES:
         raise InvalidRequest(f"algorithm must be one of {', '.join(HASHES)}")
     return plane.mac(ver.hmac_key(algorithm), data)
 

@@ -50,7 +50,7 @@ def scheme(kt: KeyType, hash: str | None, prehashed: bool, pad: str) -> Scheme:
             raise InvalidRequest("ed25519 signs the message itself: prehashed does not apply")
         return Scheme("ed25519", ())
     name = hash if hash is not None else _CURVE_HASH.get(kt, "sha256")
-    if name not in HASHES:
+    if not isinstance(name, str) or name not in HASHES:
         raise InvalidRequest(f"hash must be one of {', '.join(HASHES)}, not {name!r}")
     h = HASHES[name]()
     alg: Any = Prehashed(h) if prehashed else h

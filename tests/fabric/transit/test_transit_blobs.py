@@ -129,3 +129,25 @@ def test_round_trips(ring: Transit, pt: bytes, aad: bytes, kt: str) -> None:
     blob = ring.encrypt(TENANT, kt, pt, aad=aad)
     assert ring.decrypt(TENANT, kt, blob, aad=aad) == pt
     assert ring.decrypt_batch(TENANT, kt, [{"ciphertext": blob, "aad": aad}]) == [pt]
+
+
+_values = st.one_of(st.binary(max_size=40), st.integers(-2, 3), st.none(), st.text(max_size=8),
+                    st.booleans(), st.sampled_from(["sha256", "sha512", "pss", "pkcs1v15"]))
+_item = st.one_of(
+    st.dictionaries(st.sampled_from(["plaintext", "ciphertext", "data", "signature", "tag",
+                                     "aad", "context", "nonce", "version", "hash",
+                                     "prehashed", "padding", "algorithm", "junk"]),
+                    _values, max_size=4),
+    _values)
+_OPS = {"encrypt": "aes256-gcm96", "decrypt": "chacha20-poly1305", "rewrap": "aes256-gcm96",
+        "sign": "ecdsa-p256", "verify": "ed25519", "hmac": "hmac", "verify_hmac": "hmac"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(op=st.sampled_from(sorted(_OPS)), items=st.lists(_item, max_size=6))
+def test_arbitrary_batch_items_end_in_values_or_typed_errors(ring: Transit, op: str,
+                                                            items: list[object]) -> None:
+    out = ring.batch(TENANT, op, _OPS[op], items)  # type: ignore[arg-type]
+    assert len(out) == len(items)
+    for res in out:
+        assert isinstance(res, (bytes, bool, CryptoplaneError)), res

@@ -228,3 +228,25 @@ def test_digest_and_random_limits(ring: Transit) -> None:
     for n in (0, -1, (1 << 20) + 1, True):
         with pytest.raises(InvalidRequest):
             ring.random(n)
+
+
+def test_arguments_of_the_wrong_type_are_invalid_requests(ring: Transit) -> None:
+    t: Any = ring  # the wrong types on purpose
+    calls = [
+        lambda: t.encrypt(TENANT, "aes256-gcm96", b"x", aad="text"),
+        lambda: t.encrypt(TENANT, "aes256-gcm96", "text"),
+        lambda: t.decrypt(TENANT, "aes256-gcm96", ["list"]),
+        lambda: t.sign(TENANT, "rsa-2048", b"x", hash=["sha256"]),
+        lambda: t.sign(TENANT, "rsa-2048", b"x", padding=["pss"]),
+        lambda: t.sign(TENANT, "ecdsa-p256", b"x", prehashed="yes"),
+        lambda: t.verify(TENANT, "ecdsa-p256", b"x", "sig"),
+        lambda: t.hmac(TENANT, "hmac", b"x", algorithm=["sha256"]),
+        lambda: t.hmac(TENANT, "hmac", b"x", version="1"),
+        lambda: t.digest(["sha256"], b"x"),
+        lambda: t.digest("sha256", "text"),
+        lambda: t.datakey(TENANT, "aes256-gcm96", bits="256"),
+        lambda: t.export(TENANT, "aes256-gcm96", version=b"1"),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidRequest):
+            call()
