@@ -1,20 +1,19 @@
-"""One client's connection to the fabric server: frames in, answers out.
+"""One client's connection to the fabric server: the transport, the handshake, flow
+control and closing. What requests become is ``handling.Handling``; streams are
+``streaming.Streaming``.
 
-The hot path, per receive: the codec splits every complete frame at once; each request
-is checked (scope, expiry, rate) and, when it costs less than a hop to a thread
-(AES-GCM, ChaCha20-Poly1305, HMAC, digests of small payloads), run at once; its answer
-is appended to a list, and the whole list goes out in one ``writelines`` when the
-receive is done. Requests that would hold the loop (signatures, key management, big
-payloads) go to worker threads (``workers.Workers``), whose answers come back in
-batches and are written together too. No per-request future, log line or lookup
-beyond the op table's.
+Per receive the codec splits every complete frame at once, each is handled, and the
+answers go out together in one write. Answers of jobs at the worker threads come back
+in batches (``workers.Workers``) and are written together too.
 
 Limits: frames of at most 16 KiB until the handshake is done (and it must be done within
 ``handshake_timeout``); a frame begun must be complete within ``frame_timeout``
-(slowloris); at most ``max_in_flight`` requests at the workers or streams open per
-connection (reading stops until answers drain); reading stops while the transport holds
-more than the write high-water mark (a client that does not read its answers); a broken
-frame is answered PROTOCOL_ERROR where it has an id and the connection closes.
+(slowloris; the server's watchdog); at most ``max_in_flight`` requests at the workers or
+streams open per connection, and ``max_in_flight_bytes`` of their payloads (reading
+stops until answers drain); reading stops while the transport holds more than the write
+high-water mark (a client that does not read its answers), and the frames of a receive
+not yet handled wait until it drains; a broken frame is answered PROTOCOL_ERROR where
+it has an id and the connection closes.
 """
 
 from __future__ import annotations
@@ -23,92 +22,45 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
-import struct
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
-from ..exceptions import CryptoplaneError, InvalidRequest
+from ..exceptions import CryptoplaneError
 from . import codec as C
 from .auth import Principal
-from .bulk import StreamDecryptJob, StreamEncryptJob
-from .codec import Field, FrameType, Op, Status
-from .dispatch import (
-    ADMIN,
-    BIG,
-    INLINE,
-    OPS,
-    SCOPES,
-    SESSION_OPS,
-    STREAM_OPS,
-    OpSpec,
-    error_answer,
-    run_batch,
+from .codec import Field, FrameType, Status
+from .dispatch import SCOPES
+from .errors import ProtocolError, Unauthorized
+from .handling import (
+    BATCH_RESPONSE,
+    ENCRYPT,
+    NONCE_POOL,
+    RESPONSE,
+    TENANT_LIMITS,
+    Host,
 )
-from .errors import ProtocolError, ShuttingDown, Unauthorized
-from .sessions import Sessions, run_raw
-
-if TYPE_CHECKING:
-    from .server import Server
+from .sessions import Sessions
+from .streaming import STREAM_QUEUE, Stream, Streaming
 
 log = logging.getLogger("cryptoplane.fabric")
 
-_pack = C.HEADER.pack
 _VERSION: Final = C.VERSION
-_RESPONSE: Final = int(FrameType.RESPONSE)
-_BATCH_RESPONSE: Final = int(FrameType.BATCH_RESPONSE)
-_DATA: Final = int(FrameType.DATA)
 _REQUEST: Final = int(FrameType.REQUEST)
 _BATCH: Final = int(FrameType.BATCH)
-_ENCRYPT: Final = int(Op.ENCRYPT)
-_DECRYPT: Final = int(Op.DECRYPT)
-_TENANT_LIMITS: Final = int(Op.TENANT_LIMITS)
-_AFTER_LENGTH: Final = C.HEADER_SIZE - 4
-# a RESPONSE header and its first field's head, packed at once (the hot path's answer)
-_pack_field_answer = struct.Struct("!IBBHQHHHHBI").pack
-_VERSION_FIELD: Final = bytes((Field.VERSION,)) + (4).to_bytes(4, "big")
-_NONCE_POOL: Final = 12 * 512
+_DATA: Final = int(FrameType.DATA)
 # answers are joined into one buffer before writing unless big ones (counted in
 # out_bytes: everything but the hot path's ~100-byte answers) pass this
 _JOIN_LIMIT: Final = 256 * 1024
-_COPY_LIMIT: Final = 16 * 1024  # answers up to this size are joined to their header
-STATUS_NAMES: Final = {int(s): s.name.lower() for s in Status}
 MAX_PING: Final = 64
-SHUTDOWN_RETRY: Final = 0.001  # RETRY_AFTER of SHUTTING_DOWN: at once, elsewhere
-# a stream stops the connection's reading while this many pieces wait for its worker
-STREAM_QUEUE: Final = 2
 
 HANDSHAKE, OPEN, CLOSED = 0, 1, 2
 
 
-class Stream:
-    """An ENCRYPT_STREAM or DECRYPT_STREAM in progress: its job, pieces waiting for it,
-    whether a worker has it now."""
-
-    __slots__ = ("busy", "id", "job", "op", "queue")
-
-    def __init__(self, fid: int, op: int, job: StreamEncryptJob | StreamDecryptJob) -> None:
-        self.id = fid
-        self.op = op
-        self.job = job
-        self.queue: deque[tuple[bytes, bool]] = deque()
-        self.busy = False
-
-
-def _stream_step(job: StreamEncryptJob | StreamDecryptJob, data: bytes,
-                 end: bool) -> list[bytearray]:
-    out = job.feed(data) if data else []
-    if end:
-        out.extend(job.finish())
-    return out
-
-
-class Connection(asyncio.Protocol):
+class Connection(Streaming, asyncio.Protocol):
     """See the module docstring. Made by ``Server`` per accepted socket."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.svc = server.service
         self.transit = server.service.transit
@@ -140,7 +92,7 @@ class Connection(asyncio.Protocol):
         # the hot path: keys looked up this receive, nonces drawn in bulk
         self.hot: dict[bytes, tuple[Any, bytes, int, str, bytes]] = {}
         self.nonces = b""
-        self.npos = _NONCE_POOL
+        self.npos = NONCE_POOL
         self.encrypt = server.service.plane.encrypt
         self.record_use = server.service.transit.source.record_use
         self.label = ""
@@ -251,7 +203,7 @@ class Connection(asyncio.Protocol):
                     return
             ftype = f.type
             if ftype == _REQUEST:
-                if f.op == _ENCRYPT and self._encrypt_fast(f, out):
+                if f.op == ENCRYPT and self._encrypt_fast(f, out):
                     continue
                 self._request(f, out)
             elif ftype == _BATCH:
@@ -333,7 +285,7 @@ class Connection(asyncio.Protocol):
     def _welcome_again(self, principal: Principal) -> None:
         """The token's grant changed (scopes, expiry): use the new one from now on."""
         if principal.tenant != self.tenant:
-            self._fatal(0, "credential changed tenant", _RESPONSE, Status.UNAUTHORIZED)
+            self._fatal(0, "credential changed tenant", RESPONSE, Status.UNAUTHORIZED)
             return
         self.principal = principal
         self.expires_at = (principal.expires_at if principal.expires_at is not None
@@ -364,312 +316,6 @@ class Connection(asyncio.Protocol):
             self._frames(held)
         self._update_reading()
 
-    # ---- requests ---------------------------------------------------------------------
-
-    def _answer(self, out: list[Any], fid: int, op: int, status: int, payload: bytes,
-                ftype: int = _RESPONSE) -> None:
-        n = len(payload)
-        self.out_bytes += n
-        head = _pack(_AFTER_LENGTH + n, _VERSION, ftype, 0, fid, op, status, 0, 0)
-        if n <= _COPY_LIMIT:
-            out.append(head + payload)
-        else:
-            out.append(head)
-            out.append(payload)
-
-    def _count(self, op: int, status: int, nbytes: int, items: int = 0) -> None:
-        row = self.counts.get((op, status))
-        if row is None:
-            self.counts[op, status] = [1, nbytes, items]
-        else:
-            row[0] += 1
-            row[1] += nbytes
-            row[2] += items
-
-    def _flush_counts(self) -> None:
-        count = self.svc.metrics.count
-        tenant = self.tenant or "-"
-        for (op, status), (n, nbytes, items) in self.counts.items():
-            spec = OPS.get(op)
-            if spec is not None:
-                count(tenant, spec.name, STATUS_NAMES.get(status, "internal"), n, nbytes,
-                      items)
-        self.counts.clear()
-
-    def _error(self, out: list[Any], fid: int, op: int, exc: BaseException) -> None:
-        status, payload = error_answer(exc)
-        self._answer(out, fid, op, status, payload)
-        self._count(op, status, 0)
-
-    def _encrypt_fast(self, f: C.Frame, out: list[Any]) -> bool:
-        """ENCRYPT of one DATA field with a plain AEAD key, in scope, not draining: the
-        hot path. False: take the general one (``Transit.encrypt``, same result).
-
-        What it saves over the general path: the key's usable version is looked up once
-        per receive (``hot``), nonces come from one ``os.urandom`` per 512 requests, and
-        the answer is packed with one struct and joined once."""
-        p = f.payload
-        n = len(p) - 5
-        if (n < 0 or n >= BIG or p[0] != 1 or int.from_bytes(p[1:5], "big") != n
-                or self.draining or f.id in self.ids):
-            return False
-        hot = self.hot.get(f.key)
-        if hot is None:
-            hot = self._heat(f.key)
-            if hot is None:
-                return False
-        aead, header, version, name, tail = hot
-        principal = self.principal
-        assert principal is not None
-        if self.admit(principal, 1, n):
-            return False  # the general path answers THROTTLED
-        pos = self.npos
-        if pos >= _NONCE_POOL:
-            self.nonces = os.urandom(_NONCE_POOL)
-            pos = 0
-        nonce = self.nonces[pos:pos + 12]
-        self.npos = pos + 12
-        try:
-            ct = self.encrypt(aead, p[5:], nonce, b"")
-        except Exception:
-            return False  # the general path says why
-        self.record_use(self.tenant, name, version, "encrypt", n, self.label)
-        out.append(b"".join((_pack_field_answer(_AFTER_LENGTH + len(ct) + 31, _VERSION,
-                                                _RESPONSE, 0, f.id, _ENCRYPT, 0, 0, 0, 2,
-                                                len(ct) + 17),
-                             header, nonce, ct, tail)))
-        row = self.counts.get((_ENCRYPT, 0))
-        if row is None:
-            self.counts[_ENCRYPT, 0] = [1, n, 0]
-        else:
-            row[0] += 1
-            row[1] += n
-        return True
-
-    def _heat(self, key: bytes) -> tuple[Any, bytes, int, str, bytes] | None:
-        """The hot path's view of a key, for this receive: None when it does not apply
-        (a derived or non-AEAD key, out of scope, not found: the general path answers)."""
-        name = self.server.names.get(key)
-        if name is None or ("encrypt", name) not in self.allowed:
-            return None
-        try:
-            ver = self.transit.ring(self.tenant, name).fast
-        except Exception:
-            return None
-        if ver is None or ver.aead is None:
-            return None
-        hot = (ver.aead, ver.ct_header, ver.number, name,
-               _VERSION_FIELD + ver.number.to_bytes(4, "big"))
-        self.hot[key] = hot
-        return hot
-
-    def _check(self, spec: OpSpec, f: C.Frame) -> str:
-        """The key name, once scope and shutdown are checked (raises the error)."""
-        if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another server")
-        if spec.keyed:
-            key = f.key
-            if not key:
-                raise InvalidRequest(f"{spec.name} needs a key name")
-            name = self.server.names.get(key)
-            if name is None:
-                try:
-                    name = key.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise InvalidRequest("the key reference is not UTF-8") from None
-                self.server.remember_name(key, name)
-        else:
-            name = ""
-        scope = (spec.scope, name or None)
-        if scope not in self.allowed:
-            assert self.principal is not None
-            self.principal.check(spec.scope, name or None)
-            if len(self.allowed) < 4096:
-                self.allowed[scope] = True
-        return name
-
-    def _request(self, f: C.Frame, out: list[Any]) -> None:
-        fid, op = f.id, f.op
-        spec = OPS.get(op)
-        if spec is None:
-            self._answer(out, fid, op, Status.NOT_SUPPORTED,
-                         C.error_fields(f"unknown operation {op}"))
-            return
-        if fid in self.ids:
-            self._fatal(fid, f"request id {fid} is already in flight")
-            return
-        try:
-            name = self._check(spec, f)
-            assert self.principal is not None
-            # an operator lifting a limit must not be refused by it
-            wait = self.admit(self.principal, 1, len(f.payload)) if op != _TENANT_LIMITS else 0
-            if wait:
-                raise C.error_for(Status.THROTTLED, "rate limit exceeded", wait)
-            fields = C.decode_fields(f.payload)
-            if op in SESSION_OPS:
-                self._session(f, fields, out)
-                return
-            if op in STREAM_OPS:
-                self._open_stream(f, name, fields, out)
-                return
-            where = spec.where
-            if where == INLINE and len(f.payload) >= BIG:
-                where = 1
-            if where == INLINE:
-                assert spec.run is not None
-                answer = spec.run(self.svc, self.tenant, name, fields, self.label)
-                self._answer(out, fid, op, 0, answer)
-                self._count(op, 0, len(f.payload))
-                return
-        except Exception as e:
-            if isinstance(e, ShuttingDown):
-                self._answer(out, fid, op, Status.SHUTTING_DOWN,
-                             C.error_fields(str(e), SHUTDOWN_RETRY))
-                self._count(op, Status.SHUTTING_DOWN, 0)
-                return
-            self._error(out, fid, op, e)
-            return
-        assert spec.run is not None
-        self._submit(where, spec.run, (self.svc, self.tenant, name, fields, self.label),
-                     ("req", fid, op, len(f.payload), 0))
-
-    def _submit(self, where: int, fn: Any, args: tuple[Any, ...], token: tuple[Any, ...]
-                ) -> None:
-        self.ids.add(token[1])
-        self.inflight += 1
-        self.inflight_bytes += token[3]
-        pool = self.server.admin if where == ADMIN else self.server.workers
-        pool.submit(fn, args, self, token)
-        if (self.inflight >= self.server.max_in_flight
-                or self.inflight_bytes >= self.server.max_in_flight_bytes):
-            self._pause()
-
-    def _batch(self, f: C.Frame, out: list[Any]) -> None:
-        fid, op = f.id, f.op
-        spec = OPS.get(op)
-        if spec is None or (spec.batch is None and (spec.run is None or spec.where == ADMIN)):
-            self._answer(out, fid, op, Status.NOT_SUPPORTED,
-                         C.error_fields(f"operation {op} cannot be batched"))
-            return
-        if fid in self.ids:
-            self._fatal(fid, f"request id {fid} is already in flight")
-            return
-        try:
-            name = self._check(spec, f)
-            try:
-                items = C.decode_batch(f.payload)
-            except ProtocolError as e:  # the frame was sound: refuse the batch only
-                raise InvalidRequest(str(e)) from None
-            assert self.principal is not None
-            wait = self.admit(self.principal, len(items), len(f.payload))
-            if wait:
-                raise C.error_for(Status.THROTTLED, "rate limit exceeded", wait)
-            if spec.where == INLINE and len(f.payload) < BIG:
-                answer = run_batch(self.svc, self.tenant, spec, name, items, self.label)
-                self._answer(out, fid, op, 0, answer, _BATCH_RESPONSE)
-                self._count(op, 0, len(f.payload), len(items))
-                return
-        except Exception as e:
-            if isinstance(e, ShuttingDown):
-                self._answer(out, fid, op, Status.SHUTTING_DOWN,
-                             C.error_fields(str(e), SHUTDOWN_RETRY))
-                return
-            self._error(out, fid, op, e)
-            return
-        self._submit(1, run_batch, (self.svc, self.tenant, spec, name, items, self.label),
-                     ("batch", fid, op, len(f.payload), len(items)))
-
-    # ---- offload sessions ------------------------------------------------------------
-
-    def _session(self, f: C.Frame, fields: dict[int, bytes], out: list[Any]) -> None:
-        s = self.sessions
-        if s is None:
-            s = self.sessions = Sessions(self.svc.plane)
-        op = f.op
-        if op == Op.SESSION_OPEN:
-            answer = s.open(fields)
-        elif op == Op.SESSION_CLOSE:
-            answer = s.close(fields)
-        else:
-            key = s.key(fields)
-            if s.where(op, fields) != INLINE:
-                self._submit(1, run_raw, (self.svc.plane, key, op, fields),
-                             ("req", f.id, op, len(f.payload), 0))
-                return
-            answer = run_raw(self.svc.plane, key, op, fields)
-        self._answer(out, f.id, op, 0, answer)
-        self._count(op, 0, len(f.payload))
-
-    # ---- streams ---------------------------------------------------------------------
-
-    def _open_stream(self, f: C.Frame, name: str, fields: dict[int, bytes],
-                     out: list[Any]) -> None:
-        cls = StreamEncryptJob if f.op == Op.ENCRYPT_STREAM else StreamDecryptJob
-        job = cls(self.transit, self.tenant, name, context=fields.get(Field.CONTEXT),
-                  plane=self.svc.plane, piece=self.svc.stream_piece)
-        stream = Stream(f.id, f.op, job)
-        self.streams[f.id] = stream
-        self.ids.add(f.id)
-        self.inflight += 1
-        if isinstance(job, StreamEncryptJob):
-            # the header needs a data key: transit, maybe the keystore: a worker
-            stream.busy = True
-            self.server.workers.submit(job.start, (), self, ("stream", f.id, f.op, 0, 0))
-
-    def _data(self, f: C.Frame) -> None:
-        stream = self.streams.get(f.id)
-        if stream is None:
-            return  # a stream that failed (its error was sent): the rest is dropped
-        end = bool(f.flags & C.Flag.END)
-        if stream.busy or stream.queue:
-            stream.queue.append((f.payload, end))
-            if len(stream.queue) >= STREAM_QUEUE:
-                self._pause()
-            return
-        self._stream_run(stream, f.payload, end)
-
-    def _stream_run(self, stream: Stream, data: bytes, end: bool) -> None:
-        if len(data) >= BIG or end:
-            stream.busy = True
-            self.server.workers.submit(_stream_step, (stream.job, data, end), self,
-                                       ("stream", stream.id, stream.op, len(data), end))
-            return
-        try:
-            pieces = stream.job.feed(data)
-        except Exception as e:
-            self._stream_failed(stream, e)
-            return
-        self._stream_out(stream, pieces, False)
-
-    def _stream_out(self, stream: Stream, pieces: list[Any], end: bool) -> None:
-        out = self.out
-        for i, piece in enumerate(pieces):
-            flags = C.Flag.END if end and i == len(pieces) - 1 else 0
-            out.append(C.header_bytes(_DATA, stream.id, stream.op, 0, 0, len(piece), flags))
-            if piece:
-                out.append(piece)
-                self.out_bytes += len(piece)
-        if end:
-            if not pieces:
-                out.append(C.header_bytes(_DATA, stream.id, stream.op, 0, 0, 0, C.Flag.END))
-            self._stream_done(stream, 0)
-
-    def _stream_failed(self, stream: Stream, exc: BaseException) -> None:
-        status, payload = error_answer(exc)
-        self._answer(self.out, stream.id, stream.op, status, payload)
-        self._stream_done(stream, status)
-
-    def _stream_done(self, stream: Stream, status: int) -> None:
-        if self.streams.pop(stream.id, None) is not None:
-            self.ids.discard(stream.id)
-            self.inflight -= 1
-            self._count(stream.op, status, 0)
-
-    def _stream_next(self, stream: Stream) -> None:
-        while stream.queue and not stream.busy and stream.id in self.streams:
-            data, end = stream.queue.popleft()
-            self._stream_run(stream, data, end)
-
     # ---- completions from the workers ------------------------------------------------------
 
     def completed(self, token: tuple[Any, ...], result: Any,
@@ -687,7 +333,7 @@ class Connection(asyncio.Protocol):
             self.rechecking = False
             if isinstance(error, Unauthorized):
                 self.svc.metrics.auth_failure("revoked")
-                self._fatal(0, "credential revoked or expired", _RESPONSE,
+                self._fatal(0, "credential revoked or expired", RESPONSE,
                             Status.UNAUTHORIZED)
             elif error is None and result != self.principal:
                 self._welcome_again(result)
@@ -714,12 +360,12 @@ class Connection(asyncio.Protocol):
         if error is not None:
             self._error(out, fid, op, error)
         elif kind == "batch":
-            self._answer(out, fid, op, 0, result, _BATCH_RESPONSE)
+            self._answer(out, fid, op, 0, result, BATCH_RESPONSE)
             self._count(op, 0, nbytes, extra)
         else:
             self._answer(out, fid, op, 0, result)
             self._count(op, 0, nbytes)
-            if op == _TENANT_LIMITS:
+            if op == TENANT_LIMITS:
                 self.svc.apply_limits(json.loads(C.decode_fields(result)[Field.JSON]))
 
     def settle(self) -> None:
@@ -776,7 +422,7 @@ class Connection(asyncio.Protocol):
         """The credential expired mid-connection: say so and close."""
         self._fatal(0, "credential expired", FrameType.RESPONSE, Status.UNAUTHORIZED)
 
-    def _fatal(self, fid: int, message: str, ftype: int = _RESPONSE,
+    def _fatal(self, fid: int, message: str, ftype: int = RESPONSE,
                status: int = Status.PROTOCOL_ERROR) -> None:
         """Answer an error that ends the connection, then close it."""
         if self.state == CLOSED:
