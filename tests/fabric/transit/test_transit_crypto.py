@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -232,7 +233,7 @@ def test_digest_and_random_limits(ring: Transit) -> None:
 
 def test_arguments_of_the_wrong_type_are_invalid_requests(ring: Transit) -> None:
     t: Any = ring  # the wrong types on purpose
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: t.encrypt(TENANT, "aes256-gcm96", b"x", aad="text"),
         lambda: t.encrypt(TENANT, "aes256-gcm96", "text"),
         lambda: t.decrypt(TENANT, "aes256-gcm96", ["list"]),
