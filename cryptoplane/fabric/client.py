@@ -34,7 +34,7 @@ from ..exceptions import InvalidRequest
 from . import codec
 from .client_streams import run_stream
 from .codec import Field, Frame, FrameType, Op, Status
-from .connection_client import Call, SessionSpec
+from .connection_client import Call, SessionSpec, read_field
 from .errors import ProtocolError
 from .pool import Pool
 
@@ -121,24 +121,7 @@ _RESULT_TAG: Final = {
     Op.DIGEST: Field.DATA, Op.RANDOM: Field.DATA, Op.SIGN: Field.SIGNATURE,
     Op.HMAC: Field.MAC,
 }
-_FIELD_HEAD = struct.Struct("!BI")
-_unpack_field = _FIELD_HEAD.unpack_from
-_pack_field = _FIELD_HEAD.pack
-
-
-def _one_field(payload: bytes, tag: int) -> bytes:
-    """The value of field ``tag`` (b"" when absent), reading only field headers: the
-    answers of the hot operations carry one or two fields."""
-    pos, end = 0, len(payload)
-    while end - pos >= 5:
-        t, n = _unpack_field(payload, pos)
-        pos += 5
-        if n > end - pos:
-            raise ProtocolError("malformed answer: a field runs past the end")
-        if t == tag:
-            return payload[pos:pos + n]
-        pos += n
-    return b""
+_pack_field = struct.Struct("!BI").pack
 
 
 def _decoder(op: int) -> Callable[[Frame], Any]:
@@ -147,7 +130,7 @@ def _decoder(op: int) -> Callable[[Frame], Any]:
         def one(frame: Frame) -> Any:
             if frame.status:
                 raise codec.error_from(frame.status, frame.payload)
-            return _one_field(frame.payload, tag)
+            return read_field(frame.payload, tag)
         return one
 
     def decode(frame: Frame) -> Any:

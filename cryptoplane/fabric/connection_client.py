@@ -25,6 +25,7 @@ import itertools
 import json
 import socket
 import ssl as ssl_module
+import struct
 from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -369,6 +370,25 @@ def _ignore(frame: Frame | None, error: BaseException | None) -> None:
 
 def _ignore_frame(frame: Frame) -> None:
     pass
+
+
+_unpack_field = struct.Struct("!BI").unpack_from
+
+
+def read_field(payload: bytes, tag: int) -> bytes:
+    """The value of field ``tag`` in an answer's payload (b"" when absent), reading only
+    field headers: the hot operations' answers carry one or two fields, and a dict of
+    them (``codec.decode_fields``) cost more than the rest of the answer's handling."""
+    pos, end = 0, len(payload)
+    while end - pos >= 5:
+        t, n = _unpack_field(payload, pos)
+        pos += 5
+        if n > end - pos:
+            raise ProtocolError("malformed answer: a field runs past the end")
+        if t == tag:
+            return payload[pos:pos + n]
+        pos += n
+    return b""
 
 
 def hello_frame(token: str | None, name: str) -> bytes:

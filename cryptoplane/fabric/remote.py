@@ -49,7 +49,7 @@ from ..exceptions import (
 from ..keys import Key
 from . import codec
 from .codec import Field, Frame, FrameType, Status
-from .connection_client import Call, SessionSpec
+from .connection_client import Call, SessionSpec, read_field
 from .errors import ShuttingDown, Unauthorized
 from .pool import Pool
 
@@ -299,14 +299,13 @@ def _outcome(op: int, frame: Frame) -> tuple[Any, BaseException | None]:
         return None, codec.error_from(frame.status, frame.payload)
     if op in (codec.Op.RAW_VERIFY, codec.Op.RAW_VERIFY_MAC):
         return None, None
+    tag = Field.SIGNATURE if op == codec.Op.RAW_SIGN else (
+        Field.MAC if op == codec.Op.RAW_MAC else Field.DATA)
     try:
-        fields = codec.decode_fields(frame.payload)
+        value = read_field(frame.payload, tag)
     except Exception as e:
         return None, e
-    tag = {codec.Op.RAW_SIGN: Field.SIGNATURE, codec.Op.RAW_MAC: Field.MAC}.get(
-        codec.Op(op), Field.DATA)
-    value = fields.get(tag)
-    if value is None:
+    if not value and op != codec.Op.RAW_DECRYPT and op != codec.Op.RAW_ENCRYPT:
         return None, codec.error_for(Status.INTERNAL, "the server's answer had no result")
     return value, None
 
