@@ -172,33 +172,20 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
                                "need --tls-cert")
     if require_client_cert and not tls_client_ca:
         raise click.UsageError("--require-client-cert needs --tls-client-ca")
-    from ..fabric.auth import Authenticator, server_ssl_context
-    from ..fabric.keystore import KeyCache
-    from ..fabric.service import CachedSource, Service
-    from ..fabric.transit import Transit
-    from ..plane import Plane
+    from ..fabric.auth import server_ssl_context
+    from ..fabric.service import service_over
 
     tls = None
     if tls_cert:
         tls = server_ssl_context(tls_cert, tls_key, client_ca=tls_client_ca,
                                  require_client_cert=require_client_cert)
     ks = open_store(store, master_key_file, master_key_env, master_passphrase_file)
-    closers: list[Callable[[], object]] = [ks.close]
     try:
-        plane = Plane(_globs(engines) if engines else None)
-        closers.append(plane.close)
-        cache = KeyCache(ks, max_age=cache_ttl)
-        closers.append(cache.close)
-        transit = Transit(plane, CachedSource(ks, cache))
-        auth = Authenticator(ks, cache_ttl=cache_ttl)
-        service = Service(transit, auth, store=ks,
-                          server_id=server_id or f"{os.uname().nodename}:{os.getpid()}",
-                          closers=closers)
-        for limits in service.load_limits():
-            service.apply_limits(limits)
+        service = service_over(ks, engines=_globs(engines) if engines else None,
+                               cache_ttl=cache_ttl,
+                               server_id=server_id or f"{os.uname().nodename}:{os.getpid()}")
     except BaseException:
-        for close in reversed(closers):
-            close()
+        ks.close()
         raise
     options = {"listen": list(listen) or ["tcp://127.0.0.1:7700"], "tls": tls, "http": http,
                "workers": workers, "max_connections": max_connections,

@@ -139,15 +139,26 @@ class Service:
 
 def open_service(url: str | os.PathLike[str], *, master: MasterKey | None = None,
                  master_passphrase: str | bytes | None = None,
-                 engines: Sequence[str] | None = None, cache_ttl: float = 1.0,
-                 cert_tenants: Mapping[str, str] | None = None,
-                 server_id: str = "cryptoplane", wrapping_key: bytes | None = None,
-                 store_options: Mapping[str, Any] | None = None) -> Service:
-    """A service over the keystore at ``url`` (``sqlite:///path`` or ``postgresql://``):
-    the plane (``engines``, default inline + threads), the keystore (migrated, its
-    master key checked) read through a ``KeyCache``, transit, tokens via the keystore."""
+                 store_options: Mapping[str, Any] | None = None, **kw: Any) -> Service:
+    """A service over the keystore at ``url`` (``sqlite:///path`` or ``postgresql://``),
+    opened, migrated and keyed here (``open_keystore``); ``kw`` as ``service_over``."""
     store = open_keystore(url, master, master_passphrase=master_passphrase,
                           **dict(store_options or {}))
+    try:
+        return service_over(store, **kw)
+    except BaseException:
+        store.close()
+        raise
+
+
+def service_over(store: Keystore, *, engines: Sequence[str] | None = None,
+                 cache_ttl: float = 1.0, cert_tenants: Mapping[str, str] | None = None,
+                 server_id: str = "cryptoplane",
+                 wrapping_key: bytes | None = None) -> Service:
+    """A service over an open keystore, which it then owns (closed with the service):
+    the plane (``engines``, default inline + threads), the keystore read through a
+    ``KeyCache`` of ``cache_ttl`` seconds, transit, tokens checked by the keystore
+    through the ``Authenticator``'s cache, tenant limits loaded."""
     closers: list[Callable[[], object]] = [store.close]
     try:
         plane = Plane(list(engines) if engines else None)
@@ -161,7 +172,7 @@ def open_service(url: str | os.PathLike[str], *, master: MasterKey | None = None
         for limits in service.load_limits():
             service.apply_limits(limits)
     except BaseException:
-        for close in reversed(closers):
+        for close in reversed(closers[1:]):
             close()
         raise
     return service

@@ -139,3 +139,40 @@ def test_cli_server_process(tmp_path: Path) -> None:
     listed = subprocess.run([*cli, "tokens", "list", "--tenant", "acme", *common],
                             check=True, capture_output=True, text=True, env=env).stdout
     assert token_id not in listed
+
+
+def test_two_servers_share_a_keystore(tmp_path: Path) -> None:
+    """A key created and rotated through one server is used by another server over the
+    same keystore within its cache TTL (here: SQLite; PostgreSQL adds NOTIFY)."""
+    from cryptoplane.fabric.keystore import MasterKey
+    from cryptoplane.fabric.service import open_service
+
+    master = MasterKey.generate()
+    url = f"sqlite://{tmp_path / 'shared.db'}"
+    a = open_service(url, master=master, engines=["inline"], cache_ttl=0.5)
+    b = open_service(url, master=master, engines=["inline"], cache_ttl=0.5)
+    assert a.store is not None
+    token = a.store.create_token("acme")
+    try:
+        with running(a) as sa, running(b) as sb, Wire(sa.port, token) as wa, \
+                Wire(sb.port, token) as wb:
+            assert wb.call(Op.ENCRYPT, b"k", {Field.DATA: b"x"})[0] == Status.KEY_NOT_FOUND
+            assert wa.json(Op.KEY_CREATE, b"k", {"type": "aes256-gcm96"})[0] == 0
+
+            def version_on_b() -> int:
+                deadline = time.monotonic() + 3
+                while True:
+                    st, f = wb.call(Op.ENCRYPT, b"k", {Field.DATA: b"x"})
+                    if st == 0 or time.monotonic() > deadline:
+                        return C.get_u32(f, Field.VERSION) if st == 0 else -st
+                    time.sleep(0.05)
+
+            start = time.monotonic()
+            assert version_on_b() == 1
+            assert wa.json(Op.KEY_ROTATE, b"k")[1]["latest_version"] == 2
+            while version_on_b() != 2:
+                assert time.monotonic() - start < 5
+                time.sleep(0.05)
+    finally:
+        a.close()
+        b.close()
