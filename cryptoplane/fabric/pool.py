@@ -146,7 +146,7 @@ class Pool:
             failures = 0
             self._attempted.add(slot)
             self.info = info
-            was_live = bool(self.conns)
+            was_live = self.live  # a draining connection still listed is not live
             self.conns.append(conn)
             self._notify()
             if not was_live and self.on_state is not None:
