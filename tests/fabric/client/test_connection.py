@@ -148,3 +148,24 @@ def test_sync_client() -> None:
                 assert c.list_keys() == ["a", "b"]
         await asyncio.get_running_loop().run_in_executor(None, work)
     run(t)
+
+
+def test_the_remote_engine_is_live_again_after_a_goaway() -> None:
+    import cryptoplane as cp
+    from cryptoplane.engines.base import Health
+
+    async def t(server: FakeServer, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        remote = cp.Remote(url, token="t", connections=1)
+        try:
+            await loop.run_in_executor(None, lambda: remote.start(self_test=False))
+            assert remote.health is Health.OK
+            server.goaway()
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if remote.counters()["goaways"] and remote.health is Health.OK:
+                    break
+            assert remote.counters()["goaways"] == 1 and remote.health is Health.OK
+        finally:
+            await loop.run_in_executor(None, remote.close)
+    run(t)
