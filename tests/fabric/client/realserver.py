@@ -15,10 +15,11 @@ from cryptoplane.fabric.service import Service, open_service
 
 class RealServer:
     def __init__(self, folder: Path, *, master: MasterKey | None = None,
-                 port: int = 0, **server_kw: Any) -> None:
+                 port: int = 0, unix: str | None = None, **server_kw: Any) -> None:
         self.store_url = f"sqlite:///{folder / 'keys.db'}"
         self.master = master or MasterKey.generate()
         self.port = port
+        self.unix = unix  # also listen on this Unix socket (self.unix_url)
         self.server_kw = server_kw
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -33,8 +34,10 @@ class RealServer:
         if not self.thread.is_alive():
             self.thread.start()
         self.service = open_service(self.store_url, master=self.master)
-        self.server = Server(self.service, listen=[f"tcp://127.0.0.1:{self.port}"],
-                             **self.server_kw)
+        listen = [f"tcp://127.0.0.1:{self.port}"]
+        if self.unix:
+            listen.append(f"unix://{self.unix}")
+        self.server = Server(self.service, listen=listen, **self.server_kw)
         self._run(self.server.start())
         self.url = self.server.addresses[0]
         self.port = int(self.url.rsplit(":", 1)[1])

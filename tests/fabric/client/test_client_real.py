@@ -8,7 +8,7 @@ import base64
 import hashlib
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from realserver import RealServer
 from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest, Timeout
 from cryptoplane.fabric import AsyncClient, Client, codec
 from cryptoplane.fabric.errors import (
+    ConnectionLost,
     KeyExists,
     KeyNotFound,
     KeyVersionRejected,
@@ -242,3 +243,48 @@ def test_goaway_during_load_and_reconnect_after_restart(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_unix_socket_url(tmp_path: Path) -> None:
+    sock = tmp_path / "cp.sock"
+    with RealServer(tmp_path, unix=str(sock)) as s, Client(f"unix://{sock}",
+                                                           token=s.token()) as c:
+        assert c.digest(b"u") == hashlib.sha256(b"u").digest()
+
+
+def test_a_stream_larger_than_its_window_with_a_slow_reader(client: Client) -> None:
+    client.create_key("big", "aes256-gcm96")
+    piece = bytes(range(256)) * 4096  # 1 MiB
+    pieces = 12
+    out = client.encrypt_stream("big", (piece for _ in range(pieces)))
+    sealed = []
+    for chunk in out:
+        sealed.append(chunk)
+        time.sleep(0.005)  # a slow reader: the sender waits on the window
+    back = b"".join(client.decrypt_stream("big", sealed))
+    assert len(back) == pieces * len(piece) and back[:len(piece)] == piece
+
+
+def test_a_stream_whose_server_dies_raises_connection_lost(tmp_path: Path) -> None:
+    srv = RealServer(tmp_path).start()
+    try:
+        async def main() -> None:
+            async with await AsyncClient.connect(srv.url, token=srv.token()) as c:
+                await c.create_key("s", "aes256-gcm96")
+                stop = asyncio.Event()
+
+                async def source() -> AsyncIterator[bytes]:
+                    yield b"x" * 100_000
+                    await stop.wait()  # never ends by itself
+                    yield b""
+
+                got = c.encrypt_stream("s", source())
+                first = await got.__anext__()
+                assert first
+                await asyncio.get_running_loop().run_in_executor(None, srv.stop, 0.0)
+                with pytest.raises(ConnectionLost):
+                    async for _ in got:
+                        pass
+        asyncio.run(main())
+    finally:
+        srv.close()
