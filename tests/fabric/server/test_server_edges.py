@@ -3,8 +3,8 @@ slow clients, rate limits, shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
-import threading
 import time
 
 import pytest
@@ -293,36 +293,47 @@ def test_graceful_shutdown_answers_everything(tokens: Tokens) -> None:
     svc.transit.create_key("acme", "aes", "aes256-gcm96")
     token = tokens.add("acme")
     with running(svc) as srv:
+        assert srv.server is not None
+        server = srv.server
         w = Wire(srv.port, token)
-        n = 40
+        n = 200
         frames = b"".join(C.encode_frame(FrameType.REQUEST, i, op=Op.SIGN, key=b"rsa",
                                          payload=C.encode_fields({Field.DATA: b"m"}))
                           for i in range(1, n + 1))
         w.send(frames)
-        time.sleep(0.01)
-        done = threading.Thread(target=srv.shutdown, args=(10.0,))
-        done.start()
-        got: dict[int, int] = {}
-        goaway = False
-        late = None
-        while len(got) < n:
-            f = w.recv()
-            if f.type == FrameType.GOAWAY:
-                goaway = True
-                # a request after GOAWAY is refused, not run
-                w.request(Op.ENCRYPT, b"aes", ENC, fid=10_000)
-            elif f.id == 10_000:
-                late = f.status
-            else:
-                got[f.id] = f.status
-        assert goaway
-        assert all(got[i] == 0 for i in range(1, n + 1))
-        while not w.closed():
-            pass
-        late = next((f.status for f in w.frames if f.id == 10_000), late)
-        # refused if it arrived before the last answer went out; else never read
-        assert late in (None, Status.SHUTTING_DOWN)
-        done.join(15)
-        assert srv.server is not None and not srv.server.connections
+
+        def busy() -> int:
+            return sum(c.inflight for c in server.connections)
+
+        while srv.call(busy) == 0:
+            time.sleep(0.001)
+        # shut down while signatures are at the workers, in the same loop turn as we saw
+        # them there
+        stopping = srv.call(lambda: (busy(), srv.loop.create_task(server.shutdown(10.0))))
+        assert stopping[0] > 0
+        order: list[tuple[int, int, int]] = []
+        sent_late = False
+        while True:
+            try:
+                f = w.recv()
+            except ConnectionError:
+                break
+            order.append((f.type, f.id, f.status))
+            if f.type == FrameType.GOAWAY and not sent_late:
+                sent_late = True
+                with contextlib.suppress(OSError):  # refused, not run (or never read)
+                    w.request(Op.ENCRYPT, b"aes", ENC, fid=10_000)
+        kinds = [t for t, _, _ in order]
+        assert FrameType.GOAWAY in kinds
+        answers = {i: st_ for t, i, st_ in order if t == FrameType.RESPONSE and i != 10_000}
+        assert answers == dict.fromkeys(range(1, n + 1), 0)
+        after = kinds.index(FrameType.GOAWAY)
+        assert sum(1 for t in kinds[after:] if t == FrameType.RESPONSE) >= 1
+        late = [st_ for _, i, st_ in order if i == 10_000]
+        assert late in ([], [Status.SHUTTING_DOWN])
+        deadline = time.monotonic() + 10
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not server.connections
         w.close()
     svc.close()
