@@ -238,6 +238,23 @@ def test_handshake_timeout(server: Running) -> None:
     s.close()
 
 
+def test_idle_connections_closed_and_connection_cap(service: Service, token: str) -> None:
+    with running(service, idle_timeout=0.5, frame_timeout=0.4, max_connections=2) as srv:
+        w = Wire(srv.port, token)
+        start = time.monotonic()
+        assert w.closed()  # silent and owed nothing: closed
+        assert 0.4 < time.monotonic() - start < 3
+        w.close()
+        a, b = Wire(srv.port, token), Wire(srv.port, token)
+        third = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        with contextlib.suppress(ConnectionResetError):  # over the cap: closed at once
+            assert third.recv(10) == b""
+        third.close()
+        assert a.call(Op.ENCRYPT, b"aes", ENC)[0] == 0
+        a.close()
+        b.close()
+
+
 def test_client_not_reading_pauses_the_connection(server: Running, token: str) -> None:
     """A client that sends and never reads: the server stops reading it instead of
     buffering answers without bound (3,000 requests for 1 MiB each: 3 GiB unbounded)."""
