@@ -169,3 +169,42 @@ def test_the_remote_engine_is_live_again_after_a_goaway() -> None:
         finally:
             await loop.run_in_executor(None, remote.close)
     run(t)
+
+
+def test_every_call_ends_exactly_once_under_drops_timeouts_and_throttling() -> None:
+    """Low-level: prepared Calls straight into the pool, each counting its endings,
+    while connections are killed, requests go unanswered and the server throttles."""
+    import random as rnd
+
+    from cryptoplane.fabric.codec import FrameType, Op
+    from cryptoplane.fabric.connection_client import Call
+
+    async def t(server: FakeServer, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        async with await AsyncClient.connect(url, token="t", connections=3) as c:
+            endings: dict[int, list[object]] = {}
+            all_done = asyncio.Event()
+            total = 3000
+
+            def make(i: int, key: bytes, safe: bool) -> Call:
+                def done(frame: object, error: BaseException | None) -> None:
+                    endings.setdefault(i, []).append(error if error is not None else frame)
+                    if len(endings) == total:
+                        all_done.set()
+                payload = codec.encode_fields({codec.Field.DATA: b"%d" % i})
+                return Call(FrameType.REQUEST, Op.ENCRYPT if not safe else Op.SIGN, key,
+                            payload, safe, done, loop.time() + 0.5)
+
+            r = rnd.Random(7)
+            for i in range(total):
+                key = r.choices([b"k", b"silent", b"drop", b"throttle"], [90, 4, 1, 5])[0]
+                c.submit_call(make(i, key, r.random() < 0.5))
+                if i % 100 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.wait_for(all_done.wait(), 30)
+            await asyncio.sleep(0.7)  # late answers, sweeps: nothing may end twice
+            assert all(len(v) == 1 for v in endings.values())
+            assert len(endings) == total
+            kinds = {type(v[0]).__name__ for v in endings.values()}
+            assert kinds <= {"Frame", "Timeout", "ConnectionLost", "Throttled"}, kinds
+    run(t, throttle_first=50)
