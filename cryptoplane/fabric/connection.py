@@ -34,6 +34,7 @@ from .dispatch import SCOPES
 from .errors import ProtocolError, Unauthorized
 from .handling import (
     BATCH_RESPONSE,
+    DECRYPT,
     ENCRYPT,
     NONCE_POOL,
     RESPONSE,
@@ -91,9 +92,11 @@ class Connection(Streaming, asyncio.Protocol):
         self.counts: dict[tuple[int, int], list[int]] = {}
         # the hot path: keys looked up this receive, nonces drawn in bulk
         self.hot: dict[bytes, tuple[Any, bytes, int, str, bytes]] = {}
+        self.hot_dec: dict[tuple[bytes, int], tuple[Any, str]] = {}
         self.nonces = b""
         self.npos = NONCE_POOL
         self.encrypt = server.service.plane.encrypt
+        self.decrypt = server.service.plane.decrypt
         self.record_use = server.service.transit.source.record_use
         self.label = ""
         # for the watchdog
@@ -183,6 +186,7 @@ class Connection(Streaming, asyncio.Protocol):
         if self.counts:
             self._flush_counts()
         self.hot.clear()
+        self.hot_dec.clear()
 
     def _frames(self, frames: list[C.Frame]) -> None:
         if self.expires_at <= time.time():
@@ -203,7 +207,10 @@ class Connection(Streaming, asyncio.Protocol):
                     return
             ftype = f.type
             if ftype == _REQUEST:
-                if f.op == ENCRYPT and self._encrypt_fast(f, out):
+                op = f.op
+                if op == ENCRYPT and self._encrypt_fast(f, out):
+                    continue
+                if op == DECRYPT and self._decrypt_fast(f, out):
                     continue
                 self._request(f, out)
             elif ftype == _BATCH:

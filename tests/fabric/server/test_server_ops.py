@@ -27,6 +27,24 @@ def test_encrypt_decrypt_rewrap(server: Running, token: str, service: Service) -
             st, f = w.call(Op.REWRAP, key, {Field.CIPHERTEXT: ct})
             assert st == 0 and service.transit.decrypt("acme", key.decode(),
                                                        f[Field.CIPHERTEXT]) == b"hello"
+        # the hot paths refuse what they cannot vouch for; the general path says why
+        ct = w.call(Op.ENCRYPT, b"aes", {Field.DATA: b"v1"})[1][Field.CIPHERTEXT]
+        assert w.call(Op.DECRYPT, b"aes", {Field.CIPHERTEXT: ct})[1][Field.DATA] == b"v1"
+        bad = bytearray(ct)
+        bad[-1] ^= 1
+        assert w.call(Op.DECRYPT, b"aes", {Field.CIPHERTEXT: bytes(bad)})[0] == (
+            Status.AUTHENTICATION_FAILED)
+        future = ct[:1] + C.u32(9) + ct[5:]
+        assert w.call(Op.DECRYPT, b"aes", {Field.CIPHERTEXT: future})[0] == (
+            Status.KEY_VERSION_REJECTED)
+        service.transit.rotate("acme", "aes")
+        service.transit.config("acme", "aes", min_decryption_version=2)
+        assert w.call(Op.DECRYPT, b"aes", {Field.CIPHERTEXT: ct})[0] == (
+            Status.KEY_VERSION_REJECTED)
+        st, f = w.call(Op.ENCRYPT, b"aes", {Field.DATA: b"v2"})
+        assert (st, f[Field.VERSION]) == (0, C.u32(2))
+        assert w.call(Op.DECRYPT, b"aes", {Field.CIPHERTEXT: f[Field.CIPHERTEXT]})[1][
+            Field.DATA] == b"v2"
         # aad: the general path
         st, f = w.call(Op.ENCRYPT, b"aes", {Field.DATA: b"x", Field.AAD: b"ctx"})
         ct = f[Field.CIPHERTEXT]
