@@ -104,7 +104,6 @@ class Remote(Engine):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"cryptoplane-{name}")
-        self._thread.start()
         self._incoming: collections.deque[Job] = collections.deque()
         self._woken = False
         self._inflight = 0
@@ -118,6 +117,8 @@ class Remote(Engine):
     # -- lifetime ------------------------------------------------------------------------
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if not self._thread.is_alive() and not self._closed:
+            self._thread.start()  # the loop's thread starts with the engine, not before
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def start(self, *, self_test: bool = True) -> None:
@@ -145,11 +146,12 @@ class Remote(Engine):
         if self._closed:
             return
         self._closed = True
-        if self._loop.is_running():
+        if self._thread.is_alive():
             with contextlib.suppress(Exception):
-                self._run(self._close_all(), 10)
+                fut = asyncio.run_coroutine_threadsafe(self._close_all(), self._loop)
+                fut.result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+            self._thread.join(5)
         if not self._thread.is_alive():
             self._loop.close()
 

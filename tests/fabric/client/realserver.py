@@ -59,6 +59,8 @@ class RealServer:
         self.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
     def __enter__(self) -> RealServer:
         return self.start()
