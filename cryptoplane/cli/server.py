@@ -228,18 +228,21 @@ def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | 
                    "pid": os.getpid()}, ready_file)
         await stop.wait()
         drain = loop.create_task(server.shutdown(grace))
-        while not drain.done():
+        while not drain.done() and len(signals) < 2:
             stop.clear()
+            if len(signals) > 1:
+                break
             waiter = loop.create_task(stop.wait())
             await asyncio.wait({drain, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-            if not drain.done() and len(signals) > 1:
-                await server.shutdown(0)  # cut what is left; the drain then ends
+        if not drain.done():
+            await server.shutdown(0)  # a second signal: cut what is left; the drain ends
         await drain
         if ready_file:
             with contextlib.suppress(OSError):
                 os.unlink(ready_file)
-        return 0
+        # drained: a clean exit; cut short: the status of the signal that cut it
+        return 0 if len(signals) < 2 else 128 + signals[-1]
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main())

@@ -176,3 +176,54 @@ def test_two_servers_share_a_keystore(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_cli_second_signal_stops_at_once(tmp_path: Path) -> None:
+    """SIGTERM drains (GOAWAY, in-flight answered); a second signal cuts the drain short
+    and the process exits 128 + that signal."""
+    key = tmp_path / "master.key"
+    key.write_text(os.urandom(32).hex())
+    common = ["--store", f"sqlite://{tmp_path / 'keys.db'}", "--master-key-file", str(key)]
+    cli = [sys.executable, "-m", "cryptoplane"]
+    token = subprocess.run([*cli, "tokens", "create", "--tenant", "acme", *common],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen([*cli, "server", *common, "--listen", "tcp://127.0.0.1:0",
+                             "--ready-file", str(ready), "--workers", "1", "--grace", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        event = json.loads(ready.read_text())
+        port = int(event["listen"][0].rsplit(":", 1)[1])
+        with Wire(port, token) as w:
+            assert w.json(Op.KEY_CREATE, b"rsa", {"type": "rsa-4096"})[0] == 0
+            n = 2000  # RSA-4096 signs: seconds of work for one worker
+            w.send(b"".join(C.encode_frame(FrameType.REQUEST, i, op=Op.SIGN, key=b"rsa",
+                                           payload=C.encode_fields({Field.DATA: b"m"}))
+                            for i in range(1, n + 1)))
+            first = w.recv()
+            assert first.type == FrameType.RESPONSE and first.status == 0
+            proc.send_signal(signal.SIGTERM)
+            while w.recv().type != FrameType.GOAWAY:
+                pass
+            start = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(20) == 128 + signal.SIGINT
+            assert time.monotonic() - start < 10
+            answered = 0
+            try:
+                while True:
+                    w.recv()
+                    answered += 1
+            except (ConnectionError, OSError):
+                pass
+            assert answered < n - 1  # cut short: not everything was answered
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.communicate()
