@@ -27,10 +27,14 @@ DEFAULT_PIECE: Final = 1 << 20
 _END: Final = object()
 
 
-async def _pieces(source: AsyncIterable[bytes] | Iterable[bytes] | IO[bytes], piece: int
-                  ) -> AsyncIterator[bytes]:
+async def _pieces(source: AsyncIterable[bytes] | Iterable[bytes] | IO[bytes] | bytes,
+                  piece: int) -> AsyncIterator[bytes]:
     """``source`` cut into pieces of at most ``piece`` bytes."""
-    if hasattr(source, "read"):
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source)
+        for i in range(0, len(view), piece):
+            yield bytes(view[i:i + piece])
+    elif hasattr(source, "read"):
         loop = asyncio.get_running_loop()
         reader: Any = source
         while True:

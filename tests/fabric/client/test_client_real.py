@@ -167,6 +167,7 @@ def test_streams_round_trip_in_pieces(client: Client) -> None:
     assert len(sealed) > len(data)
     pieces = [sealed[i:i + 100_000] for i in range(0, len(sealed), 100_000)]
     assert b"".join(client.decrypt_stream("st", pieces)) == data
+    assert b"".join(client.decrypt_stream("st", sealed)) == data  # bytes as the source
     bad = bytearray(sealed)
     bad[-5] ^= 1
     with pytest.raises(AuthenticationFailed):
