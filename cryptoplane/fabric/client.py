@@ -23,16 +23,14 @@ import base64
 import ssl as ssl_module
 import struct
 from collections.abc import (
-    AsyncIterable,
     AsyncIterator,
     Callable,
-    Iterable,
 )
-from typing import IO, Any, Final
+from typing import Any, Final
 
 from ..exceptions import InvalidRequest
 from . import codec
-from .client_streams import run_stream
+from .client_streams import StreamSource, run_stream
 from .codec import Field, Frame, FrameType, Op, Status
 from .connection_client import Call, SessionSpec, read_field
 from .errors import ProtocolError
@@ -433,15 +431,15 @@ class AsyncClient:
 
     # -- streams ---------------------------------------------------------------------------
 
-    def encrypt_stream(self, key: str, source: AsyncIterable[bytes] | Iterable[bytes]
-                       | IO[bytes], *, context: bytes | None = None) -> AsyncIterator[bytes]:
+    def encrypt_stream(self, key: str, source: StreamSource, *,
+                       context: bytes | None = None) -> AsyncIterator[bytes]:
         """The ciphertext of ``source`` as it comes (bulk.py's format), with at most a
         window of pieces sent ahead of what the caller has taken. Never repeated: a lost
         connection raises ``ConnectionLost``."""
         return run_stream(self._pool, Op.ENCRYPT_STREAM, _key(key), source, context)
 
-    def decrypt_stream(self, key: str, source: AsyncIterable[bytes] | Iterable[bytes]
-                       | IO[bytes], *, context: bytes | None = None) -> AsyncIterator[bytes]:
+    def decrypt_stream(self, key: str, source: StreamSource, *,
+                       context: bytes | None = None) -> AsyncIterator[bytes]:
         return run_stream(self._pool, Op.DECRYPT_STREAM, _key(key), source, context)
 
     # -- offload sessions --------------------------------------------------------------------

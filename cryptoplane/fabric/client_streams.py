@@ -22,13 +22,14 @@ from .codec import Field, Frame, FrameType, Status
 from .connection_client import STREAM, Call, ClientConnection
 from .errors import ConnectionLost
 
+# what a stream's payload may be: bytes, an iterable or async iterable of bytes, a file
+StreamSource = AsyncIterable[bytes] | Iterable[bytes] | IO[bytes] | bytes
 WINDOW_PIECES: Final = 4
 DEFAULT_PIECE: Final = 1 << 20
 _END: Final = object()
 
 
-async def _pieces(source: AsyncIterable[bytes] | Iterable[bytes] | IO[bytes] | bytes,
-                  piece: int) -> AsyncIterator[bytes]:
+async def _pieces(source: StreamSource, piece: int) -> AsyncIterator[bytes]:
     """``source`` cut into pieces of at most ``piece`` bytes."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         view = memoryview(source)
@@ -64,7 +65,7 @@ async def _connection(pool: Any, deadline: float) -> ClientConnection:
 
 
 async def run_stream(pool: Any, op: int, key: bytes,
-                     source: AsyncIterable[bytes] | Iterable[bytes] | IO[bytes],
+                     source: StreamSource,
                      context: bytes | None) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     limits = pool.info.get("limits") or {}

@@ -149,12 +149,12 @@ class Client:
                           bytes: float | None = None) -> dict[str, Any]:
         return self._run(self._a.set_tenant_limits(tenant, ops, bytes))
 
-    def encrypt_stream(self, key: str, source: Iterable[bytes] | IO[bytes], *,
+    def encrypt_stream(self, key: str, source: Iterable[bytes] | IO[bytes] | bytes, *,
                        context: bytes | None = None) -> Iterator[bytes]:
         return sync_iterate(self._loop, lambda: self._a.encrypt_stream(
             key, source, context=context))
 
-    def decrypt_stream(self, key: str, source: Iterable[bytes] | IO[bytes], *,
+    def decrypt_stream(self, key: str, source: Iterable[bytes] | IO[bytes] | bytes, *,
                        context: bytes | None = None) -> Iterator[bytes]:
         return sync_iterate(self._loop, lambda: self._a.decrypt_stream(
             key, source, context=context))
