@@ -81,45 +81,70 @@ class Client:
                 timeout: float | None = None, safe: bool | None = None) -> dict[int, bytes]:
         return self._run(self._a.request(op, key, fields, timeout=timeout, safe=safe))
 
-    def encrypt(self, key: str, plaintext: bytes, **kw: Any) -> bytes:
-        return self._run(self._a.encrypt(key, plaintext, **kw))
+    def encrypt(self, key: str, plaintext: bytes, *, aad: bytes = b"",
+                context: bytes | None = None, version: int | None = None,
+                timeout: float | None = None) -> bytes:
+        return self._run(self._a.encrypt(key, plaintext, aad=aad, context=context,
+                                         version=version, timeout=timeout))
 
-    def decrypt(self, key: str, ciphertext: bytes, **kw: Any) -> bytes:
-        return self._run(self._a.decrypt(key, ciphertext, **kw))
+    def decrypt(self, key: str, ciphertext: bytes, *, aad: bytes = b"",
+                context: bytes | None = None, timeout: float | None = None) -> bytes:
+        return self._run(self._a.decrypt(key, ciphertext, aad=aad, context=context,
+                                         timeout=timeout))
 
-    def rewrap(self, key: str, ciphertext: bytes, **kw: Any) -> bytes:
-        return self._run(self._a.rewrap(key, ciphertext, **kw))
+    def rewrap(self, key: str, ciphertext: bytes, *, aad: bytes = b"",
+               context: bytes | None = None, timeout: float | None = None) -> bytes:
+        return self._run(self._a.rewrap(key, ciphertext, aad=aad, context=context,
+                                        timeout=timeout))
 
-    def datakey(self, key: str, **kw: Any) -> tuple[bytes | None, bytes]:
-        return self._run(self._a.datakey(key, **kw))
+    def datakey(self, key: str, *, bits: int = 256, plaintext: bool = True,
+                context: bytes | None = None, timeout: float | None = None
+                ) -> tuple[bytes | None, bytes]:
+        return self._run(self._a.datakey(key, bits=bits, plaintext=plaintext,
+                                         context=context, timeout=timeout))
 
-    def sign(self, key: str, data: bytes, **kw: Any) -> bytes:
-        return self._run(self._a.sign(key, data, **kw))
+    def sign(self, key: str, data: bytes, *, hash: str = "sha256", prehashed: bool = False,
+             padding: str = "pss", version: int | None = None,
+             timeout: float | None = None) -> bytes:
+        return self._run(self._a.sign(key, data, hash=hash, prehashed=prehashed,
+                                      padding=padding, version=version, timeout=timeout))
 
-    def verify(self, key: str, data: bytes, signature: bytes, **kw: Any) -> bool:
-        return self._run(self._a.verify(key, data, signature, **kw))
+    def verify(self, key: str, data: bytes, signature: bytes, *, hash: str = "sha256",
+               prehashed: bool = False, padding: str = "pss",
+               timeout: float | None = None) -> bool:
+        return self._run(self._a.verify(key, data, signature, hash=hash,
+                                        prehashed=prehashed, padding=padding,
+                                        timeout=timeout))
 
-    def hmac(self, key: str, data: bytes, **kw: Any) -> bytes:
-        return self._run(self._a.hmac(key, data, **kw))
+    def hmac(self, key: str, data: bytes, *, algorithm: str | None = None,
+             version: int | None = None, timeout: float | None = None) -> bytes:
+        return self._run(self._a.hmac(key, data, algorithm=algorithm, version=version,
+                                      timeout=timeout))
 
-    def verify_hmac(self, key: str, data: bytes, mac: bytes, **kw: Any) -> bool:
-        return self._run(self._a.verify_hmac(key, data, mac, **kw))
+    def verify_hmac(self, key: str, data: bytes, mac: bytes, *,
+                    algorithm: str | None = None, timeout: float | None = None) -> bool:
+        return self._run(self._a.verify_hmac(key, data, mac, algorithm=algorithm,
+                                             timeout=timeout))
 
-    def digest(self, data: bytes, algorithm: str = "sha256", **kw: Any) -> bytes:
-        return self._run(self._a.digest(data, algorithm, **kw))
+    def digest(self, data: bytes, algorithm: str = "sha256", *,
+               timeout: float | None = None) -> bytes:
+        return self._run(self._a.digest(data, algorithm, timeout=timeout))
 
-    def random(self, n: int, **kw: Any) -> bytes:
-        return self._run(self._a.random(n, **kw))
+    def random(self, n: int, *, timeout: float | None = None) -> bytes:
+        return self._run(self._a.random(n, timeout=timeout))
 
-    def batch(self, op: str, key: str, items: list[dict[str, object]], **kw: Any
-              ) -> list[object | BaseException]:
-        return self._run(self._a.batch(op, key, items, **kw))
+    def batch(self, op: str, key: str, items: list[dict[str, object]], *,
+              timeout: float | None = None) -> list[object | BaseException]:
+        return self._run(self._a.batch(op, key, items, timeout=timeout))
 
-    def create_key(self, name: str, type: str, **policy: Any) -> dict[str, Any]:
-        return self._run(self._a.create_key(name, type, **policy))
+    def create_key(self, name: str, type: str, *, timeout: float | None = None,
+                   **policy: Any) -> dict[str, Any]:
+        return self._run(self._a.create_key(name, type, timeout=timeout, **policy))
 
-    def import_key(self, name: str, type: str, **kw: Any) -> dict[str, Any]:
-        return self._run(self._a.import_key(name, type, **kw))
+    def import_key(self, name: str, type: str, *, wrapped: bytes | None = None,
+                   material: bytes | None = None, **policy: Any) -> dict[str, Any]:
+        return self._run(self._a.import_key(name, type, wrapped=wrapped, material=material,
+                                            **policy))
 
     def wrapping_key(self) -> bytes:
         return self._run(self._a.wrapping_key())
@@ -133,8 +158,9 @@ class Client:
     def rotate_key(self, name: str) -> dict[str, Any]:
         return self._run(self._a.rotate_key(name))
 
-    def config_key(self, name: str, **changes: Any) -> dict[str, Any]:
-        return self._run(self._a.config_key(name, **changes))
+    def config_key(self, name: str, *, timeout: float | None = None,
+                   **changes: Any) -> dict[str, Any]:
+        return self._run(self._a.config_key(name, timeout=timeout, **changes))
 
     def trim_key(self, name: str, min_version: int) -> dict[str, Any]:
         return self._run(self._a.trim_key(name, min_version))
@@ -165,6 +191,6 @@ class Client:
     def close_session(self, session: int) -> None:
         self._run(self._a.close_session(session))
 
-    def raw(self, op: str | int, session: int, fields: dict[int, bytes], **kw: Any
-            ) -> dict[int, bytes]:
-        return self._run(self._a.raw(op, session, fields, **kw))
+    def raw(self, op: str | int, session: int, fields: dict[int, bytes], *,
+            timeout: float | None = None) -> dict[int, bytes]:
+        return self._run(self._a.raw(op, session, fields, timeout=timeout))
