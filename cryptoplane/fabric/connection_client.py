@@ -138,6 +138,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.limits: dict[str, Any] = {}
         self.max_in_flight = 4096
+        self.max_frame = codec.MAX_FRAME
         # per offload session: its id once open, or the calls waiting for it to open
         self.sessions: dict[SessionSpec, int | list[Call]] = {}
 
@@ -210,6 +211,8 @@ class ClientConnection(asyncio.Protocol):
             return []
         self.limits = dict(info.get("limits") or {})
         self.max_in_flight = int(self.limits.get("max_in_flight") or 4096)
+        self.max_frame = min(codec.MAX_FRAME, int(self.limits.get("max_frame")
+                                                  or codec.MAX_FRAME))
         self.ready = True
         if not self.welcome.done():
             self.welcome.set_result(info)
@@ -267,6 +270,12 @@ class ClientConnection(asyncio.Protocol):
             self._open_session(spec)
 
     def _write(self, call: Call, payload: bytes) -> None:
+        size = codec.HEADER_SIZE + len(call.key) + len(payload)
+        if size > self.max_frame:  # the server would close the connection on it
+            self.owner.answered(self, call, None, InvalidRequest(
+                f"a request of {size} bytes exceeds the server's limit of "
+                f"{self.max_frame} per frame"))
+            return
         fid = next(self._ids)
         call.id = fid
         self.pending[fid] = call

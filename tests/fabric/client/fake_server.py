@@ -21,8 +21,10 @@ from cryptoplane.fabric.codec import Field, FrameType, Op, Status
 
 
 class FakeServer:
-    def __init__(self, *, token: str = "t", throttle_first: int = 0) -> None:
+    def __init__(self, *, token: str = "t", throttle_first: int = 0,
+                 max_frame: int = codec.MAX_FRAME) -> None:
         self.token = token
+        self.max_frame = max_frame
         self.throttle_first = throttle_first
         self.throttled = 0
         self.received: list[tuple[int, int]] = []  # (op, id) in arrival order
@@ -121,7 +123,8 @@ class _Proto(asyncio.Protocol):
                 self.hello = True
                 self.t.write(codec.encode_json_frame(FrameType.WELCOME, {
                     "version": 1, "server": "fake", "tenant": "t", "ops": ["encrypt"],
-                    "limits": {"max_in_flight": 4096, "stream_piece": 1 << 20}}))
+                    "limits": {"max_in_flight": 4096, "stream_piece": 1 << 20,
+                               "max_frame": self.s.max_frame}}))
                 continue
             if f.key == b"drop":
                 self.t.abort()

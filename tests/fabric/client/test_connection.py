@@ -208,3 +208,13 @@ def test_every_call_ends_exactly_once_under_drops_timeouts_and_throttling() -> N
             kinds = {type(v[0]).__name__ for v in endings.values()}
             assert kinds <= {"Frame", "Timeout", "ConnectionLost", "Throttled"}, kinds
     run(t, throttle_first=50)
+
+
+def test_requests_over_the_servers_frame_limit_are_refused_here() -> None:
+    async def t(server: FakeServer, url: str) -> None:
+        async with await AsyncClient.connect(url, token="t") as c:
+            with pytest.raises(InvalidRequest, match="limit"):
+                await c.encrypt("k", b"x" * 2000)
+            assert await c.encrypt("k", b"small") == b"ct:small"  # still connected
+            assert c.counters["reconnects"] == 0
+    run(t, max_frame=1024)
