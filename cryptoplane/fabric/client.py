@@ -337,12 +337,26 @@ class AsyncClient:
         """One BATCH of ``op`` (encrypt, decrypt, rewrap, sign, verify, hmac,
         verify_hmac, datakey) on ``key``: per item, what the single method returns, or
         the item's own error (one bad item fails only itself). Items name their fields
-        as ``codec.Field`` does, lower case: ``{"data": b"..", "aad": b".."}``."""
+        as ``codec.Field`` does, lower case: ``{"data": b"..", "aad": b".."}``. More
+        items than the server's ``max_batch`` go as several batches at once."""
         try:
             wire_op = _BATCH_OPS[op]
         except KeyError:
             raise InvalidRequest(f"no batch of {op!r} (batches: "
                                  f"{', '.join(_BATCH_OPS)})") from None
+        limit = int((self._pool.info.get("limits") or {}).get("max_batch")
+                    or codec.MAX_BATCH)
+        limit = max(1, min(limit, codec.MAX_BATCH))
+        if len(items) <= limit:
+            return await self._batch(wire_op, key, items, timeout)
+        # more items than one BATCH may carry: several, in flight together, in order
+        parts = await asyncio.gather(*(self._batch(wire_op, key, items[i:i + limit],
+                                                   timeout)
+                                       for i in range(0, len(items), limit)))
+        return [r for part in parts for r in part]
+
+    async def _batch(self, wire_op: Op, key: str, items: list[dict[str, object]],
+                     timeout: float | None) -> list[object | BaseException]:
         payload = codec.encode_batch([item_fields(i) for i in items])
         frame = await self._send(FrameType.BATCH, wire_op, _key(key), payload,
                                  wire_op in SAFE_OPS, timeout)

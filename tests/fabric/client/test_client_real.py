@@ -135,6 +135,9 @@ def test_batches_answer_item_by_item(client: Client) -> None:
     assert oks == [True, False]
     with pytest.raises(InvalidRequest):
         client.batch("digest", "b", [])
+    many = client.batch("encrypt", "b", [{"data": b"%d" % i} for i in range(25_000)])
+    assert len(many) == 25_000  # three batches of at most 10,000
+    assert client.batch("decrypt", "b", [{"ciphertext": many[-1]}]) == [b"24999"]
 
 
 def test_key_management(client: Client) -> None:
