@@ -135,6 +135,11 @@ class Pool:
                     self.last_error = ConnectionLost(f"{endpoint}: {e}")
                 self._attempted.add(slot)
                 self._notify()
+                if isinstance(e, Unauthorized) and not self.live:
+                    # the token was revoked or expired: what waits would only time out
+                    waiting, self.waiting = list(self.waiting), deque()
+                    for call in waiting:
+                        self.finish(call, None, e)
                 failures += 1
                 await asyncio.sleep(backoff(failures))
                 continue

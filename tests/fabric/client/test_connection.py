@@ -218,3 +218,17 @@ def test_requests_over_the_servers_frame_limit_are_refused_here() -> None:
             assert await c.encrypt("k", b"small") == b"ct:small"  # still connected
             assert c.counters["reconnects"] == 0
     run(t, max_frame=1024)
+
+
+def test_a_token_refused_on_reconnect_fails_waiting_requests() -> None:
+    async def t(server: FakeServer, url: str) -> None:
+        async with await AsyncClient.connect(url, token="t", connections=1) as c:
+            server.token = "revoked"
+            for tr in list(server.transports):
+                tr.abort()
+            await asyncio.sleep(0.01)
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(Unauthorized):
+                await c.encrypt("k", b"x", timeout=20)
+            assert asyncio.get_running_loop().time() - t0 < 5
+    run(t)
