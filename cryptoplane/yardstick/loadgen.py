@@ -5,15 +5,19 @@ client library's (a Python client on the same two cores is itself a bottleneck).
 Lean means: every request frame is encoded once, before timing (frame ``i`` has request
 id ``i`` and is sent again, unchanged, as soon as its answer arrives, which frees the id);
 ``in_flight`` requests are kept outstanding per connection; everything one receive makes
-sendable goes out in one ``writelines``; the answers of a receive are parsed in one pass
+sendable goes out in one ``writelines`` (over TLS one joined ``write``: TLS records of up
+to 16 KiB rather than one per frame); the answers of a receive are parsed in one pass
 over their headers (no ``Frame`` objects); uvloop where installed. A process runs one or
 more connections; ``run`` starts several processes that start timing at the same wall
 clock instant and adds their counts.
 
 Modes: ``pipelined`` (REQUEST frames, counts answers), ``batch`` (BATCH frames of
-``batch`` items, counts items), ``latency`` (one request at a time, per-request times).
-Every answer's status is checked: a non-OK status is counted as an error and reported
-(the first one's message kept), never as throughput.
+``batch`` items, counts items; the first answer's item statuses are checked),
+``latency`` (one request at a time, per-request times), ``stream`` (``run_streams``: one
+ENCRYPT_STREAM per connection, a window of pieces ahead, answers counted unread). Every
+answer's status is checked: a non-OK status is counted as an error and reported (the
+first one's message kept), never as throughput. A process's timing window starts after
+its first answer and a warm-up.
 
 Run as ``python -m cryptoplane.yardstick.loadgen SPEC_JSON``: prints one JSON line.
 """
@@ -42,7 +46,10 @@ _OK_BATCH_ITEM = struct.Struct("!HI")
 
 @dataclass
 class Spec:
-    """What one load process does. ``ops`` is an op name: encrypt, sign, ..."""
+    """What one load process does. ``op``: a wire op's name (encrypt, sign, ...);
+    ``mode``: pipelined, batch, latency or stream; ``size``: bytes of DATA per request
+    (of plaintext per client, for streams); ``connections``: per process (streams: one
+    client each)."""
 
     url: str
     token: str | None

@@ -72,6 +72,8 @@ class Figure:
 
 @dataclass
 class Ratio:
+    """A ratio of two figures (or a cost, ``below``: met when under its target)."""
+
     name: str
     value: float
     target: float | None = None
@@ -87,6 +89,10 @@ class Ratio:
 
 @dataclass
 class Config:
+    """What a run measures and how long: seconds per figure after a warm-up, the
+    sections (``kmip``, ``tls``, ``plain``), an existing ``server`` instead of our own,
+    the streams, and the load generator's shape."""
+
     duration: float = 3.0
     warmup: float = 0.5
     quick: bool = False
@@ -103,7 +109,6 @@ class Config:
     in_flight: int = 1024
     load_processes: int = 1
     batch: int = 1000
-    latency_samples_s: float = 0.0  # 0: duration
 
     @classmethod
     def quick_config(cls, **kw: Any) -> Config:
@@ -115,6 +120,8 @@ class Config:
 
 @dataclass
 class Report:
+    """Every figure and ratio of a run, notes, and what the run was (``meta``)."""
+
     figures: list[Figure] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
