@@ -6,6 +6,8 @@
         ct = plane.encrypt(key, b"data", nonce=nonce, aad=b"header")
 """
 
+from typing import TYPE_CHECKING, Any
+
 from . import algorithms, stream, volume
 from ._version import __version__
 from .algorithms import Algorithm, Kind, Op, lookup
@@ -23,7 +25,6 @@ from .exceptions import (
     SelfTestFailed,
     Timeout,
 )
-from .fabric.remote import Remote
 from .keys import Key
 from .plane import Plane
 from .requests import (
@@ -41,6 +42,20 @@ from .requests import (
     VerifyMac,
 )
 from .session import Session
+
+if TYPE_CHECKING:
+    from .fabric.remote import Remote
+
+
+def __getattr__(name: str) -> Any:
+    """``cp.Remote`` (the fabric's engine) is imported when first asked for: the fabric
+    client's modules (asyncio transports, ssl) cost ~20 ms that a plane without a
+    remote engine need not pay at ``import cryptoplane``."""
+    if name == "Remote":
+        from .fabric.remote import Remote
+
+        return Remote
+    raise AttributeError(f"module 'cryptoplane' has no attribute {name!r}")
 
 __all__ = [
     "Algorithm", "AuthenticationFailed", "Busy", "Chain", "CryptoplaneError", "Decrypt",
