@@ -732,6 +732,7 @@ def run(cfg: Config, progress: Progress | None = None) -> Report:
             kinds.append(ServerKind("pinned", cpu=1))
             say("starting servers")
             with local_servers(folder, kinds) as servers:
+                report.meta["server_pids"] = [srv.pid for srv in servers.values()]
                 prepare_keys(servers["pinned"])  # one keystore: the keys serve every server
                 if cfg.plain:
                     measure_server(servers["tcp"], cfg, report, "tcp", say, full=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -38,26 +37,17 @@ EXPECTED_RATIOS = {
 }
 
 
-def _servers_left(before: set[int]) -> set[int]:
-    """Our cryptoplane server processes started since ``before``."""
-    out = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) in before:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"server" in argv and any(b"cryptoplane-remote-speed-" in a for a in argv):
-            out.add(int(pid))
-    return out
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
 def test_quick_run_gives_every_figure() -> None:
-    before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
     t0 = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "cryptoplane", "remote-speed", "--quick", "--skip-kmip",
@@ -83,4 +73,6 @@ def test_quick_run_gives_every_figure() -> None:
             assert r["value"] > 0, (name, r)
     assert report["meta"]["elapsed_s"] > 0
     assert elapsed < 60, f"the quick run took {elapsed:.1f} s"
-    assert not _servers_left(before), "a server outlived the command"
+    pids = report["meta"]["server_pids"]
+    assert len(pids) == 3
+    assert not [p for p in pids if _alive(p)], "a server outlived the command"
