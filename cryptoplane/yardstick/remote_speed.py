@@ -739,7 +739,9 @@ def run(cfg: Config, progress: Progress | None = None) -> Report:
                     measure_streams(servers["tcp"], cfg, report, say)
                 if cfg.tls:
                     measure_server(servers["tls"], cfg, report, "tls", say,
-                                   full=not cfg.quick)
+                                   full=not cfg.quick or not cfg.plain)
+                    if not cfg.plain:
+                        measure_streams(servers["tls"], cfg, report, say)
                 measure_remote_engine(servers["pinned"], cfg, report, say)
         if cfg.kmip:
             say("PyKMIP")
