@@ -311,7 +311,8 @@ class Connection(Streaming, asyncio.Protocol):
         self.state = OPEN
         s = self.server
         welcome = {"version": _VERSION, "server": self.svc.server_id, "tenant": self.tenant,
-                   "ops": SCOPES, "key_types": self.svc.key_types,
+                   "ops": [s for s in SCOPES if principal.allows(s, None)],
+                   "key_types": self.svc.key_types,
                    "limits": {"max_frame": s.max_frame, "max_batch": C.MAX_BATCH,
                               "max_in_flight": s.max_in_flight,
                               "stream_piece": self.svc.stream_piece}}

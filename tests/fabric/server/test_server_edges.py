@@ -95,6 +95,7 @@ def test_oversized_frames_refused_by_header(server: Running, token: str) -> None
 def test_scopes_and_tenant_isolation(server: Running, tokens: Tokens) -> None:
     narrow = tokens.add("acme", keys=("ae*",), ops=("encrypt",))
     with Wire(server.port, narrow) as w:
+        assert w.welcome is not None and w.welcome["ops"] == ["encrypt"]
         assert w.call(Op.ENCRYPT, b"aes", ENC)[0] == 0
         assert w.call(Op.DECRYPT, b"aes", {Field.CIPHERTEXT: b"x"})[0] == Status.FORBIDDEN
         assert w.call(Op.ENCRYPT, b"chacha", ENC)[0] == Status.FORBIDDEN
@@ -170,10 +171,14 @@ def test_protocol_errors_close_only_that_connection(server: Running, token: str)
 
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(junk=st.binary(max_size=300), cuts=st.lists(st.integers(0, 300), max_size=5))
+@given(junk=st.binary(max_size=300), cuts=st.lists(st.integers(0, 300), max_size=5),
+       authed=st.booleans())
 def test_fuzz_arbitrary_bytes_never_hurt_the_server(server: Running, token: str,
-                                                    junk: bytes, cuts: list[int]) -> None:
-    w = Wire(server.port, token, timeout=2.0)
+                                                    junk: bytes, cuts: list[int],
+                                                    authed: bool) -> None:
+    """Junk after the handshake or instead of it, in any split: the server answers or
+    closes that connection, and keeps serving others."""
+    w = Wire(server.port, token, timeout=2.0, hello=authed)
     try:
         pieces, last = [], 0
         for c in sorted(set(cuts)):
