@@ -111,7 +111,7 @@ class Remote(Engine):
         self._specs: dict[int, SessionSpec] = {}  # id(Key) -> its session spec
         self._dropped: collections.deque[SessionSpec] = collections.deque()
         self._cpu = 20e-6  # the loop's CPU seconds per job (moving average)
-        self._self_tested = False
+        self._healthy = Health.OK  # what it returns to when a server is back
         self.last_error: BaseException | None = None
 
     # -- lifetime ------------------------------------------------------------------------
@@ -140,7 +140,8 @@ class Remote(Engine):
         if isinstance(offered, list):  # a server that lists what its sessions serve
             self._algorithms = [a for a in self._algorithms if a.name in offered]
         super().start(self_test=self_test)
-        self._self_tested = self_test
+        if self.health is Health.DEGRADED:  # some known answers failed: they stay out
+            self._healthy = Health.DEGRADED
 
     def close(self) -> None:
         if self._closed:
@@ -162,7 +163,7 @@ class Remote(Engine):
     def _on_state(self, live: bool) -> None:
         if live:
             if self.health is Health.BROKEN:
-                self.health = Health.OK
+                self.health = self._healthy
         else:
             self.health = Health.BROKEN
 
