@@ -34,7 +34,7 @@ from .client_streams import StreamSource, run_stream
 from .codec import Field, Frame, FrameType, Op, Status
 from .connection_client import Call, SessionSpec, read_field
 from .errors import ProtocolError
-from .pool import Pool
+from .pool import SILENCE, Pool
 
 # repeating these cannot change what they answer (wire protocol, section 5)
 SAFE_OPS: Final = frozenset({
@@ -151,13 +151,16 @@ class AsyncClient:
     @classmethod
     async def connect(cls, url: str | list[str], *, token: str | None = None,
                       ssl: ssl_module.SSLContext | None = None, connections: int = 2,
-                      timeout: float = 30.0, name: str = "") -> AsyncClient:
+                      timeout: float = 30.0, name: str = "",
+                      silence: float = SILENCE) -> AsyncClient:
         """Connect to one server or several (``connections`` to each) and complete the
         handshake on at least one; ``Unauthorized`` for a bad token, ``ConnectionLost``
-        when no server answers within ``timeout``."""
+        when no server answers within ``timeout``. A server that says nothing for
+        ``silence`` seconds while it owes answers is sent a PING, and its connection is
+        cut after as long again (its safe requests go elsewhere)."""
         urls = [url] if isinstance(url, str) else list(url)
         pool = Pool(urls, token=token, ssl=ssl, connections=connections, timeout=timeout,
-                    name=name)
+                    name=name, silence=silence)
         await pool.start()
         return cls(pool)
 

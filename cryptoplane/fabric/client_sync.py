@@ -16,6 +16,7 @@ from typing import IO, Any, TypeVar
 
 from .client import AsyncClient
 from .client_streams import sync_iterate
+from .pool import SILENCE
 
 T = TypeVar("T")
 
@@ -25,7 +26,7 @@ class Client:
 
     def __init__(self, url: str | list[str], *, token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connections: int = 2,
-                 timeout: float = 30.0, name: str = "") -> None:
+                 timeout: float = 30.0, name: str = "", silence: float = SILENCE) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="cryptoplane-fabric-client")
@@ -33,7 +34,7 @@ class Client:
         try:
             self._a: AsyncClient = self._run(AsyncClient.connect(
                 url, token=token, ssl=ssl, connections=connections, timeout=timeout,
-                name=name))
+                name=name, silence=silence))
         except BaseException:
             self._stop()
             raise

@@ -139,6 +139,8 @@ class ClientConnection(asyncio.Protocol):
         self.limits: dict[str, Any] = {}
         self.max_in_flight = 4096
         self.max_frame = codec.MAX_FRAME
+        self.heard = loop.time()  # when the server last sent anything
+        self.probed = 0.0  # when a PING went out to a silent server (0: none)
         # per offload session: its id once open, or the calls waiting for it to open
         self.sessions: dict[SessionSpec, int | list[Call]] = {}
 
@@ -154,6 +156,8 @@ class ClientConnection(asyncio.Protocol):
         transport.write(self._hello)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = self.loop.time()
+        self.probed = 0.0
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as e:
@@ -360,6 +364,19 @@ class ClientConnection(asyncio.Protocol):
 
     def ping(self) -> None:
         self._queue([codec.encode_frame(FrameType.PING, 0)])
+
+    def probe(self, now: float, silence: float) -> None:
+        """Called now and then by the pool: a server silent for ``silence`` seconds while
+        requests wait is sent a PING; silent for as long again, the connection is cut
+        (a stopped process or a lost network sends no reset), so its requests fail over."""
+        if not self.pending or now - self.heard < silence:
+            return
+        if not self.probed:
+            self.probed = now
+            self.ping()
+        elif now - self.probed >= silence:
+            self._abort(ConnectionLost(f"{self.endpoint}: no answer for "
+                                       f"{now - self.heard:.1f} s, not even to a PING"))
 
     def _abort(self, error: BaseException) -> None:
         if not self.welcome.done():

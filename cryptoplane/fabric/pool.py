@@ -46,6 +46,7 @@ BACKOFF_FIRST: Final = 0.05  # seconds before the first reconnect
 BACKOFF_MAX: Final = 2.0
 MAX_ATTEMPTS: Final = 4  # sends of one safe call across connection deaths
 TICK: Final = 0.02  # deadline resolution, seconds
+SILENCE: Final = 5.0  # seconds a server may say nothing while owing answers, then PING
 RETRY_FLOOR: Final = 0.001  # a RETRY_AFTER of 0 still yields the loop once
 _RETRYABLE: Final = frozenset(int(s) for s in codec.RETRYABLE)
 
@@ -60,7 +61,7 @@ class Pool:
     def __init__(self, urls: Sequence[str], *, token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connections: int = 2,
                  timeout: float = 30.0, name: str = "", fail_fast: bool = False,
-                 max_retry_wait: float = math.inf) -> None:
+                 max_retry_wait: float = math.inf, silence: float = SILENCE) -> None:
         if not urls:
             raise ValueError("at least one server URL is needed")
         self.endpoints = [Endpoint(u) for u in urls]
@@ -73,6 +74,7 @@ class Pool:
         # a RETRY_AFTER longer than this ends the call with its error at once (the
         # engine: local engines can take the work rather than wait)
         self.max_retry_wait = max_retry_wait
+        self.silence = silence
         self.conns: list[ClientConnection] = []
         self.info: dict[str, Any] = {}  # the last WELCOME
         self.waiting: deque[Call] = deque()
@@ -100,6 +102,7 @@ class Pool:
         for i in range(self._slots):
             ep = self.endpoints[i // self.per_server]
             self._tasks.append(self._loop.create_task(self._keep(i, ep)))
+        self._tasks.append(self._loop.create_task(self._watch()))
         if not wait:
             return
         deadline = self._loop.time() + self.timeout
@@ -162,6 +165,16 @@ class Pool:
             if conn.closed and not conn.goaway:
                 failures = 1
                 await asyncio.sleep(backoff(failures))
+
+    async def _watch(self) -> None:
+        """Probe connections whose server has gone silent while it owes answers."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(min(1.0, self.silence / 4))
+            now = loop.time()
+            for c in list(self.conns):
+                if not c.closed:
+                    c.probe(now, self.silence)
 
     def _notify(self) -> None:
         if self._changed is not None:

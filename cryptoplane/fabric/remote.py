@@ -51,7 +51,7 @@ from . import codec
 from .codec import Field, Frame, FrameType, Status
 from .connection_client import Call, SessionSpec, read_field
 from .errors import ShuttingDown, Unauthorized
-from .pool import Pool
+from .pool import SILENCE, Pool
 
 T = TypeVar("T")
 
@@ -78,7 +78,9 @@ class Remote(Engine):
     """An engine whose work runs on fabric servers. ``url``: one server or a list
     (failover between them); ``token``/``ssl`` as for ``AsyncClient.connect``;
     ``connections`` per server; ``timeout``: a job's deadline on the wire (the
-    scheduler's own ``timeout=`` still applies); ``capacity``: jobs in flight."""
+    scheduler's own ``timeout=`` still applies); ``capacity``: jobs in flight;
+    ``silence``: seconds a server owing answers may say nothing before it is sent a
+    PING, and then before its connection is cut (its jobs fail over)."""
 
     name = "remote"
     priority = 5
@@ -88,7 +90,8 @@ class Remote(Engine):
     def __init__(self, url: str | Sequence[str], *, token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connections: int = 2,
                  timeout: float = 30.0, connect_timeout: float = 10.0,
-                 capacity: int = DEFAULT_CAPACITY, name: str = "remote") -> None:
+                 capacity: int = DEFAULT_CAPACITY, name: str = "remote",
+                 silence: float = SILENCE) -> None:
         super().__init__(algorithms=[CATALOGUE[n] for n in SERVED])
         self.name = name
         self.urls = [url] if isinstance(url, str) else list(url)
@@ -99,7 +102,7 @@ class Remote(Engine):
         self.parallelism = capacity
         self._pool = Pool(self.urls, token=token, ssl=ssl, connections=connections,
                           timeout=connect_timeout, name=f"cryptoplane engine {name}",
-                          fail_fast=True, max_retry_wait=MAX_RETRY_WAIT)
+                          fail_fast=True, max_retry_wait=MAX_RETRY_WAIT, silence=silence)
         self._pool.on_state = self._on_state
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,

@@ -25,6 +25,7 @@ class FakeServer:
                  max_frame: int = codec.MAX_FRAME) -> None:
         self.token = token
         self.max_frame = max_frame
+        self.frozen = False  # a stopped process: reads nothing, answers nothing
         self.throttle_first = throttle_first
         self.throttled = 0
         self.received: list[tuple[int, int]] = []  # (op, id) in arrival order
@@ -110,6 +111,8 @@ class _Proto(asyncio.Protocol):
         self.s.transports.append(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.s.frozen:
+            return
         out: list[bytes] = []
         for f in self.dec.feed(data):
             if not self.hello:

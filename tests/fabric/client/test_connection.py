@@ -232,3 +232,30 @@ def test_a_token_refused_on_reconnect_fails_waiting_requests() -> None:
                 await c.encrypt("k", b"x", timeout=20)
             assert asyncio.get_running_loop().time() - t0 < 5
     run(t)
+
+
+def test_a_silent_server_is_probed_and_cut_and_safe_requests_fail_over() -> None:
+    async def main() -> None:
+        a, b = FakeServer(), FakeServer()
+        urls = [await a.start(), await b.start()]
+        try:
+            async with await AsyncClient.connect(urls, token="t", connections=1,
+                                                 silence=0.2) as c:
+                while c.live_connections < 2:
+                    await asyncio.sleep(0.01)
+                a.frozen = True  # as if SIGSTOPped: the socket stays open
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                safe = [asyncio.ensure_future(c.sign("k", b"%d" % i, timeout=10))
+                        for i in range(40)]
+                unsafe = [asyncio.ensure_future(c.encrypt("k", b"%d" % i, timeout=10))
+                          for i in range(40)]
+                assert await asyncio.gather(*safe) == [b"sig:%d" % i for i in range(40)]
+                results = await asyncio.gather(*unsafe, return_exceptions=True)
+                lost = [r for r in results if isinstance(r, ConnectionLost)]
+                assert lost and all(isinstance(r, (bytes, ConnectionLost)) for r in results)
+                assert loop.time() - t0 < 5  # long before the 10 s deadlines
+        finally:
+            await a.stop()
+            await b.stop()
+    asyncio.run(main())

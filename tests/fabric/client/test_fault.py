@@ -1,9 +1,9 @@
 """The acceptance fault test: two ``cryptoplane server`` processes share one keystore;
 four clients (two AsyncClients over both URLs, two planes whose Remote engine spans
-both servers) push 10,000 mixed requests; one server is SIGKILLed mid-run. Every
-request must end exactly once, with a correct result or, for requests that are not safe
-to repeat (encrypt under a server-chosen nonce, data keys, random), ``ConnectionLost``;
-the clients carry on on the surviving server."""
+both servers) push 10,000 mixed requests; one server is SIGKILLed (or SIGSTOPped)
+mid-run. Every request must end exactly once, with a correct result or, for requests
+that are not safe to repeat (encrypt under a server-chosen nonce, data keys, random),
+``ConnectionLost``; the clients carry on on the surviving server."""
 
 from __future__ import annotations
 
@@ -107,10 +107,14 @@ class Tally:
                 self.after_kill += 1
 
 
+SILENCE = 0.5  # a stopped server is probed and cut after about twice this
+
+
 def _client_worker(n: int, urls: list[str], token: str, fixtures: dict[str, Any],
                    tally: Tally) -> None:
     async def main() -> None:
-        async with await AsyncClient.connect(urls, token=token, connections=2) as c:
+        async with await AsyncClient.connect(urls, token=token, connections=2,
+                                             silence=SILENCE) as c:
             sem = asyncio.Semaphore(WINDOW)
 
             async def one(i: int) -> None:
@@ -156,7 +160,7 @@ def _client_worker(n: int, urls: list[str], token: str, fixtures: dict[str, Any]
 
 
 def _plane_worker(n: int, urls: list[str], token: str, tally: Tally) -> None:
-    remote = cp.Remote(urls, token=token, connections=2, name="remote")
+    remote = cp.Remote(urls, token=token, connections=2, name="remote", silence=SILENCE)
     with cp.Plane(engines=["inline", remote]) as plane, cp.Plane(["inline"]) as local:
         gcm = cp.Key.generate("aes-256-gcm")
         ed = cp.Key.generate("ed25519")
@@ -195,8 +199,12 @@ def _plane_worker(n: int, urls: list[str], token: str, tally: Tally) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_sigkill_one_of_two_servers_mid_run(
-        servers: tuple[list[subprocess.Popen[bytes]], list[str], str]) -> None:
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
+def test_one_of_two_servers_dies_or_stops_mid_run(
+        servers: tuple[list[subprocess.Popen[bytes]], list[str], str],
+        how: signal.Signals) -> None:
+    """SIGKILL: the kernel resets its connections at once. SIGSTOP: they stay open and
+    silent, so the clients find out by PING (``silence``) and cut them."""
     procs, urls, token = servers
     fixtures: dict[str, Any] = {}
     with Client(urls, token=token) as c:
@@ -216,17 +224,19 @@ def test_sigkill_one_of_two_servers_mid_run(
         t.start()
     while len(tally.ended) < KILL_AFTER and any(t.is_alive() for t in threads):
         time.sleep(0.005)
-    procs[0].send_signal(signal.SIGKILL)
+    procs[0].send_signal(how)
     tally.killed_at = time.monotonic()
     for t in threads:
         t.join(100)
     took = time.monotonic() - t0
     assert not any(t.is_alive() for t in threads), "a client never finished"
-    print(f"\n{TOTAL} requests in {took:.1f} s; killed after {KILL_AFTER}; "
-          f"{tally.after_kill} succeeded after the kill; {tally.lost_unsafe} unsafe "
+    print(f"\n{how.name}: {TOTAL} requests in {took:.1f} s; stopped after {KILL_AFTER}; "
+          f"{tally.after_kill} succeeded after; {tally.lost_unsafe} unsafe "
           f"requests ended ConnectionLost")
     assert tally.submitted == TOTAL
     assert len(tally.ended) == TOTAL and tally.twice == 0
     assert not tally.wrong, tally.wrong[:10]
     assert tally.after_kill > TOTAL - KILL_AFTER - 1000  # the rest carried on on server 2
     assert procs[1].poll() is None
+    if how is signal.SIGSTOP:
+        procs[0].send_signal(signal.SIGCONT)
