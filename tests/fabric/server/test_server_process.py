@@ -141,14 +141,15 @@ def test_cli_server_process(tmp_path: Path) -> None:
     assert token_id not in listed
 
 
-def test_two_servers_share_a_keystore(tmp_path: Path) -> None:
+def test_two_servers_share_a_keystore(keystore_url: str) -> None:
     """A key created and rotated through one server is used by another server over the
-    same keystore within its cache TTL (here: SQLite; PostgreSQL adds NOTIFY)."""
+    same keystore within its cache TTL (SQLite: the generation check; PostgreSQL adds
+    NOTIFY)."""
     from cryptoplane.fabric.keystore import MasterKey
     from cryptoplane.fabric.service import open_service
 
     master = MasterKey.generate()
-    url = f"sqlite://{tmp_path / 'shared.db'}"
+    url = keystore_url
     a = open_service(url, master=master, engines=["inline"], cache_ttl=0.5)
     b = open_service(url, master=master, engines=["inline"], cache_ttl=0.5)
     assert a.store is not None
