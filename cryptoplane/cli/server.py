@@ -139,6 +139,10 @@ def _globs(text: str) -> list[str]:
               help="Seconds a frame begun has to arrive whole.")
 @click.option("--idle-timeout", type=float, default=3600.0, show_default=True,
               help="Seconds of silence before a connection owed nothing is closed.")
+@click.option("--auto-rotate-interval", type=click.FloatRange(0), default=60.0,
+              show_default=True,
+              help="Seconds between passes that rotate keys whose auto_rotate_period has "
+                   "passed (0: never; servers sharing a store: give one of them this).")
 @click.option("--cache-ttl", type=float, default=1.0, show_default=True,
               help="Seconds a key or token read from the keystore is trusted.")
 @click.option("--grace", type=float, default=10.0, show_default=True,
@@ -157,7 +161,8 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
                require_client_cert: bool, http: str | None, engines: str | None,
                workers: int | None, max_connections: int, max_in_flight: int,
                handshake_timeout: float, frame_timeout: float, idle_timeout: float,
-               cache_ttl: float, grace: float, ready_file: str | None, server_id: str | None,
+               auto_rotate_interval: float, cache_ttl: float, grace: float,
+               ready_file: str | None, server_id: str | None,
                json_logs: bool, log_level: str) -> None:
     """Serve transit (encrypt, decrypt, sign, data keys, key management...), offload
     sessions and bulk streams over the fabric wire protocol (docs/wire-protocol.md).
@@ -190,7 +195,8 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
     options = {"listen": list(listen) or ["tcp://127.0.0.1:7700"], "tls": tls, "http": http,
                "workers": workers, "max_connections": max_connections,
                "max_in_flight": max_in_flight, "handshake_timeout": handshake_timeout,
-               "frame_timeout": frame_timeout, "idle_timeout": idle_timeout}
+               "frame_timeout": frame_timeout, "idle_timeout": idle_timeout,
+               "rotate_interval": auto_rotate_interval}
     try:
         code = _run(service, options, grace, ready_file)
     finally:

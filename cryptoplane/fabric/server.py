@@ -80,6 +80,7 @@ class Server:
                  max_connections: int = MAX_CONNECTIONS, max_in_flight: int = MAX_IN_FLIGHT,
                  max_frame: int = C.MAX_FRAME, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  frame_timeout: float = FRAME_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 rotate_interval: float = 0.0,
                  write_high_water: int = WRITE_HIGH_WATER, unix_mode: int = 0o660) -> None:
         if not listen:
             raise InvalidRequest("a server needs at least one address to listen on")
@@ -96,6 +97,9 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
+        self.rotate_interval = rotate_interval
+        self._rotated = 0.0
+        self._rotating = False
         self.write_high_water = write_high_water
         self.unix_mode = unix_mode
         self.connections: set[Connection] = set()
@@ -239,6 +243,21 @@ class Server:
             await asyncio.sleep(period)
             self.sweep()
 
+    def rotate_due(self) -> None:
+        """Every ``rotate_interval`` seconds (0: never), an admin worker rotates the keys
+        whose ``auto_rotate_period`` has passed, for every tenant in the keystore."""
+        store = self.service.store
+        now = self.loop.time()
+        if (store is None or not self.rotate_interval or self._rotating or self.stopping
+                or now - self._rotated < self.rotate_interval):
+            return
+        self._rotated = now
+        self._rotating = True
+        self.admin.submit(_rotate_all, (self.service,), _RotateOwner(self), None)
+
+    def rotation_done(self) -> None:
+        self._rotating = False
+
     def sweep(self) -> None:
         """Close connections past a limit: handshake not done in time, a frame begun and
         not completed in time (slowloris), silent and owed nothing for the idle time."""
@@ -268,6 +287,7 @@ class Server:
             elif recheck:
                 c.recheck()
         self.service.metrics.set_in_flight(in_flight)
+        self.rotate_due()
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -308,6 +328,33 @@ class Server:
             if pool is not None:
                 await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, 5.0)
         self._listeners = []
+
+
+def _rotate_all(service: Service) -> list[str]:
+    import time
+
+    assert service.store is not None
+    done = []
+    for tenant in service.store.list_tenants():
+        done += [f"{tenant}/{name}" for name in service.transit.rotate_due(tenant, time.time())]
+    return done
+
+
+class _RotateOwner:
+    """Hears how an automatic rotation went."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def completed(self, token: Any, result: Any, error: BaseException | None) -> None:
+        self.server.rotation_done()
+        if error is not None:
+            log.warning("automatic key rotation failed: %s", error)
+        elif result:
+            log.info("rotated %d keys whose period had passed", len(result))
+
+    def settle(self) -> None:
+        pass
 
 
 class _LimitsOwner:

@@ -228,3 +228,22 @@ def test_cli_second_signal_stops_at_once(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         proc.communicate()
+
+
+def test_keys_rotate_on_their_period(tmp_path: Path) -> None:
+    from cryptoplane.fabric.keystore import MasterKey
+    from cryptoplane.fabric.service import open_service
+
+    svc = open_service(f"sqlite://{tmp_path / 'k.db'}", master=MasterKey.generate(),
+                       engines=["inline"])
+    try:
+        svc.transit.create_key("acme", "short", "aes256-gcm96", auto_rotate_period=0.3)
+        svc.transit.create_key("acme", "never", "aes256-gcm96")
+        with running(svc, rotate_interval=0.2, frame_timeout=0.4):
+            deadline = time.monotonic() + 5
+            while svc.transit.read_key("acme", "short")["latest_version"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert svc.transit.read_key("acme", "never")["latest_version"] == 1
+    finally:
+        svc.close()
