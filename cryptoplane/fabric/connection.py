@@ -154,6 +154,10 @@ class Connection(Streaming, asyncio.Protocol):
             self._frames(held)
             if self.out:
                 self._write()
+            if self.counts:
+                self._flush_counts()
+            self.hot.clear()
+            self.hot_dec.clear()
         self._update_reading()
 
     def eof_received(self) -> bool | None:
@@ -234,7 +238,8 @@ class Connection(Streaming, asyncio.Protocol):
     # ---- the handshake ---------------------------------------------------------------
 
     def _before_open(self, frames: list[C.Frame]) -> None:
-        if self.state == HANDSHAKE and self.principal is None and not self.held:
+        if (self.state == HANDSHAKE and self.principal is None and self.token is None
+                and not self.held):
             first, rest = frames[0], frames[1:]
             if first.type != FrameType.HELLO:
                 self._fatal(first.id, "the first frame must be HELLO")
@@ -311,7 +316,7 @@ class Connection(Streaming, asyncio.Protocol):
         self.state = OPEN
         s = self.server
         welcome = {"version": _VERSION, "server": self.svc.server_id, "tenant": self.tenant,
-                   "ops": [s for s in SCOPES if principal.allows(s, None)],
+                   "ops": [op for op in SCOPES if principal.allows(op, None)],
                    "key_types": self.svc.key_types,
                    "limits": {"max_frame": s.max_frame, "max_batch": C.MAX_BATCH,
                               "max_in_flight": s.max_in_flight,

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
+
+log = logging.getLogger("cryptoplane.fabric")
 
 
 class Owner(Protocol):
@@ -84,10 +87,16 @@ class Workers:
         while done:
             owner, token, result, error = done.popleft()
             self.pending -= 1
-            owner.completed(token, result, error)
             owners[id(owner)] = owner
+            try:
+                owner.completed(token, result, error)
+            except Exception:  # one owner's bug must not strand the others' answers
+                log.exception("a worker's completion failed")
         for owner in owners.values():
-            owner.settle()
+            try:
+                owner.settle()
+            except Exception:
+                log.exception("settling a worker's completions failed")
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Let queued jobs finish, then stop the threads."""
