@@ -29,6 +29,7 @@ from .dispatch import (
     OPS,
     SESSION_OPS,
     STREAM_OPS,
+    WORKER,
     OpSpec,
     error_answer,
     run_batch,
@@ -320,7 +321,7 @@ class Handling:
                 return
             where = spec.where
             if where == INLINE and len(f.payload) >= BIG:
-                where = 1
+                where = WORKER
             if where == INLINE:
                 assert spec.run is not None
                 answer = spec.run(self.svc, self.tenant, name, fields, self.label)
@@ -382,7 +383,7 @@ class Handling:
                 return
             self._error(out, fid, op, e)
             return
-        self._submit(1, run_batch, (self.svc, self.tenant, spec, name, items, self.label),
+        self._submit(WORKER, run_batch, (self.svc, self.tenant, spec, name, items, self.label),
                      ("batch", fid, op, len(f.payload), len(items)))
 
     # ---- offload sessions ------------------------------------------------------------
@@ -399,7 +400,7 @@ class Handling:
         else:
             key = s.key(fields)
             if s.where(op, fields) != INLINE:
-                self._submit(1, run_raw, (self.svc.plane, key, op, fields),
+                self._submit(WORKER, run_raw, (self.svc.plane, key, op, fields),
                              ("req", f.id, op, len(f.payload), 0))
                 return
             answer = run_raw(self.svc.plane, key, op, fields)
