@@ -57,7 +57,7 @@ class Streaming(Handling):
                      out: list[Any]) -> None:
         cls = StreamEncryptJob if f.op == Op.ENCRYPT_STREAM else StreamDecryptJob
         job = cls(self.transit, self.tenant, name, context=fields.get(Field.CONTEXT),
-                  plane=self.svc.plane, piece=self.svc.stream_piece)
+                  plane=self.svc.plane, piece=self.svc.stream_piece, principal=self.label)
         stream = Stream(f.id, f.op, job)
         self.streams[f.id] = stream
         self.ids.add(f.id)
