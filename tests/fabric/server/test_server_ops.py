@@ -45,6 +45,10 @@ def test_encrypt_decrypt_rewrap(server: Running, token: str, service: Service) -
         assert (st, f[Field.VERSION]) == (0, C.u32(2))
         assert w.call(Op.DECRYPT, b"aes", {Field.CIPHERTEXT: f[Field.CIPHERTEXT]})[1][
             Field.DATA] == b"v2"
+        # every use is audited with the principal, hot paths included
+        uses = list(service.transit.source.uses)  # type: ignore[attr-defined]
+        assert uses[-1].op == "decrypt" and uses[-1].principal.startswith("acme/")
+        assert {u.op for u in uses} >= {"encrypt", "decrypt", "rewrap"}
         # aad: the general path
         st, f = w.call(Op.ENCRYPT, b"aes", {Field.DATA: b"x", Field.AAD: b"ctx"})
         ct = f[Field.CIPHERTEXT]
