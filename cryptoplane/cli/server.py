@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import click
 
 from ..exceptions import CryptoplaneError
+from .sizes import parse_size
 
 DEFAULT_STORE = "sqlite:///cryptoplane-keys.db"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -133,6 +134,9 @@ def _globs(text: str) -> list[str]:
 @click.option("--max-connections", type=click.IntRange(1), default=10_000, show_default=True)
 @click.option("--max-in-flight", type=click.IntRange(1), default=4096, show_default=True,
               help="Requests at the workers per connection before it is no longer read.")
+@click.option("--max-buffered", default="1G", show_default=True, metavar="SIZE",
+              help="Memory all connections together may make the server hold (frames "
+                   "half received, payloads at the workers); k/M/G suffixes.")
 @click.option("--handshake-timeout", type=float, default=10.0, show_default=True,
               help="Seconds a client has to complete HELLO (and TLS).")
 @click.option("--frame-timeout", type=float, default=30.0, show_default=True,
@@ -160,7 +164,8 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
                tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None,
                require_client_cert: bool, http: str | None, engines: str | None,
                workers: int | None, max_connections: int, max_in_flight: int,
-               handshake_timeout: float, frame_timeout: float, idle_timeout: float,
+               max_buffered: str, handshake_timeout: float, frame_timeout: float,
+               idle_timeout: float,
                auto_rotate_interval: float, cache_ttl: float, grace: float,
                ready_file: str | None, server_id: str | None,
                json_logs: bool, log_level: str) -> None:
@@ -196,7 +201,8 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
                "workers": workers, "max_connections": max_connections,
                "max_in_flight": max_in_flight, "handshake_timeout": handshake_timeout,
                "frame_timeout": frame_timeout, "idle_timeout": idle_timeout,
-               "rotate_interval": auto_rotate_interval}
+               "rotate_interval": auto_rotate_interval,
+               "max_buffered": parse_size(max_buffered, least=1 << 20)}
     try:
         code = _run(service, options, grace, ready_file)
     finally:

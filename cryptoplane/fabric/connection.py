@@ -82,6 +82,8 @@ class Connection(Streaming, asyncio.Protocol):
         self.ids: set[int] = set()  # requests at the workers and streams open
         self.inflight = 0
         self.inflight_bytes = 0  # request payload bytes at the workers
+        self.buffered = 0  # bytes of a frame not yet whole, as charged to the server
+        self.starved = False  # not read: the server's memory budget is spent
         self.held: list[C.Frame] = []  # frames that came before the handshake finished
         self.read_paused = False
         self.write_paused = False
@@ -133,6 +135,9 @@ class Connection(Streaming, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
         self.closing = True
+        self._hold(-self.buffered)
+        self.server.release(self.inflight_bytes)
+        self.inflight_bytes = 0
         self.streams.clear()
         self.held.clear()
         if self.sessions is not None:
@@ -142,6 +147,23 @@ class Connection(Streaming, asyncio.Protocol):
             self.server.connections.discard(self)
             self.svc.metrics.connection_closed()
             self.server.connection_gone()
+
+    def _hold(self, delta: int) -> None:
+        """Charge (or give back) bytes of a half-received frame to the server's budget;
+        over it, this connection is not read until others give memory back."""
+        self.buffered += delta
+        if self.server.charge(delta) and delta > 0:
+            self.starve()
+
+    def starve(self) -> None:
+        self.starved = True
+        self.server.starving(self)
+        self._pause()
+
+    def fed(self) -> None:
+        """The server's budget has room again (called by the server)."""
+        self.starved = False
+        self._update_reading()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -178,6 +200,9 @@ class Connection(Streaming, asyncio.Protocol):
         except ProtocolError as e:
             self._fatal(0, str(e))
             return
+        held = self.decoder.buffered
+        if held != self.buffered:
+            self._hold(held - self.buffered)
         if not frames:
             return
         self.frames += len(frames)
@@ -369,6 +394,7 @@ class Connection(Streaming, asyncio.Protocol):
         self.ids.discard(fid)
         self.inflight -= 1
         self.inflight_bytes -= nbytes
+        self.server.release(nbytes)
         out = self.out
         if error is not None:
             self._error(out, fid, op, error)
@@ -420,7 +446,8 @@ class Connection(Streaming, asyncio.Protocol):
             if not self.inflight and not self.out:
                 self._close()
             return
-        blocked = (self.write_paused or self.inflight >= self.server.max_in_flight
+        blocked = (self.write_paused or self.starved
+                   or self.inflight >= self.server.max_in_flight
                    or self.principal is None or bool(self.held)
                    or self.inflight_bytes >= self.server.max_in_flight_bytes
                    or any(len(s.queue) >= STREAM_QUEUE for s in self.streams.values()))

@@ -78,6 +78,9 @@ class Host(Protocol):
     @property
     def auth(self) -> Workers: ...
     def remember_name(self, raw: bytes, name: str) -> None: ...
+    def charge(self, nbytes: int) -> bool: ...
+    def release(self, nbytes: int) -> None: ...
+    def starving(self, conn: Any) -> None: ...
     def kind_of(self, transport: Any) -> str: ...
     def connection_gone(self) -> None: ...
 
@@ -116,6 +119,9 @@ class Handling:
         raise NotImplementedError
 
     def _pause(self) -> None:
+        raise NotImplementedError
+
+    def starve(self) -> None:
         raise NotImplementedError
 
     def completed(self, token: Any, result: Any, error: BaseException | None) -> None:
@@ -345,9 +351,12 @@ class Handling:
         self.ids.add(token[1])
         self.inflight += 1
         self.inflight_bytes += token[3]
+        over = self.server.charge(token[3])
         pool = self.server.admin if where == ADMIN else self.server.workers
         pool.submit(fn, args, self, token)
-        if (self.inflight >= self.server.max_in_flight
+        if over:
+            self.starve()
+        elif (self.inflight >= self.server.max_in_flight
                 or self.inflight_bytes >= self.server.max_in_flight_bytes):
             self._pause()
 

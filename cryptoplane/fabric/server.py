@@ -42,6 +42,9 @@ DEFAULT_PORT: Final = 7700
 MAX_CONNECTIONS: Final = 10_000
 MAX_IN_FLIGHT: Final = 4096
 MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # request payloads at the workers
+# what all connections together may make the server hold: frames half received and
+# request payloads waiting for or at the workers
+MAX_BUFFERED: Final = 1024 * 1024 * 1024
 HANDSHAKE_TIMEOUT: Final = 10.0
 FRAME_TIMEOUT: Final = 30.0
 IDLE_TIMEOUT: Final = 3600.0
@@ -80,7 +83,7 @@ class Server:
                  max_connections: int = MAX_CONNECTIONS, max_in_flight: int = MAX_IN_FLIGHT,
                  max_frame: int = C.MAX_FRAME, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  frame_timeout: float = FRAME_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
-                 rotate_interval: float = 0.0,
+                 rotate_interval: float = 0.0, max_buffered: int = MAX_BUFFERED,
                  write_high_water: int = WRITE_HIGH_WATER, unix_mode: int = 0o660) -> None:
         if not listen:
             raise InvalidRequest("a server needs at least one address to listen on")
@@ -98,6 +101,9 @@ class Server:
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
         self.rotate_interval = rotate_interval
+        self.max_buffered = max_buffered
+        self.buffered = 0
+        self._starved: list[Connection] = []
         self._rotated = 0.0
         self._rotating = False
         self.write_high_water = write_high_water
@@ -144,6 +150,26 @@ class Server:
         threads never hold up a handshake."""
         assert self._auth is not None
         return self._auth
+
+    def charge(self, nbytes: int) -> bool:
+        """Count ``nbytes`` (negative: given back) against the memory budget; True when
+        the budget is now spent (the connection that charged stops being read)."""
+        self.buffered += nbytes
+        if nbytes < 0 and self._starved and self.buffered < self.max_buffered * 3 // 4:
+            self._feed()
+        return self.buffered > self.max_buffered
+
+    def release(self, nbytes: int) -> None:
+        if nbytes:
+            self.charge(-nbytes)
+
+    def starving(self, conn: Connection) -> None:
+        self._starved.append(conn)
+
+    def _feed(self) -> None:
+        starved, self._starved = self._starved, []
+        for c in starved:
+            c.fed()
 
     def remember_name(self, raw: bytes, name: str) -> None:
         if len(self.names) >= _NAMES_MAX:

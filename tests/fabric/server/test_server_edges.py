@@ -260,6 +260,30 @@ def test_idle_connections_closed_and_connection_cap(service: Service, token: str
         b.close()
 
 
+def test_memory_budget_across_connections(service: Service, token: str) -> None:
+    """Half-received frames of all connections together are bounded: past the budget the
+    connection that grows is no longer read; others' whole requests still run, and the
+    memory comes back when the stalled frame is cut (frame timeout)."""
+    with running(service, max_buffered=256 * 1024, frame_timeout=1.0) as srv:
+        assert srv.server is not None
+        server = srv.server
+        big = Wire(srv.port, token)
+        frame = C.encode_frame(FrameType.REQUEST, 1, op=Op.ENCRYPT, key=b"aes",
+                               payload=C.encode_fields({Field.DATA: b"z" * (4 << 20)}))
+        big.sock.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):
+            big.send(frame[:2 << 20])  # half of a 4 MiB frame, never finished
+        time.sleep(0.3)
+        held = srv.call(lambda: server.buffered)
+        assert 256 * 1024 < held < 2 << 20  # reading stopped soon after the budget
+        _alive(srv.port, token)
+        deadline = time.monotonic() + 5
+        while srv.call(lambda: server.buffered) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.call(lambda: server.buffered) == 0
+        big.close()
+
+
 def test_client_not_reading_pauses_the_connection(server: Running, token: str) -> None:
     """A client that sends and never reads: the server stops reading it instead of
     buffering answers without bound (3,000 requests for 1 MiB each: 3 GiB unbounded)."""
