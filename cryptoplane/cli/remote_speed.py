@@ -102,6 +102,9 @@ def render(report: rs.Report, console: Console) -> None:
               help="Requests the load generator keeps in flight per connection.")
 @click.option("--load-processes", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Load generator processes for the pipelined figures.")
+@click.option("--only", type=click.Choice(["remote-engine"]), default=None,
+              help="Measure only this section (remote-engine: a plane on core 0 with and "
+                   "without a remote engine to a server pinned to core 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout "
               "(the tables go to stderr).")
 @click.option("--check", is_flag=True, help="Exit 1 when a target is missed.")
@@ -109,7 +112,8 @@ def render(report: rs.Report, console: Console) -> None:
 def remote_speed(duration: float | None, quick: bool, skip_kmip: bool, tls_mode: str,
                  server: str | None, token: str | None, ca: str | None, cert: str | None,
                  cert_key: str | None, stream_clients: int | None, stream_size: str | None,
-                 in_flight: int, load_processes: int, as_json: bool, check: bool) -> None:
+                 in_flight: int, load_processes: int, only: str | None, as_json: bool,
+                 check: bool) -> None:
     """A fabric server's throughput, latency and ratios, server and clients on loopback.
 
     Pipelined 64-byte AES-256-GCM encrypts (with and without mutual TLS) and batches of
@@ -121,7 +125,7 @@ def remote_speed(duration: float | None, quick: bool, skip_kmip: bool, tls_mode:
     kw: dict[str, object] = {
         "kmip": not skip_kmip, "tls": tls_mode != "off", "plain": tls_mode != "on",
         "server": server, "token": token, "ca": ca, "cert": cert, "cert_key": cert_key,
-        "in_flight": in_flight, "load_processes": load_processes}
+        "in_flight": in_flight, "load_processes": load_processes, "only": only}
     if duration is not None:
         kw["duration"] = duration
     if stream_clients is not None:
@@ -129,6 +133,8 @@ def remote_speed(duration: float | None, quick: bool, skip_kmip: bool, tls_mode:
     if stream_size is not None:
         kw["stream_size"] = parse_size(stream_size, least=1 << 20)
     cfg = rs.Config.quick_config(**kw) if quick else rs.Config(**kw)  # type: ignore[arg-type]
+    if only and server:
+        raise click.UsageError("--only remote-engine starts its own pinned server")
     if server and server.startswith("tls://") and not (ca and cert and cert_key):
         raise click.UsageError("a tls:// --server needs --ca, --cert and --key")
     console = Console(stderr=True)

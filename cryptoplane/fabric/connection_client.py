@@ -27,7 +27,7 @@ import socket
 import ssl as ssl_module
 import struct
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
 from ..exceptions import InvalidRequest
@@ -41,6 +41,17 @@ _SESSION_TAG: Final = codec.encode_fields({Field.SESSION: b"\0\0\0\0"})[:5]
 NORMAL, STREAM, INTERNAL = 0, 1, 2
 
 Done = Callable[[Frame | None, BaseException | None], None]
+
+
+class Transport(Protocol):
+    """What a connection uses of its transport. A protocol, not ``asyncio.Transport``:
+    uvloop's transports do the same things without subclassing asyncio's classes."""
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, list_of_data: list[bytes]) -> None: ...
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class SessionSpec:
@@ -122,7 +133,7 @@ class ClientConnection(asyncio.Protocol):
         self.owner = owner
         self.endpoint = endpoint
         self.loop = loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: Transport | None = None
         self.decoder = codec.FrameDecoder()
         self.pending: dict[int, Call] = {}
         self._ids = itertools.count(1)
@@ -147,13 +158,14 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
+        # duck-typed: an asyncio or a uvloop stream transport (uvloop's subclass neither
+        # asyncio.Transport nor WriteTransport)
+        self.transport = t = cast(Transport, transport)
+        sock = t.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(self._hello)
+        t.write(self._hello)
 
     def data_received(self, data: bytes) -> None:
         self.heard = self.loop.time()

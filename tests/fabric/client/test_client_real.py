@@ -292,3 +292,19 @@ def test_a_stream_whose_server_dies_raises_connection_lost(tmp_path: Path) -> No
         asyncio.run(main())
     finally:
         srv.close()
+
+
+def test_connects_and_pipelines_from_a_uvloop_loop(server: RealServer) -> None:
+    """uvloop's transports are not ``asyncio.Transport`` subclasses: the client must take
+    them as they are (it once asserted the class and could not connect)."""
+    uvloop = pytest.importorskip("uvloop")
+    token = server.token()
+
+    async def main() -> None:
+        async with await AsyncClient.connect(server.url, token=token) as c:
+            await c.create_key("uv", "aes256-gcm96")
+            cts = await asyncio.gather(*(c.encrypt("uv", b"%d" % i) for i in range(200)))
+            assert await c.decrypt("uv", cts[-1]) == b"199"
+            assert c.live_connections >= 1
+
+    uvloop.run(main())
