@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .engines import engines
 from .keys import keys
+from .keystore import keystore
 from .remote_speed import remote_speed
 from .serve import serve
 from .server import server_cmd, tenants, tokens
@@ -37,6 +38,7 @@ volume.add_command(convert_ivs_cmd)
 cli.add_command(volume)
 cli.add_command(serve)
 cli.add_command(keys)  # a fabric server's named keys
+cli.add_command(keystore)  # its schema and master keys
 # age-format streams: `cryptoplane encrypt|decrypt|keygen`, as age's own commands, and
 # the same under `cryptoplane stream` beside its bench
 for command in (encrypt_cmd, decrypt_cmd, keygen_cmd):

@@ -40,7 +40,9 @@ def store_options(fn: F) -> F:
                      help="Keystore: sqlite:///PATH or postgresql://... "
                           "(env CRYPTOPLANE_STORE)."),
         click.option("--master-key-file", type=click.Path(dir_okay=False), default=None,
-                     help="File holding the master key (base64 or hex of 32 bytes)."),
+                     help="File holding the master key (base64 or hex of 32 bytes); one "
+                          "per line during a rotation: the first wraps, the rest only "
+                          "unwrap (`cryptoplane keystore rotate-master --help`)."),
         click.option("--master-key-env", metavar="VAR", default=None,
                      help="Environment variable holding the master key "
                           "(default when no master option is given: "
@@ -69,11 +71,12 @@ def open_store(store: str, master_key_file: str | None, master_key_env: str | No
         if master_passphrase_file is not None:
             text = Path(master_passphrase_file).read_bytes().rstrip(b"\r\n")
             return open_keystore(store, master_passphrase=text)
+        previous: list[MasterKey] = []
         if master_key_file is not None:
-            master = MasterKey.from_file(master_key_file)
+            master, previous = MasterKey.ring_from_file(master_key_file)
         else:
             master = MasterKey.from_env(master_key_env or "CRYPTOPLANE_MASTER_KEY")
-        return open_keystore(store, master)
+        return open_keystore(store, master, previous=previous)
     except (CryptoplaneError, OSError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -174,7 +177,8 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
 
     Clients authenticate with a token (`cryptoplane tokens create`) or, with
     --tls-client-ca, a client certificate. On SIGTERM or SIGINT the server says GOAWAY,
-    answers what it received, and exits; a second signal stops it at once.
+    answers what it received, and exits; a second signal stops it at once. SIGHUP
+    re-reads --master-key-file (a master-key rotation without a restart).
     """
     _logging(json_logs, log_level)
     if (tls_key or tls_client_ca or require_client_cert) and not tls_cert:
@@ -203,14 +207,24 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
                "frame_timeout": frame_timeout, "idle_timeout": idle_timeout,
                "rotate_interval": auto_rotate_interval,
                "max_buffered": parse_size(max_buffered, least=1 << 20)}
+    def reload_masters() -> str:
+        if master_key_file is None:
+            return "master keys unchanged (only --master-key-file is re-read)"
+        from ..fabric.keystore import MasterKey
+        master, previous = MasterKey.ring_from_file(master_key_file)
+        ks.attach_masters(master, previous)
+        return (f"master keys reloaded: wrapping under {master.id}, also unwrapping "
+                f"{', '.join(m.id for m in previous) or 'nothing else'}")
+
     try:
-        code = _run(service, options, grace, ready_file)
+        code = _run(service, options, grace, ready_file, reload_masters)
     finally:
         service.close()
     sys.exit(code)
 
 
-def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | None) -> int:
+def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | None,
+         reload_masters: Callable[[], str] | None = None) -> int:
     import uvloop
 
     from ..fabric.server import Server
@@ -235,6 +249,23 @@ def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | 
 
         for s in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(s, on_signal, s)
+
+        async def reload(read: Callable[[], str]) -> None:
+            log = logging.getLogger("cryptoplane.fabric")
+            try:  # the keystore checks the keys against the database: off the loop
+                log.info("SIGHUP: %s", await loop.run_in_executor(None, read))
+            except (CryptoplaneError, OSError) as e:
+                log.error("SIGHUP: master keys not reloaded, the old ones stay: %s", e)
+
+        if reload_masters is not None:
+            read = reload_masters
+            reloads: set[asyncio.Task[None]] = set()
+
+            def on_hup() -> None:
+                task = loop.create_task(reload(read))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
         http = f"{_http_host(options['http'])}:{server.http_port}" if server.http_port else None
         _announce({"event": "ready", "listen": server.addresses, "http": http,
                    "pid": os.getpid()}, ready_file)

@@ -110,6 +110,24 @@ class MasterKey:
         return cls.from_text(data, f"master key file {os.fspath(path)}")
 
     @classmethod
+    def ring_from_file(cls, path: str | os.PathLike[str]) -> tuple[MasterKey,
+                                                                   list[MasterKey]]:
+        """A master-key file that may hold several keys, one per line (hex or base64;
+        blank lines and ``#`` comments skipped): the first wraps, the others only unwrap.
+        That is how a rotation runs without a restart: put the new key on top, reload
+        the servers (SIGHUP), run ``cryptoplane keystore rotate-master``, then drop the
+        old line and reload again. A file of exactly 32 raw bytes is one key."""
+        data = Path(path).read_bytes()
+        if len(data) == KEY_SIZE and b"\n" not in data.strip():
+            return cls(data), []
+        what = f"master key file {os.fspath(path)}"
+        keys = [cls.from_text(line, what) for line in data.splitlines()
+                if line.strip() and not line.lstrip().startswith(b"#")]
+        if not keys:
+            raise MasterKeyRejected(f"{what}: no key in it")
+        return keys[0], keys[1:]
+
+    @classmethod
     def from_env(cls, var: str = "CRYPTOPLANE_MASTER_KEY") -> MasterKey:
         """An environment variable holding hex or base64."""
         text = os.environ.get(var)
