@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import ssl as ssl_module
+import struct
 import threading
 import time
 import weakref
@@ -72,6 +73,22 @@ MAX_REQUEST: Final = codec.MAX_PAYLOAD - 64 * 1024  # room for the other fields
 DEFAULT_CAPACITY: Final = 1024  # jobs in flight (the scheduler keeps the rest queued)
 MAX_RETRY_WAIT: Final = 0.05  # longer RETRY_AFTERs: the job goes back to the scheduler
 DECODE_SECONDS: Final = 3e-6  # the loop's share of reading an answer, not timed per job
+# jobs on the wire above which a submit does not wake the loop: an answer will come
+# soon and the loop sends what queued meanwhile when it handles it (each wake-up is a
+# thread switch and a turn of the GIL in the plane's process, ~10 µs of its core)
+WAKE_BELOW: Final = 16
+_FIELD_HEAD: Final = struct.Struct("!BI").pack  # a field: u8 tag, u32 length, value
+_DATA, _NONCE, _AAD, _SIGNATURE, _MAC, _TAG_SIZE = (
+    int(Field.DATA), int(Field.NONCE), int(Field.AAD), int(Field.SIGNATURE), int(Field.MAC),
+    int(Field.TAG_SIZE))
+_RAW_SIGN, _RAW_VERIFY, _RAW_ENCRYPT, _RAW_DECRYPT, _RAW_MAC, _RAW_VERIFY_MAC = (
+    int(codec.Op.RAW_SIGN), int(codec.Op.RAW_VERIFY), int(codec.Op.RAW_ENCRYPT),
+    int(codec.Op.RAW_DECRYPT), int(codec.Op.RAW_MAC), int(codec.Op.RAW_VERIFY_MAC))
+_REQUEST: Final = int(FrameType.REQUEST)
+
+
+def _field(tag: int, value: bytes) -> bytes:
+    return _FIELD_HEAD(tag, len(value)) + value
 
 
 class Remote(Engine):
@@ -104,12 +121,12 @@ class Remote(Engine):
                           timeout=connect_timeout, name=f"cryptoplane engine {name}",
                           fail_fast=True, max_retry_wait=MAX_RETRY_WAIT, silence=silence)
         self._pool.on_state = self._on_state
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"cryptoplane-{name}")
         self._incoming: collections.deque[Job] = collections.deque()
-        self._woken = False
-        self._inflight = 0
+        self._woken = False  # a _drain is scheduled on the loop
+        self._inflight = 0  # accepted and not ended (queued here or on the wire)
         self._closed = False
         self._specs: dict[int, SessionSpec] = {}  # id(Key) -> its session spec
         self._dropped: collections.deque[SessionSpec] = collections.deque()
@@ -194,8 +211,10 @@ class Remote(Engine):
         with self._lock:
             self._incoming.extend(jobs)
             self._inflight += len(jobs)
-            wake = not self._woken
-            self._woken = True
+            # enough on the wire: the next answer's _end schedules the drain (under
+            # this lock, so either it sees these jobs or this sees the wire emptied)
+            wake = not self._woken and self._inflight - len(self._incoming) < WAKE_BELOW
+            self._woken = self._woken or wake
         if wake:
             self._loop.call_soon_threadsafe(self._drain)
         return len(jobs)
@@ -235,30 +254,30 @@ class Remote(Engine):
 
     def _call(self, request: Work, done: Any, deadline: float) -> Call:
         assert isinstance(request, _CARRIED) and request.key is not None
-        f: dict[int, bytes] = {}
-        if isinstance(request, (rq.Encrypt, rq.Decrypt)):
-            op = codec.Op.RAW_ENCRYPT if isinstance(request, rq.Encrypt) else codec.Op.RAW_DECRYPT
-            f[Field.DATA] = bytes(request.data)
+        # the payload's fields packed straight from int tags (no dict, no IntEnum
+        # lookups): this runs once per job on the loop, in the plane's process
+        if isinstance(request, rq.Sign):
+            op = _RAW_SIGN
+            payload = _field(_DATA, bytes(request.data))
+        elif isinstance(request, (rq.Encrypt, rq.Decrypt)):
+            op = _RAW_ENCRYPT if isinstance(request, rq.Encrypt) else _RAW_DECRYPT
+            payload = _field(_DATA, bytes(request.data))
             if request.nonce is not None:
-                f[Field.NONCE] = bytes(request.nonce)
+                payload += _field(_NONCE, bytes(request.nonce))
             if request.aad is not None:
-                f[Field.AAD] = bytes(request.aad)
-        elif isinstance(request, rq.Sign):
-            op = codec.Op.RAW_SIGN
-            f[Field.DATA] = bytes(request.data)
+                payload += _field(_AAD, bytes(request.aad))
         elif isinstance(request, rq.Verify):
-            op = codec.Op.RAW_VERIFY
-            f[Field.DATA] = bytes(request.data)
-            f[Field.SIGNATURE] = bytes(request.signature)
+            op = _RAW_VERIFY
+            payload = (_field(_DATA, bytes(request.data))
+                       + _field(_SIGNATURE, bytes(request.signature)))
         elif isinstance(request, rq.Mac):
-            op = codec.Op.RAW_MAC
-            f[Field.DATA] = bytes(request.data)
+            op = _RAW_MAC
+            payload = _field(_DATA, bytes(request.data))
             if request.tag_size:
-                f[Field.TAG_SIZE] = codec.u32(request.tag_size)
+                payload += _field(_TAG_SIZE, codec.u32(request.tag_size))
         else:
-            op = codec.Op.RAW_VERIFY_MAC
-            f[Field.DATA] = bytes(request.data)
-            f[Field.MAC] = bytes(request.tag)
+            op = _RAW_VERIFY_MAC
+            payload = _field(_DATA, bytes(request.data)) + _field(_MAC, bytes(request.tag))
         spec = self._spec(request.key)
         sent = time.perf_counter()
 
@@ -277,12 +296,15 @@ class Remote(Engine):
                 error = EngineFailed(f"the fabric server refused it: {error}")
             self._end(done, result, error)
 
-        return Call(FrameType.REQUEST, op, b"", codec.encode_fields(f), request.retry_safe,
-                    finished, deadline, spec)
+        return Call(_REQUEST, op, b"", payload, request.retry_safe, finished, deadline, spec)
 
     def _end(self, done: Any, result: Any, error: BaseException | None) -> None:
         with self._lock:
             self._inflight -= 1
+            drain = bool(self._incoming) and not self._woken
+            self._woken = self._woken or drain
+        if drain:  # on the loop: after this receive's answers, one send for all
+            self._loop.call_soon(self._drain)
         with contextlib.suppress(Exception):  # a caller's callback must not kill the loop
             done(result, error)
 
@@ -300,18 +322,29 @@ class Remote(Engine):
         return info
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed: the engine's loop runs in the plane's process, and every
+    microsecond of its CPU per job is one the local engines lose (its loop and transports
+    are C; measured a few µs less of the plane's CPU per remote RSA sign than asyncio's
+    selector loop: benchmarks/README.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def _outcome(op: int, frame: Frame) -> tuple[Any, BaseException | None]:
     if frame.status != Status.OK:
         return None, codec.error_from(frame.status, frame.payload)
-    if op in (codec.Op.RAW_VERIFY, codec.Op.RAW_VERIFY_MAC):
+    if op in (_RAW_VERIFY, _RAW_VERIFY_MAC):
         return None, None
-    tag = Field.SIGNATURE if op == codec.Op.RAW_SIGN else (
-        Field.MAC if op == codec.Op.RAW_MAC else Field.DATA)
+    tag = _SIGNATURE if op == _RAW_SIGN else (_MAC if op == _RAW_MAC else _DATA)
     try:
         value = read_field(frame.payload, tag)
     except Exception as e:
         return None, e
-    if not value and op != codec.Op.RAW_DECRYPT and op != codec.Op.RAW_ENCRYPT:
+    if not value and op != _RAW_DECRYPT and op != _RAW_ENCRYPT:
         return None, codec.error_for(Status.INTERNAL, "the server's answer had no result")
     return value, None
 

@@ -260,8 +260,11 @@ class Scheduler:
         failed_engine = isinstance(error, EngineFailed)
         with self._lock:
             self._assigned[engine.name] = max(0, self._assigned[engine.name] - 1)
-            if not engine.traits.pulls and not engine.traits.caller_thread:
-                self._cv.notify()  # room in a dispatched-to engine
+            if (not engine.traits.pulls and not engine.traits.caller_thread
+                    and len(self._queues)):
+                # room in a dispatched-to engine, for work that waits; with none queued
+                # the wake-up would only cost a thread switch and a turn of the GIL
+                self._cv.notify()
             if t.state == FINISHED:
                 return  # already timed out or failed over: this late answer is dropped
             if not failed_engine:
@@ -530,14 +533,6 @@ class Scheduler:
                         waits.append(RECHECK_SECONDS)
                     self._cv.wait(max(0.0, min(waits)) if waits else None)
                     continue
-            inline = self.inline
-            for t in here:  # chosen for inline and no caller to run it: run it here
-                assert inline is not None
-                done = TicketDone(self, t, inline, self._clock())
-                req = t.request
-                result, error, work = run_measured(req)
-                record(inline.meter, req, work, work)
-                done(result, error)
             for name, tickets in batch.items():
                 engine = self.engines[name]
                 t0 = self._clock()
@@ -557,6 +552,16 @@ class Scheduler:
                             t.state = QUEUED
                             self._queues.put_front(t.priority, t)
                         self.counters["requeued"] += len(jobs) - accepted
+            # inline work last: the other engines' share is on its way (a remote
+            # server, a pool's workers) while this thread runs it
+            inline = self.inline
+            for t in here:  # chosen for inline and no caller to run it: run it here
+                assert inline is not None
+                done = TicketDone(self, t, inline, self._clock())
+                req = t.request
+                result, error, work = run_measured(req)
+                record(inline.meter, req, work, work)
+                done(result, error)
 
     def depth(self) -> dict[str, int]:
         with self._cv:
