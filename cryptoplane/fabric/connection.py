@@ -32,6 +32,7 @@ from .auth import Principal
 from .codec import Field, FrameType, Status
 from .dispatch import SCOPES
 from .errors import ProtocolError, Unauthorized
+from .framebuf import DirectDecoder
 from .handling import (
     BATCH_RESPONSE,
     DECRYPT,
@@ -54,11 +55,13 @@ _DATA: Final = int(FrameType.DATA)
 # out_bytes: everything but the hot path's ~100-byte answers) pass this
 _JOIN_LIMIT: Final = 256 * 1024
 MAX_PING: Final = 64
+# what one receive reads at most, outside big DATA frames (those are read in place)
+_SCRATCH: Final = 256 * 1024
 
 HANDSHAKE, OPEN, CLOSED = 0, 1, 2
 
 
-class Connection(Streaming, asyncio.Protocol):
+class Connection(Streaming, asyncio.BufferedProtocol):
     """See the module docstring. Made by ``Server`` per accepted socket."""
 
     def __init__(self, server: Host) -> None:
@@ -66,7 +69,10 @@ class Connection(Streaming, asyncio.Protocol):
         self.svc = server.service
         self.transit = server.service.transit
         self.admit = server.service.rate_limits.admit
-        self.decoder = C.FrameDecoder(C.MAX_UNAUTHENTICATED_FRAME)
+        self.decoder = DirectDecoder(C.MAX_UNAUTHENTICATED_FRAME,
+                                     big_max=server.service.stream_piece + 4096)
+        self.scratch = memoryview(bytearray(_SCRATCH))
+        self.direct = False  # the last get_buffer gave the decoder's big frame
         self.transport: asyncio.Transport | None = None
         self.state = HANDSHAKE
         self.principal: Principal | None = None
@@ -191,15 +197,40 @@ class Connection(Streaming, asyncio.Protocol):
 
     # ---- receiving ----------------------------------------------------------------------
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # a big DATA frame under way is read straight into its own buffer (no copies);
+        # anything else into the scratch buffer, which buffer_updated empties
+        view = self.decoder.want()
+        self.direct = view is not None
+        return view if view is not None else self.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state == CLOSED:
+            return
+        decoder = self.decoder
+        try:
+            if self.direct:
+                self.direct = False
+                frames = decoder.filled(nbytes)
+            else:
+                frames = decoder.feed_view(self.scratch[:nbytes])
+        except ProtocolError as e:
+            self._fatal(0, str(e))
+            return
+        self._received(frames)
+
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
             return
-        self.activity += 1
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as e:
             self._fatal(0, str(e))
             return
+        self._received(frames)
+
+    def _received(self, frames: list[C.Frame]) -> None:
+        self.activity += 1
         held = self.decoder.buffered
         if held != self.buffered:
             self._hold(held - self.buffered)
