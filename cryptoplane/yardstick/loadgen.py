@@ -312,16 +312,18 @@ async def _run_async(spec: Spec) -> Outcome:
 STREAM_WINDOW = 4  # pieces sent ahead of the ciphertext received (as the client's window)
 
 
-class _StreamLoad(asyncio.Protocol):
+class _StreamLoad(asyncio.BufferedProtocol):
     """One client's ENCRYPT_STREAM of ``size`` bytes: the REQUEST, then DATA pieces of the
     server's ``stream_piece`` (the same piece of bytes each time, its header made once),
     at most ``STREAM_WINDOW`` pieces ahead of the answers; the answers are counted, not
-    kept (a header parser skips their payloads without copying them)."""
+    kept: read into ``scratch`` (one buffer for every client of the process, consumed
+    before the next read) and skipped by a header parser, never copied into bytes."""
 
-    def __init__(self, spec: Spec, piece_data: bytes) -> None:
+    def __init__(self, spec: Spec, piece_data: bytes, scratch: memoryview) -> None:
         loop = asyncio.get_running_loop()
         self.spec = spec
         self.piece_data = piece_data
+        self.scratch = scratch
         self.transport: asyncio.Transport | None = None
         self.welcome: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -369,15 +371,24 @@ class _StreamLoad(asyncio.Protocol):
         if out:
             self.transport.writelines(out)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received(self.scratch[:nbytes])
+
     def data_received(self, data: bytes) -> None:
+        self._received(memoryview(data))
+
+    def _received(self, view: memoryview) -> None:
         if not self.ready:  # the WELCOME (small): kept until whole
-            self.head += data
+            self.head += view
             if len(self.head) < 24:
                 return
             length, _v, ftype, _fl, _fid, _op, status, klen, _r = _HEAD.unpack_from(self.head)
             if len(self.head) < length + 4:
                 return
-            frame, data = self.head[:length + 4], self.head[length + 4:]
+            frame, view = self.head[:length + 4], memoryview(self.head[length + 4:])
             self.head = b""
             if ftype != FrameType.WELCOME or status != Status.OK:
                 self.welcome.set_exception(ConnectionError(f"handshake refused: {status}"))
@@ -385,8 +396,7 @@ class _StreamLoad(asyncio.Protocol):
             self.ready = True
             self.welcome.set_result(json.loads(codec.decode_fields(frame[24 + klen:]).get(
                 Field.JSON, b"{}")))
-        view = memoryview(data)
-        pos, end = 0, len(data)
+        pos, end = 0, len(view)
         while pos < end:
             if self.skip:
                 n = min(self.skip, end - pos)
@@ -433,10 +443,11 @@ async def _run_streams_async(spec: Spec) -> dict[str, Any]:
     endpoint = codec_endpoint(spec.url)
     ctx = ssl_context(spec)
     piece_data = os.urandom(1 << 20)
+    scratch = memoryview(bytearray(256 * 1024))
     conns: list[_StreamLoad] = []
     for _ in range(spec.connections):
         _, proto = await loop.create_connection(
-            lambda: _StreamLoad(spec, piece_data), endpoint[1], int(endpoint[2]), ssl=ctx,
+            lambda: _StreamLoad(spec, piece_data, scratch), endpoint[1], int(endpoint[2]), ssl=ctx,
             server_hostname=endpoint[1] if ctx else None)
         conns.append(proto)
     for c in conns:
