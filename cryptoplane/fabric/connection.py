@@ -57,6 +57,8 @@ _JOIN_LIMIT: Final = 256 * 1024
 MAX_PING: Final = 64
 # what one receive reads at most, outside big DATA frames (those are read in place)
 _SCRATCH: Final = 256 * 1024
+# after GOAWAY, how long a connection owed nothing waits for its client to close it
+LINGER: Final = 1.0
 
 HANDSHAKE, OPEN, CLOSED = 0, 1, 2
 
@@ -95,6 +97,7 @@ class Connection(Streaming, asyncio.BufferedProtocol):
         self.write_paused = False
         self.draining = False
         self.closing = False
+        self.linger: asyncio.TimerHandle | None = None
         self.sessions: Sessions | None = None
         self.streams: dict[int, Stream] = {}
         self.counts: dict[tuple[int, int], list[int]] = {}
@@ -461,8 +464,11 @@ class Connection(Streaming, asyncio.BufferedProtocol):
                 t.write(b"".join(out))
             else:
                 t.writelines(out)
-        if (self.draining or self.closing) and not self.inflight and self.state != CLOSED:
-            self._close()
+        if not self.inflight and self.state != CLOSED:
+            if self.closing:
+                self._close()
+            elif self.draining:
+                self._linger()
 
     def _pause(self) -> None:
         if not self.read_paused and self.transport is not None and self.state != CLOSED:
@@ -473,10 +479,12 @@ class Connection(Streaming, asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self.state == CLOSED or t.is_closing():
             return
-        if self.draining or self.closing:
+        if self.closing:
             if not self.inflight and not self.out:
                 self._close()
             return
+        if self.draining and not self.inflight and not self.out:
+            self._linger()  # and go on reading: see _linger
         blocked = (self.write_paused or self.starved
                    or self.inflight >= self.server.max_in_flight
                    or self.principal is None or bool(self.held)
@@ -509,9 +517,21 @@ class Connection(Streaming, asyncio.BufferedProtocol):
 
     def _close(self) -> None:
         self.state = CLOSED
+        if self.linger is not None:
+            self.linger.cancel()
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()
+
+    def _linger(self) -> None:
+        """Owed nothing after GOAWAY: wait for the client to close (it does once its own
+        requests here are answered), still reading and answering SHUTTING_DOWN, for at
+        most LINGER seconds. Closing at once would drop requests already on the wire
+        and, with them unread, make the kernel reset the connection: the client could
+        lose answers it had not read yet (the lingering close of HTTP servers)."""
+        if self.linger is None and self.state != CLOSED:
+            loop = asyncio.get_running_loop()
+            self.linger = loop.call_later(LINGER, self._close)
 
     def goaway(self) -> None:
         """Graceful shutdown: GOAWAY now; requests already received are answered, new
