@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
@@ -146,9 +147,12 @@ class _Chunker:
     is read in place where it can be: only the tail (under one chunk, or the last whole
     one) is copied, into ``hold``."""
 
-    __slots__ = ("_hold", "_view", "batch", "counter", "held", "op", "out_size", "size")
+    __slots__ = ("_hold", "_view", "alloc", "batch", "counter", "held", "op", "out_size",
+                 "size")
 
-    def __init__(self, runs: Runs, seal: bool, batch: int) -> None:
+    def __init__(self, runs: Runs, seal: bool, batch: int,
+                 alloc: Callable[[int], bytearray] = bytearray) -> None:
+        self.alloc = alloc  # output buffers (a server recycles them: fabric/bufpool.py)
         self.size, self.out_size = (CHUNK_SIZE, SEALED_SIZE) if seal else (SEALED_SIZE,
                                                                           CHUNK_SIZE)
         self.op = runs.seal_now if seal else runs.open_now
@@ -191,7 +195,7 @@ class _Chunker:
         at = 0  # chunks of ``direct`` done
         while count:
             n = min(count, self.batch)
-            buf = bytearray(n * out_size)
+            buf = self.alloc(n * out_size)  # written whole below
             with memoryview(buf) as dst:
                 filled = 0
                 if first is not None:
@@ -232,8 +236,9 @@ class StreamEncryptJob:
 
     def __init__(self, keys: DataKeys, tenant: str, key_name: str, *,
                  context: bytes | None = None, plane: Plane, piece: int = PIECE,
-                 principal: str = "") -> None:
+                 principal: str = "", alloc: Callable[[int], bytearray] = bytearray) -> None:
         self._keys, self._tenant, self._name, self._context = keys, tenant, key_name, context
+        self._alloc = alloc  # of the pieces returned (a server recycles them)
         self._principal = principal  # who asked, for transit's record of key use
         self._plane = plane
         self._batch = _piece_chunks(piece)
@@ -259,7 +264,7 @@ class StreamEncryptJob:
             raise InvalidRequest("transit gave no 256-bit data key")
         header, salt = _pack_header(wrapped)
         runs = Runs(_chunk_key(data_key, salt, header), self._plane)
-        self._chunker = _Chunker(runs, True, self._batch)
+        self._chunker = _Chunker(runs, True, self._batch, self._alloc)
         return header
 
     def _open(self) -> _Chunker:
@@ -294,8 +299,9 @@ class StreamDecryptJob:
 
     def __init__(self, keys: DataKeys, tenant: str, key_name: str, *,
                  context: bytes | None = None, plane: Plane, piece: int = PIECE,
-                 principal: str = "") -> None:
+                 principal: str = "", alloc: Callable[[int], bytearray] = bytearray) -> None:
         self._keys, self._tenant, self._name, self._context = keys, tenant, key_name, context
+        self._alloc = alloc  # of the pieces returned (a server recycles them)
         self._principal = principal  # who asked, for transit's record of key use
         self._plane = plane
         self._batch = _piece_chunks(piece)
@@ -383,7 +389,7 @@ class StreamDecryptJob:
             raise InvalidRequest("the wrapped data key is not a 256-bit key")
         salt = header[10:10 + SALT_SIZE]
         runs = Runs(_chunk_key(data_key, salt, header), self._plane)
-        self._chunker = _Chunker(runs, False, self._batch)
+        self._chunker = _Chunker(runs, False, self._batch, self._alloc)
         self._head = bytearray()
         return view
 

@@ -15,13 +15,15 @@ Memory: a big frame's bytearray is allocated whole when its header is in, and co
 whole in ``buffered`` from then on (a peer announcing frames it does not send is charged
 for them, as the server's budget and frame timeout expect); ``big_max`` bounds it (the
 stream piece and a little). Payload views keep their bytearray alive until dropped; a
-bytearray is never written again once its frame is handed out.
+bytearray is not written again while its frame's payload is referenced (``bufpool``
+recycles it after).
 """
 
 from __future__ import annotations
 
 from typing import Final, cast
 
+from .bufpool import RECEIVED
 from .codec import (
     HEADER_SIZE,
     MAX_FRAME,
@@ -128,7 +130,7 @@ class DirectDecoder(FrameDecoder):
         self._got = pos
 
     def _open(self, total: int) -> None:
-        self._big = bytearray(total)
+        self._big = RECEIVED.take(total)  # recycled: every byte is written before use
         self._view = memoryview(self._big)
         self._got = 0
 

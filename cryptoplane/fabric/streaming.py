@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any, Final
 
 from . import codec as C
+from .bufpool import SEALED
 from .bulk import StreamDecryptJob, StreamEncryptJob
 from .codec import Field, FrameType, Op
 from .dispatch import BIG, error_answer
@@ -57,7 +58,8 @@ class Streaming(Handling):
                      out: list[Any]) -> None:
         cls = StreamEncryptJob if f.op == Op.ENCRYPT_STREAM else StreamDecryptJob
         job = cls(self.transit, self.tenant, name, context=fields.get(Field.CONTEXT),
-                  plane=self.svc.plane, piece=self.svc.stream_piece, principal=self.label)
+                  plane=self.svc.plane, piece=self.svc.stream_piece, principal=self.label,
+                  alloc=SEALED.take)
         stream = Stream(f.id, f.op, job)
         self.streams[f.id] = stream
         self.ids.add(f.id)

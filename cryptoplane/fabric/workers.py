@@ -72,6 +72,8 @@ class Workers:
             except BaseException as exc:  # the owner turns it into an answer
                 result, error = None, exc
             done.append((owner, token, result, error))
+            # what the job read (a stream piece's buffer) is not kept while we wait
+            job = fn = args = result = None  # type: ignore[assignment]
             # appended before the flag is read; _collect clears the flag before draining
             if not self._rung:
                 self._rung = True

@@ -70,3 +70,22 @@ def test_big_frame_is_charged_whole_and_checked() -> None:
     bad[4] = 99  # version
     with pytest.raises(ProtocolError):
         DirectDecoder(big_min=1024).feed_view(memoryview(bytes(bad) + b"x" * 100))
+
+
+def test_pool_recycles_only_unreferenced_buffers() -> None:
+    from cryptoplane.fabric.bufpool import BufferPool
+
+    pool = BufferPool(keep=2, least=16)
+    a = pool.take(100)
+    view = memoryview(a)[10:]
+    del a
+    b = pool.take(100)  # ``a`` is still seen through ``view``: a fresh one
+    assert b is not view.obj
+    first = id(view.obj)  # not a reference: that would keep it in use
+    del view
+    c = pool.take(100)
+    assert id(c) == first  # nothing refers to it any more
+    del b, c
+    assert len(pool.take(8)) == 8  # small ones are not pooled
+    d, e, f = pool.take(100), pool.take(100), pool.take(100)
+    assert len({id(d), id(e), id(f)}) == 3  # past ``keep`` in use: fresh, not shared
