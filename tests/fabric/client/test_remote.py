@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -172,3 +172,41 @@ def test_throttled_jobs_go_back_to_the_scheduler_at_once(server: RealServer) -> 
         remote.close()
         with Client(server.url, token=server.token()) as admin:
             admin.set_tenant_limits("tiny", ops=0)
+
+
+def test_jobs_handed_over_one_at_a_time_while_many_are_in_flight_all_end(
+        planes: tuple[cp.Plane, cp.Plane, cp.Remote]) -> None:
+    """With WAKE_BELOW or more on the wire a submit does not wake the engine's loop: the
+    next answer's turn sends what queued meanwhile. Every job must still be sent and end
+    once, and the engine's count of jobs in flight must come back to zero."""
+    from cryptoplane.fabric.remote import WAKE_BELOW
+
+    _, _, remote = planes
+    key = cp.Key.generate("hmac-sha256")
+    n = WAKE_BELOW * 20
+    ended: list[tuple[int, object, BaseException | None]] = []
+    all_done = threading.Event()
+    lock = threading.Lock()
+
+    def done_for(i: int) -> Callable[[object, BaseException | None], None]:
+        def done(result: object, error: BaseException | None) -> None:
+            with lock:
+                ended.append((i, result, error))
+                if len(ended) == n:
+                    all_done.set()
+        return done
+
+    for i in range(n):  # one job per submit, as a dispatcher hands over a trickle
+        assert remote.submit([(cp.Mac(key, b"%d" % i), done_for(i))]) == 1
+    assert all_done.wait(30), f"{n - len(ended)} of {n} jobs never ended"
+    assert sorted(i for i, _, _ in ended) == list(range(n))
+    assert all(e is None for _, _, e in ended)
+    local = cp.Plane(engines=["inline"])
+    try:
+        assert all(r == local.run(cp.Mac(key, b"%d" % i)) for i, r, _ in ended)
+    finally:
+        local.close()
+    deadline = time.monotonic() + 5
+    while remote.inflight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert remote.inflight == 0
