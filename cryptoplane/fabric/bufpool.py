@@ -11,8 +11,8 @@ never handed out twice.
 
 A recycled buffer is not cleared: whoever takes one writes all of it before it is read
 (the chunk kernel fills its output, a frame is handed out once all its bytes are in).
-The pool keeps at most ``keep`` buffers alive (``keep`` MiB for MiB pieces); past that,
-``take`` gives fresh ones that are not kept.
+The pool tracks at most ``keep`` buffers (enough for a few pieces of each of some
+hundred streams); past that, ``take`` gives fresh ones that are not tracked.
 """
 
 from __future__ import annotations
@@ -31,12 +31,16 @@ def _refs_in_loop() -> int:
 
 
 class BufferPool:
-    """Thread-safe: workers take outputs, the loop takes receive buffers."""
+    """Thread-safe: workers take outputs, the loop takes receive buffers. ``trim`` (the
+    server's watchdog calls it) lets go of free buffers past ``spare``, so memory that a
+    burst of streams took goes back within a sweep of its end."""
 
-    def __init__(self, keep: int = 32, least: int = 64 * 1024) -> None:
+    def __init__(self, keep: int = 512, least: int = 64 * 1024, spare: int = 8) -> None:
         self.keep = keep
         self.least = least  # smaller buffers are cheap enough fresh
+        self.spare = spare
         self._bufs: list[bytearray] = []
+        self._at = 0  # where the next search starts: the oldest buffers come free first
         self._lock = threading.Lock()
         self._free_refs = _refs_in_loop()
 
@@ -47,22 +51,37 @@ class BufferPool:
         refs = self._free_refs
         getrefcount = sys.getrefcount
         with self._lock:
-            for b in self._bufs:
-                if len(b) == n and getrefcount(b) == refs:
+            bufs = self._bufs
+            count = len(bufs)
+            at = self._at
+            for _ in range(count):
+                if at >= count:
+                    at = 0
+                b = bufs[at]
+                at += 1
+                if len(b) == n and getrefcount(b) == refs:  # the list's and ``b``'s alone
+                    self._at = at
                     return b
             buf = bytearray(n)
-            if len(self._bufs) < self.keep:
-                self._bufs.append(buf)
-                return buf
-            # full of buffers in use or of other sizes: replace one of another size that
-            # is free, else leave this one out
-            i = -1
-            for b in self._bufs:  # the same loop as _refs_in_loop's: the same count
-                i += 1
-                if len(b) != n and getrefcount(b) == refs:
-                    self._bufs[i] = buf
-                    break
+            if count < self.keep:
+                bufs.append(buf)
             return buf
+
+    def trim(self) -> None:
+        """Drop the free buffers past ``spare``."""
+        refs = self._free_refs
+        getrefcount = sys.getrefcount
+        with self._lock:
+            kept: list[bytearray] = []
+            free = 0
+            for b in self._bufs:  # the same loop as _refs_in_loop's: the same count
+                if getrefcount(b) == refs:
+                    free += 1
+                    if free > self.spare:
+                        continue
+                kept.append(b)
+            self._bufs = kept
+            self._at = 0
 
     def clear(self) -> None:
         with self._lock:

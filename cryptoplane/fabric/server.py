@@ -30,6 +30,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from ..exceptions import InvalidRequest
+from . import bufpool
 from . import codec as C
 from .connection import HANDSHAKE, Connection
 from .http import OpsHttp
@@ -314,6 +315,8 @@ class Server:
                 c.recheck()
         self.service.metrics.set_in_flight(in_flight)
         self.rotate_due()
+        bufpool.RECEIVED.trim()  # the stream buffers a burst left free go back
+        bufpool.SEALED.trim()
 
     # -- shutdown ------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ def test_big_frame_is_charged_whole_and_checked() -> None:
 def test_pool_recycles_only_unreferenced_buffers() -> None:
     from cryptoplane.fabric.bufpool import BufferPool
 
-    pool = BufferPool(keep=2, least=16)
+    pool = BufferPool(keep=2, least=16, spare=2)
     a = pool.take(100)
     view = memoryview(a)[10:]
     del a
@@ -89,3 +89,7 @@ def test_pool_recycles_only_unreferenced_buffers() -> None:
     assert len(pool.take(8)) == 8  # small ones are not pooled
     d, e, f = pool.take(100), pool.take(100), pool.take(100)
     assert len({id(d), id(e), id(f)}) == 3  # past ``keep`` in use: fresh, not shared
+    del d, e, f
+    pool.spare = 1
+    pool.trim()  # free ones past ``spare`` go
+    assert len(pool._bufs) == 1
