@@ -102,9 +102,10 @@ def render(report: rs.Report, console: Console) -> None:
               help="Requests the load generator keeps in flight per connection.")
 @click.option("--load-processes", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Load generator processes for the pipelined figures.")
-@click.option("--only", type=click.Choice(["remote-engine"]), default=None,
+@click.option("--only", type=click.Choice(["remote-engine", "stream"]), default=None,
               help="Measure only this section (remote-engine: a plane on core 0 with and "
-                   "without a remote engine to a server pinned to core 1).")
+                   "without a remote engine to a server pinned to core 1; stream: "
+                   "encrypt_stream from --stream-clients clients, plain TCP).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout "
               "(the tables go to stderr).")
 @click.option("--check", is_flag=True, help="Exit 1 when a target is missed.")
@@ -134,7 +135,7 @@ def remote_speed(duration: float | None, quick: bool, skip_kmip: bool, tls_mode:
         kw["stream_size"] = parse_size(stream_size, least=1 << 20)
     cfg = rs.Config.quick_config(**kw) if quick else rs.Config(**kw)  # type: ignore[arg-type]
     if only and server:
-        raise click.UsageError("--only remote-engine starts its own pinned server")
+        raise click.UsageError("--only starts its own server")
     if server and server.startswith("tls://") and not (ca and cert and cert_key):
         raise click.UsageError("a tls:// --server needs --ca, --cert and --key")
     console = Console(stderr=True)

@@ -110,7 +110,8 @@ class Config:
     load_processes: int = 1
     batch: int = 1000
     # "remote-engine": only the plane-with-a-remote-engine figures (one pinned server;
-    # issue 16's acceptance 4 in a fraction of the run's time)
+    # issue 16's acceptance 4 in a fraction of the run's time); "stream": only the
+    # encrypt_stream figure (one plain TCP server)
     only: str | None = None
 
     @classmethod
@@ -729,6 +730,12 @@ def run(cfg: Config, progress: Progress | None = None) -> Report:
             measure_streams(server, cfg, report, say)
             report.notes.append(f"measured {cfg.server}; the remote-engine section needs "
                                 "servers of the command's own (pinned), and was left out")
+        elif cfg.only == "stream":
+            say("starting a server")
+            with local_server(folder) as srv:
+                report.meta["server_pids"] = [srv.pid]
+                prepare_keys(srv)
+                measure_streams(srv, cfg, report, say)
         elif cfg.only == "remote-engine":
             say("starting a server pinned to core 1")
             with local_server(folder, cpu=1, name="pinned") as pinned:

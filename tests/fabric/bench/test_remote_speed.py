@@ -76,3 +76,16 @@ def test_quick_run_gives_every_figure() -> None:
     pids = report["meta"]["server_pids"]
     assert len(pids) == 3
     assert not [p for p in pids if _alive(p)], "a server outlived the command"
+
+
+@pytest.mark.timeout(120)
+def test_only_stream_measures_just_the_streams() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cryptoplane", "remote-speed", "--only", "stream", "--json",
+         "--stream-clients", "3", "--stream-size", "2M"],
+        capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert [(f["section"], f["name"]) for f in report["figures"]] == [
+        ("stream", "encrypt_stream, 3 clients x 2 MiB")]
+    assert report["figures"][0]["value"] > 0
