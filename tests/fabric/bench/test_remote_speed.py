@@ -89,3 +89,20 @@ def test_only_stream_measures_just_the_streams() -> None:
     assert [(f["section"], f["name"]) for f in report["figures"]] == [
         ("stream", "encrypt_stream, 3 clients x 2 MiB")]
     assert report["figures"][0]["value"] > 0
+
+
+@pytest.mark.timeout(150)
+def test_only_remote_engine_measures_just_the_plane_with_a_remote_engine() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cryptoplane", "remote-speed", "--only", "remote-engine",
+         "--quick", "--json"],
+        capture_output=True, text=True, timeout=140, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert {f["section"] for f in report["figures"]} == {"remote engine"}
+    assert all(f["value"] > 0 for f in report["figures"])
+    assert [r["name"] for r in report["ratios"]] == [
+        "remote engine: RSA sign, plane+remote / plane alone",
+        "remote engine: 64 B AEAD cost of adding it (1 - ratio)"]
+    pids = report["meta"]["server_pids"]
+    assert len(pids) == 1 and not _alive(pids[0]), "the server outlived the command"
