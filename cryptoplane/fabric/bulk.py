@@ -53,9 +53,10 @@ switching). The plane should have an inline engine (``Plane()`` does): chunks th
 its fast path in the calling thread; without one each run is a queued request.
 
 The jobs return fresh ``bytearray`` pieces that they never touch again: send them as they
-are (``writelines`` after ``codec.header_bytes``), no copy needed. An encrypt piece is at
-most ``sealed_size(piece)`` bytes (1 MiB + 256 by default), a decrypt piece at most
-``piece`` bytes.
+are (``writelines`` after ``codec.header_bytes``), no copy needed. ``alloc`` makes them
+(default ``bytearray``; the server's recycles buffers nothing refers to any more). An
+encrypt piece is at most ``sealed_size(piece)`` bytes (1 MiB + 256 by default), a decrypt
+piece at most ``piece`` bytes.
 """
 
 from __future__ import annotations
