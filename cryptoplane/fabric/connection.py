@@ -77,6 +77,7 @@ class Connection(Streaming, asyncio.BufferedProtocol):
                                      big_max=server.service.stream_piece + 4096)
         self.scratch = memoryview(bytearray(_SCRATCH))
         self.direct = False  # the last get_buffer gave the decoder's big frame
+        self.after_big = False  # a big frame just completed: read only a header next
         self.transport: asyncio.Transport | None = None
         self.state = HANDSHAKE
         self.principal: Principal | None = None
@@ -204,10 +205,17 @@ class Connection(Streaming, asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # a big DATA frame under way is read straight into its own buffer (no copies);
-        # anything else into the scratch buffer, which buffer_updated empties
+        # anything else into the scratch buffer, which buffer_updated empties. Right
+        # after a big frame, only a header: the next is likely big too, and its payload
+        # then goes straight to its buffer instead of through the scratch
         view = self.decoder.want()
         self.direct = view is not None
-        return view if view is not None else self.scratch
+        if view is not None:
+            return view
+        if self.after_big:
+            self.after_big = False
+            return self.scratch[:C.HEADER_SIZE]
+        return self.scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.state == CLOSED:
@@ -217,6 +225,7 @@ class Connection(Streaming, asyncio.BufferedProtocol):
             if self.direct:
                 self.direct = False
                 frames = decoder.filled(nbytes)
+                self.after_big = bool(frames)
             else:
                 frames = decoder.feed_view(self.scratch[:nbytes])
         except ProtocolError as e:
