@@ -25,15 +25,16 @@ from typing import Final, cast
 
 from .bufpool import RECEIVED
 from .codec import (
+    HEADER,
     HEADER_SIZE,
     MAX_FRAME,
     Frame,
     FrameDecoder,
     FrameType,
-    _unpack_header,
 )
 
 _DATA: Final = int(FrameType.DATA)
+_unpack_header = HEADER.unpack_from
 
 
 class DirectDecoder(FrameDecoder):
