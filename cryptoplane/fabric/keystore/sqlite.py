@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,12 +37,27 @@ class SqliteKeystore(Keystore):
         self._conn = sqlite3.connect(self.path, isolation_level=None,
                                      check_same_thread=False,
                                      timeout=BUSY_TIMEOUT_MS / 1000)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._wal()
         # FULL: a key whose creation returned must survive a power cut, or data
         # encrypted under it is lost; key changes are rare enough to pay the fsync
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    def _wal(self) -> None:
+        """Switches a new file to WAL. SQLite answers "database is locked" at once,
+        without its busy handler, when several processes or threads make that switch
+        together (several servers started at once over one new file): retry it for as
+        long as busy_timeout would have waited."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def __repr__(self) -> str:
         return f"SqliteKeystore({self.path!r})"
