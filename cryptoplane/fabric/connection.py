@@ -5,7 +5,7 @@ control and closing. What requests become is ``handling.Handling``; streams are
 Per receive the codec splits every complete frame at once, each is handled, and the
 answers go out together in one write. Big DATA frames (stream pieces) are read straight
 into a buffer of their own (``framebuf``), the rest into one scratch buffer. Answers of
-jobs at the worker threads come back in batches (``workers.Workers``) and are written
+jobs at the worker threads come back in batches (``cryptoplane.offload``) and are written
 together too.
 
 Limits: frames of at most 16 KiB until the handshake is done (and it must be done within

@@ -30,12 +30,12 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from ..exceptions import InvalidRequest
+from ..offload import Offloader
 from . import bufpool
 from . import codec as C
 from .connection import HANDSHAKE, Connection
 from .http import OpsHttp
 from .service import Service
-from .workers import Workers
 
 log = logging.getLogger("cryptoplane.fabric")
 
@@ -120,9 +120,9 @@ class Server:
         self._watchdog: asyncio.Task[None] | None = None
         self._empty: asyncio.Event | None = None
         self._unsubscribe: Callable[[], None] | None = None
-        self._workers: Workers | None = None
-        self._admin: Workers | None = None
-        self._auth: Workers | None = None
+        self._workers: Offloader | None = None
+        self._admin: Offloader | None = None
+        self._auth: Offloader | None = None
         self.recheck_period = RECHECK_PERIOD
         self._rechecked = 0.0
         self._unix_paths: list[str] = []
@@ -136,17 +136,17 @@ class Server:
         return self._loop
 
     @property
-    def workers(self) -> Workers:
+    def workers(self) -> Offloader:
         assert self._workers is not None
         return self._workers
 
     @property
-    def admin(self) -> Workers:
+    def admin(self) -> Offloader:
         assert self._admin is not None
         return self._admin
 
     @property
-    def auth(self) -> Workers:
+    def auth(self) -> Offloader:
         """Token checks: a thread of their own, so slow key generations on the admin
         threads never hold up a handshake."""
         assert self._auth is not None
@@ -196,9 +196,11 @@ class Server:
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._empty = asyncio.Event()
-        self._workers = Workers(loop, self.worker_count, "cryptoplane-fabric")
-        self._admin = Workers(loop, self.admin_count, "cryptoplane-fabric-admin")
-        self._auth = Workers(loop, 1, "cryptoplane-fabric-auth")
+        # signatures and stream pieces: short jobs, so completions may wait for the next
+        # (admin jobs may be key generations: those ring at once)
+        self._workers = Offloader(loop, self.worker_count, "cryptoplane-fabric", coalesce=32)
+        self._admin = Offloader(loop, self.admin_count, "cryptoplane-fabric-admin")
+        self._auth = Offloader(loop, 1, "cryptoplane-fabric-auth")
         try:
             for kind, host, port in self.specs:
                 if kind == "unix":

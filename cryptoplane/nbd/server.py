@@ -7,9 +7,9 @@ device durable, whichever connection (thread) issued it (``FileDevice`` fdatasyn
 one shared descriptor). A WRITE reaches the device only once its whole payload arrived.
 
 Small requests run inline on the event loop (a thread hop costs more than a 4 KiB
-read); big ones run on worker threads (``offload.py``: one per core, completions handed
-back in batches) so the loop keeps receiving while the device (decryption, for a volume)
-works without the GIL. Every request parsed from one receive
+read); big ones run on worker threads (``cryptoplane/offload.py``: one per core,
+completions handed back in batches) so the loop keeps receiving while the device
+(decryption, for a volume) works without the GIL. Every request parsed from one receive
 is handled before the replies go out together: in one ``os.writev`` while the
 transport has nothing queued (it copies without the GIL, which uvloop's ``writelines``
 holds), else through the transport. Per connection the number
@@ -45,8 +45,8 @@ from cryptoplane.nbd import protocol as P
 from cryptoplane.nbd.blockdev import BlockDevice
 from cryptoplane.nbd.exports import INLINE_LIMIT, Export, errno_of, trim
 from cryptoplane.nbd.limits import Budget, Limits, ReplyBuffer, Watchdog
-from cryptoplane.nbd.offload import Offloader
 from cryptoplane.nbd.tls import ServerTLS, start_tls
+from cryptoplane.offload import Offloader
 
 log = logging.getLogger("cryptoplane.nbd")
 

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("scheduler", ("cryptoplane.scheduler",)),
     ("plane", ("cryptoplane.plane",)),
     ("consumers", ("cryptoplane.volume", "cryptoplane.nbd", "cryptoplane.stream",
-                   "cryptoplane.telemetry")),
+                   "cryptoplane.telemetry", "cryptoplane.offload")),
     ("package", ("cryptoplane",)),  # the facade: ``import cryptoplane as cp``
     ("tools", ("cryptoplane.cli", "cryptoplane.__main__", "cryptoplane.yardstick")),
 ]
