@@ -87,6 +87,18 @@ def item_fields(item: dict[str, object]) -> bytes:
     return codec.encode_fields(out)
 
 
+def _cipher_fields(tag: int, payload: bytes, aad: bytes, context: bytes | None
+                   ) -> dict[int, bytes]:
+    """What encrypt, decrypt and rewrap send: the payload, its AAD and derivation
+    context (each only when given)."""
+    f: dict[int, bytes] = {tag: payload}
+    if aad:
+        f[Field.AAD] = aad
+    if context is not None:
+        f[Field.CONTEXT] = context
+    return f
+
+
 def answer_fields(frame: Frame) -> dict[int, bytes]:
     """The fields of an answer, raising its error for an error status."""
     if frame.status != Status.OK:
@@ -245,31 +257,19 @@ class AsyncClient:
                 FrameType.REQUEST, Op.ENCRYPT, _key(key),
                 _pack_field(Field.DATA, len(plaintext)) + plaintext, False, timeout, None,
                 _DECODERS[Op.ENCRYPT])
-        f: dict[int, bytes] = {Field.DATA: plaintext}
-        if aad:
-            f[Field.AAD] = aad
-        if context is not None:
-            f[Field.CONTEXT] = context
+        f = _cipher_fields(Field.DATA, plaintext, aad, context)
         if version is not None:
             f[Field.VERSION] = codec.u32(version)
         return await self._data(Op.ENCRYPT, key, f, timeout)  # type: ignore[no-any-return]
 
     async def decrypt(self, key: str, ciphertext: bytes, *, aad: bytes = b"",
                       context: bytes | None = None, timeout: float | None = None) -> bytes:
-        f: dict[int, bytes] = {Field.CIPHERTEXT: ciphertext}
-        if aad:
-            f[Field.AAD] = aad
-        if context is not None:
-            f[Field.CONTEXT] = context
+        f = _cipher_fields(Field.CIPHERTEXT, ciphertext, aad, context)
         return await self._data(Op.DECRYPT, key, f, timeout)  # type: ignore[no-any-return]
 
     async def rewrap(self, key: str, ciphertext: bytes, *, aad: bytes = b"",
                      context: bytes | None = None, timeout: float | None = None) -> bytes:
-        f: dict[int, bytes] = {Field.CIPHERTEXT: ciphertext}
-        if aad:
-            f[Field.AAD] = aad
-        if context is not None:
-            f[Field.CONTEXT] = context
+        f = _cipher_fields(Field.CIPHERTEXT, ciphertext, aad, context)
         return await self._data(Op.REWRAP, key, f, timeout)  # type: ignore[no-any-return]
 
     async def datakey(self, key: str, *, bits: int = 256, plaintext: bool = True,
