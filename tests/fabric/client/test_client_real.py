@@ -297,7 +297,7 @@ def test_a_stream_whose_server_dies_raises_connection_lost(tmp_path: Path) -> No
 def test_connects_and_pipelines_from_a_uvloop_loop(server: RealServer) -> None:
     """uvloop's transports are not ``asyncio.Transport`` subclasses: the client must take
     them as they are (it once asserted the class and could not connect)."""
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop  # a dependency of the package: never missing
     token = server.token()
 
     async def main() -> None:

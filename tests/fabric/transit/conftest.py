@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from transitkit import ALL_TYPES, TENANT
 
 import cryptoplane as cp
-from cryptoplane.fabric.keytypes import KeyType
 from cryptoplane.fabric.transit import MemoryKeySource, Transit
 from cryptoplane.fabric.transit.material import new_wrapping_key
-
-TENANT = "t1"
-ALL_TYPES = list(KeyType)
-AEAD_TYPES = [KeyType.AES256_GCM, KeyType.CHACHA20_POLY1305]
-SIGNING_TYPES = [KeyType.RSA_2048, KeyType.RSA_3072, KeyType.RSA_4096,
-                 KeyType.ECDSA_P256, KeyType.ECDSA_P384, KeyType.ED25519]
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import struct
 from collections.abc import Callable
 
 import pytest
-from conftest import TENANT
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transitkit import TENANT
 
 from cryptoplane.exceptions import CryptoplaneError, InvalidRequest, KeyRejected
 from cryptoplane.fabric.transit import (

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import AEAD_TYPES, SIGNING_TYPES, TENANT
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from transitkit import AEAD_TYPES, SIGNING_TYPES, TENANT
 
 from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest
 from cryptoplane.fabric.keytypes import KeyType

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import TENANT
+from transitkit import TENANT
 
 from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest
 from cryptoplane.fabric.errors import KeyNotFound, KeyVersionRejected

@@ -8,11 +8,11 @@ import threading
 import time
 
 import pytest
-from conftest import TENANT
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from transitkit import TENANT
 
 from cryptoplane.exceptions import AuthenticationFailed, InvalidRequest, KeyRejected
 from cryptoplane.fabric.errors import (
