@@ -62,6 +62,7 @@ class FrameType(enum.IntEnum):
     GOAWAY = 8          # server -> client: draining, send nothing new on this connection
     PING = 9
     PONG = 10
+    EVENT = 11          # manager -> client: JSON, id 0: something about its grants changed
 
 
 class Flag(enum.IntFlag):
@@ -107,6 +108,20 @@ class Op(enum.IntEnum):
     DECRYPT_STREAM = 97
     # operator (admin scope)
     TENANT_LIMITS = 112
+    # a crypto server under a manager: the connection's grant (capability token)
+    GRANT_PRESENT = 113
+    # the manager (docs/fabric-manager.md): servers
+    SERVER_REGISTER = 128
+    SERVER_HEARTBEAT = 129
+    SERVER_LEAVE = 130
+    # the manager: quotas and grants
+    GRANT_REQUEST = 136
+    GRANT_RENEW = 137
+    GRANT_RELEASE = 138
+    GRANT_LIST = 139
+    GRANT_REVOKE = 140
+    FABRIC_STATUS = 141
+    WATCH = 142
 
 
 class Field(enum.IntEnum):
@@ -331,7 +346,7 @@ class FrameDecoder:
     def _check_header(version: int, ftype: int, klen: int, length: int) -> None:
         if version != VERSION:
             raise ProtocolError(f"unsupported protocol version {version}")
-        if not 1 <= ftype <= 10:
+        if not 1 <= ftype <= 11:
             raise ProtocolError(f"unknown frame type {ftype}")
         if klen > MAX_KEY_REF:
             raise ProtocolError(f"key reference of {klen} bytes exceeds {MAX_KEY_REF}")

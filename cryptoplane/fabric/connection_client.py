@@ -203,6 +203,8 @@ class ClientConnection(asyncio.Protocol):
                 self._queue([codec.encode_frame(FrameType.PONG, f.id, payload=f.payload)])
             elif t == FrameType.PONG:
                 pass
+            elif t == FrameType.EVENT:
+                owner.event(self, f)
             else:
                 self._abort(ProtocolError(f"unexpected frame type {t} from the server"))
                 return
@@ -429,19 +431,24 @@ def read_field(payload: bytes, tag: int) -> bytes:
     return b""
 
 
-def hello_frame(token: str | None, name: str) -> bytes:
+def hello_frame(token: str | None, name: str,
+                extra: dict[str, Any] | None = None) -> bytes:
+    """HELLO; ``extra`` adds fields (``grant``: a manager's capability token)."""
     obj: dict[str, Any] = {"versions": [codec.VERSION], "client": name or "cryptoplane"}
     if token:
         obj["token"] = token
+    if extra:
+        obj.update(extra)
     return codec.encode_json_frame(FrameType.HELLO, obj)
 
 
 async def connect(owner: Any, endpoint: Endpoint, *, token: str | None, name: str,
-                  ssl: ssl_module.SSLContext | None, timeout: float
+                  ssl: ssl_module.SSLContext | None, timeout: float,
+                  extra: dict[str, Any] | None = None
                   ) -> tuple[ClientConnection, dict[str, Any]]:
     """Open one connection and complete its handshake; (connection, WELCOME fields)."""
     loop = asyncio.get_running_loop()
-    hello = hello_frame(token, name)
+    hello = hello_frame(token, name, extra)
 
     def factory() -> ClientConnection:
         return ClientConnection(owner, endpoint, hello, loop)

@@ -56,6 +56,17 @@ class Throttled(QuotaExceeded):
         self.retry_after = retry_after
 
 
+class QuotaRefused(QuotaExceeded):
+    """A manager refused a quota: granting it would pass the pool's capacity (times its
+    overcommit factor). ``left`` is what it could still grant, per algorithm class:
+    ``{class: {"ops": ops/s, "bytes": bytes/s}}``."""
+
+    def __init__(self, message: str, *, left: dict[str, dict[str, float]] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.left = left or {}
+
+
 class ProtocolError(InvalidRequest):
     """The peer broke the wire protocol; the connection cannot continue."""
 
@@ -82,6 +93,7 @@ __all__ = [
     "KeyVersionRejected",
     "PolicyViolation",
     "ProtocolError",
+    "QuotaRefused",
     "ServerError",
     "ShuttingDown",
     "Throttled",

@@ -61,7 +61,8 @@ class Pool:
     def __init__(self, urls: Sequence[str], *, token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connections: int = 2,
                  timeout: float = 30.0, name: str = "", fail_fast: bool = False,
-                 max_retry_wait: float = math.inf, silence: float = SILENCE) -> None:
+                 max_retry_wait: float = math.inf, silence: float = SILENCE,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         if not urls:
             raise ValueError("at least one server URL is needed")
         self.endpoints = [Endpoint(u) for u in urls]
@@ -75,6 +76,10 @@ class Pool:
         # engine: local engines can take the work rather than wait)
         self.max_retry_wait = max_retry_wait
         self.silence = silence
+        # EVENT frames (a manager's pushes), as their JSON; ignored when None
+        self.on_event = on_event
+        # more HELLO fields for connections opened from now on (``grant``)
+        self.hello_extra: dict[str, Any] = {}
         self.conns: list[ClientConnection] = []
         self.info: dict[str, Any] = {}  # the last WELCOME
         self.waiting: deque[Call] = deque()
@@ -128,7 +133,8 @@ class Pool:
             try:
                 conn, info = await connect(self, endpoint, token=self.token,
                                            name=self.name, ssl=self.ssl,
-                                           timeout=min(self.timeout, 10.0))
+                                           timeout=min(self.timeout, 10.0),
+                                           extra=self.hello_extra)
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # refused, reset, TLS, Unauthorized...
@@ -346,6 +352,16 @@ class Pool:
             waiting, self.waiting = list(self.waiting), deque()
             for call in waiting:
                 self._dispatch(call)
+
+    def event(self, conn: ClientConnection, frame: Frame) -> None:
+        """An EVENT frame: a manager telling this client that its grants changed."""
+        if self.on_event is None:
+            return
+        try:
+            obj = codec.decode_json_payload(frame.payload)
+        except ProtocolError:
+            return  # a malformed push is not worth the connection; renewal re-syncs
+        self.on_event(obj)
 
     def goaway(self, conn: ClientConnection) -> None:
         self.counters["goaways"] += 1
