@@ -8,6 +8,7 @@ from .. import __version__
 from .engines import engines
 from .keys import keys
 from .keystore import keystore
+from .manager import fabric, manager_cmd, quota
 from .remote_speed import remote_speed
 from .serve import serve
 from .server import server_cmd, tenants, tokens
@@ -47,6 +48,9 @@ stream.add_command(stream_bench)
 cli.add_command(stream)
 # the fabric: the crypto server, and operator commands acting on its keystore
 for command in (server_cmd, tokens, tenants):
+    cli.add_command(command)
+# the fabric's manager: run it, ask it for grants, show its pool
+for command in (manager_cmd, quota, fabric):
     cli.add_command(command)
 
 try:  # the speed command lives in its own module
