@@ -93,6 +93,67 @@ MIGRATIONS: tuple[Migration, ...] = (
              value {bigint} NOT NULL)""",
         "INSERT INTO generation (id, value) VALUES (1, 0)",
     )),
+    Migration(4, "fabric: servers, leases, grants", (
+        # the manager's pool (manager/state.py); rates and placements are JSON text
+        """CREATE TABLE fabric_servers (
+             server_id TEXT PRIMARY KEY,
+             address TEXT NOT NULL,
+             capacity TEXT NOT NULL,
+             load TEXT NOT NULL,
+             inflight INTEGER NOT NULL,
+             registered_at {float} NOT NULL,
+             heartbeat_at {float} NOT NULL,
+             lease_expires {float} NOT NULL,
+             manager TEXT NOT NULL)""",
+        "CREATE INDEX fabric_servers_lease ON fabric_servers (lease_expires)",
+        # capacity and what grants placed on each server, per class: admission and
+        # placement read these numbers in SQL rather than parse every server's JSON
+        """CREATE TABLE fabric_capacity (
+             server_id TEXT NOT NULL REFERENCES fabric_servers(server_id) ON DELETE CASCADE,
+             class TEXT NOT NULL,
+             cap_ops {float} NOT NULL,
+             cap_bytes {float} NOT NULL,
+             placed_ops {float} NOT NULL,
+             placed_bytes {float} NOT NULL,
+             PRIMARY KEY (server_id, class))""",
+        # counted: the grant's quota is in fabric_pool.granted and its shares in
+        # fabric_capacity (cleared when it is released, revoked, or found expired)
+        """CREATE TABLE fabric_grants (
+             grant_id TEXT PRIMARY KEY,
+             tenant TEXT NOT NULL,
+             label TEXT NOT NULL,
+             quota TEXT NOT NULL,
+             priority INTEGER NOT NULL,
+             mode TEXT NOT NULL,
+             spread INTEGER NOT NULL,
+             ttl {float} NOT NULL,
+             issued_at {float} NOT NULL,
+             expires_at {float} NOT NULL,
+             released_at {float},
+             revoked_at {float},
+             counted INTEGER NOT NULL,
+             placement TEXT NOT NULL)""",
+        "CREATE INDEX fabric_grants_tenant ON fabric_grants (tenant)",
+        "CREATE INDEX fabric_grants_expiry ON fabric_grants (counted, expires_at)",
+        "CREATE INDEX fabric_grants_revoked ON fabric_grants (revoked_at)",
+        """CREATE TABLE fabric_grant_servers (
+             grant_id TEXT NOT NULL REFERENCES fabric_grants(grant_id) ON DELETE CASCADE,
+             server_id TEXT NOT NULL,
+             class TEXT NOT NULL,
+             ops {float} NOT NULL,
+             bytes {float} NOT NULL,
+             PRIMARY KEY (grant_id, server_id, class))""",
+        "CREATE INDEX fabric_grant_servers_server ON fabric_grant_servers (server_id)",
+        """CREATE TABLE fabric_signing_keys (
+             key_id TEXT PRIMARY KEY,
+             public_b64 TEXT NOT NULL,
+             created_at {float} NOT NULL)""",
+        # one row: admission's lock (SELECT ... FOR UPDATE) and the pool's granted total
+        """CREATE TABLE fabric_pool (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             granted TEXT NOT NULL)""",
+        "INSERT INTO fabric_pool (id, granted) VALUES (1, '{{}}')",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -1,0 +1,123 @@
+"""The rows the manager's state reads and writes: servers and grants as typed values,
+and ``Pool``, the live servers' capacity and placements as one transaction sees them,
+with the changes it makes written back at once. ``state.py`` holds the transactions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import placement as pl
+from .protocol import Grant, GrantServer, Rates
+
+if TYPE_CHECKING:
+    from ..keystore.core import Tx
+
+GRANT_COLS = ("grant_id, tenant, label, quota, priority, mode, spread, ttl, issued_at, "
+              "expires_at, released_at, revoked_at, counted, placement")
+CANDIDATES_SQL = ("SELECT s.server_id, s.address, c.class, c.cap_ops, c.cap_bytes, "
+                  "c.placed_ops, c.placed_bytes FROM fabric_servers s JOIN fabric_capacity c "
+                  "ON c.server_id = s.server_id WHERE s.lease_expires >= ?")
+
+
+@dataclass(frozen=True)
+class ServerRow:
+    server_id: str
+    address: str
+    capacity: Rates
+    load: Rates
+    inflight: int
+    registered_at: float
+    heartbeat_at: float
+    lease_expires: float
+    manager: str
+    read_at: float = 0.0  # the clock when the row was read
+
+    @property
+    def lease_age(self) -> float:
+        """Seconds since the last heartbeat (or registration)."""
+        return max(0.0, self.read_at - self.heartbeat_at)
+
+
+@dataclass
+class ExpiryReport:
+    removed_servers: list[str] = field(default_factory=list)
+    moved: list[Grant] = field(default_factory=list)
+    expired_grants: list[str] = field(default_factory=list)
+    leader: bool = True
+
+
+@dataclass
+class GrantRow:
+    """A grant row as read, before it becomes a ``Grant``."""
+
+    grant: Grant
+    released_at: float | None
+    revoked_at: float | None
+    counted: bool
+
+
+def rates_of(text: Any) -> Rates:
+    value = json.loads(text) if text else {}
+    return value if isinstance(value, dict) else {}
+
+
+def grant_row(r: Sequence[Any]) -> GrantRow:
+    placement = json.loads(r[13]) if r[13] else []
+    servers = [GrantServer(s["server_id"], s["address"], s["rates"]) for s in placement]
+    grant = Grant(grant_id=str(r[0]), tenant=str(r[1]), label=str(r[2]),
+                  quota=rates_of(r[3]),
+                  priority=int(r[4]), mode=str(r[5]), spread=int(r[6]), servers=servers,
+                  issued_at=float(r[8]), expires_at=float(r[9]), ttl=float(r[7]))
+    return GrantRow(grant, None if r[10] is None else float(r[10]),
+                None if r[11] is None else float(r[11]), bool(r[12]))
+
+
+def sql_in(ids: Sequence[str]) -> str:
+    return "(" + ", ".join("?" * len(ids)) + ")"
+
+
+def chunks(items: Sequence[str], n: int = 500) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class Pool:
+    """The live servers as one transaction sees them, with the placement changes it
+    makes, written back at once by ``flush`` (in a fixed order: concurrent transactions
+    lock capacity rows in the same order and cannot deadlock)."""
+
+    def __init__(self, tx: Tx | None, now: float = 0.0,
+                 classes: Sequence[str] | None = None) -> None:
+        if tx is None:  # only to write changes back
+            rows: list[Any] = []
+        elif classes is None:
+            rows = tx.all(CANDIDATES_SQL, now)
+        else:
+            rows = tx.all(CANDIDATES_SQL + " AND c.class IN " + sql_in(classes), now,
+                          *classes)
+        self.live = pl.candidates_from_rows(rows)
+        self.delta: dict[tuple[str, str], list[float]] = {}
+
+    def capacity(self) -> Rates:
+        return pl.totals(self.live.values())
+
+    def add(self, server_id: str, rates: Rates, sign: float = 1.0) -> None:
+        c = self.live.get(server_id)
+        if c is not None:
+            c.add(rates, sign)
+        for cls, rate in rates.items():
+            d = self.delta.setdefault((server_id, cls), [0.0, 0.0])
+            d[0] += sign * rate.get("ops", 0.0)
+            d[1] += sign * rate.get("bytes", 0.0)
+
+    def flush(self, tx: Tx) -> None:
+        # placed rates never go below 0: float dust from many shares is dropped
+        tx.many("UPDATE fabric_capacity SET placed_ops = CASE WHEN placed_ops + ? > 1e-6 "
+                "THEN placed_ops + ? ELSE 0 END, placed_bytes = CASE WHEN placed_bytes + ? "
+                "> 1e-6 THEN placed_bytes + ? ELSE 0 END WHERE server_id = ? AND class = ?",
+                [(d[0], d[0], d[1], d[1], sid, cls)
+                 for (sid, cls), d in sorted(self.delta.items())])
+        self.delta.clear()

@@ -1,0 +1,621 @@
+"""The manager's state, all of it in the keystore's database: servers and their leases,
+grants and where they are placed, the managers' signing keys.
+
+A ``FabricState`` holds nothing but counters, so a manager restart loses nothing and
+several managers can share one PostgreSQL:
+
+- **Admission** runs in one write transaction that first locks the pool's one row
+  (``fabric_pool``, ``SELECT ... FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` already
+  serialises writers): every change to what is granted or placed takes it, so two
+  managers can never both admit into the same room.
+- **Leases**: ``expire()`` may be called by every manager; on PostgreSQL only the one
+  that gets a transaction-scoped advisory lock does the work.
+- **Events** ("moved", "revoked", "servers") go out with ``NOTIFY cryptoplane_fabric``
+  inside the changing transaction, so every manager (this one included) hears them at
+  commit through its own LISTEN; on SQLite (one machine) subscribers are called in
+  process after the commit.
+
+The arithmetic (what fits, which servers, what share) is in ``placement.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..capacity import CLASSES
+from ..errors import KeyNotFound, QuotaRefused
+from . import placement as pl
+from .ledger import (
+    GRANT_COLS,
+    ExpiryReport,
+    GrantRow,
+    Pool,
+    ServerRow,
+    chunks,
+    grant_row,
+    rates_of,
+    sql_in,
+)
+from .protocol import Grant, GrantServer, Heartbeat, QuotaRequest, Rates, Registration
+
+if TYPE_CHECKING:
+    from ..keystore import Keystore
+    from ..keystore.core import Tx
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "cryptoplane_fabric"
+# any constant shared by every manager of one database ("cpfabric")
+EXPIRY_LOCK = 0x6370_6661_6272_6963
+# released and revoked grants are kept this long (revoked_for() reads them)
+KEEP_ENDED = 600.0
+# expired grants an admission clears before it counts (the rest wait for expire())
+SWEEP_BATCH = 200
+LISTEN_WAIT = 5.0
+RETRIES = 5
+
+Event = dict[str, Any]
+EventCallback = Callable[[Event], None]
+T = TypeVar("T")
+
+
+
+class FabricState:
+    """The manager's view of the pool, over ``store``'s database (migrated here if it is
+    older). The store stays the caller's: ``close`` stops only this object's listeners.
+    ``clock`` gives every time stored and compared (tests pass a fake one; ``expire``
+    reads it only once it holds the leader's lock)."""
+
+    def __init__(self, store: Keystore, *, lease_seconds: float = 10.0,
+                 overcommit: float = 1.0, manager_id: str = "manager",
+                 clock: Callable[[], float] = time.time) -> None:
+        if lease_seconds <= 0 or overcommit <= 0:
+            raise ValueError("lease_seconds and overcommit must be above 0")
+        self._store = store
+        self.lease_seconds = float(lease_seconds)
+        self.overcommit = float(overcommit)
+        self.manager_id = manager_id
+        self._clock = clock
+        self._pg = store.dialect == "postgresql"
+        self._subs: list[EventCallback] = []
+        self._lock = threading.Lock()
+        self._stops: list[threading.Event] = []
+        self._threads: list[threading.Thread] = []
+        self.refusals = 0
+        store.migrate()
+
+    def __repr__(self) -> str:
+        return f"FabricState({self.manager_id!r}, {self._store.dialect})"
+
+    # -- transactions and events ------------------------------------------------------
+
+    def _run(self, write: bool, body: Callable[[Tx, list[Event]], T]) -> T:
+        """``body`` in one transaction, retried when PostgreSQL picked it as a deadlock
+        victim; its events go out at commit (NOTIFY in the transaction, or the local
+        subscribers after it)."""
+        for attempt in range(RETRIES):
+            events: list[Event] = []
+            try:
+                with self._store._transaction(write) as tx:
+                    result = body(tx, events)
+                    if self._pg:
+                        for e in events:
+                            tx.one("SELECT pg_notify(?, ?)", CHANNEL, json.dumps(e))
+            except Exception as e:
+                if attempt + 1 < RETRIES and _retryable(e):
+                    time.sleep(0.01 * (attempt + 1))
+                    continue
+                raise
+            if not self._pg:
+                self._deliver(events)
+            return result
+        raise AssertionError("unreachable")
+
+    def _deliver(self, events: Iterable[Event]) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for e in events:
+            for cb in subs:
+                try:
+                    cb(e)
+                except Exception:
+                    log.exception("fabric event subscriber failed")
+
+    def _lock_pool(self, tx: Tx) -> Rates:
+        row = tx.one("SELECT granted FROM fabric_pool WHERE id = 1" + self._store.for_update)
+        return rates_of(row[0]) if row else {}
+
+    def _save_pool(self, tx: Tx, granted: Rates) -> None:
+        tx.run("UPDATE fabric_pool SET granted = ? WHERE id = 1", json.dumps(granted))
+
+    # -- signing keys -----------------------------------------------------------------
+
+    def publish_signing_key(self, key_id: str, public_b64: str) -> None:
+        def body(tx: Tx, _: list[Event]) -> None:
+            tx.run("INSERT INTO fabric_signing_keys (key_id, public_b64, created_at) "
+                   "VALUES (?, ?, ?) ON CONFLICT (key_id) DO NOTHING", key_id, public_b64,
+                   self._clock())
+        self._run(True, body)
+
+    def signing_keys(self) -> dict[str, str]:
+        def body(tx: Tx, _: list[Event]) -> dict[str, str]:
+            return {str(k): str(v) for k, v in tx.all(
+                "SELECT key_id, public_b64 FROM fabric_signing_keys ORDER BY key_id")}
+        return self._run(False, body)
+
+    # -- servers ----------------------------------------------------------------------
+
+    def register(self, reg: Registration) -> None:
+        """Adds the server or renews it (a lapsed server coming back keeps what is
+        placed on it); its lease runs ``lease_seconds`` from now."""
+        def body(tx: Tx, events: list[Event]) -> None:
+            now = self._clock()
+            tx.run("INSERT INTO fabric_servers (server_id, address, capacity, load, "
+                   "inflight, registered_at, heartbeat_at, lease_expires, manager) VALUES "
+                   "(?, ?, ?, '{}', 0, ?, ?, ?, ?) ON CONFLICT (server_id) DO UPDATE SET "
+                   "address = excluded.address, capacity = excluded.capacity, "
+                   "load = excluded.load, inflight = 0, "
+                   "registered_at = excluded.registered_at, "
+                   "heartbeat_at = excluded.heartbeat_at, "
+                   "lease_expires = excluded.lease_expires, manager = excluded.manager",
+                   reg.server_id, reg.address, json.dumps(reg.capacity), now, now,
+                   now + self.lease_seconds, self.manager_id)
+            tx.many("INSERT INTO fabric_capacity (server_id, class, cap_ops, cap_bytes, "
+                    "placed_ops, placed_bytes) VALUES (?, ?, ?, ?, 0, 0) ON CONFLICT "
+                    "(server_id, class) DO UPDATE SET cap_ops = excluded.cap_ops, "
+                    "cap_bytes = excluded.cap_bytes",
+                    [(reg.server_id, cls, reg.capacity.get(cls, {}).get("ops", 0.0),
+                      reg.capacity.get(cls, {}).get("bytes", 0.0)) for cls in sorted(CLASSES)])
+            events.append({"event": "servers"})
+        self._run(True, body)
+
+    def heartbeat(self, beat: Heartbeat) -> bool:
+        """Renews the lease with the server's load; False if the server is unknown or
+        its lease lapsed (it must register again)."""
+        def body(tx: Tx, _: list[Event]) -> bool:
+            now = self._clock()
+            return tx.run("UPDATE fabric_servers SET load = ?, inflight = ?, "
+                          "heartbeat_at = ?, lease_expires = ?, manager = ? WHERE "
+                          "server_id = ? AND lease_expires >= ?", json.dumps(beat.load),
+                          beat.inflight, now, now + self.lease_seconds, self.manager_id,
+                          beat.server_id, now) > 0
+        return self._run(True, body)
+
+    def leave(self, server_id: str) -> list[Grant]:
+        """Removes the server now; returns its grants, moved to the live servers."""
+        def body(tx: Tx, events: list[Event]) -> list[Grant]:
+            now = self._clock()
+            granted = self._lock_pool(tx)
+            removed = self._remove_servers(tx, [server_id], now, None)
+            if not removed:
+                return []
+            events.append({"event": "servers"})
+            moved = self._move_grants_off(tx, removed, now, events)
+            self._save_pool(tx, granted)
+            return moved
+        return self._run(True, body)
+
+    def expire(self) -> ExpiryReport:
+        """Removes servers whose lease lapsed and moves their grants to live servers;
+        clears expired grants from the totals, and deletes grants expired over a ttl ago
+        and released or revoked ones older than ``KEEP_ENDED``. On PostgreSQL one caller
+        at a time does it (``leader``); the others return at once."""
+        def body(tx: Tx, events: list[Event]) -> ExpiryReport:
+            if self._pg:
+                got = tx.one("SELECT pg_try_advisory_xact_lock(?)", EXPIRY_LOCK)
+                if not (got and got[0]):
+                    return ExpiryReport(leader=False)
+            now = self._clock()
+            granted = self._lock_pool(tx)
+            report = ExpiryReport()
+            while self._sweep(tx, now, granted, SWEEP_BATCH * 5) == SWEEP_BATCH * 5:
+                pass
+            report.removed_servers = self._remove_servers(
+                tx, [str(r[0]) for r in tx.all(
+                    "SELECT server_id FROM fabric_servers WHERE lease_expires < ? "
+                    "ORDER BY server_id", now)], now, now)
+            if report.removed_servers:
+                events.append({"event": "servers"})
+                report.moved = self._move_grants_off(tx, report.removed_servers, now, events)
+            report.expired_grants = [str(r[0]) for r in tx.all(
+                "SELECT grant_id FROM fabric_grants WHERE counted = 0 AND released_at IS "
+                "NULL AND revoked_at IS NULL AND expires_at + ttl < ?", now)]
+            for ids in chunks(report.expired_grants):
+                tx.run("DELETE FROM fabric_grant_servers WHERE grant_id IN " + sql_in(ids),
+                       *ids)
+                tx.run("DELETE FROM fabric_grants WHERE grant_id IN " + sql_in(ids), *ids)
+            tx.run("DELETE FROM fabric_grants WHERE counted = 0 AND (released_at < ? OR "
+                   "revoked_at < ?)", now - KEEP_ENDED, now - KEEP_ENDED)
+            self._save_pool(tx, granted)
+            return report
+        return self._run(True, body)
+
+    def servers(self) -> list[ServerRow]:
+        def body(tx: Tx, _: list[Event]) -> list[ServerRow]:
+            now = self._clock()
+            return [ServerRow(str(r[0]), str(r[1]), rates_of(r[2]), rates_of(r[3]), int(r[4]),
+                              float(r[5]), float(r[6]), float(r[7]), str(r[8]), now)
+                    for r in tx.all("SELECT server_id, address, capacity, load, inflight, "
+                                    "registered_at, heartbeat_at, lease_expires, manager "
+                                    "FROM fabric_servers ORDER BY server_id")]
+        return self._run(False, body)
+
+    def _remove_servers(self, tx: Tx, ids: Sequence[str], now: float,
+                        lapsed_before: float | None) -> list[str]:
+        """Deletes these servers (with ``lapsed_before``: only if their lease is still
+        lapsed, as a heartbeat may have come in the meantime); returns those deleted."""
+        removed = []
+        for sid in ids:
+            if lapsed_before is None:
+                n = tx.run("DELETE FROM fabric_servers WHERE server_id = ?", sid)
+            else:
+                n = tx.run("DELETE FROM fabric_servers WHERE server_id = ? AND "
+                           "lease_expires < ?", sid, lapsed_before)
+            if n:
+                tx.run("DELETE FROM fabric_capacity WHERE server_id = ?", sid)
+                removed.append(sid)
+        return removed
+
+    def _move_grants_off(self, tx: Tx, gone: Sequence[str], now: float,
+                         events: list[Event]) -> list[Grant]:
+        """Re-places every counted grant that named one of the servers ``gone``."""
+        ids: set[str] = set()
+        for chunk in chunks(gone):
+            ids.update(str(r[0]) for r in tx.all(
+                "SELECT DISTINCT grant_id FROM fabric_grant_servers WHERE server_id IN "
+                + sql_in(chunk), *chunk))
+        if not ids:
+            return []
+        pool = Pool(tx, now)
+        moved = []
+        for gid in sorted(ids):
+            row = self._load(tx, gid, lock=True)
+            if row is None or not row.counted:
+                continue
+            moved.append(self._replace(tx, pool, row.grant, set(gone)))
+            events.append({"event": "moved", "grant_id": gid})
+        pool.flush(tx)
+        return moved
+
+    # -- grants -----------------------------------------------------------------------
+
+    def admit(self, tenant: str, req: QuotaRequest) -> Grant:
+        """Grants ``req`` to ``tenant`` if the pool has room for it, placed on live
+        servers; else ``QuotaRefused`` saying what is left per asked class."""
+        def body(tx: Tx, events: list[Event]) -> Grant | tuple[str, Rates]:
+            now = self._clock()
+            granted = self._lock_pool(tx)
+            self._sweep(tx, now, granted, SWEEP_BATCH)
+            classes = pl.asked_classes(req.quota)
+            pool = Pool(tx, now, classes)
+            refused = pl.refusal(req.quota, pool.capacity(), granted, self.overcommit)
+            if refused is None:
+                shares = pl.place(req.quota, req.mode, req.spread, pool.live.values(),
+                                  self.overcommit)
+                if not shares:
+                    refused = ("no live server offers every class asked ("
+                               + ", ".join(classes) + ")", pl.left_of(
+                                   pool.capacity(), granted, self.overcommit, classes))
+            if refused is not None:
+                self._save_pool(tx, granted)  # keep what the sweep cleared
+                return refused
+            quota = pl.only(req.quota, classes)
+            grant = Grant(grant_id="g-" + secrets.token_hex(10), tenant=tenant,
+                          label=req.label, quota=quota, priority=req.priority,
+                          mode=req.mode, spread=req.spread, servers=[], issued_at=now,
+                          expires_at=now + req.ttl, ttl=req.ttl)
+            tx.run("INSERT INTO fabric_grants (" + GRANT_COLS + ") VALUES "
+                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, 1, '[]')", grant.grant_id,
+                   tenant, req.label, json.dumps(quota), req.priority, req.mode,
+                   req.spread, req.ttl, now, now + req.ttl)
+            grant = self._write_placement(tx, pool, grant, shares)
+            pool.flush(tx)
+            pl.add_rates(granted, quota)
+            self._save_pool(tx, granted)
+            return grant
+        got = self._run(True, body)
+        if isinstance(got, Grant):
+            return got
+        with self._lock:
+            self.refusals += 1
+        raise QuotaRefused(got[0], left=got[1])
+
+    def renew(self, tenant: str, grant_id: str) -> Grant:
+        """Extends a live grant by its ttl from now, moving it first if one of its
+        servers is gone (``QuotaRefused`` while no live server can take it)."""
+        def body(tx: Tx, events: list[Event]) -> Grant | tuple[str, Rates]:
+            now = self._clock()
+            granted = self._lock_pool(tx)
+            row = self._load(tx, grant_id, lock=True)
+            if row is None or row.grant.tenant != tenant or not _live(row, now):
+                raise KeyNotFound("grant not found")
+            grant = row.grant
+            named = [s.server_id for s in grant.servers]
+            alive = {str(r[0]) for r in tx.all(
+                "SELECT server_id FROM fabric_servers WHERE lease_expires >= ? AND "
+                "server_id IN " + sql_in(named), now, *named)} if named else set()
+            if not named or alive != set(named):
+                classes = pl.asked_classes(grant.quota)
+                pool = Pool(tx, now, classes)
+                if not pl.eligible(pool.live.values(), pl.asked(grant.quota)):
+                    return ("no live server offers every class of this grant ("
+                            + ", ".join(classes) + ")", pl.left_of(
+                                pool.capacity(), granted, self.overcommit, classes))
+                grant = self._replace(tx, pool, grant, set(named) - alive)
+                pool.flush(tx)
+                events.append({"event": "moved", "grant_id": grant_id})
+            tx.run("UPDATE fabric_grants SET expires_at = ? WHERE grant_id = ?",
+                   now + grant.ttl, grant_id)
+            return replace(grant, expires_at=now + grant.ttl)
+        got = self._run(True, body)
+        if isinstance(got, Grant):
+            return got
+        with self._lock:
+            self.refusals += 1
+        raise QuotaRefused(got[0], left=got[1])
+
+    def release(self, tenant: str, grant_id: str) -> None:
+        """Ends the grant and frees its share; releasing it again does nothing. Another
+        tenant's grant is not found, as an unknown one."""
+        def body(tx: Tx, _: list[Event]) -> None:
+            granted = self._lock_pool(tx)
+            row = self._load(tx, grant_id, lock=True)
+            if row is None or row.grant.tenant != tenant:
+                raise KeyNotFound("grant not found")
+            if row.released_at is None and row.revoked_at is None:
+                tx.run("UPDATE fabric_grants SET released_at = ? WHERE grant_id = ?",
+                       self._clock(), grant_id)
+            if row.counted:
+                self._uncount(tx, [(grant_id, row.grant.quota)], granted)
+                self._save_pool(tx, granted)
+        self._run(True, body)
+
+    def revoke(self, grant_id: str) -> Grant | None:
+        """Ends the grant at once (an operator's act): its share is freed and its
+        servers drop it at their next heartbeat (``revoked_for``). None if unknown."""
+        def body(tx: Tx, events: list[Event]) -> Grant | None:
+            granted = self._lock_pool(tx)
+            row = self._load(tx, grant_id, lock=True)
+            if row is None:
+                return None
+            if row.revoked_at is None:
+                tx.run("UPDATE fabric_grants SET revoked_at = ? WHERE grant_id = ?",
+                       self._clock(), grant_id)
+                events.append({"event": "revoked", "grant_id": grant_id})
+            if row.counted:
+                self._uncount(tx, [(grant_id, row.grant.quota)], granted)
+                self._save_pool(tx, granted)
+            return row.grant
+        return self._run(True, body)
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        """The grant if it is live (not expired, released or revoked), else None."""
+        def body(tx: Tx, _: list[Event]) -> Grant | None:
+            row = self._load(tx, grant_id, lock=False)
+            return row.grant if row is not None and _live(row, self._clock()) else None
+        return self._run(False, body)
+
+    def list_grants(self, tenant: str | None = None) -> list[Grant]:
+        """Live grants, of one tenant or all, oldest first."""
+        def body(tx: Tx, _: list[Event]) -> list[Grant]:
+            sql = ("SELECT " + GRANT_COLS + " FROM fabric_grants WHERE counted = 1 AND "
+                   "released_at IS NULL AND revoked_at IS NULL AND expires_at > ?")
+            args: list[Any] = [self._clock()]
+            if tenant is not None:
+                sql += " AND tenant = ?"
+                args.append(tenant)
+            return [grant_row(r).grant for r in tx.all(sql + " ORDER BY issued_at, "
+                                                        "grant_id", *args)]
+        return self._run(False, body)
+
+    def revoked_for(self, server_id: str, since: float) -> list[str]:
+        """Ids of grants revoked after ``since`` that this server enforces (or did)."""
+        def body(tx: Tx, _: list[Event]) -> list[str]:
+            out = []
+            for gid, placement in tx.all("SELECT grant_id, placement FROM fabric_grants "
+                                         "WHERE revoked_at > ? ORDER BY grant_id", since):
+                if any(s.get("server_id") == server_id for s in json.loads(placement)):
+                    out.append(str(gid))
+            return out
+        return self._run(False, body)
+
+    def _load(self, tx: Tx, grant_id: str, *, lock: bool) -> GrantRow | None:
+        r = tx.one("SELECT " + GRANT_COLS + " FROM fabric_grants WHERE grant_id = ?"
+                   + (self._store.for_update if lock else ""), grant_id)
+        return grant_row(r) if r is not None else None
+
+    def _sweep(self, tx: Tx, now: float, granted: Rates, limit: int) -> int:
+        """Takes up to ``limit`` grants that expired while counted out of the totals;
+        returns how many."""
+        rows = tx.all("SELECT grant_id, quota FROM fabric_grants WHERE counted = 1 AND "
+                      "expires_at <= ? ORDER BY expires_at LIMIT ?", now, limit)
+        self._uncount(tx, [(str(g), rates_of(q)) for g, q in rows], granted)
+        return len(rows)
+
+    def _uncount(self, tx: Tx, grants: Sequence[tuple[str, Rates]], granted: Rates) -> None:
+        """Frees these grants' shares on their servers and their quota in ``granted``."""
+        if not grants:
+            return
+        deltas: dict[tuple[str, str], list[float]] = {}
+        ids = [g for g, _ in grants]
+        for chunk in chunks(ids):
+            for sid, cls, ops, nbytes in tx.all(
+                    "SELECT server_id, class, ops, bytes FROM fabric_grant_servers WHERE "
+                    "grant_id IN " + sql_in(chunk), *chunk):
+                d = deltas.setdefault((str(sid), str(cls)), [0.0, 0.0])
+                d[0] -= float(ops)
+                d[1] -= float(nbytes)
+            tx.run("DELETE FROM fabric_grant_servers WHERE grant_id IN " + sql_in(chunk),
+                   *chunk)
+            tx.run("UPDATE fabric_grants SET counted = 0 WHERE grant_id IN " + sql_in(chunk),
+                   *chunk)
+        pool = Pool(None)
+        pool.delta = deltas
+        pool.flush(tx)
+        for _, quota in grants:
+            pl.add_rates(granted, quota, -1.0)
+
+    def _replace(self, tx: Tx, pool: Pool, grant: Grant, gone: set[str]) -> Grant:
+        """Places ``grant`` again (same rates) among the live servers, keeping those of
+        its servers still there; with no live server able to take it, it keeps none."""
+        for s in grant.servers:
+            pool.add(s.server_id, s.rates, -1.0)
+        tx.run("DELETE FROM fabric_grant_servers WHERE grant_id = ?", grant.grant_id)
+        keep = {s.server_id for s in grant.servers} - gone
+        shares = pl.place(grant.quota, grant.mode, grant.spread, pool.live.values(),
+                          self.overcommit, prefer=keep)
+        return self._write_placement(tx, pool, grant, shares)
+
+    def _write_placement(self, tx: Tx, pool: Pool, grant: Grant,
+                         shares: Sequence[tuple[pl.Candidate, Rates]]) -> Grant:
+        servers = [GrantServer(c.server_id, c.address, rates) for c, rates in shares]
+        for c, rates in shares:
+            pool.add(c.server_id, rates)
+        tx.many("INSERT INTO fabric_grant_servers (grant_id, server_id, class, ops, bytes) "
+                "VALUES (?, ?, ?, ?, ?)", [
+                    (grant.grant_id, s.server_id, cls, r.get("ops", 0.0), r.get("bytes", 0.0))
+                    for s in servers for cls, r in sorted(s.rates.items())])
+        tx.run("UPDATE fabric_grants SET placement = ? WHERE grant_id = ?",
+               json.dumps([s.to_json() for s in servers]), grant.grant_id)
+        return replace(grant, servers=servers)
+
+    # -- the pool at a glance ---------------------------------------------------------
+
+    def status(self, tenant: str | None = None) -> dict[str, Any]:
+        """The pool as JSON: capacity of the live servers, granted and left per class,
+        each server, and the live grants (of ``tenant`` only, if given)."""
+        def body(tx: Tx, _: list[Event]) -> tuple[float, Rates, Rates, dict[str, int],
+                                                 dict[str, Rates]]:
+            now = self._clock()
+            pool = Pool(tx, now)
+            row = tx.one("SELECT granted FROM fabric_pool WHERE id = 1")
+            counts = {str(s): int(n) for s, n in tx.all(
+                "SELECT server_id, COUNT(DISTINCT grant_id) FROM fabric_grant_servers "
+                "GROUP BY server_id")}
+            placed: dict[str, Rates] = {}
+            for sid, cls, ops, nbytes in tx.all(
+                    "SELECT server_id, class, placed_ops, placed_bytes FROM fabric_capacity "
+                    "WHERE placed_ops > 0 OR placed_bytes > 0"):
+                placed.setdefault(str(sid), {})[str(cls)] = {"ops": float(ops),
+                                                             "bytes": float(nbytes)}
+            return now, pool.capacity(), rates_of(row[0] if row else None), counts, placed
+        now, capacity, granted, counts, placed = self._run(False, body)
+        capacity = {c: v for c, v in capacity.items() if v["ops"] or v["bytes"]}
+        granted = {c: v for c, v in granted.items() if v.get("ops") or v.get("bytes")}
+        classes = sorted(set(capacity) | set(granted))
+        servers = self.servers()
+        return {
+            "manager_id": self.manager_id,
+            "managers": sorted({s.manager for s in servers if s.lease_expires >= now}
+                               | {self.manager_id}),
+            "lease_seconds": self.lease_seconds,
+            "overcommit": self.overcommit,
+            "capacity": capacity,
+            "granted": granted,
+            "left": pl.left_of(capacity, granted, self.overcommit, classes),
+            "servers": [{"server_id": s.server_id, "address": s.address,
+                         "capacity": s.capacity, "load": s.load, "inflight": s.inflight,
+                         "lease_age": s.lease_age,
+                         "lease_expires_in": s.lease_expires - s.read_at,
+                         "grants": counts.get(s.server_id, 0),
+                         "granted": placed.get(s.server_id, {})} for s in servers],
+            "grants": [g.to_json() for g in self.list_grants(tenant)],
+            "refusals": self.refusals,
+        }
+
+    # -- events -----------------------------------------------------------------------
+
+    def subscribe(self, on_event: EventCallback) -> Callable[[], None]:
+        """Calls ``on_event`` with every event of every manager of this database:
+        ``{"event": "moved"|"revoked", "grant_id"}``, ``{"event": "servers"}``, and on
+        PostgreSQL ``{"event": "resync"}`` after its listener reconnected (events meanwhile
+        are lost: reload what matters). Returns the function that stops it."""
+        with self._lock:
+            self._subs.append(on_event)
+        stop = threading.Event()
+        if self._pg:
+            ready = threading.Event()
+            t = threading.Thread(target=self._listen, args=(on_event, stop, ready),
+                                 name="fabric-listen", daemon=True)
+            with self._lock:
+                self._stops.append(stop)
+                self._threads.append(t)
+            t.start()
+            ready.wait(LISTEN_WAIT)
+
+        def unsubscribe() -> None:
+            stop.set()
+            with self._lock:
+                if on_event in self._subs:
+                    self._subs.remove(on_event)
+        return unsubscribe
+
+    def _listen(self, on_event: EventCallback, stop: threading.Event,
+                ready: threading.Event) -> None:
+        import psycopg
+
+        from ..keystore.postgres import PostgresKeystore
+        assert isinstance(self._store, PostgresKeystore)
+        backoff = 0.1
+        first = True
+        while not stop.is_set():
+            try:
+                with self._store._connect() as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    ready.set()
+                    if not first:
+                        _call(on_event, {"event": "resync"})
+                    first, backoff = False, 0.1
+                    while not stop.is_set():
+                        for n in conn.notifies(timeout=0.2):
+                            try:
+                                event = json.loads(n.payload)
+                            except ValueError:
+                                continue
+                            if isinstance(event, dict):
+                                _call(on_event, event)
+            except psycopg.Error:
+                if stop.is_set():
+                    return
+                log.warning("fabric listener lost its connection; reconnecting")
+                first = False
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def close(self) -> None:
+        """Stops the listeners (the store stays open: it is the caller's)."""
+        with self._lock:
+            stops, threads = list(self._stops), list(self._threads)
+            self._subs.clear()
+        for s in stops:
+            s.set()
+        for t in threads:
+            t.join(timeout=5.0)
+
+
+def _live(row: GrantRow, now: float) -> bool:
+    return (row.counted and row.released_at is None and row.revoked_at is None
+            and row.grant.expires_at > now)
+
+
+def _call(cb: EventCallback, event: Event) -> None:
+    try:
+        cb(event)
+    except Exception:
+        log.exception("fabric event subscriber failed")
+
+
+def _retryable(e: BaseException) -> bool:
+    """A PostgreSQL deadlock or serialisation failure: the transaction was rolled back
+    and can run again."""
+    return type(e).__name__ in ("DeadlockDetected", "SerializationFailure")
+
+
+__all__ = ["CHANNEL", "EXPIRY_LOCK", "ExpiryReport", "FabricState", "ServerRow"]
