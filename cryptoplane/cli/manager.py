@@ -333,7 +333,7 @@ def quota_revoke(manager_url: str, token: str | None, tls_ca: str | None, timeou
 
     obj = _with_manager(manager_url, token, tls_ca, timeout, go)
     if not obj.get("revoked"):
-        click.echo(f"cryptoplane: no live grant {grant_id}", err=True)
+        click.echo(f"cryptoplane: no grant {grant_id}", err=True)
         sys.exit(1)
     click.echo(f"revoked {grant_id}")
 
