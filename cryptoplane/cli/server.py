@@ -158,7 +158,32 @@ def _globs(text: str) -> list[str]:
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
               help="Write the ready event's JSON here once serving (else it goes to "
                    "stdout).")
-@click.option("--server-id", default=None, help="Name in WELCOME (default: host:pid).")
+@click.option("--server-id", default=None,
+              help="Name in WELCOME and at the manager (default: host:pid; give a stable "
+                   "one under a manager).")
+@click.option("--manager", "manager", default=None, metavar="URL[,URL2]",
+              help="Join a manager's pool: manager://HOST:PORT[,HOST:PORT] or tcp://... "
+                   "(register, heartbeats, leave on shutdown).")
+@click.option("--manager-token", envvar="CRYPTOPLANE_MANAGER_TOKEN", default=None,
+              help="Token this server presents to the manager "
+                   "(env CRYPTOPLANE_MANAGER_TOKEN).")
+@click.option("--manager-key", "manager_keys", multiple=True, metavar="FILE|B64",
+              help="A manager's Ed25519 public key (raw base64, or a file holding it or a "
+                   "PEM public key) to check grants with before registering, or without "
+                   "a manager (repeatable). Keys learnt at registration are added.")
+@click.option("--advertise", default=None, metavar="URL",
+              help="The address clients dial, told to the manager (default: the first "
+                   "listener's; give one when listening on 0.0.0.0).")
+@click.option("--capacity", default=None, metavar="CLASS=OPS[:BYTES],...",
+              help="Capacity to register instead of measuring it, e.g. "
+                   "rsa2048=3000,aead=200000:1e9. Only the classes given are registered. "
+                   "Measured otherwise: about a second at start, one core per --workers "
+                   "thread assumed.")
+@click.option("--grants", "grants_mode", type=click.Choice(["required", "optional"]),
+              default=None,
+              help="required: data requests without a manager's grant are FORBIDDEN (key "
+                   "management, digest, random stay free); optional: such clients are "
+                   "served unmetered. Default: required with --manager, else optional.")
 @click.option("--json", "json_logs", is_flag=True, help="Log JSON lines to stderr.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
@@ -170,7 +195,9 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
                max_buffered: str, handshake_timeout: float, frame_timeout: float,
                idle_timeout: float,
                auto_rotate_interval: float, cache_ttl: float, grace: float,
-               ready_file: str | None, server_id: str | None,
+               ready_file: str | None, server_id: str | None, manager: str | None,
+               manager_token: str | None, manager_keys: tuple[str, ...],
+               advertise: str | None, capacity: str | None, grants_mode: str | None,
                json_logs: bool, log_level: str) -> None:
     """Serve transit (encrypt, decrypt, sign, data keys, key management...), offload
     sessions and bulk streams over the fabric wire protocol (docs/wire-protocol.md).
@@ -186,6 +213,8 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
                                "need --tls-cert")
     if require_client_cert and not tls_client_ca:
         raise click.UsageError("--require-client-cert needs --tls-client-ca")
+    under = _ManagerOptions.parse(manager, manager_token, manager_keys, advertise,
+                                  capacity, grants_mode)
     from ..fabric.auth import server_ssl_context
     from ..fabric.service import service_over
 
@@ -201,6 +230,12 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
     except BaseException:
         ks.close()
         raise
+    if under.table_wanted:
+        service.use_grants(under.table(service.server_id))
+        if manager and under.capacity is None:
+            from ..fabric.selfbench import measure_capacity
+
+            under.capacity = measure_capacity(workers or os.cpu_count() or 1)
     options = {"listen": list(listen) or ["tcp://127.0.0.1:7700"], "tls": tls, "http": http,
                "workers": workers, "max_connections": max_connections,
                "max_in_flight": max_in_flight, "handshake_timeout": handshake_timeout,
@@ -217,14 +252,106 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
                 f"{', '.join(m.id for m in previous) or 'nothing else'}")
 
     try:
-        code = _run(service, options, grace, ready_file, reload_masters)
+        code = _run(service, options, grace, ready_file, reload_masters,
+                    under if manager else None)
     finally:
         service.close()
     sys.exit(code)
 
 
+class _ManagerOptions:
+    """The options of a server under a manager, checked before anything opens."""
+
+    def __init__(self, manager: str | None, token: str | None, keys: list[str],
+                 advertise: str | None, capacity: Any, required: bool) -> None:
+        self.manager = manager
+        self.token = token
+        self.keys = keys
+        self.advertise = advertise
+        self.capacity = capacity
+        self.required = required
+        self.table_wanted = bool(manager or keys or required)
+        self.membership: Any = None
+
+    @classmethod
+    def parse(cls, manager: str | None, token: str | None, keys: tuple[str, ...],
+              advertise: str | None, capacity: str | None,
+              mode: str | None) -> _ManagerOptions:
+        from ..fabric.selfbench import parse_capacity
+
+        if not manager and (advertise or capacity):
+            raise click.UsageError("--advertise and --capacity need --manager")
+        required = (mode or ("required" if manager else "optional")) == "required"
+        if required and not (manager or keys):
+            raise click.UsageError("--grants required needs --manager or --manager-key "
+                                   "(no grant could be checked)")
+        rates = None
+        if capacity is not None:
+            try:
+                rates = parse_capacity(capacity)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--capacity") from None
+        return cls(manager, token, [_manager_key(k) for k in keys], advertise, rates,
+                   required)
+
+    def table(self, server_id: str) -> Any:
+        from ..fabric.grants import GrantTable
+
+        table = GrantTable(server_id, required=self.required)
+        for b64 in self.keys:
+            table.add_key(b64)
+        return table
+
+    async def join(self, server: Any) -> None:
+        """Register with the manager (in the background: a manager not answering yet
+        does not stop the server from serving)."""
+        from ..fabric.membership import Membership
+
+        assert self.manager is not None
+        service = server.service
+        self.membership = Membership(
+            self.manager.split(",") if not self.manager.startswith("manager://")
+            else self.manager, server_id=service.server_id,
+            address=self.advertise or server.addresses[0], capacity=self.capacity,
+            grants=service.grants, token=self.token,
+            inflight=lambda: sum(c.inflight for c in server.connections))
+        service.metrics.watch_membership(self.membership)
+        await self.membership.start()
+
+    async def leave(self) -> None:
+        if self.membership is not None:
+            await self.membership.leave()
+
+
+def _manager_key(text: str) -> str:
+    """--manager-key: raw base64, or a file holding it or a PEM public key."""
+    from ..fabric.capability import GrantRefused, public_key_b64, public_key_from_b64
+
+    value = text
+    if os.path.isfile(text):
+        try:
+            value = Path(text).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"{text}: {e}", param_hint="--manager-key") from None
+    try:
+        if value.startswith("-----BEGIN"):
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            key = serialization.load_pem_public_key(value.encode())
+            if not isinstance(key, Ed25519PublicKey):
+                raise ValueError("not an Ed25519 public key")
+            return public_key_b64(key)
+        public_key_from_b64(value)
+    except (ValueError, GrantRefused) as e:
+        raise click.BadParameter(f"not a manager public key: {e}",
+                                 param_hint="--manager-key") from None
+    return value
+
+
 def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | None,
-         reload_masters: Callable[[], str] | None = None) -> int:
+         reload_masters: Callable[[], str] | None = None,
+         under: _ManagerOptions | None = None) -> int:
     import uvloop
 
     from ..fabric.server import Server
@@ -266,10 +393,14 @@ def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | 
                 reloads.add(task)
                 task.add_done_callback(reloads.discard)
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if under is not None:
+            await under.join(server)
         http = f"{_http_host(options['http'])}:{server.http_port}" if server.http_port else None
         _announce({"event": "ready", "listen": server.addresses, "http": http,
                    "pid": os.getpid()}, ready_file)
         await stop.wait()
+        if under is not None:  # the manager moves this server's grants at once
+            await under.leave()
         drain = loop.create_task(server.shutdown(grace))
         while not drain.done() and len(signals) < 2:
             stop.clear()
@@ -318,13 +449,17 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def _logging(json_logs: bool, level: str) -> None:
+def configure_logging(json_logs: bool, level: str) -> None:
+    """The ``cryptoplane`` loggers to stderr, plain or JSON lines (server commands)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if json_logs else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("cryptoplane")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+_logging = configure_logging
 
 
 # -- cryptoplane tokens ---------------------------------------------------------------------

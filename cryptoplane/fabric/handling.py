@@ -9,6 +9,13 @@ appended to the receive's list of answers, or a job for the workers. ENCRYPT of 
 DATA field under a plain AEAD key takes ``_encrypt_fast``: the key's usable version is
 looked up once per receive, nonces are drawn 512 at a time, the answer is packed with
 one struct. No per-request future, log line or lookup beyond these.
+
+Grants (``grants``): a connection that presented one has its ``GrantEntry`` in
+``grant``, and each data request is charged to it for its algorithm class before the
+tenant limits are (a refusal charges neither): the class of a transit op is its key's
+(``server.key_classes``, filled from the key cache once per key), of a RAW_* op its
+session's (fixed at SESSION_OPEN), of stream pieces ``aead`` in bytes. Without a grant
+``grant`` is None and the fast paths pay one attribute check.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from ..exceptions import InvalidRequest
 from ..offload import Offloader
 from . import codec as C
 from .auth import Principal
+from .capacity import AEAD, FREE, KEYED_DATA_OPS, RAW_OPS, class_of_key_type
 from .codec import Field, FrameType, Op, Status
 from .dispatch import (
     ADMIN,
@@ -36,6 +44,7 @@ from .dispatch import (
     run_batch,
 )
 from .errors import ProtocolError, ShuttingDown
+from .grants import GrantEntry
 from .service import Service
 from .sessions import Sessions, run_raw
 
@@ -46,6 +55,9 @@ BATCH_RESPONSE: Final = int(FrameType.BATCH_RESPONSE)
 ENCRYPT: Final = int(Op.ENCRYPT)
 DECRYPT: Final = int(Op.DECRYPT)
 TENANT_LIMITS: Final = int(Op.TENANT_LIMITS)
+GRANT_PRESENT: Final = int(Op.GRANT_PRESENT)
+# ops a grant is charged for (when their class is not FREE)
+CHARGED: Final = frozenset(int(op) for op in KEYED_DATA_OPS | RAW_OPS)
 _AFTER_LENGTH: Final = C.HEADER_SIZE - 4
 # a RESPONSE header and its first field's head, packed at once (the hot path's answer)
 _pack_field_answer = struct.Struct("!IBBHQHHHHBI").pack
@@ -62,6 +74,7 @@ class Host(Protocol):
     service: Service
     connections: set[Any]
     names: dict[bytes, str]
+    key_classes: dict[tuple[str, str], str]
     stopping: bool
     max_connections: int
     max_frame: int
@@ -78,6 +91,7 @@ class Host(Protocol):
     @property
     def auth(self) -> Offloader: ...
     def remember_name(self, raw: bytes, name: str) -> None: ...
+    def remember_class(self, tenant: str, name: str, cls: str) -> None: ...
     def charge(self, nbytes: int) -> bool: ...
     def release(self, nbytes: int) -> None: ...
     def starving(self, conn: Any) -> None: ...
@@ -112,6 +126,7 @@ class Handling:
     encrypt: Any
     decrypt: Any
     record_use: Any
+    grant: GrantEntry | None
 
     # what the connection provides
     def _fatal(self, fid: int, message: str, ftype: int = RESPONSE,
@@ -188,6 +203,13 @@ class Handling:
             if hot is None:
                 return False
         aead, header, version, name, tail = hot
+        g = self.grant
+        if g is not None:
+            try:
+                if g.check(AEAD, 1, n):
+                    return False  # the general path answers THROTTLED
+            except Exception:
+                return False  # and UNAUTHORIZED, FORBIDDEN
         principal = self.principal
         assert principal is not None
         if self.admit(principal, 1, n):
@@ -202,6 +224,8 @@ class Handling:
             ct = self.encrypt(aead, p[5:], nonce, b"")
         except Exception:
             return False  # the general path says why
+        if g is not None:
+            g.take(AEAD, 1, n)
         self.record_use(self.tenant, name, version, "encrypt", n, self.label)
         out.append(b"".join((_pack_field_answer(_AFTER_LENGTH + len(ct) + 31, _VERSION,
                                                 RESPONSE, 0, f.id, ENCRYPT, 0, 0, 0, 2,
@@ -256,6 +280,13 @@ class Handling:
                 return False
             hot = self.hot_dec[f.key, v] = (aead, name)
         aead, name = hot
+        g = self.grant
+        if g is not None:
+            try:
+                if g.check(AEAD, 1, n):
+                    return False
+            except Exception:
+                return False
         principal = self.principal
         assert principal is not None
         if self.admit(principal, 1, n):
@@ -264,6 +295,8 @@ class Handling:
             pt = self.decrypt(aead, p[22:], p[10:22], b"")
         except Exception:
             return False
+        if g is not None:
+            g.take(AEAD, 1, n)
         m = len(pt)
         self.record_use(self.tenant, name, v, "decrypt", m, self.label)
         out.append(_pack_field_answer(_AFTER_LENGTH + m + 5, _VERSION, RESPONSE, 0, f.id,
@@ -305,6 +338,9 @@ class Handling:
         fid, op = f.id, f.op
         spec = OPS.get(op)
         if spec is None:
+            if op == GRANT_PRESENT:
+                self._grant_present(f, out)
+                return
             self._answer(out, fid, op, Status.NOT_SUPPORTED,
                          C.error_fields(f"unknown operation {op}"))
             return
@@ -314,11 +350,24 @@ class Handling:
         try:
             name = self._check(spec, f)
             assert self.principal is not None
+            g = self.grant
+            cls = FREE
+            if g is not None and op in CHARGED:
+                fields = C.decode_fields(f.payload)
+                cls = self._charge_class(op, name, fields)
+                if cls != FREE:
+                    self._grant_check(g, cls, 1, len(f.payload))
+            else:
+                fields = None
             # an operator lifting a limit must not be refused by it
             wait = self.admit(self.principal, 1, len(f.payload)) if op != TENANT_LIMITS else 0
             if wait:
                 raise C.error_for(Status.THROTTLED, "rate limit exceeded", wait)
-            fields = C.decode_fields(f.payload)
+            if cls != FREE:
+                assert g is not None
+                g.take(cls, 1, len(f.payload))
+            if fields is None:
+                fields = C.decode_fields(f.payload)
             if op in SESSION_OPS:
                 self._session(f, fields, out)
                 return
@@ -377,9 +426,18 @@ class Handling:
             except ProtocolError as e:  # the frame was sound: refuse the batch only
                 raise InvalidRequest(str(e)) from None
             assert self.principal is not None
+            g = self.grant
+            cls = FREE
+            if g is not None and op in CHARGED:
+                cls = self._key_class(op, name)
+                if cls != FREE:
+                    self._grant_check(g, cls, len(items), len(f.payload))
             wait = self.admit(self.principal, len(items), len(f.payload))
             if wait:
                 raise C.error_for(Status.THROTTLED, "rate limit exceeded", wait)
+            if cls != FREE:
+                assert g is not None
+                g.take(cls, len(items), len(f.payload))
             if spec.where == INLINE and len(f.payload) < BIG:
                 answer = run_batch(self.svc, self.tenant, spec, name, items, self.label)
                 self._answer(out, fid, op, 0, answer, BATCH_RESPONSE)
@@ -394,6 +452,54 @@ class Handling:
             return
         self._submit(WORKER, run_batch, (self.svc, self.tenant, spec, name, items, self.label),
                      ("batch", fid, op, len(f.payload), len(items)))
+
+    # ---- grants ------------------------------------------------------------------------
+
+    def _grant_check(self, g: GrantEntry, cls: str, ops: int, nbytes: int) -> None:
+        """Raise THROTTLED (or the grant's UNAUTHORIZED, FORBIDDEN) unless the grant
+        allows ``ops``/``nbytes`` of ``cls`` now; charges nothing."""
+        wait = g.check(cls, ops, nbytes)
+        if wait:
+            g.refused(cls)
+            raise C.error_for(Status.THROTTLED, f"grant rate for {cls} exceeded", wait)
+
+    def _key_class(self, op: int, name: str) -> str:
+        """The algorithm class of a transit op on key ``name`` (its type, remembered
+        per server: the key cache is asked once per key)."""
+        if op not in KEYED_DATA_OPS:
+            return FREE
+        cls = self.server.key_classes.get((self.tenant, name))
+        if cls is None:
+            cls = class_of_key_type(self.transit.ring(self.tenant, name).type.value)
+            self.server.remember_class(self.tenant, name, cls)
+        return cls
+
+    def _charge_class(self, op: int, name: str, fields: dict[int, bytes]) -> str:
+        if op in RAW_OPS:
+            s = self.sessions
+            return FREE if s is None else s.class_of(fields)
+        return self._key_class(op, name)
+
+    def _grant_present(self, f: C.Frame, out: list[Any]) -> None:
+        """GRANT_PRESENT: ``{"grant": token}`` replaces the connection's grant (a
+        renewal, or a first grant after HELLO); refused UNAUTHORIZED, the old one
+        stays."""
+        table = self.svc.grants
+        if table is None:
+            self._answer(out, f.id, f.op, Status.NOT_SUPPORTED,
+                         C.error_fields("this server does not enforce grants"))
+            return
+        try:
+            token = C.get_json(C.decode_fields(f.payload)).get("grant")
+            if not isinstance(token, str):
+                raise InvalidRequest('GRANT_PRESENT takes {"grant": "<token>"}')
+            entry = table.present(token, self.tenant)
+        except Exception as e:
+            self._error(out, f.id, f.op, e)
+            return
+        self.grant = entry
+        self._answer(out, f.id, f.op, 0, C.json_field(
+            {"grant_id": entry.grant_id, "expires_at": entry.expires_at}))
 
     # ---- offload sessions ------------------------------------------------------------
 

@@ -19,10 +19,15 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .codec import Op, Status
@@ -87,6 +92,50 @@ class _Durations(Collector):
                 buckets.append((bound, float(running)))
             family.add_metric([op], buckets, self._sums.get(op, 0.0))
         yield family
+
+
+class _Grants(Collector):
+    """Grant enforcement and the manager's lease, read at scrape time from the grant
+    table and the membership (plain counters there: nothing on the request path)."""
+
+    def __init__(self) -> None:
+        self.table: Any = None  # grants.GrantTable
+        self.membership: Any = None  # membership.Membership
+
+    def collect(self) -> Iterator[Metric]:
+        table = self.table
+        if table is not None:
+            ops = CounterMetricFamily(f"{PREFIX}grant_admitted_ops",
+                                      "Operations admitted under grants, by class",
+                                      labels=["class"])
+            nbytes = CounterMetricFamily(f"{PREFIX}grant_admitted_bytes",
+                                         "Payload bytes admitted under grants, by class",
+                                         labels=["class"])
+            for cls, (n, b) in table.admitted().items():
+                ops.add_metric([cls], n)
+                nbytes.add_metric([cls], b)
+            throttled = CounterMetricFamily(
+                f"{PREFIX}grant_throttled", "Requests refused THROTTLED as over their "
+                "grant's rate, by class", labels=["class"])
+            for cls, n in sorted(table.throttled.items()):
+                throttled.add_metric([cls], n)
+            yield ops
+            yield nbytes
+            yield throttled
+            yield GaugeMetricFamily(f"{PREFIX}grants_held", "Grants presented and held",
+                                    value=len(table))
+        m = self.membership
+        if m is not None:
+            yield GaugeMetricFamily(f"{PREFIX}manager_reachable",
+                                    "1 when the manager answered the last call",
+                                    value=1.0 if m.reachable else 0.0)
+            yield GaugeMetricFamily(f"{PREFIX}manager_registered",
+                                    "1 while this server holds a lease",
+                                    value=1.0 if m.registered else 0.0)
+            age = m.lease_age()
+            yield GaugeMetricFamily(f"{PREFIX}manager_lease_age_seconds",
+                                    "Seconds since the manager last renewed the lease "
+                                    "(-1: never)", value=-1.0 if age is None else age)
 
 
 class Tally:
@@ -162,6 +211,8 @@ class FabricMetrics:
         # tens of nanoseconds): (tenant, op, status) -> (requests, bytes, items)
         self._children: dict[tuple[str, str, str], tuple[Counter, Counter, Counter]] = {}
         self._throttled: dict[str, Counter] = {}
+        self._grants = _Grants()
+        r.register(self._grants)
 
     # -- requests ------------------------------------------------------------------
 
@@ -230,6 +281,16 @@ class FabricMetrics:
         """A failed authentication, by a short reason (``bad_token``, ``expired``,
         ``no_certificate``...): never the token or the tenant it claimed."""
         self.auth_failures.labels(_word(reason, "reason")).inc()
+
+    # -- grants and the manager ---------------------------------------------------
+
+    def watch_grants(self, table: Any) -> None:
+        """Expose a ``grants.GrantTable``'s admits and throttles per class."""
+        self._grants.table = table
+
+    def watch_membership(self, membership: Any) -> None:
+        """Expose a ``membership.Membership``: manager reachability, lease age."""
+        self._grants.membership = membership
 
     # -- exposition ----------------------------------------------------------------
 

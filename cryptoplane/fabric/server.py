@@ -51,6 +51,7 @@ FRAME_TIMEOUT: Final = 30.0
 IDLE_TIMEOUT: Final = 3600.0
 WRITE_HIGH_WATER: Final = 8 * 1024 * 1024
 _NAMES_MAX: Final = 65_536
+_CLASSES_MAX: Final = 65_536
 RECHECK_PERIOD: Final = 5.0  # seconds between checks that open connections' tokens stand
 
 
@@ -111,6 +112,9 @@ class Server:
         self.unix_mode = unix_mode
         self.connections: set[Connection] = set()
         self.names: dict[bytes, str] = {}  # key references seen, decoded once
+        # (tenant, key name) -> algorithm class, for charging grants; a key changed in
+        # the keystore drops out (deleted and made again, it may be of another type)
+        self.key_classes: dict[tuple[str, str], str] = {}
         self.stopping = False
         self.addresses: list[str] = []
         self.http_port: int | None = None
@@ -176,6 +180,11 @@ class Server:
         if len(self.names) >= _NAMES_MAX:
             self.names.clear()
         self.names[raw] = name
+
+    def remember_class(self, tenant: str, name: str, cls: str) -> None:
+        if len(self.key_classes) >= _CLASSES_MAX:
+            self.key_classes.clear()
+        self.key_classes[tenant, name] = cls
 
     @staticmethod
     def kind_of(transport: Any) -> str:
@@ -245,13 +254,16 @@ class Server:
         loop = self.loop
 
         def changed(tenant: str, name: str) -> None:
-            if not name:
-                with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError):
+                if not name:
                     loop.call_soon_threadsafe(self._reload_limits, tenant)
+                else:
+                    loop.call_soon_threadsafe(self.key_classes.pop, (tenant, name), None)
 
         def reset() -> None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._reload_limits, None)
+                loop.call_soon_threadsafe(self.key_classes.clear)
 
         self._unsubscribe = store.subscribe(changed, reset)
 

@@ -20,6 +20,7 @@ from ..exceptions import InvalidRequest
 from ..plane import Plane
 from .auth import Authenticator, TokenChecker
 from .bulk import PIECE
+from .grants import GrantTable
 from .keystore import KeyCache, Keystore, MasterKey, open_keystore
 from .keytypes import KeyPolicy, KeyRecord, KeyType
 from .metrics import FabricMetrics
@@ -76,13 +77,16 @@ class CachedSource:
 class Service:
     """The parts every connection shares. ``rate_limits`` and ``metrics`` are made
     empty when not given; ``store`` (a keystore) persists TENANT_LIMITS changes and
-    feeds the rate limits; ``closers`` run at ``close()``, last first."""
+    feeds the rate limits; ``closers`` run at ``close()``, last first; ``grants``: the
+    table of manager grants this server enforces (None: it is not under a manager and
+    ignores grants)."""
 
     def __init__(self, transit: Transit, authenticator: Authenticator, *,
                  rate_limits: RateLimits | None = None,
                  metrics: FabricMetrics | None = None, store: Keystore | None = None,
                  server_id: str = "cryptoplane", stream_piece: int = PIECE,
-                 closers: Sequence[Callable[[], object]] = ()) -> None:
+                 closers: Sequence[Callable[[], object]] = (),
+                 grants: GrantTable | None = None) -> None:
         self.transit = transit
         self.plane: Plane = transit.plane
         self.auth = authenticator
@@ -92,7 +96,16 @@ class Service:
         self.server_id = server_id
         self.stream_piece = stream_piece
         self.key_types = [t.value for t in KeyType]
+        self.grants: GrantTable | None = None
+        if grants is not None:
+            self.use_grants(grants)
         self._closers = list(closers)
+
+    def use_grants(self, table: GrantTable) -> None:
+        """Enforce the grants of ``table`` (before the server starts: connections read
+        it when they open)."""
+        self.grants = table
+        self.metrics.watch_grants(table)
 
     # -- tenant limits ------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ SubjectPublicKeyInfo DER for key pairs, or a raw 32-byte Ed25519/X25519 private 
 then RAW_* requests naming the session. Answers are the server plane's, the same OpenSSL
 calls a local plane makes, so they are byte for byte what the caller's own plane gives.
 Nothing is stored; the keys go with the connection. At most ``MAX_SESSIONS`` per
-connection.
+connection. Each session's algorithm class (``capacity.class_of_session``) is fixed at
+SESSION_OPEN, so a grant charges RAW_* requests without looking at the key again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..exceptions import InvalidRequest, KeyRejected, QuotaExceeded
 from ..keys import Key
 from ..plane import Plane
 from . import codec as C
+from .capacity import FREE, class_of_session
 from .codec import Field, Op
 from .dispatch import BIG, INLINE, WORKER, field
 
@@ -29,11 +31,12 @@ RAW_KEYS: Final = frozenset({"ed25519", "x25519"})
 class Sessions:
     """One connection's session keys, numbered from 1."""
 
-    __slots__ = ("_keys", "_next", "plane")
+    __slots__ = ("_classes", "_keys", "_next", "plane")
 
     def __init__(self, plane: Plane) -> None:
         self.plane = plane
         self._keys: dict[int, Key] = {}
+        self._classes: dict[int, str] = {}
         self._next = 1
 
     def __len__(self) -> int:
@@ -41,6 +44,7 @@ class Sessions:
 
     def clear(self) -> None:
         self._keys.clear()
+        self._classes.clear()
 
     def open(self, f: dict[int, bytes]) -> bytes:
         if len(self._keys) >= MAX_SESSIONS:
@@ -57,10 +61,13 @@ class Sessions:
         sid = self._next
         self._next = sid + 1 if sid < 0xFFFFFFFF else 1
         self._keys[sid] = key
+        self._classes[sid] = class_of_session(
+            alg.name, key.size if alg.name.startswith("rsa-") else 0)
         return field(Field.SESSION, C.u32(sid))
 
     def close(self, f: dict[int, bytes]) -> bytes:
         sid = C.get_u32(f, Field.SESSION)
+        self._classes.pop(sid, None)
         if self._keys.pop(sid, None) is None:
             raise KeyRejected(f"no session {sid} on this connection")
         return b""
@@ -71,6 +78,11 @@ class Sessions:
         if key is None:
             raise KeyRejected(f"no session {sid} on this connection")
         return key
+
+    def class_of(self, f: dict[int, bytes]) -> str:
+        """The algorithm class of a RAW_* request (FREE: no such session; the request
+        is then answered with that error)."""
+        return self._classes.get(C.get_u32(f, Field.SESSION, 0), FREE)
 
     def where(self, op: int, f: dict[int, bytes]) -> int:
         """INLINE or WORKER for a raw op: key pairs and big payloads go to a worker."""

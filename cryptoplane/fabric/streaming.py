@@ -7,6 +7,11 @@ last) on a worker, one step at a time per stream, in order. Memory stays bounded
 stream has ``STREAM_QUEUE`` pieces waiting for its worker the connection is not read.
 Output pieces go out as DATA frames of the stream's id, the last with END; a failure is
 one RESPONSE with its status, and the stream's later DATA frames are dropped.
+
+Under a grant each piece is charged to the grant's ``aead`` bytes/s. A piece over the
+rate is not refused (a stream cannot resend one piece): it waits, the stream held busy,
+until the bucket allows it, and the connection stops being read as for a slow worker.
+An expired or revoked grant fails the stream.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Final
 from . import codec as C
 from .bufpool import SEALED
 from .bulk import StreamDecryptJob, StreamEncryptJob
+from .capacity import AEAD
 from .codec import Field, FrameType, Op
 from .dispatch import BIG, error_answer
 from .handling import Handling
@@ -82,6 +88,20 @@ class Streaming(Handling):
         self._stream_run(stream, f.payload, end)
 
     def _stream_run(self, stream: Stream, data: bytes, end: bool) -> None:
+        g = self.grant
+        if g is not None and data:
+            try:
+                wait = g.check(AEAD, 0, len(data))
+            except Exception as e:
+                self._stream_failed(stream, e)
+                return
+            if wait:
+                g.refused(AEAD)
+                stream.queue.appendleft((data, end))
+                stream.busy = True
+                self.server.loop.call_later(wait, self._stream_wake, stream)
+                return
+            g.take(AEAD, 0, len(data))
         if len(data) >= BIG or end:
             stream.busy = True
             self.server.workers.submit(stream_step, (stream.job, data, end), self,
@@ -117,6 +137,14 @@ class Streaming(Handling):
             self.ids.discard(stream.id)
             self.inflight -= 1
             self._count(stream.op, status, 0)
+
+    def _stream_wake(self, stream: Stream) -> None:
+        """The grant's bucket has the bytes for the piece that waited."""
+        if stream.id not in self.streams or self.streams[stream.id] is not stream:
+            return
+        stream.busy = False
+        self._stream_next(stream)
+        self.settle()
 
     def _stream_next(self, stream: Stream) -> None:
         while stream.queue and not stream.busy and stream.id in self.streams:
