@@ -62,6 +62,9 @@ EXIT_REFUSED = 3
               help="Seconds a token read from the keystore is trusted.")
 @click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Threads for database calls and signatures.")
+@click.option("--token-recheck", type=click.FloatRange(0.05), default=5.0,
+              show_default=True, help="Seconds between checks that open connections' "
+              "tokens still stand (a revoked token's connections then close).")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
               help="Write the ready event's JSON here once serving (else stdout).")
 @click.option("--json", "json_logs", is_flag=True, help="Log JSON lines to stderr.")
@@ -70,8 +73,8 @@ EXIT_REFUSED = 3
 def manager_cmd(store: str, listen: tuple[str, ...], signing_key: Path, lease: float,
                 overcommit: float, manager_id: str | None, http: str | None,
                 tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None,
-                cache_ttl: float, threads: int, ready_file: str | None, json_logs: bool,
-                log_level: str) -> None:
+                cache_ttl: float, threads: int, token_recheck: float,
+                ready_file: str | None, json_logs: bool, log_level: str) -> None:
     """Run the fabric's manager: crypto servers register their capacity and heartbeat;
     clients ask for quotas and get grants (servers, rates, a signed token) or a refusal
     saying what is left (docs/fabric-manager.md).
@@ -93,7 +96,7 @@ def manager_cmd(store: str, listen: tuple[str, ...], signing_key: Path, lease: f
                            listen=list(listen) or [DEFAULT_LISTEN], lease=lease,
                            overcommit=overcommit, manager_id=manager_id or "", http=http,
                            ready_file=ready_file, tls=tls, cache_ttl=cache_ttl,
-                           threads=threads)
+                           threads=threads, token_recheck=token_recheck)
     sys.exit(run(config))
 
 

@@ -66,6 +66,7 @@ class ManagerConfig:
     tls: ssl.SSLContext | None = None
     cache_ttl: float = 1.0
     threads: int = 4
+    token_recheck: float = 5.0
 
 
 def load_or_create_signing_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
@@ -195,7 +196,7 @@ class Manager:
         assert self.service is not None and self.state is not None
         state, svc = self.state, self.service
         period = max(0.05, self.config.lease / 4)
-        refreshed = 0.0
+        refreshed = rechecked = 0.0
         loop = asyncio.get_running_loop()
         while not self.stopping:
             await asyncio.sleep(period)
@@ -217,6 +218,9 @@ class Manager:
                 if report.expired_grants:
                     log.info("%d expired grant(s) deleted", len(report.expired_grants))
             now = loop.time()
+            if now - rechecked >= self.config.token_recheck:
+                rechecked = now
+                svc.recheck()
             if now - refreshed >= min(METRICS_PERIOD, period) or changed:
                 refreshed = now
                 await self._refresh()

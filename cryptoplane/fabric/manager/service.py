@@ -25,6 +25,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ...exceptions import CryptoplaneError, InvalidRequest, NotSupported
+from ...exceptions import Busy, CryptoplaneError, InvalidRequest, NotSupported
 from .. import codec as C
 from ..auth import Authenticator, Principal
 from ..capability import GrantClaims, key_id, public_key_b64, sign_grant
@@ -78,6 +80,21 @@ MAX_HELD: Final = 64  # frames sent before the handshake finished
 MAX_WATCHED: Final = 4096  # grants one connection may watch
 MAX_FRAME: Final = C.HEADER_SIZE + C.MAX_KEY_REF + C.MAX_JSON + 64
 HANDSHAKE, OPEN, CLOSED = 0, 1, 2
+
+
+class DatabaseUnavailable(Busy):
+    """The manager's database did not answer (restarting, unreachable): BUSY, which
+    clients retry, here or at another manager."""
+
+    retry_after = 0.5
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database being gone rather than a fault of the request."""
+    if isinstance(exc, sqlite3.OperationalError):  # locked past its busy timeout
+        return True
+    psycopg = sys.modules.get("psycopg")  # imported only when the store is PostgreSQL
+    return psycopg is not None and isinstance(exc, psycopg.OperationalError)
 
 
 def placement_of(grant: Grant) -> str:
@@ -149,6 +166,14 @@ class ManagerService:
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the service's threads (the reaper and the metrics use it)."""
         return await self.submit(fn, *args)
+
+    def recheck(self) -> None:
+        """Check every open connection's token again (the app calls this every few
+        seconds): a revoked token stops working on connections already open too."""
+        if self.stopping:
+            return
+        for conn in list(self.connections):
+            conn.recheck()
 
     # -- ops (on the threads) ----------------------------------------------------------
 
@@ -344,6 +369,8 @@ class ManagerConnection(asyncio.Protocol):
         self.closing = False
         self.watching: dict[str, str] = {}  # grant id -> placement last told
         self.beats: dict[str, float] = {}  # server id -> time of its last beat here
+        self.token: str | None = None  # kept to recheck: a revocation ends the connection
+        self.rechecking = False
         self._timer: asyncio.TimerHandle | None = None
 
     # -- transport ---------------------------------------------------------------------
@@ -439,6 +466,7 @@ class ManagerConnection(asyncio.Protocol):
             self._refuse("invalid, revoked or expired token")
             return
         self.inflight += 1  # the keystore is a database away
+        self.token = token
         fut = self.service.submit(auth.from_token, token)
         fut.add_done_callback(self._checked)
 
@@ -447,6 +475,10 @@ class ManagerConnection(asyncio.Protocol):
         if self.state == CLOSED or fut.cancelled():
             return
         error = fut.exception()
+        if error is not None and unavailable(error):
+            self._fatal(0, "the manager's database is unavailable; retry",
+                        FrameType.WELCOME, Status.BUSY)
+            return
         if error is not None:
             self.service.metrics.auth_failure()
             self._refuse(str(error) if isinstance(error, Unauthorized)
@@ -527,10 +559,38 @@ class ManagerConnection(asyncio.Protocol):
         self._update_reading()
 
     def _error(self, f: C.Frame, op_name: str, error: BaseException) -> None:
+        if unavailable(error):
+            log.warning("%s: the database is unavailable: %s", op_name, error)
+            error = DatabaseUnavailable("the manager's database is unavailable; retry")
         status, payload = error_answer(error)
         self.service.metrics.request(op_name, Status(status).name.lower())
         self._write(C.encode_frame(FrameType.RESPONSE, f.id, op=f.op, status=status,
                                    payload=payload))
+
+    def recheck(self) -> None:
+        """Whether the token still stands (revoked, expired, scopes changed)."""
+        if self.token is None or self.state != OPEN or self.rechecking:
+            return
+        self.rechecking = True
+        fut = self.service.submit(self.service.auth.from_token, self.token)
+        fut.add_done_callback(self._rechecked)
+
+    def _rechecked(self, fut: asyncio.Future[Principal]) -> None:
+        self.rechecking = False
+        if self.state != OPEN or fut.cancelled():
+            return
+        error = fut.exception()
+        if isinstance(error, Unauthorized):
+            self.service.metrics.auth_failure()
+            self._fatal(0, "credential revoked or expired", FrameType.RESPONSE,
+                        Status.UNAUTHORIZED)
+        elif error is None:
+            principal = fut.result()
+            if self.principal is not None and principal.tenant != self.principal.tenant:
+                self._fatal(0, "credential changed tenant", FrameType.RESPONSE,
+                            Status.UNAUTHORIZED)
+            else:
+                self.principal = principal
 
     def push(self, event: dict[str, Any]) -> None:
         if self.state != OPEN:
@@ -599,4 +659,5 @@ def _gid(f: C.Frame) -> str:
     return grant_id_of(C.get_json(C.decode_fields(f.payload)))
 
 
-__all__ = ["SCOPE", "ManagerConnection", "ManagerService", "placement_of"]
+__all__ = ["SCOPE", "DatabaseUnavailable", "ManagerConnection", "ManagerService",
+           "placement_of", "unavailable"]

@@ -15,7 +15,14 @@ from managerkit import start_manager, tokens
 from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.fabric.capability import public_key_from_b64, verify_grant
 from cryptoplane.fabric.codec import Op
-from cryptoplane.fabric.errors import Forbidden, KeyNotFound, QuotaRefused, Unauthorized
+from cryptoplane.fabric.errors import (
+    ConnectionLost,
+    Forbidden,
+    KeyNotFound,
+    QuotaRefused,
+    Unauthorized,
+)
+from cryptoplane.fabric.manager.app import open_state_store
 from cryptoplane.fabric.manager.client import ManagerClient
 from cryptoplane.fabric.manager.protocol import Heartbeat, QuotaRequest, Registration
 
@@ -159,16 +166,20 @@ async def _grants(url: str, tok: dict[str, str], key_id: str) -> None:
             await c.close()
 
 
-def test_tokens_refused(tmp_path: Path) -> None:
+def test_tokens_refused_and_rechecked(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path / 'ks.db'}"
     tok = tokens(url)
-    m = start_manager(url, tmp_path)
+    sock = tmp_path / "manager.sock"
+    m = start_manager(url, tmp_path, lease=1.0,
+                      extra=["--listen", f"unix://{sock}", "--token-recheck", "0.2",
+                             "--cache-ttl", "0.1"])
+    assert f"unix://{sock}" in m.ready["listen"]
     try:
         async def go() -> None:
             with pytest.raises(Unauthorized):
                 await ManagerClient.connect(m.url, token="cpt_0123456789abcdef_nope",
                                             timeout=5)
-            none = await ManagerClient.connect(m.url, token=tok["none"])
+            none = await ManagerClient.connect(f"unix://{sock}", token=tok["none"])
             try:
                 for op in (Op.FABRIC_STATUS, Op.GRANT_LIST, Op.SERVER_REGISTER):
                     with pytest.raises(Forbidden):
@@ -177,9 +188,29 @@ def test_tokens_refused(tmp_path: Path) -> None:
                     await none.call(Op.ENCRYPT, {})
             finally:
                 await none.close()
+            # a token revoked while its connection is open: the connection ends
+            a = await ManagerClient.connect(m.url, token=tok["a"], timeout=2)
+            try:
+                assert await a.list_grants() == []
+                store = open_state_store(url)
+                try:
+                    assert store.revoke_token(tok["a"].split("_")[1])
+                finally:
+                    store.close()
+                deadline = time.monotonic() + 5
+                while True:
+                    try:
+                        await a.list_grants()
+                    except (Unauthorized, ConnectionLost):
+                        break
+                    assert time.monotonic() < deadline, "a revoked token still works"
+                    await asyncio.sleep(0.1)
+            finally:
+                await a.close()
         asyncio.run(go())
     finally:
         assert m.stop() == 0
+    assert not sock.exists()
 
 
 def test_lapsed_lease_moves_grants_and_pushes(keystore_url: str, tmp_path: Path) -> None:
