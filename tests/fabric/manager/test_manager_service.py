@@ -346,3 +346,38 @@ async def _two(url_a: str, url_b: str, tok: dict[str, str]) -> None:
     finally:
         for c in (server, on_a, on_b):
             await c.close()
+
+
+def test_tls_certificates_and_tokens(tmp_path: Path) -> None:
+    from certs import make_pki
+
+    from cryptoplane.fabric.auth import client_ssl_context
+
+    pki = make_pki(tmp_path)
+    url = f"sqlite://{tmp_path / 'ks.db'}"
+    tok = tokens(url)
+    m = start_manager(url, tmp_path, extra=["--tls-cert", str(pki.server_cert), "--tls-key",
+                                            str(pki.server_key), "--tls-client-ca",
+                                            str(pki.ca_cert)])
+    assert m.url.startswith("tls://")
+    try:
+        async def go() -> None:
+            # a client certificate: its CN is the tenant, every scope
+            cert = await ManagerClient.connect(m.url, ssl=client_ssl_context(
+                pki.ca_cert, certfile=pki.client_a_cert, keyfile=pki.client_a_key))
+            # a token over TLS, no certificate
+            b = await ManagerClient.connect(m.url, token=tok["b"],
+                                            ssl=client_ssl_context(pki.ca_cert))
+            try:
+                await cert.register(reg("s1"))
+                answer = await cert.request_grant(ask(100))
+                assert answer.grant is not None and answer.grant.tenant == "tenant-a"
+                assert (await b.list_grants()) == []
+                status = await b.status()
+                assert status["tenant"] == "b" and status["grants"] == []
+            finally:
+                await cert.close()
+                await b.close()
+        asyncio.run(go())
+    finally:
+        assert m.stop() == 0
