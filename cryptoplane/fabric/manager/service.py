@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from .state import FabricState
 
 log = logging.getLogger("cryptoplane.fabric.manager")
+
+KEYS_TTL: Final = 2.0  # seconds the pool's public keys are cached
 
 
 def placement_of(grant: Grant) -> str:
@@ -86,6 +88,7 @@ class ManagerService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._keys: tuple[float, dict[str, str] | None] = (0.0, None)
 
     # -- life --------------------------------------------------------------------------
 
@@ -146,7 +149,7 @@ class ManagerService:
             state.register(reg)
             conn.beats[reg.server_id] = self.clock()
             return Registered(reg.server_id, state.lease_seconds,
-                              state.signing_keys()).to_json(), {}
+                              self.manager_keys()).to_json(), {}
         if op == Op.SERVER_HEARTBEAT:
             beat = Heartbeat.from_json(obj)
             now = self.clock()
@@ -157,7 +160,7 @@ class ManagerService:
             registered = state.heartbeat(beat)
             conn.beats[beat.server_id] = now
             revoked = state.revoked_for(beat.server_id, since) if registered else []
-            return HeartbeatAnswer(registered, state.lease_seconds, state.signing_keys(),
+            return HeartbeatAnswer(registered, state.lease_seconds, self.manager_keys(),
                                    revoked).to_json(), {}
         if op == Op.SERVER_LEAVE:
             server_id = server_id_of(obj)
@@ -202,6 +205,16 @@ class ManagerService:
                 status["tenant"] = principal.tenant
             return status, {}
         raise InvalidRequest(f"op {op} is not a manager op")
+
+    def manager_keys(self) -> dict[str, str]:
+        """The pool's public keys, read at most every ``KEYS_TTL`` seconds: they change
+        when a manager with a new key starts, and every heartbeat carries them."""
+        at, keys = self._keys
+        now = time.monotonic()
+        if keys is None or now - at > KEYS_TTL:
+            keys = self.state.signing_keys()
+            self._keys = (now, keys)
+        return keys
 
     def _tenant(self, principal: Principal, obj: dict[str, Any]) -> str:
         """The principal's tenant; an admin (a control plane) may act for another."""
