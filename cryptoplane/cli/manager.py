@@ -178,17 +178,25 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def _count(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.4g}M"
+    if n >= 1e4:
+        return f"{n / 1e3:.4g}k"
+    return f"{n:.4g}"
+
+
 def _rate(rate: dict[str, float]) -> str:
     parts = []
     if rate.get("ops"):
-        parts.append(f"{rate['ops']:g} ops/s")
+        parts.append(f"{_count(rate['ops'])} ops/s")
     if rate.get("bytes"):
         parts.append(f"{_bytes(rate['bytes'])}/s")
     return ", ".join(parts) or "-"
 
 
-def _rates(rates: dict[str, dict[str, float]]) -> str:
-    return "; ".join(f"{cls} {_rate(r)}" for cls, r in sorted(rates.items())) or "-"
+def _rates(rates: dict[str, dict[str, float]], sep: str = "; ") -> str:
+    return sep.join(f"{cls} {_rate(r)}" for cls, r in sorted(rates.items())) or "-"
 
 
 def _bytes(n: float) -> str:
@@ -213,8 +221,8 @@ def _print_grant(answer: Any) -> None:
 def _print_refusal(reason: str, left: dict[str, dict[str, float]]) -> None:
     click.echo(f"refused: {reason}", err=True)
     for cls, rate in sorted(left.items()):
-        click.echo(f"  left {cls}: {rate.get('ops', 0):g} ops/s, "
-                   f"{_bytes(rate.get('bytes', 0))}/s", err=True)
+        click.echo(f"  left {cls}: {_rate(rate) if any(rate.values()) else 'nothing'}",
+                   err=True)
 
 
 @click.group("quota")
@@ -400,21 +408,22 @@ def fabric_status(manager_url: str, token: str | None, tls_ca: str | None, timeo
 
 
 def print_status(status: dict[str, Any]) -> None:
-    """The status as three tables (rich renders them; plain text when not a terminal)."""
+    """The status as three tables (rich; plain characters when not a terminal)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(100, Console().width), soft_wrap=False)
+    console = Console(width=max(120, Console().width), soft_wrap=False)
     servers = Table(title=f"servers (lease {status.get('lease_seconds', 0):g} s, "
                     f"overcommit {status.get('overcommit', 1):g})", title_justify="left")
     for col in ("server", "address", "capacity", "load", "inflight", "lease age", "grants"):
-        servers.add_column(col, justify="right" if col in ("inflight", "lease age",
-                                                           "grants") else "left")
+        servers.add_column(col, no_wrap=col in ("server", "address"),
+                           justify="right" if col in ("inflight", "lease age", "grants")
+                           else "left")
     for s in status.get("servers", []):
         servers.add_row(str(s.get("server_id")), str(s.get("address")),
-                        _rates(s.get("capacity", {})), _rates(s.get("load", {})),
-                        str(s.get("inflight", 0)), f"{float(s.get('lease_age', 0)):.1f} s",
-                        str(s.get("grants", 0)))
+                        _rates(s.get("capacity", {}), "\n"),
+                        _rates(s.get("load", {}), "\n"), str(s.get("inflight", 0)),
+                        f"{float(s.get('lease_age', 0)):.1f} s", str(s.get("grants", 0)))
     console.print(servers)
     totals = Table(title="pool", title_justify="left")
     for col in ("class", "capacity", "granted", "left"):
@@ -428,12 +437,12 @@ def print_status(status: dict[str, Any]) -> None:
     console.print(totals)
     grants = Table(title="grants", title_justify="left")
     for col in ("grant", "tenant", "quota", "servers", "expires", "label"):
-        grants.add_column(col)
+        grants.add_column(col, no_wrap=col == "grant")
     for g in status.get("grants", []):
         grants.add_row(str(g.get("grant_id")), str(g.get("tenant")),
-                       _rates(g.get("quota", {})),
-                       ",".join(s.get("server_id", "?") for s in g.get("servers", [])) or "-",
-                       _when(float(g.get("expires_at", 0))), str(g.get("label", "")))
+                       _rates(g.get("quota", {}), "\n"),
+                       "\n".join(s.get("server_id", "?") for s in g.get("servers", []))
+                       or "-", _when(float(g.get("expires_at", 0))), str(g.get("label", "")))
     console.print(grants)
     if status.get("refusals"):
         console.print(f"refusals (this manager): {status['refusals']}")
