@@ -206,13 +206,15 @@ class Handling:
         g = self.grant
         if g is not None:
             try:
-                if g.check(AEAD, 1, n):
-                    return False  # the general path answers THROTTLED
+                if g.admit(AEAD, 1, n):
+                    return False  # charged nothing; the general path answers THROTTLED
             except Exception:
                 return False  # and UNAUTHORIZED, FORBIDDEN
         principal = self.principal
         assert principal is not None
         if self.admit(principal, 1, n):
+            if g is not None:
+                g.refund(AEAD, 1, n)
             return False  # the general path answers THROTTLED
         pos = self.npos
         if pos >= NONCE_POOL:
@@ -223,9 +225,9 @@ class Handling:
         try:
             ct = self.encrypt(aead, p[5:], nonce, b"")
         except Exception:
+            if g is not None:
+                g.refund(AEAD, 1, n)
             return False  # the general path says why
-        if g is not None:
-            g.take(AEAD, 1, n)
         self.record_use(self.tenant, name, version, "encrypt", n, self.label)
         out.append(b"".join((_pack_field_answer(_AFTER_LENGTH + len(ct) + 31, _VERSION,
                                                 RESPONSE, 0, f.id, ENCRYPT, 0, 0, 0, 2,
@@ -283,20 +285,22 @@ class Handling:
         g = self.grant
         if g is not None:
             try:
-                if g.check(AEAD, 1, n):
+                if g.admit(AEAD, 1, n):
                     return False
             except Exception:
                 return False
         principal = self.principal
         assert principal is not None
         if self.admit(principal, 1, n):
+            if g is not None:
+                g.refund(AEAD, 1, n)
             return False
         try:
             pt = self.decrypt(aead, p[22:], p[10:22], b"")
         except Exception:
+            if g is not None:
+                g.refund(AEAD, 1, n)
             return False
-        if g is not None:
-            g.take(AEAD, 1, n)
         m = len(pt)
         self.record_use(self.tenant, name, v, "decrypt", m, self.label)
         out.append(_pack_field_answer(_AFTER_LENGTH + m + 5, _VERSION, RESPONSE, 0, f.id,
@@ -356,16 +360,16 @@ class Handling:
                 fields = C.decode_fields(f.payload)
                 cls = self._charge_class(op, name, fields)
                 if cls != FREE:
-                    self._grant_check(g, cls, 1, len(f.payload))
+                    self._grant_admit(g, cls, 1, len(f.payload))
             else:
                 fields = None
             # an operator lifting a limit must not be refused by it
             wait = self.admit(self.principal, 1, len(f.payload)) if op != TENANT_LIMITS else 0
             if wait:
+                if cls != FREE:
+                    assert g is not None
+                    g.refund(cls, 1, len(f.payload))
                 raise C.error_for(Status.THROTTLED, "rate limit exceeded", wait)
-            if cls != FREE:
-                assert g is not None
-                g.take(cls, 1, len(f.payload))
             if fields is None:
                 fields = C.decode_fields(f.payload)
             if op in SESSION_OPS:
@@ -431,13 +435,13 @@ class Handling:
             if g is not None and op in CHARGED:
                 cls = self._key_class(op, name)
                 if cls != FREE:
-                    self._grant_check(g, cls, len(items), len(f.payload))
+                    self._grant_admit(g, cls, len(items), len(f.payload))
             wait = self.admit(self.principal, len(items), len(f.payload))
             if wait:
+                if cls != FREE:
+                    assert g is not None
+                    g.refund(cls, len(items), len(f.payload))
                 raise C.error_for(Status.THROTTLED, "rate limit exceeded", wait)
-            if cls != FREE:
-                assert g is not None
-                g.take(cls, len(items), len(f.payload))
             if spec.where == INLINE and len(f.payload) < BIG:
                 answer = run_batch(self.svc, self.tenant, spec, name, items, self.label)
                 self._answer(out, fid, op, 0, answer, BATCH_RESPONSE)
@@ -455,12 +459,11 @@ class Handling:
 
     # ---- grants ------------------------------------------------------------------------
 
-    def _grant_check(self, g: GrantEntry, cls: str, ops: int, nbytes: int) -> None:
-        """Raise THROTTLED (or the grant's UNAUTHORIZED, FORBIDDEN) unless the grant
-        allows ``ops``/``nbytes`` of ``cls`` now; charges nothing."""
-        wait = g.check(cls, ops, nbytes)
+    def _grant_admit(self, g: GrantEntry, cls: str, ops: int, nbytes: int) -> None:
+        """Charge ``ops``/``nbytes`` of ``cls`` to the grant, or raise THROTTLED (or the
+        grant's UNAUTHORIZED, FORBIDDEN) and charge nothing."""
+        wait = g.admit(cls, ops, nbytes)
         if wait:
-            g.refused(cls)
             raise C.error_for(Status.THROTTLED, f"grant rate for {cls} exceeded", wait)
 
     def _key_class(self, op: int, name: str) -> str:

@@ -91,17 +91,15 @@ class Streaming(Handling):
         g = self.grant
         if g is not None and data:
             try:
-                wait = g.check(AEAD, 0, len(data))
+                wait = g.admit(AEAD, 0, len(data))
             except Exception as e:
                 self._stream_failed(stream, e)
                 return
             if wait:
-                g.refused(AEAD)
                 stream.queue.appendleft((data, end))
                 stream.busy = True
                 self.server.loop.call_later(wait, self._stream_wake, stream)
                 return
-            g.take(AEAD, 0, len(data))
         if len(data) >= BIG or end:
             stream.busy = True
             self.server.workers.submit(stream_step, (stream.job, data, end), self,

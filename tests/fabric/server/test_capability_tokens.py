@@ -126,28 +126,50 @@ def test_table_buckets_never_charge_a_refusal() -> None:
         assert table.admit(c, "rsa2048", 1, 0) == pytest.approx(0.01)
     t[0] += 0.01
     assert table.admit(c, "rsa2048", 1, 0) == 0.0
+    # a refund (another limit refused the request after the grant said yes) is exact
+    assert table.admit(c, "rsa2048", 1, 0) == pytest.approx(0.01)
+    t[0] += 0.01
+    assert table.admit(c, "rsa2048", 1, 0) == 0.0
+    entry.refund("rsa2048", 1, 0)
+    assert table.admit(c, "rsa2048", 1, 0) == 0.0
+    assert table.admit(c, "rsa2048", 1, 0) > 0
     # a class the grant does not name: free when grants are optional
     assert entry.admit("ed25519", 1, 0) == 0.0
     # load: what was admitted per class since the last call
     t[0] += 1.0
     load = table.load()
-    assert load["rsa2048"]["ops"] == pytest.approx(3 / 1.01)
+    assert load["rsa2048"]["ops"] == pytest.approx(4 / 1.02)
     assert table.load() == {}
-    assert table.admitted()["rsa2048"] == (3.0, 0.0)
+    assert table.admitted()["rsa2048"] == (4.0, 0.0)
+
+
+def test_long_run_rate_exact_in_simulated_time() -> None:
+    """Unpaced requests over 2 s of a fake clock: the grant's rate plus its burst."""
+    table, t = _table()
+    entry = table.present(sign_grant(KEY, claims(
+        servers={"s1": {"rsa2048": (1000.0, 0.0), "aead": (0.0, 1e6)}})), "acme")
+    ops = nbytes = 0
+    start = t[0]
+    while t[0] < start + 2.0:
+        ops += entry.admit("rsa2048", 1, 0) == 0.0
+        nbytes += 1000 * (entry.admit("aead", 1, 1000) == 0.0)
+        t[0] += 0.0001
+    assert 2000 <= ops <= 2000 + 20 + 1
+    assert 2e6 <= nbytes <= 2e6 + 2e4 + 1000
 
 
 def test_table_required_revoked_expired_cap() -> None:
     table, _ = _table(required=True, max_grants=1)
     entry = table.present(GOOD, "acme")
     with pytest.raises(Forbidden, match="does not cover ed25519"):
-        entry.check("ed25519", 1, 0)
+        entry.admit("ed25519", 1, 0)
     with pytest.raises(Forbidden, match="granted clients"):
-        NO_GRANT.check("aead", 1, 10)
+        NO_GRANT.admit("aead", 1, 10)
     with pytest.raises(GrantRefused, match="too many"):
         table.present(sign_grant(KEY, claims(grant_id="g2")), "acme")
     assert table.revoke(["g1"]) == 1
     with pytest.raises(Unauthorized, match="revoked"):
-        entry.check("rsa2048", 1, 0)
+        entry.admit("rsa2048", 1, 0)
     with pytest.raises(GrantRefused, match="revoked"):
         table.present(GOOD, "acme")
     # an expired grant: refused at verify, and per request on an entry already held
@@ -157,7 +179,7 @@ def test_table_required_revoked_expired_cap() -> None:
     held = short.present(real, "acme")
     time.sleep(0.25)
     with pytest.raises(Unauthorized, match="expired; renew it"):
-        held.check("rsa2048", 1, 0)
+        held.admit("rsa2048", 1, 0)
     with pytest.raises(GrantExpired):
         short.verify(real, "acme")
 

@@ -21,6 +21,11 @@ from cryptoplane.fabric import codec as C
 from cryptoplane.fabric.codec import Field, Flag, FrameType, Op, Status
 
 WINDOW = 2.0
+# the bound that matters is the upper one (+5 % and the burst). Below, a client or
+# server descheduled for longer than the 20 ms burst on a loaded two-core machine loses
+# those tokens (by design: the burst is what absorbs lateness), so the lower bound
+# leaves room for that
+LOW = 0.85
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def test_ops_rate_enforced(srv: ServerProcess) -> None:
         assert f.status == 0, f
         ok, throttled = _admitted(w, Op.SIGN, b"rsa", {Field.DATA: b"m"}, WINDOW)
         burst = max(1.0, rate * 0.02)
-        assert rate * WINDOW * 0.95 <= ok <= rate * WINDOW * 1.05 + burst, ok
+        assert rate * WINDOW * LOW <= ok <= rate * WINDOW * 1.05 + burst, ok
         assert throttled > ok  # it really was unpaced
         # other classes are not charged to it (optional mode: served as without one)
         assert w.call(Op.DIGEST, b"", {Field.DATA: b"x"})[0] == 0
@@ -71,7 +76,7 @@ def test_bytes_rate_enforced_on_the_fast_path(srv: ServerProcess) -> None:
         assert f.status == 0
         ok, _ = _admitted(w, Op.ENCRYPT, b"aes", {Field.DATA: b"x" * 1000}, WINDOW)
         expected = rate * WINDOW / 1000
-        assert expected * 0.95 <= ok <= expected * 1.05 + rate * 0.02 / 1000 + 1, ok
+        assert expected * LOW <= ok <= expected * 1.05 + rate * 0.02 / 1000 + 1, ok
 
 
 def test_one_bucket_per_grant_across_connections(srv: ServerProcess) -> None:
