@@ -94,7 +94,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         "INSERT INTO generation (id, value) VALUES (1, 0)",
     )),
     Migration(4, "fabric: servers, leases, grants", (
-        # the manager's pool (manager/state.py); rates and placements are JSON text
+        # the manager's pool (manager/state.py); rates and placements are JSON text. No
+        # index on lease_expires: a pool's servers are read whole anyway, and an indexed
+        # column would make every heartbeat a non-HOT update (PostgreSQL), bloating the
+        # table that every admission reads
         """CREATE TABLE fabric_servers (
              server_id TEXT PRIMARY KEY,
              address TEXT NOT NULL,
@@ -105,7 +108,6 @@ MIGRATIONS: tuple[Migration, ...] = (
              heartbeat_at {float} NOT NULL,
              lease_expires {float} NOT NULL,
              manager TEXT NOT NULL)""",
-        "CREATE INDEX fabric_servers_lease ON fabric_servers (lease_expires)",
         # capacity and what grants placed on each server, per class: admission and
         # placement read these numbers in SQL rather than parse every server's JSON
         """CREATE TABLE fabric_capacity (
@@ -134,8 +136,11 @@ MIGRATIONS: tuple[Migration, ...] = (
              counted INTEGER NOT NULL,
              placement TEXT NOT NULL)""",
         "CREATE INDEX fabric_grants_tenant ON fabric_grants (tenant)",
-        "CREATE INDEX fabric_grants_expiry ON fabric_grants (counted, expires_at)",
-        "CREATE INDEX fabric_grants_revoked ON fabric_grants (revoked_at)",
+        # partial: the sweep looks only at counted grants, revoked_for() (at every
+        # heartbeat) only at revoked ones, and each is a small part of the table
+        "CREATE INDEX fabric_grants_expiry ON fabric_grants (expires_at) WHERE counted = 1",
+        "CREATE INDEX fabric_grants_revoked ON fabric_grants (revoked_at) "
+        "WHERE revoked_at IS NOT NULL",
         """CREATE TABLE fabric_grant_servers (
              grant_id TEXT NOT NULL REFERENCES fabric_grants(grant_id) ON DELETE CASCADE,
              server_id TEXT NOT NULL,
@@ -148,11 +153,14 @@ MIGRATIONS: tuple[Migration, ...] = (
              key_id TEXT PRIMARY KEY,
              public_b64 TEXT NOT NULL,
              created_at {float} NOT NULL)""",
-        # one row: admission's lock (SELECT ... FOR UPDATE) and the pool's granted total
+        # one row: admission's lock (SELECT ... FOR UPDATE), the pool's granted total,
+        # and a count of server removals (admission reads servers before the lock and
+        # reads them again if one was removed meanwhile)
         """CREATE TABLE fabric_pool (
              id INTEGER PRIMARY KEY CHECK (id = 1),
-             granted TEXT NOT NULL)""",
-        "INSERT INTO fabric_pool (id, granted) VALUES (1, '{{}}')",
+             granted TEXT NOT NULL,
+             removals {bigint} NOT NULL)""",
+        "INSERT INTO fabric_pool (id, granted, removals) VALUES (1, '{{}}', 0)",
     )),
 )
 

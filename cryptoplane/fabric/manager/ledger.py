@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..capacity import CLASSES
 from . import placement as pl
 from .protocol import Grant, GrantServer, Rates
 
@@ -84,20 +85,74 @@ def chunks(items: Sequence[str], n: int = 500) -> Iterator[Sequence[str]]:
         yield items[i:i + n]
 
 
+def live_capacity(tx: Tx, now: float, classes: Sequence[str]) -> Rates:
+    """The live servers' capacity in these classes, summed (in SQL: a pool of a
+    thousand servers is not read row by row at every admission)."""
+    out: Rates = {cls: {"ops": 0.0, "bytes": 0.0} for cls in classes}
+    for cls, ops, nbytes in tx.all(
+            "SELECT c.class, SUM(c.cap_ops), SUM(c.cap_bytes) FROM fabric_capacity c JOIN "
+            "fabric_servers s ON s.server_id = c.server_id WHERE s.lease_expires >= ? AND "
+            "c.class IN " + sql_in(classes) + " GROUP BY c.class", now, *classes):
+        out[str(cls)] = {"ops": float(ops or 0.0), "bytes": float(nbytes or 0.0)}
+    return out
+
+
+def best_servers(tx: Tx, now: float, quota: Rates, overcommit: float, capacity: Rates,
+                 limit: int) -> Pool:
+    """The ``limit`` live servers ``placement.place`` would rank first for ``quota``
+    (those offering every asked class; with room in each first; then by free capacity
+    over the pool's), chosen in SQL, read in the same statement."""
+    pairs = pl.asked(quota)
+    classes = pl.asked_classes(quota)
+    if not set(classes) <= set(CLASSES):  # they are spelled into the SQL below
+        raise ValueError(f"unknown algorithm class in {classes}")
+    oc = repr(float(overcommit))
+    elig, room, score = [], [], []
+    for cls in classes:
+        ms = [m for c, m in pairs if c == cls]
+        free = {m: f"(c.cap_{m} * {oc} - c.placed_{m})" for m in ms}
+        elig.append("(c.class = '" + cls + "' AND " + " AND ".join(
+            f"c.cap_{m} > 0" for m in ms) + ")")
+        room.append("(c.class = '" + cls + "' AND " + " AND ".join(
+            f"{free[m]} > 0" for m in ms) + ")")
+        score.append(f"WHEN c.class = '{cls}' THEN " + " + ".join(
+            f"(CASE WHEN {free[m]} > 0 THEN {free[m]} ELSE 0 END) / "
+            f"{float(capacity.get(cls, {}).get(m) or 1.0)!r}" for m in ms))
+    pool = Pool(None)
+    if len(classes) == 1:  # the common case, without the grouping
+        pool.live = pl.candidates_from_rows(tx.all(
+            CANDIDATES_SQL + " AND " + elig[0] + " ORDER BY CASE WHEN " + room[0]
+            + " THEN 1 ELSE 0 END DESC, CASE " + score[0] + " END DESC, s.server_id "
+            "LIMIT ?", now, limit))
+        return pool
+    best = ("SELECT c.server_id FROM fabric_capacity c JOIN fabric_servers s ON "
+            "s.server_id = c.server_id WHERE s.lease_expires >= ? AND (" + " OR ".join(elig)
+            + ") GROUP BY c.server_id HAVING COUNT(*) = ? ORDER BY MIN(CASE WHEN "
+            + " OR ".join(room) + " THEN 1 ELSE 0 END) DESC, SUM(CASE " + " ".join(score)
+            + " ELSE 0 END) DESC, c.server_id LIMIT ?")
+    pool.live = pl.candidates_from_rows(tx.all(
+        CANDIDATES_SQL + " AND c.class IN " + sql_in(classes) + " AND s.server_id IN ("
+        + best + ")", now, *classes, now, len(classes), limit))
+    return pool
+
+
 class Pool:
     """The live servers as one transaction sees them, with the placement changes it
     makes, written back at once by ``flush`` (in a fixed order: concurrent transactions
     lock capacity rows in the same order and cannot deadlock)."""
 
     def __init__(self, tx: Tx | None, now: float = 0.0,
-                 classes: Sequence[str] | None = None) -> None:
-        if tx is None:  # only to write changes back
-            rows: list[Any] = []
-        elif classes is None:
-            rows = tx.all(CANDIDATES_SQL, now)
-        else:
-            rows = tx.all(CANDIDATES_SQL + " AND c.class IN " + sql_in(classes), now,
-                          *classes)
+                 classes: Sequence[str] | None = None,
+                 servers: Sequence[str] | None = None) -> None:
+        sql, args = CANDIDATES_SQL, [now]  # type: str, list[Any]
+        if classes is not None:
+            sql += " AND c.class IN " + sql_in(classes)
+            args += classes
+        if servers is not None:
+            sql += " AND s.server_id IN " + sql_in(servers)
+            args += servers
+        # without a transaction: only to write changes back
+        rows = tx.all(sql, *args) if tx is not None and servers != [] else []
         self.live = pl.candidates_from_rows(rows)
         self.delta: dict[tuple[str, str], list[float]] = {}
 

@@ -117,7 +117,8 @@ def eligible(candidates: Iterable[Candidate], pairs: Sequence[Pair]) -> list[Can
 
 
 def place(quota: Rates, mode: str, spread: int, candidates: Iterable[Candidate],
-          overcommit: float, prefer: Collection[str] = ()) -> list[tuple[Candidate, Rates]]:
+          overcommit: float, prefer: Collection[str] = (),
+          pool_capacity: Rates | None = None) -> list[tuple[Candidate, Rates]]:
     """The servers a grant of ``quota`` goes to and what each enforces; [] if no live
     server offers every class asked.
 
@@ -126,14 +127,18 @@ def place(quota: Rates, mode: str, spread: int, candidates: Iterable[Candidate],
     share fits its server's room when the chosen servers have room for the whole rate),
     never 0 for a rate above 0. "fail-over": ``spread`` servers (at least 2 when there
     are 2), each enforcing the whole rate. ``prefer``: server ids placed first (a grant
-    being moved keeps its surviving servers)."""
+    being moved keeps its surviving servers). ``pool_capacity``: the whole pool's, when
+    ``candidates`` are only the best few of it (free room is weighed against it)."""
     pairs = asked(quota)
     pool = eligible(candidates, pairs)
     if not pool:
         return []
     # free capacity measured against the pool's total per pair, so that a class of
     # 10k ops/s and one of 1 GB/s weigh alike in the choice
-    scale = {p: sum(c.capacity(*p) for c in pool) or 1.0 for p in pairs}
+    if pool_capacity is None:
+        scale = {p: sum(c.capacity(*p) for c in pool) or 1.0 for p in pairs}
+    else:
+        scale = {(cls, m): pool_capacity.get(cls, {}).get(m) or 1.0 for cls, m in pairs}
 
     def score(c: Candidate) -> float:
         return sum(c.free(cls, m, overcommit) / scale[(cls, m)] for cls, m in pairs)

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..capacity import CLASSES
 from ..errors import KeyNotFound, QuotaRefused
 from . import placement as pl
 from .ledger import (
@@ -38,8 +37,10 @@ from .ledger import (
     GrantRow,
     Pool,
     ServerRow,
+    best_servers,
     chunks,
     grant_row,
+    live_capacity,
     rates_of,
     sql_in,
 )
@@ -129,8 +130,13 @@ class FabricState:
                     log.exception("fabric event subscriber failed")
 
     def _lock_pool(self, tx: Tx) -> Rates:
-        row = tx.one("SELECT granted FROM fabric_pool WHERE id = 1" + self._store.for_update)
-        return rates_of(row[0]) if row else {}
+        return self._pool_row(tx, lock=True)[0]
+
+    def _pool_row(self, tx: Tx, *, lock: bool) -> tuple[Rates, int]:
+        """The pool's granted total and removal count (``lock``: taking its lock)."""
+        row = tx.one("SELECT granted, removals FROM fabric_pool WHERE id = 1"
+                     + (self._store.for_update if lock else ""))
+        return (rates_of(row[0]), int(row[1])) if row else ({}, 0)
 
     def _save_pool(self, tx: Tx, granted: Rates) -> None:
         tx.run("UPDATE fabric_pool SET granted = ? WHERE id = 1", json.dumps(granted))
@@ -167,12 +173,17 @@ class FabricState:
                    "lease_expires = excluded.lease_expires, manager = excluded.manager",
                    reg.server_id, reg.address, json.dumps(reg.capacity), now, now,
                    now + self.lease_seconds, self.manager_id)
+            offered = sorted(c for c, r in reg.capacity.items() if r["ops"] or r["bytes"])
+            # a class no longer offered keeps its row (grants may be placed on it)
+            tx.run("UPDATE fabric_capacity SET cap_ops = 0, cap_bytes = 0 WHERE server_id = ?"
+                   + (" AND class NOT IN " + sql_in(offered) if offered else ""),
+                   reg.server_id, *offered)
             tx.many("INSERT INTO fabric_capacity (server_id, class, cap_ops, cap_bytes, "
                     "placed_ops, placed_bytes) VALUES (?, ?, ?, ?, 0, 0) ON CONFLICT "
                     "(server_id, class) DO UPDATE SET cap_ops = excluded.cap_ops, "
                     "cap_bytes = excluded.cap_bytes",
-                    [(reg.server_id, cls, reg.capacity.get(cls, {}).get("ops", 0.0),
-                      reg.capacity.get(cls, {}).get("bytes", 0.0)) for cls in sorted(CLASSES)])
+                    [(reg.server_id, cls, reg.capacity[cls]["ops"], reg.capacity[cls]["bytes"])
+                     for cls in offered])
             events.append({"event": "servers"})
         self._run(True, body)
 
@@ -261,6 +272,8 @@ class FabricState:
             if n:
                 tx.run("DELETE FROM fabric_capacity WHERE server_id = ?", sid)
                 removed.append(sid)
+        if removed:
+            tx.run("UPDATE fabric_pool SET removals = removals + 1 WHERE id = 1")
         return removed
 
     def _move_grants_off(self, tx: Tx, gone: Sequence[str], now: float,
@@ -289,33 +302,40 @@ class FabricState:
     def admit(self, tenant: str, req: QuotaRequest) -> Grant:
         """Grants ``req`` to ``tenant`` if the pool has room for it, placed on live
         servers; else ``QuotaRefused`` saying what is left per asked class."""
+        classes = pl.asked_classes(req.quota)
+        limit = max(req.spread, 2)
+
         def body(tx: Tx, events: list[Event]) -> Grant | tuple[str, Rates]:
             now = self._clock()
-            granted = self._lock_pool(tx)
-            self._sweep(tx, now, granted, SWEEP_BATCH)
-            classes = pl.asked_classes(req.quota)
-            pool = Pool(tx, now, classes)
-            refused = pl.refusal(req.quota, pool.capacity(), granted, self.overcommit)
-            if refused is None:
-                shares = pl.place(req.quota, req.mode, req.spread, pool.live.values(),
-                                  self.overcommit)
-                if not shares:
-                    refused = ("no live server offers every class asked ("
-                               + ", ".join(classes) + ")", pl.left_of(
-                                   pool.capacity(), granted, self.overcommit, classes))
+            # the servers are read before the pool's lock, so that admissions queue only
+            # for their writes; they change under it only when one is removed (a lease
+            # lapsing meanwhile is a lease that lapses just after: expire() moves it)
+            before = self._pool_row(tx, lock=False)[1]
+            capacity = live_capacity(tx, now, classes)
+            pool = best_servers(tx, now, req.quota, self.overcommit, capacity, limit)
+            granted, removals = self._pool_row(tx, lock=True)
+            if removals != before:
+                capacity = live_capacity(tx, now, classes)
+                pool = best_servers(tx, now, req.quota, self.overcommit, capacity, limit)
+            refused = pl.refusal(req.quota, capacity, granted, self.overcommit)
+            # grants that expired unrenewed still count until swept: sweep before saying
+            # no (and expire() sweeps them all)
+            if refused is not None and self._sweep(tx, now, granted, SWEEP_BATCH):
+                self._save_pool(tx, granted)
+                refused = pl.refusal(req.quota, capacity, granted, self.overcommit)
             if refused is not None:
-                self._save_pool(tx, granted)  # keep what the sweep cleared
                 return refused
+            shares = pl.place(req.quota, req.mode, req.spread, pool.live.values(),
+                              self.overcommit, pool_capacity=capacity)
+            if not shares:
+                return ("no live server offers every class asked (" + ", ".join(classes)
+                        + ")", pl.left_of(capacity, granted, self.overcommit, classes))
             quota = pl.only(req.quota, classes)
             grant = Grant(grant_id="g-" + secrets.token_hex(10), tenant=tenant,
                           label=req.label, quota=quota, priority=req.priority,
                           mode=req.mode, spread=req.spread, servers=[], issued_at=now,
                           expires_at=now + req.ttl, ttl=req.ttl)
-            tx.run("INSERT INTO fabric_grants (" + GRANT_COLS + ") VALUES "
-                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, 1, '[]')", grant.grant_id,
-                   tenant, req.label, json.dumps(quota), req.priority, req.mode,
-                   req.spread, req.ttl, now, now + req.ttl)
-            grant = self._write_placement(tx, pool, grant, shares)
+            grant = self._write_placement(tx, pool, grant, shares, new=True)
             pool.flush(tx)
             pl.add_rates(granted, quota)
             self._save_pool(tx, granted)
@@ -330,9 +350,11 @@ class FabricState:
     def renew(self, tenant: str, grant_id: str) -> Grant:
         """Extends a live grant by its ttl from now, moving it first if one of its
         servers is gone (``QuotaRefused`` while no live server can take it)."""
-        def body(tx: Tx, events: list[Event]) -> Grant | tuple[str, Rates]:
+        def body(tx: Tx, events: list[Event], pooled: bool) -> Grant | tuple[str, Rates] | None:
             now = self._clock()
-            granted = self._lock_pool(tx)
+            # the pool's lock comes first, as everywhere: a renewal that finds a server
+            # gone gives up the row lock it took and starts again with both
+            granted = self._lock_pool(tx) if pooled else {}
             row = self._load(tx, grant_id, lock=True)
             if row is None or row.grant.tenant != tenant or not _live(row, now):
                 raise KeyNotFound("grant not found")
@@ -342,6 +364,8 @@ class FabricState:
                 "SELECT server_id FROM fabric_servers WHERE lease_expires >= ? AND "
                 "server_id IN " + sql_in(named), now, *named)} if named else set()
             if not named or alive != set(named):
+                if not pooled:
+                    return None
                 classes = pl.asked_classes(grant.quota)
                 pool = Pool(tx, now, classes)
                 if not pl.eligible(pool.live.values(), pl.asked(grant.quota)):
@@ -354,7 +378,10 @@ class FabricState:
             tx.run("UPDATE fabric_grants SET expires_at = ? WHERE grant_id = ?",
                    now + grant.ttl, grant_id)
             return replace(grant, expires_at=now + grant.ttl)
-        got = self._run(True, body)
+        got = self._run(True, lambda tx, ev: body(tx, ev, False))
+        if got is None:
+            got = self._run(True, lambda tx, ev: body(tx, ev, True))
+        assert got is not None
         if isinstance(got, Grant):
             return got
         with self._lock:
@@ -434,8 +461,10 @@ class FabricState:
     def _sweep(self, tx: Tx, now: float, granted: Rates, limit: int) -> int:
         """Takes up to ``limit`` grants that expired while counted out of the totals;
         returns how many."""
+        # FOR UPDATE re-reads a row a concurrent renewal changed, and skips it then
         rows = tx.all("SELECT grant_id, quota FROM fabric_grants WHERE counted = 1 AND "
-                      "expires_at <= ? ORDER BY expires_at LIMIT ?", now, limit)
+                      "expires_at <= ? ORDER BY expires_at LIMIT ?" + self._store.for_update,
+                      now, limit)
         self._uncount(tx, [(str(g), rates_of(q)) for g, q in rows], granted)
         return len(rows)
 
@@ -474,16 +503,26 @@ class FabricState:
         return self._write_placement(tx, pool, grant, shares)
 
     def _write_placement(self, tx: Tx, pool: Pool, grant: Grant,
-                         shares: Sequence[tuple[pl.Candidate, Rates]]) -> Grant:
+                         shares: Sequence[tuple[pl.Candidate, Rates]], *,
+                         new: bool = False) -> Grant:
+        """Records ``grant`` on these servers (``new``: the grant's row is inserted)."""
         servers = [GrantServer(c.server_id, c.address, rates) for c, rates in shares]
+        placement = json.dumps([s.to_json() for s in servers])
+        if new:
+            g = grant
+            tx.run("INSERT INTO fabric_grants (" + GRANT_COLS + ") VALUES (?, ?, ?, ?, ?, ?, "
+                   "?, ?, ?, ?, NULL, NULL, 1, ?)", g.grant_id, g.tenant, g.label,
+                   json.dumps(g.quota), g.priority, g.mode, g.spread, g.ttl, g.issued_at,
+                   g.expires_at, placement)
+        else:
+            tx.run("UPDATE fabric_grants SET placement = ? WHERE grant_id = ?", placement,
+                   grant.grant_id)
         for c, rates in shares:
             pool.add(c.server_id, rates)
         tx.many("INSERT INTO fabric_grant_servers (grant_id, server_id, class, ops, bytes) "
                 "VALUES (?, ?, ?, ?, ?)", [
                     (grant.grant_id, s.server_id, cls, r.get("ops", 0.0), r.get("bytes", 0.0))
                     for s in servers for cls, r in sorted(s.rates.items())])
-        tx.run("UPDATE fabric_grants SET placement = ? WHERE grant_id = ?",
-               json.dumps([s.to_json() for s in servers]), grant.grant_id)
         return replace(grant, servers=servers)
 
     # -- the pool at a glance ---------------------------------------------------------
