@@ -25,8 +25,9 @@ import struct
 from collections.abc import (
     AsyncIterator,
     Callable,
+    Mapping,
 )
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import InvalidRequest
 from . import codec
@@ -34,7 +35,11 @@ from .client_streams import StreamSource, run_stream
 from .codec import Field, Frame, FrameType, Op, Status
 from .connection_client import Call, SessionSpec, read_field
 from .errors import ProtocolError
+from .placement import DEFAULT_THRESHOLD, Placement
 from .pool import SILENCE, Pool
+
+if TYPE_CHECKING:
+    from .manager.protocol import Grant, QuotaRequest
 
 # repeating these cannot change what they answer (wire protocol, section 5)
 SAFE_OPS: Final = frozenset({
@@ -164,17 +169,50 @@ class AsyncClient:
     async def connect(cls, url: str | list[str], *, token: str | None = None,
                       ssl: ssl_module.SSLContext | None = None, connections: int = 2,
                       timeout: float = 30.0, name: str = "",
-                      silence: float = SILENCE) -> AsyncClient:
+                      silence: float = SILENCE,
+                      placement: str | Placement = "least-loaded",
+                      threshold: int = DEFAULT_THRESHOLD,
+                      big: list[str] | None = None) -> AsyncClient:
         """Connect to one server or several (``connections`` to each) and complete the
         handshake on at least one; ``Unauthorized`` for a bad token, ``ConnectionLost``
         when no server answers within ``timeout``. A server that says nothing for
         ``silence`` seconds while it owes answers is sent a PING, and its connection is
-        cut after as long again (its safe requests go elsewhere)."""
+        cut after as long again (its safe requests go elsewhere). ``placement``: which
+        server each request goes to (``placement.py``: ``least-loaded``,
+        ``round-robin``, ``size-split`` with ``threshold`` and ``big``, ``fail-over``
+        in URL order)."""
         urls = [url] if isinstance(url, str) else list(url)
         pool = Pool(urls, token=token, ssl=ssl, connections=connections, timeout=timeout,
-                    name=name, silence=silence)
+                    name=name, silence=silence, placement=placement, threshold=threshold,
+                    big=big)
         await pool.start()
         return cls(pool)
+
+    @classmethod
+    async def connect_managed(cls, manager: str | list[str], *, token: str | None = None,
+                              quota: Mapping[str, Mapping[str, float]] | QuotaRequest,
+                              placement: str | Placement = "least-loaded",
+                              **kw: Any) -> AsyncClient:
+        """A client on the servers a manager grants ``quota`` to (``granted.py``):
+        requests paced to the grant, the grant renewed, moved and, on ``close()``,
+        released. ``grant`` shows it."""
+        from .granted import ManagedPool
+        pool = ManagedPool(manager, token=token, quota=quota, placement=placement, **kw)
+        await pool.start()
+        return cls(pool)
+
+    @property
+    def grant(self) -> Grant | None:
+        """A managed client's grant as last received (None for a plain client)."""
+        return getattr(self._pool, "grant", None)
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    def per_server_counts(self) -> dict[str, dict[str, Any]]:
+        """Per server: calls sent, answered, in flight, measured service time."""
+        return self._pool.per_server_counts()
 
     @property
     def capabilities(self) -> dict[str, Any]:
@@ -204,7 +242,8 @@ class AsyncClient:
 
     def _send(self, ftype: int, op: int, key: bytes, payload: bytes, safe: bool,
               timeout: float | None, session: SessionSpec | None = None,
-              decode: Callable[[Frame], Any] | None = None) -> asyncio.Future[Any]:
+              decode: Callable[[Frame], Any] | None = None,
+              nbytes: int = -1) -> asyncio.Future[Any]:
         """Send one call; its future gets the answer frame, or ``decode(frame)`` (run in
         the completion: no coroutine of ours in between), or the error."""
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -223,7 +262,10 @@ class AsyncClient:
                     fut.set_exception(e)
 
         deadline = self._loop.time() + (self._pool.timeout if timeout is None else timeout)
-        self._pool.submit(Call(ftype, op, key, payload, safe, done, deadline, session))
+        call = Call(ftype, op, key, payload, safe, done, deadline, session)
+        if nbytes >= 0:
+            call.nbytes = nbytes
+        self._pool.submit(call)
         return fut
 
     async def request(self, op: int, key: str = "", fields: dict[int, bytes] | None = None,
@@ -238,8 +280,11 @@ class AsyncClient:
 
     def _data(self, op: Op, key: str, fields: dict[int, bytes],
               timeout: float | None) -> asyncio.Future[Any]:
+        data = fields.get(Field.DATA)
+        if data is None:
+            data = fields.get(Field.CIPHERTEXT, b"")
         return self._send(FrameType.REQUEST, op, _key(key), codec.encode_fields(fields),
-                          op in SAFE_OPS, timeout, None, _DECODERS[op])
+                          op in SAFE_OPS, timeout, None, _DECODERS[op], len(data))
 
     async def _control(self, op: Op, key: str = "", obj: dict[str, Any] | None = None,
                        timeout: float | None = None) -> dict[str, Any]:
@@ -256,7 +301,7 @@ class AsyncClient:
             return await self._send(  # type: ignore[no-any-return]
                 FrameType.REQUEST, Op.ENCRYPT, _key(key),
                 _pack_field(Field.DATA, len(plaintext)) + plaintext, False, timeout, None,
-                _DECODERS[Op.ENCRYPT])
+                _DECODERS[Op.ENCRYPT], len(plaintext))
         f = _cipher_fields(Field.DATA, plaintext, aad, context)
         if version is not None:
             f[Field.VERSION] = codec.u32(version)

@@ -16,6 +16,7 @@ from typing import IO, Any, TypeVar
 
 from .client import AsyncClient
 from .client_streams import sync_iterate
+from .placement import DEFAULT_THRESHOLD, Placement
 from .pool import SILENCE
 
 T = TypeVar("T")
@@ -26,7 +27,9 @@ class Client:
 
     def __init__(self, url: str | list[str], *, token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connections: int = 2,
-                 timeout: float = 30.0, name: str = "", silence: float = SILENCE) -> None:
+                 timeout: float = 30.0, name: str = "", silence: float = SILENCE,
+                 placement: str | Placement = "least-loaded",
+                 threshold: int = DEFAULT_THRESHOLD, big: list[str] | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="cryptoplane-fabric-client")
@@ -34,7 +37,8 @@ class Client:
         try:
             self._a: AsyncClient = self._run(AsyncClient.connect(
                 url, token=token, ssl=ssl, connections=connections, timeout=timeout,
-                name=name, silence=silence))
+                name=name, silence=silence, placement=placement, threshold=threshold,
+                big=big))
         except BaseException:
             self._stop()
             raise
@@ -77,6 +81,10 @@ class Client:
     @property
     def live_connections(self) -> int:
         return self._a.live_connections
+
+    def per_server_counts(self) -> dict[str, dict[str, Any]]:
+        """Per server: calls sent, answered, in flight, measured service time."""
+        return self._a.per_server_counts()
 
     def request(self, op: int, key: str = "", fields: dict[int, bytes] | None = None, *,
                 timeout: float | None = None, safe: bool | None = None) -> dict[int, bytes]:

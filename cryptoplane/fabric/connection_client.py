@@ -71,8 +71,9 @@ class SessionSpec:
 class Call:
     """One request on its way. ``done(frame, error)`` is called exactly once, by the pool."""
 
-    __slots__ = ("attempts", "bucket", "conn", "deadline", "done", "finished", "ftype", "id", "key",
-                 "kind", "on_frame", "op", "payload", "safe", "session")
+    __slots__ = ("attempts", "bucket", "cls", "conn", "deadline", "done", "finished", "ftype",
+                 "id", "inflight_at_send", "key", "kind", "nbytes", "on_frame", "op",
+                 "payload", "safe", "sent_at", "server", "session")
 
     def __init__(self, ftype: int, op: int, key: bytes, payload: bytes, safe: bool,
                  done: Done, deadline: float, session: SessionSpec | None = None) -> None:
@@ -91,6 +92,15 @@ class Call:
         self.bucket: set[Call] | None = None  # the pool's deadline bucket holding it
         self.finished = False
         self.attempts = 0
+        # what placement and pacing read: the data's size (size-split; the payload's
+        # by default), the algorithm class a grant charges it to ("": from op and key)
+        self.nbytes = len(payload)
+        self.cls = ""
+        # the pool's accounting while it is on the wire: its server, when it was sent
+        # and how many that server had in flight then (least-loaded's service time)
+        self.server: Any = None
+        self.sent_at = 0.0
+        self.inflight_at_send = 0
 
 
 class Endpoint:
@@ -132,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
                  loop: asyncio.AbstractEventLoop) -> None:
         self.owner = owner
         self.endpoint = endpoint
+        self.server: Any = None  # the pool's ServerState for it
         self.loop = loop
         self.transport: Transport | None = None
         self.decoder = codec.FrameDecoder()

@@ -1,9 +1,13 @@
 """The client's connections: a small pool over one or more servers, and what happens to a
 request between being asked and being answered.
 
-Runs entirely on one event loop (no locks): ``submit(call)`` sends a ``Call`` on the
-live connection with the fewest requests in flight; calls that find no room (every
-connection at its server's ``max_in_flight``) or no connection wait in order.
+Runs entirely on one event loop (no locks): ``submit(call)`` sends a ``Call`` to the
+server its placement mode chooses (``placement.py``: least-loaded by default,
+round-robin, size-split, fail-over), on that server's connection with the fewest
+requests in flight; calls that find no room (every connection at its server's
+``max_in_flight``) or no connection wait in order. ``set_servers`` changes the servers
+while calls flow (a removed server is retired as on GOAWAY); ``pacer`` (a granted pool's,
+``granted.py``) may hold a call back before its first send.
 
 What the pool does for each call, so that it ends exactly once (``Call.done``):
 - THROTTLED, BUSY, SHUTTING_DOWN (the request did not run): sent again after the
@@ -32,8 +36,9 @@ from typing import Any, Final
 
 from ..exceptions import Timeout
 from . import codec
-from .codec import Frame, Status
+from .codec import Frame, FrameType, Status
 from .connection_client import (
+    INTERNAL,
     Call,
     ClientConnection,
     Endpoint,
@@ -41,6 +46,7 @@ from .connection_client import (
     connect,
 )
 from .errors import ConnectionLost, ProtocolError, ShuttingDown, Unauthorized
+from .placement import DEFAULT_THRESHOLD, Placement, ServerState, make_placement
 
 BACKOFF_FIRST: Final = 0.05  # seconds before the first reconnect
 BACKOFF_MAX: Final = 2.0
@@ -57,15 +63,30 @@ def backoff(failures: int) -> float:
     return float(step * (0.5 + random.random()))
 
 
+# what a pacer says of a call about to be sent: seconds it must wait first (0: now)
+Pacer = Callable[[Call, float], float]
+
+
 class Pool:
+    """``placement``: a mode's name or a ``Placement``; ``threshold`` and ``big`` (URLs
+    of the big servers, default the first) are size-split's."""
+
+    needs_urls = True  # a granted pool learns its servers from its grant
+
     def __init__(self, urls: Sequence[str], *, token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connections: int = 2,
                  timeout: float = 30.0, name: str = "", fail_fast: bool = False,
                  max_retry_wait: float = math.inf, silence: float = SILENCE,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
-        if not urls:
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 placement: str | Placement = "least-loaded",
+                 threshold: int = DEFAULT_THRESHOLD,
+                 big: Sequence[str] | None = None) -> None:
+        if not urls and self.needs_urls:
             raise ValueError("at least one server URL is needed")
-        self.endpoints = [Endpoint(u) for u in urls]
+        self.servers: list[ServerState] = [ServerState(u)
+                                           for u in dict.fromkeys(urls)]
+        self.placement = make_placement(placement, threshold=threshold, big=big)
+        self.pacer: Pacer | None = None
         self.token = token
         self.ssl = ssl
         self.per_server = max(1, connections)
@@ -92,8 +113,16 @@ class Pool:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
-        self._attempted: set[int] = set()  # slots that have tried once (start)
-        self._slots = len(self.endpoints) * self.per_server
+        self._attempted: set[tuple[str, int]] = set()  # (url, slot) tried once (start)
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [s.endpoint for s in self.servers]
+
+    def _all_failed(self) -> bool:
+        return self.last_error is not None and all(
+            (s.url, i) in self._attempted for s in self.servers
+            for i in range(self.per_server))
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -104,17 +133,16 @@ class Pool:
         in the background (the engine starts ``BROKEN`` and heals)."""
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
-        for i in range(self._slots):
-            ep = self.endpoints[i // self.per_server]
-            self._tasks.append(self._loop.create_task(self._keep(i, ep)))
+        for s in self.servers:
+            self._spawn(s)
         self._tasks.append(self._loop.create_task(self._watch()))
         if not wait:
             return
         deadline = self._loop.time() + self.timeout
         while not self.conns:
-            if isinstance(self.last_error, Unauthorized) or (
-                    len(self._attempted) >= self._slots and self.last_error is not None):
+            if isinstance(self.last_error, Unauthorized) or self._all_failed():
                 err = self.last_error
+                assert err is not None
                 if not keep_trying or isinstance(err, Unauthorized):
                     await self.close()
                 raise err
@@ -127,9 +155,16 @@ class Pool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
 
-    async def _keep(self, slot: int, endpoint: Endpoint) -> None:
+    def _spawn(self, server: ServerState) -> None:
+        assert self._loop is not None
+        self._tasks = [t for t in self._tasks if not t.done()]
+        for i in range(self.per_server):
+            self._tasks.append(self._loop.create_task(self._keep(i, server)))
+
+    async def _keep(self, slot: int, server: ServerState) -> None:
         failures = 0
-        while not self._closing:
+        endpoint = server.endpoint
+        while not self._closing and not server.retired:
             try:
                 conn, info = await connect(self, endpoint, token=self.token,
                                            name=self.name, ssl=self.ssl,
@@ -142,7 +177,8 @@ class Pool:
                 if not isinstance(e, (Unauthorized, ConnectionLost)) and not isinstance(
                         e, ProtocolError):
                     self.last_error = ConnectionLost(f"{endpoint}: {e}")
-                self._attempted.add(slot)
+                self._attempted.add((server.url, slot))
+                server.failures += 1
                 self._notify()
                 if isinstance(e, Unauthorized) and not self.live:
                     # the token was revoked or expired: what waits would only time out
@@ -152,15 +188,18 @@ class Pool:
                 failures += 1
                 await asyncio.sleep(backoff(failures))
                 continue
-            if self._closing:
+            if self._closing or server.retired:
                 conn.close()
                 return
-            if failures or slot in self._attempted:
+            if failures or (server.url, slot) in self._attempted:
                 self.counters["reconnects"] += 1
             failures = 0
-            self._attempted.add(slot)
+            server.failures = 0
+            self._attempted.add((server.url, slot))
             self.info = info
             was_live = self.live  # a draining connection still listed is not live
+            conn.server = server
+            server.conns.append(conn)
             self.conns.append(conn)
             self._notify()
             if not was_live and self.on_state is not None:
@@ -210,6 +249,65 @@ class Pool:
     def live(self) -> bool:
         return any(c.usable for c in self.conns)
 
+    # -- the servers -----------------------------------------------------------------------
+
+    def set_servers(self, urls: Sequence[str]) -> None:
+        """Use these servers from now on, in this order (placement's order): new ones
+        are connected, removed ones retired (nothing new goes to them; what they hold
+        is answered there, or moves or fails as on a GOAWAY)."""
+        want = list(dict.fromkeys(urls))
+        if not want:
+            raise ValueError("at least one server URL is needed")
+        old = {s.url: s for s in self.servers}
+        servers = [old.pop(u) if u in old else ServerState(u) for u in want]
+        added = [s for s in servers if s.url not in {o.url for o in self.servers}]
+        self.servers = servers
+        for s in old.values():
+            s.retired = True
+            for c in list(s.conns):
+                if not c.goaway and not c.closed:
+                    c.retire()
+        if self._loop is not None and not self._closing:
+            for s in added:
+                self._spawn(s)
+        self._notify()
+        if self.waiting:
+            self._drain()
+        if not self.live and self.on_state is not None:
+            self.on_state(False)
+
+    def present_grant(self, token: str) -> int:
+        """Show a (renewed) grant token to every live connection (GRANT_PRESENT), and
+        in the HELLO of connections opened from now on. The number of connections it
+        went to; a refusal leaves the connection on its earlier grant."""
+        self.hello_extra["grant"] = token
+        payload = codec.json_field({"grant": token})
+        sent = 0
+        for c in self.conns:
+            if c.usable:
+                call = Call(FrameType.REQUEST, codec.Op.GRANT_PRESENT, b"", payload, True,
+                            _ignore, math.inf)
+                call.kind = INTERNAL
+                call.on_frame = self._presented
+                c.send(call)
+                sent += 1
+        return sent
+
+    def _presented(self, frame: Frame) -> None:
+        if frame.status != Status.OK:
+            self.counters["grant_refused"] = self.counters.get("grant_refused", 0) + 1
+
+    def per_server_counts(self) -> dict[str, dict[str, Any]]:
+        """Per server URL: calls sent there (resends included), answered, in flight,
+        the measured service time (ms per call), live, retired."""
+        return {s.url: {"sent": s.sent, "answered": s.answered, "inflight": s.inflight,
+                        "service_ms": None if s.ewma is None else round(s.ewma * 1e3, 4),
+                        "live": s.live}
+                for s in self.servers}
+
+    def describe(self) -> dict[str, Any]:
+        return {"placement": self.placement.describe(), "servers": self.per_server_counts()}
+
     # -- sending -------------------------------------------------------------------------
 
     def submit(self, call: Call) -> None:
@@ -226,26 +324,51 @@ class Pool:
             loop.call_at(b * TICK, self._sweep, b)
         bucket.add(call)
         call.bucket = bucket
+        if self.pacer is not None:
+            wait = self.pacer(call, loop.time())
+            if wait > 0:
+                loop.call_later(wait, self._dispatch, call)
+                return
         self._dispatch(call)
 
     def _sweep(self, b: int) -> None:
         for call in list(self._buckets.pop(b, ())):
             self._expire(call)
 
-    def pick(self) -> ClientConnection | None:
-        best: ClientConnection | None = None
-        n = 1 << 62
-        for c in self.conns:
-            if c.usable:
-                k = len(c.pending)
-                if k < n and k < c.max_in_flight:
-                    best, n = c, k
-        return best
+    def pick(self, call: Call | None = None) -> ClientConnection | None:
+        loop = self._loop
+        return self.placement.choose(self.servers, call,
+                                     loop.time() if loop is not None else 0.0)
+
+    def _send(self, conn: ClientConnection, call: Call) -> None:
+        self.counters["sent"] += 1
+        server = conn.server
+        if server is not None:
+            call.server = server
+            call.inflight_at_send = server.inflight
+            server.inflight += 1
+            server.sent += 1
+            call.sent_at = server.last_sent = conn.loop.time()
+        conn.send(call)
+
+    def _settle(self, call: Call, frame: Frame | None) -> None:
+        """``call`` is off the wire; an answer teaches its server's service time."""
+        server = call.server
+        if server is None:
+            return
+        call.server = None
+        server.inflight -= 1
+        if frame is not None:
+            server.answered += 1
+            if frame.status not in _RETRYABLE:
+                loop = self._loop
+                assert loop is not None
+                server.learn(loop.time() - call.sent_at, call.inflight_at_send)
 
     def _dispatch(self, call: Call) -> None:
         if call.finished:
             return
-        conn = self.pick()
+        conn = self.pick(call)
         if conn is None:
             if self.fail_fast and not self.live:
                 self.finish(call, None, ConnectionLost(
@@ -258,24 +381,23 @@ class Pool:
             call.conn = None
             self.waiting.append(call)
             return
-        self.counters["sent"] += 1
-        conn.send(call)
+        self._send(conn, call)
 
     def _drain(self) -> None:
         while self.waiting:
-            conn = self.pick()
+            conn = self.pick(self.waiting[0])
             if conn is None:
                 return
             call = self.waiting.popleft()
             if not call.finished:
-                self.counters["sent"] += 1
-                conn.send(call)
+                self._send(conn, call)
 
     def _expire(self, call: Call) -> None:
         if call.finished:
             return
         if call.conn is not None:
             call.conn.forget(call)
+            self._settle(call, None)
         else:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(call)
@@ -296,6 +418,7 @@ class Pool:
 
     def answered(self, conn: ClientConnection, call: Call, frame: Frame | None,
                  error: BaseException | None = None) -> None:
+        self._settle(call, frame)
         if frame is not None and frame.status in _RETRYABLE and not call.finished:
             err = codec.error_from(frame.status, frame.payload)
             delay = max(RETRY_FLOOR, float(getattr(err, "retry_after", 0.0)))
@@ -329,6 +452,9 @@ class Pool:
              exc: BaseException | None) -> None:
         with contextlib.suppress(ValueError):
             self.conns.remove(conn)
+        if conn.server is not None:
+            with contextlib.suppress(ValueError):
+                conn.server.conns.remove(conn)
         self._notify()
         why = f"the connection to {conn.endpoint} was lost" + (f" ({exc})" if exc else "")
         for call in streams:
@@ -339,6 +465,7 @@ class Pool:
             if call.finished:
                 continue
             call.conn = None
+            self._settle(call, None)
             if call.safe and call.attempts < MAX_ATTEMPTS:
                 call.attempts += 1
                 self.counters["retried"] += 1
@@ -352,6 +479,8 @@ class Pool:
             waiting, self.waiting = list(self.waiting), deque()
             for call in waiting:
                 self._dispatch(call)
+        elif self.waiting:
+            self._drain()  # fail-over: what waited for this server may go to the next
 
     def event(self, conn: ClientConnection, frame: Frame) -> None:
         """An EVENT frame: a manager telling this client that its grants changed."""
@@ -368,6 +497,8 @@ class Pool:
         self._notify()
         if not self.live and self.on_state is not None:
             self.on_state(False)
+        if self.waiting:
+            self._drain()
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -376,3 +507,7 @@ class Pool:
         for c in self.conns:
             if c.usable:
                 c.close_session(spec)
+
+
+def _ignore(frame: Frame | None, error: BaseException | None) -> None:
+    pass
