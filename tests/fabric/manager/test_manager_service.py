@@ -381,3 +381,54 @@ def test_tls_certificates_and_tokens(tmp_path: Path) -> None:
         asyncio.run(go())
     finally:
         assert m.stop() == 0
+
+
+def test_database_away_answers_busy_then_recovers(pg_cluster: Any, tmp_path: Path) -> None:
+    import psycopg
+
+    from cryptoplane.exceptions import Busy, Timeout
+
+    name = "manager_db_away"
+    dsn = pg_cluster.create_database(name)
+    tok = tokens(dsn)
+    m = start_manager(dsn, tmp_path, lease=1.0)
+
+    def admin(sql: str) -> None:
+        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(sql)
+
+    async def go() -> None:
+        a = await ManagerClient.connect(m.url, token=tok["a"])
+        try:
+            assert await a.list_grants() == []
+            admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                  f"datname = '{name}'")
+            # BUSY, which the client retries until its timeout
+            with pytest.raises((Busy, Timeout)):
+                await a.call(Op.GRANT_LIST, {}, timeout=1)
+            deadline = time.monotonic() + 5
+            while m.get("/readyz")[0] != 503:
+                assert time.monotonic() < deadline, "/readyz still ready without a database"
+                await asyncio.sleep(0.1)
+            admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            deadline = time.monotonic() + 10
+            while True:  # back: the same connection is answered again
+                try:
+                    assert await a.list_grants() == []
+                    break
+                except (Busy, Timeout):
+                    assert time.monotonic() < deadline, "no answers after the database"
+                    await asyncio.sleep(0.2)
+            while m.get("/readyz")[0] != 200:
+                assert time.monotonic() < deadline, "/readyz not ready again"
+                await asyncio.sleep(0.1)
+        finally:
+            await a.close()
+
+    try:
+        asyncio.run(go())
+        assert "the database is unavailable" in m.log_text()
+    finally:
+        m.stop()
+        pg_cluster.drop_database(name)
