@@ -5,6 +5,7 @@ scopes, revocation, lapsed leases pushing EVENTs, restarts, metrics."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from managerkit import start_manager, tokens
 
 from cryptoplane.exceptions import InvalidRequest
+from cryptoplane.fabric import codec as C
 from cryptoplane.fabric.capability import public_key_from_b64, verify_grant
 from cryptoplane.fabric.codec import Op
 from cryptoplane.fabric.errors import (
@@ -208,6 +210,18 @@ def test_tokens_refused_and_rechecked(tmp_path: Path) -> None:
             finally:
                 await a.close()
         asyncio.run(go())
+        # the wire: a first frame that is not HELLO, or too big before the handshake,
+        # is answered PROTOCOL_ERROR and the connection closed
+        port = int(m.url.rsplit(":", 1)[1])
+        for data in (C.encode_frame(C.FrameType.REQUEST, 7, op=Op.GRANT_LIST),
+                     C.HEADER.pack(1 << 20, 1, C.FrameType.HELLO, 0, 0, 0, 0, 0, 0)):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                raw.sendall(data)
+                got = b""
+                while chunk := raw.recv(65536):
+                    got += chunk
+            frames = C.FrameDecoder().feed(got)
+            assert len(frames) == 1 and frames[0].status == C.Status.PROTOCOL_ERROR
     finally:
         assert m.stop() == 0
     assert not sock.exists()
