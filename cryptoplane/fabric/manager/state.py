@@ -15,13 +15,14 @@ several managers can share one PostgreSQL:
   commit through its own LISTEN; on SQLite (one machine) subscribers are called in
   process after the commit.
 
-The arithmetic (what fits, which servers, what share) is in ``placement.py``.
+The arithmetic (what fits, which servers, what share) is in ``placement.py``, the rows
+and the per-transaction view of the servers in ``ledger.py``, the events' listener in
+``events.py``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import KeyNotFound, QuotaRefused
 from . import placement as pl
+from .events import CHANNEL, LISTEN_WAIT, Event, EventCallback, call, listen, retryable
 from .ledger import (
     GRANT_COLS,
     ExpiryReport,
@@ -50,22 +52,15 @@ if TYPE_CHECKING:
     from ..keystore import Keystore
     from ..keystore.core import Tx
 
-log = logging.getLogger(__name__)
 
-CHANNEL = "cryptoplane_fabric"
 # any constant shared by every manager of one database ("cpfabric")
 EXPIRY_LOCK = 0x6370_6661_6272_6963
 # released and revoked grants are kept this long (revoked_for() reads them)
 KEEP_ENDED = 600.0
 # expired grants an admission clears before it counts (the rest wait for expire())
 SWEEP_BATCH = 200
-LISTEN_WAIT = 5.0
 RETRIES = 5
-
-Event = dict[str, Any]
-EventCallback = Callable[[Event], None]
 T = TypeVar("T")
-
 
 
 class FabricState:
@@ -110,7 +105,7 @@ class FabricState:
                         for e in events:
                             tx.one("SELECT pg_notify(?, ?)", CHANNEL, json.dumps(e))
             except Exception as e:
-                if attempt + 1 < RETRIES and _retryable(e):
+                if attempt + 1 < RETRIES and retryable(e):
                     time.sleep(0.01 * (attempt + 1))
                     continue
                 raise
@@ -124,10 +119,7 @@ class FabricState:
             subs = list(self._subs)
         for e in events:
             for cb in subs:
-                try:
-                    cb(e)
-                except Exception:
-                    log.exception("fabric event subscriber failed")
+                call(cb, e)
 
     def _lock_pool(self, tx: Tx) -> Rates:
         return self._pool_row(tx, lock=True)[0]
@@ -527,9 +519,10 @@ class FabricState:
 
     # -- the pool at a glance ---------------------------------------------------------
 
-    def status(self, tenant: str | None = None) -> dict[str, Any]:
+    def status(self, tenant: str | None = None, *, grants: bool = True) -> dict[str, Any]:
         """The pool as JSON: capacity of the live servers, granted and left per class,
-        each server, and the live grants (of ``tenant`` only, if given)."""
+        each server, and the live grants (of ``tenant`` only, if given; none with
+        ``grants=False``, for a periodic snapshot of a pool of many grants)."""
         def body(tx: Tx, _: list[Event]) -> tuple[float, Rates, Rates, dict[str, int],
                                                  dict[str, Rates]]:
             now = self._clock()
@@ -565,7 +558,7 @@ class FabricState:
                          "lease_expires_in": s.lease_expires - s.read_at,
                          "grants": counts.get(s.server_id, 0),
                          "granted": placed.get(s.server_id, {})} for s in servers],
-            "grants": [g.to_json() for g in self.list_grants(tenant)],
+            "grants": [g.to_json() for g in self.list_grants(tenant)] if grants else [],
             "refusals": self.refusals,
         }
 
@@ -581,8 +574,10 @@ class FabricState:
         stop = threading.Event()
         if self._pg:
             ready = threading.Event()
-            t = threading.Thread(target=self._listen, args=(on_event, stop, ready),
-                                 name="fabric-listen", daemon=True)
+            from ..keystore.postgres import PostgresKeystore
+            assert isinstance(self._store, PostgresKeystore)
+            t = threading.Thread(target=listen, args=(self._store._connect, on_event, stop,
+                                                      ready), name="fabric-listen", daemon=True)
             with self._lock:
                 self._stops.append(stop)
                 self._threads.append(t)
@@ -595,38 +590,6 @@ class FabricState:
                 if on_event in self._subs:
                     self._subs.remove(on_event)
         return unsubscribe
-
-    def _listen(self, on_event: EventCallback, stop: threading.Event,
-                ready: threading.Event) -> None:
-        import psycopg
-
-        from ..keystore.postgres import PostgresKeystore
-        assert isinstance(self._store, PostgresKeystore)
-        backoff = 0.1
-        first = True
-        while not stop.is_set():
-            try:
-                with self._store._connect() as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    ready.set()
-                    if not first:
-                        _call(on_event, {"event": "resync"})
-                    first, backoff = False, 0.1
-                    while not stop.is_set():
-                        for n in conn.notifies(timeout=0.2):
-                            try:
-                                event = json.loads(n.payload)
-                            except ValueError:
-                                continue
-                            if isinstance(event, dict):
-                                _call(on_event, event)
-            except psycopg.Error:
-                if stop.is_set():
-                    return
-                log.warning("fabric listener lost its connection; reconnecting")
-                first = False
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
 
     def close(self) -> None:
         """Stops the listeners (the store stays open: it is the caller's)."""
@@ -642,19 +605,6 @@ class FabricState:
 def _live(row: GrantRow, now: float) -> bool:
     return (row.counted and row.released_at is None and row.revoked_at is None
             and row.grant.expires_at > now)
-
-
-def _call(cb: EventCallback, event: Event) -> None:
-    try:
-        cb(event)
-    except Exception:
-        log.exception("fabric event subscriber failed")
-
-
-def _retryable(e: BaseException) -> bool:
-    """A PostgreSQL deadlock or serialisation failure: the transaction was rolled back
-    and can run again."""
-    return type(e).__name__ in ("DeadlockDetected", "SerializationFailure")
 
 
 __all__ = ["CHANNEL", "EXPIRY_LOCK", "ExpiryReport", "FabricState", "ServerRow"]
