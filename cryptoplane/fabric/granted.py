@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from . import capacity
-from .connection_client import Call
+from .connection_client import Call, ClientConnection
 from .errors import ConnectionLost, QuotaRefused
 from .manager.client import ManagerClient, manager_urls
 from .manager.protocol import (
@@ -51,7 +51,7 @@ from .manager.protocol import (
     Rates,
     parse_rates,
 )
-from .placement import DEFAULT_THRESHOLD, Placement
+from .placement import DEFAULT_THRESHOLD, Placement, ServerState
 from .pool import Pool
 
 log = logging.getLogger("cryptoplane.fabric")
@@ -72,6 +72,9 @@ class _Gcra:
         self.interval = 1.0 / rate
         self.tolerance = max(0.0, rate * burst - 1.0) * self.interval
         self.tat = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.tat - self.tolerance
 
     def reserve(self, now: float, cost: float) -> float:
         start = max(now, self.tat - self.tolerance)
@@ -134,6 +137,50 @@ class Pacer:
         return wait
 
 
+class GrantShares(Placement):
+    """A spread grant's servers each enforce their own share of the rate: calls go,
+    by the pool's placement mode, among the servers whose share has room now (a GCRA
+    per server and class), so that no server is sent more than it was told to
+    allow. With none due (the total pacer keeps this rare) every server is a choice."""
+
+    def __init__(self, inner: Placement, pacer: Pacer) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.pacer = pacer
+        self.shares: dict[str, dict[str, _Gcra]] = {}  # class -> url -> its share
+
+    def set_grant(self, grant: Grant) -> None:
+        shares: dict[str, dict[str, _Gcra]] = {}
+        if grant.mode != "fail-over":  # fail-over: each server allows the whole rate
+            for server in grant.servers:
+                for cls, r in server.rates.items():
+                    if r.get("ops", 0.0) > 0:
+                        old = self.shares.get(cls, {}).get(server.address)
+                        keep = old is not None and abs(old.interval * r["ops"] - 1) < 1e-9
+                        shares.setdefault(cls, {})[server.address] = (
+                            old if keep and old is not None
+                            else _Gcra(r["ops"], self.pacer.burst))
+        self.shares = shares
+
+    def choose(self, servers: Sequence[ServerState], call: Call | None,
+               now: float) -> ClientConnection | None:
+        table = self.shares.get(self.pacer.class_of(call)) if call is not None else None
+        if not table:
+            return self.inner.choose(servers, call, now)
+        due = [s for s in servers if (g := table.get(s.url)) is None or g.due(now)]
+        conn = self.inner.choose(due or servers, call, now)
+        if conn is not None and conn.server is not None:
+            g = table.get(conn.server.url)
+            if g is not None:
+                g.reserve(now, 1.0)
+        return conn
+
+    def describe(self) -> dict[str, object]:
+        return {**self.inner.describe(), "shares": {
+            cls: {u: round(1 / g.interval, 3) for u, g in t.items()}
+            for cls, t in self.shares.items()}}
+
+
 class ManagedPool(Pool):
     """See the module docstring. ``manager``: ``manager://host:port[,host:port]`` or
     URLs; ``token``: the tenant's token, shown to the grant's servers and, unless
@@ -165,6 +212,7 @@ class ManagedPool(Pool):
         self.manager_token = manager_token if manager_token is not None else token
         self.manager_ssl = manager_ssl
         self.pacer = self._pace = Pacer(self.quota_request.quota, key_classes=key_classes)
+        self.placement = self._shares = GrantShares(self.placement, self._pace)
         self.grant: Grant | None = None
         self.renew_after = 0.0
         self.grant_counters = dict.fromkeys(("requested", "renewed", "moved", "revoked",
@@ -231,6 +279,7 @@ class ManagedPool(Pool):
         if urls and urls != [s.url for s in self.servers]:
             self.set_servers(urls)
         self._pace.set_rates(grant.quota)
+        self._shares.set_grant(grant)
 
     async def _keep_grant(self) -> None:
         """Renew at ``renew_after``; after a failure, again every ``RETRY`` seconds

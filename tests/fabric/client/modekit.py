@@ -20,9 +20,10 @@ MASTER = "5a" * 32
 
 class Cluster:
     def __init__(self, folder: Path, n: int, *, workers: int = 1,
-                 cpus: list[int | None] | None = None) -> None:
+                 cpus: list[int | None] | None = None, start: bool = True) -> None:
         self.folder = folder
         self.workers = workers
+        self.extra: list[str] = []  # more server options (``--manager`` ...)
         self.cpus = cpus or [None] * n
         self.env = dict(os.environ)
         self.env["CRYPTOPLANE_MASTER_KEY"] = MASTER
@@ -33,8 +34,19 @@ class Cluster:
                               "--tenant", "acme"], env=self.env, capture_output=True,
                              text=True, timeout=60, check=True)
         self.token = out.stdout.strip().splitlines()[-1].strip()
-        for i in range(n):
-            self.start(i)
+        if start:
+            for i in range(n):
+                self.start(i)
+
+    @property
+    def store_url(self) -> str:
+        return self.env["CRYPTOPLANE_STORE"]
+
+    def new_token(self, tenant: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "cryptoplane", "tokens", "create",
+                              "--tenant", tenant], env=self.env, capture_output=True,
+                             text=True, timeout=60, check=True)
+        return out.stdout.strip().splitlines()[-1].strip()
 
     def start(self, i: int) -> None:
         """Start server ``i`` (again: on the port it had)."""
@@ -43,7 +55,7 @@ class Cluster:
         listen = self.urls[i] or "tcp://127.0.0.1:0"
         argv = [sys.executable, "-m", "cryptoplane", "server", "--listen", listen,
                 "--ready-file", str(ready), "--workers", str(self.workers),
-                "--log-level", "error"]
+                "--log-level", "error", "--server-id", f"s{i}", *self.extra]
         cpu = self.cpus[i]
         if cpu is not None:
             if shutil.which("taskset") is None:
