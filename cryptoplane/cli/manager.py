@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from ..exceptions import CryptoplaneError, InvalidRequest
-from .server import DEFAULT_STORE, _logging
+from .server import DEFAULT_STORE
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,7 +83,7 @@ def manager_cmd(store: str, listen: tuple[str, ...], signing_key: Path, lease: f
     servers, quota for clients, admin for operators (revoke, the whole pool's status).
     SIGTERM or SIGINT: stop accepting, say GOAWAY, exit.
     """
-    _logging(json_logs, log_level)
+    _log_to_stderr(json_logs, log_level)
     if (tls_key or tls_client_ca) and not tls_cert:
         raise click.UsageError("--tls-key and --tls-client-ca need --tls-cert")
     from ..fabric.auth import server_ssl_context
@@ -98,6 +98,26 @@ def manager_cmd(store: str, listen: tuple[str, ...], signing_key: Path, lease: f
                            ready_file=ready_file, tls=tls, cache_ttl=cache_ttl,
                            threads=threads, token_recheck=token_recheck)
     sys.exit(run(config))
+
+
+def _log_to_stderr(json_lines: bool, level: str) -> None:
+    """The manager's logs on stderr, as text or as JSON lines (as the server's)."""
+    import logging
+
+    class JsonLines(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            out = {"time": round(record.created, 3), "level": record.levelname.lower(),
+                   "logger": record.name, "message": record.getMessage()}
+            if record.exc_info:
+                out["exception"] = self.formatException(record.exc_info)
+            return json.dumps(out)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("cryptoplane")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 # -- talking to a manager ---------------------------------------------------------------

@@ -20,18 +20,17 @@ import contextlib
 import logging
 import sqlite3
 import sys
-from typing import TYPE_CHECKING, Any, Final, cast
+from collections.abc import Callable
+from typing import Any, Final, Protocol, cast
 
 from ...exceptions import Busy, CryptoplaneError, InvalidRequest, NotSupported
 from .. import codec as C
-from ..auth import Principal
+from ..auth import Authenticator, Principal
 from ..codec import FrameType, Op, Status
 from ..dispatch import error_answer
 from ..errors import ProtocolError, ShuttingDown, Unauthorized
+from .metrics import ManagerMetrics
 from .protocol import grant_id_of
-
-if TYPE_CHECKING:
-    from .service import ManagerService
 
 log = logging.getLogger("cryptoplane.fabric.manager")
 
@@ -67,10 +66,38 @@ def unavailable(exc: BaseException) -> bool:
     return psycopg is not None and isinstance(exc, psycopg.OperationalError)
 
 
+class Host(Protocol):
+    """What a connection needs of its manager (``service.ManagerService``)."""
+
+    stopping: bool
+    connections: set[ManagerConnection]
+    max_connections: int
+    handshake_timeout: float
+    auth: Authenticator
+    metrics: ManagerMetrics
+    key_id: str
+    public_b64: str
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def manager_id(self) -> str: ...
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]: ...
+
+    def execute(self, op: int, principal: Principal, obj: dict[str, Any],
+                conn: ManagerConnection) -> tuple[dict[str, Any], dict[str, str]]: ...
+
+    def watch(self, conn: ManagerConnection, grants: dict[str, str]) -> None: ...
+
+    def unwatch(self, conn: ManagerConnection, grant_id: str | None = None) -> None: ...
+
+
 class ManagerConnection(asyncio.Protocol):
     """One client, server or operator connected to the manager."""
 
-    def __init__(self, service: ManagerService) -> None:
+    def __init__(self, service: Host) -> None:
         self.service = service
         self.decoder = C.FrameDecoder(C.MAX_UNAUTHENTICATED_FRAME)
         self.transport: asyncio.Transport | None = None
@@ -213,7 +240,7 @@ class ManagerConnection(asyncio.Protocol):
         self.decoder.max_frame = MAX_FRAME
         svc = self.service
         self._write(C.encode_json_frame(FrameType.WELCOME, {
-            "version": C.VERSION, "server": svc.state.manager_id, "role": "manager",
+            "version": C.VERSION, "server": svc.manager_id, "role": "manager",
             "tenant": principal.tenant,
             "ops": [s for s in SCOPES if principal.allows(s, None)],
             "manager_key": {svc.key_id: svc.public_b64},
@@ -373,4 +400,4 @@ def _gid(f: C.Frame) -> str:
 
 
 __all__ = ["MAX_FRAME", "MAX_IN_FLIGHT", "MAX_WATCHED", "SCOPE", "SCOPES",
-           "DatabaseUnavailable", "ManagerConnection", "unavailable"]
+           "DatabaseUnavailable", "Host", "ManagerConnection", "unavailable"]

@@ -98,6 +98,10 @@ class ManagerService:
             raise RuntimeError("the manager service is not started")
         return self._loop
 
+    @property
+    def manager_id(self) -> str:
+        return self.state.manager_id
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(self.threads,
