@@ -15,6 +15,7 @@ from typing import Any
 from grantkit import ServerProcess, hello_with
 from serverwire import message
 
+from cryptoplane.exceptions import Busy
 from cryptoplane.fabric.capacity import CLASSES
 from cryptoplane.fabric.codec import Field, Op, Status
 from cryptoplane.fabric.manager.client import ManagerClient
@@ -28,10 +29,20 @@ from managerkit import start_manager, tokens  # noqa: E402
 
 
 def _call(url: str, token: str, fn: Callable[[ManagerClient], Any]) -> Any:
+    """``fn(client)`` on a fresh manager client; BUSY (a manager on SQLite finding its
+    database locked by the servers' heartbeats: the call did not run) is retried, for
+    at most 5 s."""
     async def run() -> Any:
         client = await ManagerClient.connect(url, token=token, timeout=5.0)
         try:
-            return await fn(client)
+            deadline = time.monotonic() + 5.0
+            while True:
+                try:
+                    return await fn(client)
+                except Busy:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
         finally:
             await client.close()
     return asyncio.run(run())
