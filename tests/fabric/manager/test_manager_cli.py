@@ -102,6 +102,16 @@ def test_quota_request_list_release_status(
     for text in ("s1", "tcp://127.0.0.1:9", RSA, "1000 ops/s", "800 ops/s", "web"):
         assert text in r.stdout, (text, r.stdout)
 
+    # a control plane (admin) asks for a tenant; the tenant sees it as its own
+    r = run("quota", "request", "-q", f"{RSA}=50", "--tenant", "b", "--json",
+            token=tok["admin"], manager=url)
+    assert r.exit_code == 0 and json.loads(r.stdout)["grant"]["tenant"] == "b"
+    r = run("quota", "list", "--json", token=tok["b"], manager=url)
+    assert [json.loads(line)["quota"][RSA]["ops"] for line in r.stdout.splitlines()] == [50]
+    r = run("quota", "request", "-q", f"{RSA}=50", "--tenant", "b", token=tok["a"],
+            manager=url)
+    assert r.exit_code == 2 and "admin scope" in r.stderr
+
     # revoke is an operator's
     gid = listed[1]["grant_id"] if listed[0]["grant_id"] == first else listed[0]["grant_id"]
     r = run("quota", "revoke", gid, token=tok["a"], manager=url)
