@@ -175,6 +175,11 @@ class ManagerConnection(asyncio.Protocol):
                 self._fatal(first.id, "the first frame must be HELLO")
                 return
             self._hello(first)
+            if self.state == OPEN:  # a certificate: welcomed at once
+                self._frames(frames)
+                return
+            if self.state == CLOSED:
+                return
         self.held.extend(frames)
         if len(self.held) > MAX_HELD:
             self._fatal(0, "too many frames before the handshake finished")

@@ -40,6 +40,24 @@ def ask(ops: float, **kw: Any) -> QuotaRequest:
     return QuotaRequest({RSA: {"ops": ops, "bytes": 0.0}}, **kw)
 
 
+def pipelined(sock: socket.socket, token: str | None) -> list[C.Frame]:
+    """HELLO and a FABRIC_STATUS request in one write, before any WELCOME: the
+    answers to both."""
+    hello: dict[str, Any] = {"versions": [1]}
+    if token:
+        hello["token"] = token
+    sock.sendall(C.encode_json_frame(C.FrameType.HELLO, hello)
+                 + C.encode_frame(C.FrameType.REQUEST, 5, op=Op.FABRIC_STATUS,
+                                  payload=C.json_field({})))
+    decoder = C.FrameDecoder()
+    frames: list[C.Frame] = []
+    while len(frames) < 2:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {frames}"
+        frames += decoder.feed(chunk)
+    return frames
+
+
 async def wait_for(cond: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -213,6 +231,10 @@ def test_tokens_refused_and_rechecked(tmp_path: Path) -> None:
         # the wire: a first frame that is not HELLO, or too big before the handshake,
         # is answered PROTOCOL_ERROR and the connection closed
         port = int(m.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            welcome, answer = pipelined(raw, tok["admin"])
+            assert welcome.type == C.FrameType.WELCOME and welcome.status == 0
+            assert (answer.type, answer.id, answer.status) == (C.FrameType.RESPONSE, 5, 0)
         for data in (C.encode_frame(C.FrameType.REQUEST, 7, op=Op.GRANT_LIST),
                      C.HEADER.pack(1 << 20, 1, C.FrameType.HELLO, 0, 0, 0, 0, 0, 0)):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
@@ -393,6 +415,16 @@ def test_tls_certificates_and_tokens(tmp_path: Path) -> None:
                 await cert.close()
                 await b.close()
         asyncio.run(go())
+        # a certificate is welcomed at once: what came with HELLO is answered too
+        ctx = client_ssl_context(pki.ca_cert, certfile=pki.client_a_cert,
+                                 keyfile=pki.client_a_key)
+        port = int(m.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as plain, \
+                ctx.wrap_socket(plain, server_hostname="127.0.0.1") as raw:
+            welcome, answer = pipelined(raw, None)
+            assert welcome.type == C.FrameType.WELCOME and welcome.status == 0
+            assert (answer.id, answer.status) == (5, 0)
+            assert C.decode_json_payload(answer.payload)["servers"][0]["server_id"] == "s1"
     finally:
         assert m.stop() == 0
 
