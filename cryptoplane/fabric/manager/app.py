@@ -196,7 +196,7 @@ class Manager:
         assert self.service is not None and self.state is not None
         state, svc = self.state, self.service
         period = max(0.05, self.config.lease / 4)
-        refreshed = rechecked = 0.0
+        refresh_at = rechecked = 0.0
         loop = asyncio.get_running_loop()
         while not self.stopping:
             await asyncio.sleep(period)
@@ -217,13 +217,17 @@ class Manager:
                     changed = True
                 if report.expired_grants:
                     log.info("%d expired grant(s) deleted", len(report.expired_grants))
+                changed = changed or not self.metrics.database_up  # back: ready again
             now = loop.time()
             if now - rechecked >= self.config.token_recheck:
                 rechecked = now
                 svc.recheck()
-            if now - refreshed >= min(METRICS_PERIOD, period) or changed:
-                refreshed = now
+            if now >= refresh_at or changed:
                 await self._refresh()
+                # a big pool's snapshot (every live grant) costs: at most a tenth of
+                # the time goes to it
+                took = loop.time() - now
+                refresh_at = now + max(min(METRICS_PERIOD, period), 10 * took)
 
     async def stop(self) -> None:
         """Stop accepting, tell connections GOAWAY, close everything."""
