@@ -130,7 +130,8 @@ def client_options(fn: F) -> F:
                      help="manager://HOST:PORT[,HOST:PORT...], tcp://, tls:// or "
                           "unix:// (env CRYPTOPLANE_MANAGER)."),
         click.option("--token", envvar="CRYPTOPLANE_TOKEN", default=None,
-                     help="Bearer token (env CRYPTOPLANE_TOKEN)."),
+                     help="Bearer token; prefer env CRYPTOPLANE_TOKEN (a command line "
+                          "is visible to other users)."),
         click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
                      default=None, help="CA to verify a tls:// manager against."),
         click.option("--timeout", type=click.FloatRange(0.1), default=10.0,
