@@ -28,9 +28,11 @@ def test_every_class_measured_within_budget() -> None:
 
 
 def test_default_budget_about_a_second() -> None:
+    # about 1.0-1.1 s on a quiet machine; a loaded one (tests beside it on two cores)
+    # stretches the ops that end each slice, hence the room
     start = time.monotonic()
     measure_capacity(2)
-    assert time.monotonic() - start < 1.6
+    assert time.monotonic() - start < 2.5
 
 
 def test_parse_capacity() -> None:
