@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from grantkit import MANAGER_B64, ServerProcess, grant, hello_with
+from grantkit import MANAGER_B64, MANAGER_KEY, ServerProcess, grant, hello_with
 from serverwire import Wire, message
 
 from cryptoplane.fabric import codec as C
@@ -196,7 +196,11 @@ def test_stream_pieces_wait_for_their_bytes(srv: ServerProcess) -> None:
 
 
 def test_required_mode(tmp_path: Path) -> None:
-    with ServerProcess(tmp_path, "--manager-key", MANAGER_B64, "--grants",
+    # the manager's key as a PEM file this time
+    pem = tmp_path / "manager.pub"
+    pem.write_bytes(MANAGER_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with ServerProcess(tmp_path, "--manager-key", str(pem), "--grants",
                        "required") as s:
         with Wire(s.port, s.tokens["acme"]) as w:
             assert w.json(Op.KEY_CREATE, b"aes", {"type": "aes256-gcm96"})[0] == 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +68,20 @@ def test_bad_arguments() -> None:
         measure_capacity(0)
     with pytest.raises(ValueError):
         measure_capacity(1, budget=0)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--manager", "manager://127.0.0.1:1", "--capacity", "rsa1024=5"],
+     "unknown algorithm class 'rsa1024'"),
+    (["--capacity", "aead=5"], "--advertise and --capacity need --manager"),
+    (["--grants", "required"], "--grants required needs --manager or --manager-key"),
+    (["--manager-key", "bm90IGEga2V5"], "not a manager public key"),
+])
+def test_server_options_refused_before_anything_opens(args: list[str], message: str,
+                                                      tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "cryptoplane", "server", "--store",
+                          f"sqlite://{tmp_path / 'k.db'}", *args], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out
+    assert message in " ".join(out.stderr.split()), out.stderr
+    assert not (tmp_path / "k.db").exists()
