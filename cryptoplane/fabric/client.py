@@ -226,7 +226,8 @@ class AsyncClient:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Sends, retries, throttled answers, lost requests, timeouts, reconnects."""
+        """Sends, retries, THROTTLED and BUSY answers, lost requests, timeouts,
+        reconnects, GOAWAYs, grant tokens refused (GRANT_PRESENT)."""
         return dict(self._pool.counters)
 
     async def close(self) -> None:

@@ -73,7 +73,7 @@ class Call:
 
     __slots__ = ("attempts", "bucket", "cls", "conn", "deadline", "done", "finished", "ftype",
                  "id", "inflight_at_send", "key", "kind", "nbytes", "on_frame", "op",
-                 "payload", "safe", "sent_at", "server", "session")
+                 "payload", "pin", "safe", "sent_at", "server", "session")
 
     def __init__(self, ftype: int, op: int, key: bytes, payload: bytes, safe: bool,
                  done: Done, deadline: float, session: SessionSpec | None = None) -> None:
@@ -96,6 +96,7 @@ class Call:
         # by default), the algorithm class a grant charges it to ("": from op and key)
         self.nbytes = len(payload)
         self.cls = ""
+        self.pin = ""  # the server URL a grant's share gave it ("": placement chooses)
         # the pool's accounting while it is on the wire: its server, when it was sent
         # and how many that server had in flight then (least-loaded's service time)
         self.server: Any = None

@@ -36,11 +36,12 @@ import asyncio
 import contextlib
 import logging
 import ssl as ssl_module
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from . import capacity
-from .connection_client import Call, ClientConnection
+from .connection_client import Call
 from .errors import ConnectionLost, QuotaRefused
 from .manager.client import ManagerClient, manager_urls
 from .manager.protocol import (
@@ -51,71 +52,88 @@ from .manager.protocol import (
     Rates,
     parse_rates,
 )
-from .placement import DEFAULT_THRESHOLD, Placement, ServerState
+from .placement import DEFAULT_THRESHOLD, Placement
 from .pool import Pool
+from .qos import BURST_SECONDS
 
 log = logging.getLogger("cryptoplane.fabric")
 
-BURST: Final = 0.05  # seconds of the granted rate that may go at once
+BURST: Final = 0.05  # seconds of the whole granted rate that may go at once
+# a share is paced a little under what its server allows: lateness on the way (the
+# loop busy, the network) then seldom arrives as more than the server's burst
+MARGIN: Final = 0.98
 RETRY: Final = 1.0  # seconds between tries to renew or re-request after a failure
 _CHARGED: Final = capacity.KEYED_DATA_OPS | capacity.RAW_OPS
 
 
 class _Gcra:
     """One rate as a virtual schedule: each unit is given the next free slot, at most
-    ``burst`` seconds' worth ahead of now (the generic cell rate algorithm, reserving:
-    a call that must wait is given its turn, not refused)."""
+    ``tolerance`` seconds ahead of its spacing (the generic cell rate algorithm,
+    reserving: a call that must wait is given its turn, not refused)."""
 
     __slots__ = ("interval", "tat", "tolerance")
 
     def __init__(self, rate: float, burst: float) -> None:
         self.interval = 1.0 / rate
-        self.tolerance = max(0.0, rate * burst - 1.0) * self.interval
+        self.tolerance = max(0.0, burst - 1.0) * self.interval
         self.tat = 0.0
 
-    def due(self, now: float) -> bool:
-        return now >= self.tat - self.tolerance
+    def next_slot(self, now: float) -> float:
+        return max(now, self.tat - self.tolerance)
 
     def reserve(self, now: float, cost: float) -> float:
-        start = max(now, self.tat - self.tolerance)
+        start = self.next_slot(now)
         self.tat = max(self.tat, start) + cost * self.interval
         return start - now
 
 
 class Pacer:
-    """Seconds each call must wait to keep within ``rates`` (class -> ops, bytes)."""
+    """Holds calls back to a grant's rates: each class's calls wait in order, and each
+    goes when its rate has a free slot (a timer at the next one), not before.
 
-    def __init__(self, rates: Rates, *, key_classes: Mapping[str, str] | None = None,
-                 burst: float = BURST) -> None:
-        self.burst = burst
+    A spread grant's servers each enforce their own share, with a burst of
+    ``qos.BURST_SECONDS`` of it (one op at low rates): a call goes when some live
+    server's share has a free slot, pinned to that server (``Call.pin``), each share
+    paced at ``MARGIN`` of it. A THROTTLED answer (lateness on the way bunched two
+    calls) moves that server's schedule past the retry the server asked for, so the
+    calls after it keep their spacing. Otherwise (a fail-over grant: each server
+    enforces the whole rate) the whole rate is paced and placement picks the server.
+    Bytes/s are paced on the whole rate either way. Runs on the pool's loop."""
+
+    def __init__(self, pool: Pool, rates: Rates, *,
+                 key_classes: Mapping[str, str] | None = None) -> None:
+        self.pool = pool
         self.key_classes = {k.encode(): capacity.check_class(v)
                             for k, v in (key_classes or {}).items()}
         self.rates: Rates = {}
         self._ops: dict[str, _Gcra] = {}
         self._bytes: dict[str, _Gcra] = {}
+        self._shares: dict[str, dict[str, _Gcra]] = {}  # class -> server URL -> share
+        self._queues: dict[str, deque[Call]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._only = ""
         self.set_rates(rates)
 
-    def set_rates(self, rates: Rates) -> None:
-        """New rates (a renewal); a class whose rate is unchanged keeps its schedule."""
-        old = self.rates
+    def set_rates(self, rates: Rates, shares: Mapping[str, Rates] | None = None) -> None:
+        """The grant's rates, and for a spread grant each server's share (URL ->
+        rates). Schedules of unchanged rates are kept (a renewal does not reset them)."""
+        old_ops, old_bytes, old_shares = self._ops, self._bytes, self._shares
         self.rates = {c: dict(r) for c, r in rates.items()}
-        for cls, r in self.rates.items():
-            if old.get(cls, {}).get("ops") != r.get("ops"):
-                self._set(self._ops, cls, r.get("ops", 0.0))
-            if old.get(cls, {}).get("bytes") != r.get("bytes"):
-                self._set(self._bytes, cls, r.get("bytes", 0.0))
-        for gone in set(old) - set(self.rates):
-            self._ops.pop(gone, None)
-            self._bytes.pop(gone, None)
+        self._ops = {c: _keep(old_ops.get(c), r.get("ops", 0.0), BURST)
+                     for c, r in self.rates.items() if r.get("ops", 0.0) > 0}
+        self._bytes = {c: _keep(old_bytes.get(c), r.get("bytes", 0.0), BURST)
+                       for c, r in self.rates.items() if r.get("bytes", 0.0) > 0}
+        self._shares = {}
+        for url, srates in (shares or {}).items():
+            for cls, r in srates.items():
+                ops = r.get("ops", 0.0) * MARGIN
+                if ops > 0:
+                    self._shares.setdefault(cls, {})[url] = _keep(
+                        old_shares.get(cls, {}).get(url), ops, BURST_SECONDS)
         asked = [c for c, r in self.rates.items() if r.get("ops") or r.get("bytes")]
         self._only = asked[0] if len(asked) == 1 else ""
-
-    def _set(self, table: dict[str, _Gcra], cls: str, rate: float) -> None:
-        if rate > 0:
-            table[cls] = _Gcra(rate, self.burst)
-        else:
-            table.pop(cls, None)
+        for cls in list(self._queues):
+            self._pump(cls)
 
     def class_of(self, call: Call) -> str:
         if call.cls:
@@ -125,60 +143,81 @@ class Pacer:
         cls = self.key_classes.get(call.key) if call.key else None
         return cls or self._only or capacity.FREE
 
-    def __call__(self, call: Call, now: float) -> float:
+    def admit(self, call: Call) -> bool:
         cls = self.class_of(call)
-        wait = 0.0
-        g = self._ops.get(cls)
-        if g is not None:
-            wait = g.reserve(now, 1.0)
-        g = self._bytes.get(cls)
-        if g is not None:
-            wait = max(wait, g.reserve(now, float(call.nbytes)))
-        return wait
+        if cls == capacity.FREE or (cls not in self._ops and cls not in self._bytes
+                                    and cls not in self._shares):
+            return True  # not charged, or not in the grant (the server decides)
+        queue = self._queues.get(cls)
+        if queue is None:
+            queue = self._queues[cls] = deque()
+        queue.append(call)
+        if cls not in self._timers:
+            self._pump(cls)
+        return False
+
+    def _live(self, url: str) -> bool:
+        return any(s.url == url and s.live for s in self.pool.servers)
+
+    def _pump(self, cls: str) -> None:
+        """Send what may go now; a timer for the next slot."""
+        self._timers.pop(cls, None)
+        queue = self._queues.get(cls)
+        loop = self.pool._loop
+        if not queue or loop is None:
+            return
+        now = loop.time()
+        table = self._shares.get(cls)
+        whole = None if table else self._ops.get(cls)
+        nbytes = self._bytes.get(cls)
+        while queue:
+            call = queue[0]
+            if call.finished:  # its deadline passed while it waited
+                queue.popleft()
+                continue
+            share: tuple[str, _Gcra] | None = None
+            when = now
+            if table:
+                # the live server whose share is free soonest (any, while none is live)
+                share = min(table.items(), key=lambda kv: (not self._live(kv[0]),
+                                                           kv[1].next_slot(now)))
+                when = share[1].next_slot(now)
+            elif whole is not None:
+                when = whole.next_slot(now)
+            if nbytes is not None:
+                when = max(when, nbytes.next_slot(now))
+            if when > now:
+                self._timers[cls] = loop.call_at(when, self._pump, cls)
+                return
+            queue.popleft()
+            if share is not None:
+                call.pin = share[0]
+                share[1].reserve(now, 1.0)
+            elif whole is not None:
+                whole.reserve(now, 1.0)
+            if nbytes is not None:
+                nbytes.reserve(now, float(call.nbytes))
+            self.pool._dispatch(call)
+
+    def throttled(self, call: Call, delay: float, now: float) -> None:
+        if not call.pin:
+            return
+        g = self._shares.get(self.class_of(call), {}).get(call.pin)
+        if g is not None:  # the retry goes at now + delay: the next one after it
+            g.tat = max(g.tat, now + delay + g.interval)
+
+    def close(self) -> None:
+        for t in self._timers.values():
+            t.cancel()
+        self._timers.clear()
+        self._queues.clear()
 
 
-class GrantShares(Placement):
-    """A spread grant's servers each enforce their own share of the rate: calls go,
-    by the pool's placement mode, among the servers whose share has room now (a GCRA
-    per server and class), so that no server is sent more than it was told to
-    allow. With none due (the total pacer keeps this rare) every server is a choice."""
-
-    def __init__(self, inner: Placement, pacer: Pacer) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.pacer = pacer
-        self.shares: dict[str, dict[str, _Gcra]] = {}  # class -> url -> its share
-
-    def set_grant(self, grant: Grant) -> None:
-        shares: dict[str, dict[str, _Gcra]] = {}
-        if grant.mode != "fail-over":  # fail-over: each server allows the whole rate
-            for server in grant.servers:
-                for cls, r in server.rates.items():
-                    if r.get("ops", 0.0) > 0:
-                        old = self.shares.get(cls, {}).get(server.address)
-                        keep = old is not None and abs(old.interval * r["ops"] - 1) < 1e-9
-                        shares.setdefault(cls, {})[server.address] = (
-                            old if keep and old is not None
-                            else _Gcra(r["ops"], self.pacer.burst))
-        self.shares = shares
-
-    def choose(self, servers: Sequence[ServerState], call: Call | None,
-               now: float) -> ClientConnection | None:
-        table = self.shares.get(self.pacer.class_of(call)) if call is not None else None
-        if not table:
-            return self.inner.choose(servers, call, now)
-        due = [s for s in servers if (g := table.get(s.url)) is None or g.due(now)]
-        conn = self.inner.choose(due or servers, call, now)
-        if conn is not None and conn.server is not None:
-            g = table.get(conn.server.url)
-            if g is not None:
-                g.reserve(now, 1.0)
-        return conn
-
-    def describe(self) -> dict[str, object]:
-        return {**self.inner.describe(), "shares": {
-            cls: {u: round(1 / g.interval, 3) for u, g in t.items()}
-            for cls, t in self.shares.items()}}
+def _keep(old: _Gcra | None, rate: float, burst_seconds: float) -> _Gcra:
+    """``old`` if it paces ``rate`` already, else a new schedule."""
+    if old is not None and abs(old.interval * rate - 1.0) < 1e-9:
+        return old
+    return _Gcra(rate, max(1.0, rate * burst_seconds))
 
 
 class ManagedPool(Pool):
@@ -211,8 +250,8 @@ class ManagedPool(Pool):
                 ttl=ttl, label=label, spread=spread, mode=mode)
         self.manager_token = manager_token if manager_token is not None else token
         self.manager_ssl = manager_ssl
-        self.pacer = self._pace = Pacer(self.quota_request.quota, key_classes=key_classes)
-        self.placement = self._shares = GrantShares(self.placement, self._pace)
+        self.pacer = self._pace = Pacer(self, self.quota_request.quota,
+                                        key_classes=key_classes)
         self.grant: Grant | None = None
         self.renew_after = 0.0
         self.grant_counters = dict.fromkeys(("requested", "renewed", "moved", "revoked",
@@ -259,6 +298,10 @@ class ManagedPool(Pool):
                     log.warning("releasing grant %s failed: %s", self.grant.grant_id, e)
             with contextlib.suppress(Exception):
                 await manager.close()
+        # what the pacer still holds ends as what waits does: ConnectionLost
+        for queue in self._pace._queues.values():
+            self.waiting.extend(c for c in queue if not c.finished)
+        self._pace.close()
         await super().close()
 
     # -- the grant -------------------------------------------------------------------
@@ -278,8 +321,8 @@ class ManagedPool(Pool):
         urls = [s.address for s in grant.servers]
         if urls and urls != [s.url for s in self.servers]:
             self.set_servers(urls)
-        self._pace.set_rates(grant.quota)
-        self._shares.set_grant(grant)
+        self._pace.set_rates(grant.quota, None if grant.mode == "fail-over" else {
+            s.address: s.rates for s in grant.servers})
 
     async def _keep_grant(self) -> None:
         """Renew at ``renew_after``; after a failure, again every ``RETRY`` seconds

@@ -32,7 +32,7 @@ import random
 import ssl as ssl_module
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ..exceptions import Timeout
 from . import codec
@@ -63,8 +63,14 @@ def backoff(failures: int) -> float:
     return float(step * (0.5 + random.random()))
 
 
-# what a pacer says of a call about to be sent: seconds it must wait first (0: now)
-Pacer = Callable[[Call, float], float]
+class Pacer(Protocol):
+    """Holds calls back to a rate (``granted.py``)."""
+
+    def admit(self, call: Call) -> bool:
+        """True: send it now; False: the pacer sends it (``Pool._dispatch``) later."""
+
+    def throttled(self, call: Call, delay: float, now: float) -> None:
+        """A server answered THROTTLED: ``call`` was early by ``delay`` seconds."""
 
 
 class Pool:
@@ -106,8 +112,9 @@ class Pool:
         self.waiting: deque[Call] = deque()
         self.on_state: Callable[[bool], None] | None = None  # live or not (the engine)
         self.last_error: BaseException | None = None
-        self.counters = dict.fromkeys(("sent", "retried", "throttled", "lost",
-                                       "timeouts", "reconnects", "goaways"), 0)
+        self.counters = dict.fromkeys(("sent", "retried", "throttled", "busy", "lost",
+                                       "timeouts", "reconnects", "goaways",
+                                       "grant_refused"), 0)
         self._tasks: list[asyncio.Task[None]] = []
         self._buckets: dict[int, set[Call]] = {}  # deadline tick -> calls due then
         self._closing = False
@@ -295,7 +302,7 @@ class Pool:
 
     def _presented(self, frame: Frame) -> None:
         if frame.status != Status.OK:
-            self.counters["grant_refused"] = self.counters.get("grant_refused", 0) + 1
+            self.counters["grant_refused"] += 1
 
     def per_server_counts(self) -> dict[str, dict[str, Any]]:
         """Per server URL: calls sent there (resends included), answered, in flight,
@@ -324,11 +331,8 @@ class Pool:
             loop.call_at(b * TICK, self._sweep, b)
         bucket.add(call)
         call.bucket = bucket
-        if self.pacer is not None:
-            wait = self.pacer(call, loop.time())
-            if wait > 0:
-                loop.call_later(wait, self._dispatch, call)
-                return
+        if self.pacer is not None and not self.pacer.admit(call):
+            return
         self._dispatch(call)
 
     def _sweep(self, b: int) -> None:
@@ -336,6 +340,12 @@ class Pool:
             self._expire(call)
 
     def pick(self, call: Call | None = None) -> ClientConnection | None:
+        if call is not None and call.pin:
+            for s in self.servers:  # a few servers: a scan costs less than a dict kept
+                if s.url == call.pin:
+                    if s.live:
+                        return s.conn()  # None when full: it waits for that server
+                    break
         loop = self._loop
         return self.placement.choose(self.servers, call,
                                      loop.time() if loop is not None else 0.0)
@@ -422,13 +432,17 @@ class Pool:
         if frame is not None and frame.status in _RETRYABLE and not call.finished:
             err = codec.error_from(frame.status, frame.payload)
             delay = max(RETRY_FLOOR, float(getattr(err, "retry_after", 0.0)))
-            if frame.status == Status.BUSY or frame.status == Status.THROTTLED:
+            loop = self._loop
+            assert loop is not None
+            if frame.status == Status.THROTTLED:
                 self.counters["throttled"] += 1
+                if self.pacer is not None:
+                    self.pacer.throttled(call, delay, loop.time())
+            elif frame.status == Status.BUSY:
+                self.counters["busy"] += 1
             if isinstance(err, ShuttingDown) and not conn.goaway:
                 conn.retire()
                 self.goaway(conn)
-            loop = self._loop
-            assert loop is not None
             if loop.time() + delay < call.deadline and delay <= self.max_retry_wait:
                 call.conn = None
                 self.waiting_retry(call, delay)
