@@ -20,6 +20,7 @@ import contextlib
 import logging
 import sqlite3
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
@@ -279,12 +280,14 @@ class ManagerConnection(asyncio.Protocol):
             return
         self.inflight += 1
         self._update_reading()
+        started = time.perf_counter()
         fut = svc.submit(svc.execute, f.op, principal, obj, self)
-        fut.add_done_callback(lambda done: self._done(f, op_name, done))
+        fut.add_done_callback(lambda done: self._done(f, op_name, started, done))
 
-    def _done(self, f: C.Frame, op_name: str,
+    def _done(self, f: C.Frame, op_name: str, started: float,
               fut: asyncio.Future[tuple[dict[str, Any], dict[str, str]]]) -> None:
         self.inflight -= 1
+        self.service.metrics.took(op_name, time.perf_counter() - started)
         if self.state == CLOSED:
             return
         if fut.cancelled():

@@ -18,12 +18,16 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX: Final = "cryptoplane_manager_"
 MEASURES: Final = ("ops", "bytes")
+# seconds an op spends at the manager's threads: a cached heartbeat takes well under a
+# millisecond, an admission over a busy PostgreSQL tens
+BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                  2.5, 5.0)
 
 
 class _PoolCollector(Collector):
@@ -96,6 +100,9 @@ class ManagerMetrics:
                                  "asked for", ["class"], registry=self.registry)
         self._events = Counter(PREFIX + "events_pushed", "EVENT frames pushed to clients",
                                ["event"], registry=self.registry)
+        self._seconds = Histogram(PREFIX + "request_seconds", "Seconds from a request's "
+                                  "arrival to its answer, per op", ["op"],
+                                  buckets=BUCKETS, registry=self.registry)
         self._auth = Counter(PREFIX + "auth_failures", "Handshakes refused",
                              registry=self.registry)
         self._expired = Counter(PREFIX + "servers_expired", "Servers removed by this "
@@ -110,6 +117,9 @@ class ManagerMetrics:
 
     def request(self, op: str, status: str) -> None:
         self._requests.labels(op, status).inc()
+
+    def took(self, op: str, seconds: float) -> None:
+        self._seconds.labels(op).observe(seconds)
 
     def refused(self, quota: dict[str, dict[str, float]]) -> None:
         for cls in quota:

@@ -81,6 +81,7 @@ def test_register_grant_refuse_release_revoke(keystore_url: str, tmp_path: Path)
             in text
         assert 'cryptoplane_manager_refusals_total{class="rsa2048"} 2.0' in text
         assert 'cryptoplane_manager_requests_total{op="grant_revoke",status="forbidden"}' in text
+        assert 'cryptoplane_manager_request_seconds_count{op="grant_request"} 6.0' in text
         assert m.get("/healthz")[0] == 200 and m.get("/readyz")[0] == 200
     finally:
         assert m.stop() == 0, m.log_text()
