@@ -207,9 +207,9 @@ def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
                                     _capacity(i)))
     setup_s = time.perf_counter() - t_setup
     go.set()
-    # asks sized so that all clients together ask ~1.1x the pool (some are refused)
+    # asks sized so that all clients together ask ~1.3x the pool (some are refused)
     pool_rsa = sum(_capacity(i)["rsa2048"]["ops"] for i in range(args.servers))
-    scale = 1.1 * pool_rsa * args.overcommit / (0.6 * 40 * args.clients)
+    scale = 1.3 * pool_rsa * args.overcommit / (0.6 * 40 * args.clients)
     start = time.monotonic()
     stop_clients = start + args.duration
 

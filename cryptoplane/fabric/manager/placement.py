@@ -7,12 +7,14 @@ Pure functions over plain numbers, so the rules can be read (and tested) in one 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .protocol import Rates
 
 MEASURES = ("ops", "bytes")
+_ZERO = (0.0, 0.0)
 # relative slack on the capacity check, so that float sums of many shares that add up
 # to exactly the capacity are not refused over a rounding error
 SLACK = 1e-9
@@ -129,26 +131,36 @@ def place(quota: Rates, mode: str, spread: int, candidates: Iterable[Candidate],
     are 2), each enforcing the whole rate. ``prefer``: server ids placed first (a grant
     being moved keeps its surviving servers). ``pool_capacity``: the whole pool's, when
     ``candidates`` are only the best few of it (free room is weighed against it)."""
-    pairs = asked(quota)
-    pool = eligible(candidates, pairs)
+    pairs = [(cls, m, MEASURES.index(m)) for cls, m in asked(quota)]
+    pool = [c for c in candidates
+            if all(c.cap.get(cls, _ZERO)[i] > 0 for cls, _, i in pairs)]
     if not pool:
         return []
     # free capacity measured against the pool's total per pair, so that a class of
     # 10k ops/s and one of 1 GB/s weigh alike in the choice
     if pool_capacity is None:
-        scale = {p: sum(c.capacity(*p) for c in pool) or 1.0 for p in pairs}
+        scale = [sum(c.cap[cls][i] for c in pool) or 1.0 for cls, _, i in pairs]
     else:
-        scale = {(cls, m): pool_capacity.get(cls, {}).get(m) or 1.0 for cls, m in pairs}
+        scale = [pool_capacity.get(cls, {}).get(m) or 1.0 for cls, m, _ in pairs]
 
-    def score(c: Candidate) -> float:
-        return sum(c.free(cls, m, overcommit) / scale[(cls, m)] for cls, m in pairs)
+    def rank(c: Candidate) -> tuple[bool, bool, float, str]:
+        # one pass per server: a moved grant is placed among a thousand of them
+        score, roomy = 0.0, True
+        for (cls, _, i), s in zip(pairs, scale, strict=True):
+            free = c.cap[cls][i] * overcommit - c.placed.get(cls, _ZERO)[i]
+            if free > 0:
+                score += free / s
+            else:
+                roomy = False
+        return c.server_id not in prefer, not roomy, -score, c.server_id
+
+    n = max(spread, 2) if mode == "fail-over" else spread
+    ranked = heapq.nsmallest(n, pool, key=rank)
 
     def roomy(c: Candidate) -> bool:
-        return all(c.free(cls, m, overcommit) > 0 for cls, m in pairs)
+        return not rank(c)[1]
 
-    ranked = sorted(pool, key=lambda c: (c.server_id not in prefer, not roomy(c),
-                                         -score(c), c.server_id))
-    classes = {cls for cls, _ in pairs}
+    classes = {cls for cls, _, _ in pairs}
     whole = {cls: dict(rate) for cls, rate in quota.items() if cls in classes}
     if mode == "fail-over":
         return [(c, {k: dict(v) for k, v in whole.items()})
@@ -160,7 +172,7 @@ def place(quota: Rates, mode: str, spread: int, candidates: Iterable[Candidate],
         chosen = [c for c in chosen if roomy(c)]
     shares: list[Rates] = [{cls: {"ops": 0.0, "bytes": 0.0} for cls in whole}
                            for _ in chosen]
-    for cls, m in pairs:
+    for cls, m, _ in pairs:
         rate = quota[cls][m]
         weights = [c.free(cls, m, overcommit) for c in chosen]
         total = sum(weights)

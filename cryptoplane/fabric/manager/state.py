@@ -278,15 +278,15 @@ class FabricState:
                 + sql_in(chunk), *chunk))
         if not ids:
             return []
+        rows: list[Any] = []
+        for chunk in chunks(sorted(ids)):
+            rows += tx.all("SELECT " + GRANT_COLS + " FROM fabric_grants WHERE counted = 1 "
+                           "AND grant_id IN " + sql_in(chunk) + " ORDER BY grant_id"
+                           + self._store.for_update, *chunk)
         pool = Pool(tx, now)
-        moved = []
-        for gid in sorted(ids):
-            row = self._load(tx, gid, lock=True)
-            if row is None or not row.counted:
-                continue
-            moved.append(self._replace(tx, pool, row.grant, set(gone)))
-            events.append({"event": "moved", "grant_id": gid})
+        moved = self._replace(tx, pool, [grant_row(r).grant for r in rows], set(gone))
         pool.flush(tx)
+        events.extend({"event": "moved", "grant_id": g.grant_id} for g in moved)
         return moved
 
     # -- grants -----------------------------------------------------------------------
@@ -327,7 +327,9 @@ class FabricState:
                           label=req.label, quota=quota, priority=req.priority,
                           mode=req.mode, spread=req.spread, servers=[], issued_at=now,
                           expires_at=now + req.ttl, ttl=req.ttl)
-            grant = self._write_placement(tx, pool, grant, shares, new=True)
+            for c, rates in shares:
+                pool.add(c.server_id, rates)
+            grant = self._write_placement(tx, [(grant, shares)], new=True)[0]
             pool.flush(tx)
             pl.add_rates(granted, quota)
             self._save_pool(tx, granted)
@@ -364,7 +366,7 @@ class FabricState:
                     return ("no live server offers every class of this grant ("
                             + ", ".join(classes) + ")", pl.left_of(
                                 pool.capacity(), granted, self.overcommit, classes))
-                grant = self._replace(tx, pool, grant, set(named) - alive)
+                grant = self._replace(tx, pool, [grant], set(named) - alive)[0]
                 pool.flush(tx)
                 events.append({"event": "moved", "grant_id": grant_id})
             tx.run("UPDATE fabric_grants SET expires_at = ? WHERE grant_id = ?",
@@ -483,39 +485,45 @@ class FabricState:
         for _, quota in grants:
             pl.add_rates(granted, quota, -1.0)
 
-    def _replace(self, tx: Tx, pool: Pool, grant: Grant, gone: set[str]) -> Grant:
-        """Places ``grant`` again (same rates) among the live servers, keeping those of
-        its servers still there; with no live server able to take it, it keeps none."""
-        for s in grant.servers:
-            pool.add(s.server_id, s.rates, -1.0)
-        tx.run("DELETE FROM fabric_grant_servers WHERE grant_id = ?", grant.grant_id)
-        keep = {s.server_id for s in grant.servers} - gone
-        shares = pl.place(grant.quota, grant.mode, grant.spread, pool.live.values(),
-                          self.overcommit, prefer=keep)
-        return self._write_placement(tx, pool, grant, shares)
+    def _replace(self, tx: Tx, pool: Pool, grants: Sequence[Grant],
+                 gone: set[str]) -> list[Grant]:
+        """Places these grants again (same rates) among the live servers, keeping those
+        of their servers still there; a grant no live server can take keeps none."""
+        for chunk in chunks([g.grant_id for g in grants]):
+            tx.run("DELETE FROM fabric_grant_servers WHERE grant_id IN " + sql_in(chunk),
+                   *chunk)
+        placed = []
+        for grant in grants:
+            for s in grant.servers:
+                pool.add(s.server_id, s.rates, -1.0)
+            keep = {s.server_id for s in grant.servers} - gone
+            shares = pl.place(grant.quota, grant.mode, grant.spread, pool.live.values(),
+                              self.overcommit, prefer=keep)
+            for c, rates in shares:  # before the next grant is placed
+                pool.add(c.server_id, rates)
+            placed.append((grant, shares))
+        return self._write_placement(tx, placed)
 
-    def _write_placement(self, tx: Tx, pool: Pool, grant: Grant,
-                         shares: Sequence[tuple[pl.Candidate, Rates]], *,
-                         new: bool = False) -> Grant:
-        """Records ``grant`` on these servers (``new``: the grant's row is inserted)."""
-        servers = [GrantServer(c.server_id, c.address, rates) for c, rates in shares]
-        placement = json.dumps([s.to_json() for s in servers])
+    def _write_placement(self, tx: Tx, placed: Sequence[tuple[Grant, Sequence[tuple[
+            pl.Candidate, Rates]]]], *, new: bool = False) -> list[Grant]:
+        """Records each grant on its servers (``new``: the grants' rows are inserted)."""
+        out = [replace(g, servers=[GrantServer(c.server_id, c.address, rates)
+                                   for c, rates in shares]) for g, shares in placed]
+        placements = [json.dumps([s.to_json() for s in g.servers]) for g in out]
         if new:
-            g = grant
-            tx.run("INSERT INTO fabric_grants (" + GRANT_COLS + ") VALUES (?, ?, ?, ?, ?, ?, "
-                   "?, ?, ?, ?, NULL, NULL, 1, ?)", g.grant_id, g.tenant, g.label,
-                   json.dumps(g.quota), g.priority, g.mode, g.spread, g.ttl, g.issued_at,
-                   g.expires_at, placement)
+            tx.many("INSERT INTO fabric_grants (" + GRANT_COLS + ") VALUES (?, ?, ?, ?, ?, "
+                    "?, ?, ?, ?, ?, NULL, NULL, 1, ?)", [
+                        (g.grant_id, g.tenant, g.label, json.dumps(g.quota), g.priority,
+                         g.mode, g.spread, g.ttl, g.issued_at, g.expires_at, p)
+                        for g, p in zip(out, placements, strict=True)])
         else:
-            tx.run("UPDATE fabric_grants SET placement = ? WHERE grant_id = ?", placement,
-                   grant.grant_id)
-        for c, rates in shares:
-            pool.add(c.server_id, rates)
+            tx.many("UPDATE fabric_grants SET placement = ? WHERE grant_id = ?",
+                    [(p, g.grant_id) for g, p in zip(out, placements, strict=True)])
         tx.many("INSERT INTO fabric_grant_servers (grant_id, server_id, class, ops, bytes) "
                 "VALUES (?, ?, ?, ?, ?)", [
-                    (grant.grant_id, s.server_id, cls, r.get("ops", 0.0), r.get("bytes", 0.0))
-                    for s in servers for cls, r in sorted(s.rates.items())])
-        return replace(grant, servers=servers)
+                    (g.grant_id, s.server_id, cls, r.get("ops", 0.0), r.get("bytes", 0.0))
+                    for g in out for s in g.servers for cls, r in sorted(s.rates.items())])
+        return out
 
     # -- the pool at a glance ---------------------------------------------------------
 
