@@ -58,11 +58,12 @@ class SessionSpec:
     """A key to offload: its plane algorithm and its material (raw, PKCS#8 or SPKI DER).
     Compared by identity: one spec per key (the engine caches them by key)."""
 
-    __slots__ = ("__weakref__", "algorithm", "material")
+    __slots__ = ("__weakref__", "algorithm", "cls", "material")
 
-    def __init__(self, algorithm: str, material: bytes) -> None:
+    def __init__(self, algorithm: str, material: bytes, cls: str = "") -> None:
         self.algorithm = algorithm
         self.material = material
+        self.cls = cls  # the algorithm class a grant charges its work to
 
     def __repr__(self) -> str:  # never the material
         return f"<SessionSpec {self.algorithm}>"

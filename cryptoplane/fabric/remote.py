@@ -34,7 +34,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 from .. import requests as rq
@@ -44,14 +44,16 @@ from ..exceptions import (
     AuthenticationFailed,
     Busy,
     EngineFailed,
+    InvalidRequest,
     InvalidSignature,
     QuotaExceeded,
 )
 from ..keys import Key
 from . import codec
+from .capacity import class_of_session
 from .codec import Field, Frame, FrameType, Status
 from .connection_client import Call, SessionSpec, read_field
-from .errors import ShuttingDown, Unauthorized
+from .errors import QuotaRefused, ShuttingDown, Unauthorized
 from .pool import SILENCE, Pool
 
 T = TypeVar("T")
@@ -97,29 +99,51 @@ class Remote(Engine):
     ``connections`` per server; ``timeout``: a job's deadline on the wire (the
     scheduler's own ``timeout=`` still applies); ``capacity``: jobs in flight;
     ``silence``: seconds a server owing answers may say nothing before it is sent a
-    PING, and then before its connection is cut (its jobs fail over)."""
+    PING, and then before its connection is cut (its jobs fail over); ``placement``:
+    which server a job goes to (``placement.py``).
+
+    ``manager`` (``manager://host:port``) and ``quota`` (``{"rsa2048": {"ops": 500}}``)
+    instead of ``url``: the servers are those a manager grants the quota on
+    (``granted.py``), jobs paced to the grant by their algorithm class
+    (``capacity.class_of_session``); the grant is released on ``close``."""
 
     name = "remote"
     priority = 5
     traits = Traits(local=False, in_process=False, pulls=False, takes_lanes=False)
     max_request = MAX_REQUEST
 
-    def __init__(self, url: str | Sequence[str], *, token: str | None = None,
+    def __init__(self, url: str | Sequence[str] | None = None, *,
+                 token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connections: int = 2,
                  timeout: float = 30.0, connect_timeout: float = 10.0,
                  capacity: int = DEFAULT_CAPACITY, name: str = "remote",
-                 silence: float = SILENCE) -> None:
+                 silence: float = SILENCE, placement: str = "least-loaded",
+                 manager: str | Sequence[str] | None = None,
+                 quota: Mapping[str, Mapping[str, float]] | None = None,
+                 grant_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(algorithms=[CATALOGUE[n] for n in SERVED])
         self.name = name
-        self.urls = [url] if isinstance(url, str) else list(url)
         self.timeout = timeout
         self.capacity = capacity
         # Little's law: the measured round trip already holds the queueing of every job
         # in flight, so each in-flight job is a lane
         self.parallelism = capacity
-        self._pool = Pool(self.urls, token=token, ssl=ssl, connections=connections,
-                          timeout=connect_timeout, name=f"cryptoplane engine {name}",
-                          fail_fast=True, max_retry_wait=MAX_RETRY_WAIT, silence=silence)
+        common: dict[str, Any] = dict(
+            token=token, ssl=ssl, connections=connections, timeout=connect_timeout,
+            name=f"cryptoplane engine {name}", fail_fast=True,
+            max_retry_wait=MAX_RETRY_WAIT, silence=silence, placement=placement)
+        if manager is not None:
+            if quota is None:
+                raise InvalidRequest("a remote engine under a manager needs a quota")
+            from .granted import ManagedPool  # only planes that use a manager load it
+            self._pool: Pool = ManagedPool(manager, quota=quota, **common,
+                                           **dict(grant_options or {}))
+            self.urls: list[str] = []
+        else:
+            if url is None:
+                raise InvalidRequest("a remote engine needs a server URL or a manager")
+            self.urls = [url] if isinstance(url, str) else list(url)
+            self._pool = Pool(self.urls, **common)
         self._pool.on_state = self._on_state
         self._loop = _new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
@@ -147,7 +171,7 @@ class Remote(Engine):
         ``BROKEN`` and reconnecting; a refused token raises ``Unauthorized``."""
         try:
             self._run(self._pool.start(wait=True, keep_trying=True))
-        except Unauthorized:
+        except (Unauthorized, QuotaRefused):  # a refusal, not an outage: say so now
             self.close()
             raise
         except Exception as e:
@@ -247,7 +271,9 @@ class Remote(Engine):
         if spec is None:
             alg = key.algorithm
             material = key.export_raw() if alg.symmetric else key.export_der()
-            spec = self._specs[addr] = SessionSpec(alg.name, material)
+            cls = class_of_session(alg.name, key.size if alg.name.startswith("rsa-")
+                                   else 0)
+            spec = self._specs[addr] = SessionSpec(alg.name, material, cls)
             fin = weakref.finalize(key, _forget, self._specs, addr, self._dropped)
             fin.atexit = False
         return spec
@@ -296,7 +322,10 @@ class Remote(Engine):
                 error = EngineFailed(f"the fabric server refused it: {error}")
             self._end(done, result, error)
 
-        return Call(_REQUEST, op, b"", payload, request.retry_safe, finished, deadline, spec)
+        call = Call(_REQUEST, op, b"", payload, request.retry_safe, finished, deadline, spec)
+        call.cls = spec.cls
+        call.nbytes = request.nbytes
+        return call
 
     def _end(self, done: Any, result: Any, error: BaseException | None) -> None:
         with self._lock:
@@ -316,9 +345,11 @@ class Remote(Engine):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info.update(urls=self.urls, server=self._pool.info.get("server"),
+        info.update(urls=[s.url for s in self._pool.servers],
+                    server=self._pool.info.get("server"),
                     tenant=self._pool.info.get("tenant"), counters=self.counters(),
-                    live_connections=sum(1 for c in self._pool.conns if c.usable))
+                    live_connections=sum(1 for c in self._pool.conns if c.usable),
+                    pool=self._pool.describe())
         return info
 
 
