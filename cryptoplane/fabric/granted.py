@@ -12,10 +12,11 @@ What it does for the grant's life:
   in HELLO (``hello_extra["grant"]``). Placement ``fail-over`` asks for a fail-over
   grant (every server enforces the whole rate; one is used at a time); any other mode
   a spread grant.
-- pacing: each call waits for its turn at the granted rate of its class (a GCRA per
-  class, ops/s and, for AEAD and HMAC, bytes/s) before its first send, so what the
-  client sends over all its servers together stays at the grant instead of being sent
-  and THROTTLED. A THROTTLED answer is still sent again after its RETRY_AFTER.
+- pacing (``Pacer``): a call of a granted class waits, in order, for a free slot of
+  the grant's rate before its first send, so what the client sends over all its
+  servers together stays at the grant instead of being sent and THROTTLED. A spread
+  grant's calls are pinned to the live server whose own share is free soonest. A
+  THROTTLED answer is still sent again after its RETRY_AFTER.
 - renewal at ``renew_after``: the new token is presented on every live connection
   (GRANT_PRESENT) and to new ones; a changed server list is applied (``set_servers``:
   new servers connected, removed ones retired, their calls finishing or moving).

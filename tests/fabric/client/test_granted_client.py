@@ -1,7 +1,7 @@
 """A client holding a manager's grant, against a real manager and real servers: the
 grant's servers serve it, renewal re-presents the token (calls go on past the first
-token's expiry), a server's death moves the grant and the client follows, and close
-releases the grant."""
+token's expiry), a server's death moves the grant and the client follows, a revocation
+makes it ask for a new grant, and close releases the grant."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from grantedkit import managed_pool, manager_call
 
 from cryptoplane.fabric import AsyncClient
 from cryptoplane.fabric.errors import QuotaRefused
+from cryptoplane.fabric.manager.client import ManagerClient
 
 
 def test_granted_client_lifecycle(tmp_path: Path) -> None:
@@ -94,6 +95,20 @@ def test_a_moved_event_switches_servers(tmp_path: Path) -> None:
                 assert [s.address for s in c.grant.servers] == [other]  # type: ignore[union-attr]
                 assert await c.verify("e-rsa", b"after", await c.sign("e-rsa", b"after"))
                 assert set(c.per_server_counts()) == {other}
+
+                # revoked (an operator): the push makes the client ask for a new grant
+                old = c.grant.grant_id  # type: ignore[union-attr]
+                mc = await ManagerClient.connect(m.url, token=cluster.token)
+                try:
+                    await mc.revoke(old)
+                finally:
+                    await mc.close()
+                deadline = time.monotonic() + 10
+                while c.grant is None or c.grant.grant_id == old:
+                    assert time.monotonic() < deadline, "no new grant after a revocation"
+                    await asyncio.sleep(0.05)
+                assert c.pool.describe()["grant_counters"]["revoked"] == 1
+                assert await c.verify("e-rsa", b"new", await c.sign("e-rsa", b"new"))
         asyncio.run(main())
 
 
