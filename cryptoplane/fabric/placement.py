@@ -43,7 +43,7 @@ class ServerState:
     """One server of a pool: its connections and what the pool measured of it."""
 
     __slots__ = ("answered", "conns", "endpoint", "ewma", "failures", "inflight",
-                 "last_sent", "retired", "samples", "sent", "url")
+                 "retired", "samples", "sent", "url")
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -56,7 +56,6 @@ class ServerState:
         self.sent = 0  # sends, resends included
         self.answered = 0
         self.failures = 0  # connection attempts failed in a row
-        self.last_sent = 0.0
 
     @property
     def live(self) -> bool:
@@ -89,12 +88,15 @@ class ServerState:
 
 
 class Placement:
-    """Chooses a connection for a call among the pool's servers (in list order)."""
+    """Chooses a connection for a call among the pool's servers (in list order).
+    ``measures``: it reads the servers' service times (the pool times answers only
+    then: a clock read per send and per answer)."""
 
     name = ""
+    measures = False
 
-    def choose(self, servers: Sequence[ServerState], call: Call | None,
-               now: float) -> ClientConnection | None:
+    def choose(self, servers: Sequence[ServerState],
+               call: Call | None) -> ClientConnection | None:
         raise NotImplementedError
 
     def describe(self) -> dict[str, object]:
@@ -114,30 +116,42 @@ def _least_inflight(servers: Iterable[ServerState]) -> ClientConnection | None:
 
 class LeastLoaded(Placement):
     name = "least-loaded"
+    measures = True
 
     def __init__(self) -> None:
         self._calls = 0
         self._turn = RoundRobin()
 
-    def choose(self, servers: Sequence[ServerState], call: Call | None,
-               now: float) -> ClientConnection | None:
+    def choose(self, servers: Sequence[ServerState],
+               call: Call | None) -> ClientConnection | None:
         self._calls += 1
-        if self._calls % EXPLORE == 0 and len(servers) > 1:
-            c = self._turn.choose(servers, call, now)
+        if self._calls >= EXPLORE:
+            self._calls = 0
+            c = self._turn.choose(servers, call)
             if c is not None:
                 return c
-        known = [s.ewma for s in servers if s.ewma is not None]
-        # a server not measured yet is taken to be as fast as the fastest: it is tried
-        default = min(known) if known else 0.0
         best: ClientConnection | None = None
         score = float("inf")
+        unmeasured = False
         for s in servers:
-            c = s.conn()
-            if c is None:
+            e = s.ewma
+            if e is None:
+                unmeasured = True
                 continue
-            wait = (s.inflight + 1) * (default if s.ewma is None else s.ewma)
+            wait = (s.inflight + 1) * e
             if wait < score:
-                best, score = c, wait
+                c = s.conn()
+                if c is not None:
+                    best, score = c, wait
+        if unmeasured:
+            # a server not measured yet is taken to be as fast as the fastest measured
+            # (it is tried): its wait, its in-flight calls times that
+            fastest = min((s.ewma for s in servers if s.ewma is not None), default=0.0)
+            for s in servers:
+                if s.ewma is None and (s.inflight + 1) * fastest <= score:
+                    c = s.conn()
+                    if c is not None:
+                        best, score = c, (s.inflight + 1) * fastest
         return best
 
 
@@ -147,8 +161,8 @@ class RoundRobin(Placement):
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, servers: Sequence[ServerState], call: Call | None,
-               now: float) -> ClientConnection | None:
+    def choose(self, servers: Sequence[ServerState],
+               call: Call | None) -> ClientConnection | None:
         n = len(servers)
         for i in range(n):
             k = (self._next + i) % n
@@ -172,8 +186,8 @@ class SizeSplit(Placement):
     def _is_big(self, s: ServerState, first: ServerState) -> bool:
         return s is first if self.big is None else s.url in self.big
 
-    def choose(self, servers: Sequence[ServerState], call: Call | None,
-               now: float) -> ClientConnection | None:
+    def choose(self, servers: Sequence[ServerState],
+               call: Call | None) -> ClientConnection | None:
         if not servers:
             return None
         first = servers[0]
@@ -191,8 +205,8 @@ class SizeSplit(Placement):
 class FailOver(Placement):
     name = "fail-over"
 
-    def choose(self, servers: Sequence[ServerState], call: Call | None,
-               now: float) -> ClientConnection | None:
+    def choose(self, servers: Sequence[ServerState],
+               call: Call | None) -> ClientConnection | None:
         for s in servers:
             if s.live:
                 return s.conn()  # None when it is full: the call waits for it

@@ -30,6 +30,7 @@ import contextlib
 import math
 import random
 import ssl as ssl_module
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
@@ -92,6 +93,8 @@ class Pool:
         self.servers: list[ServerState] = [ServerState(u)
                                            for u in dict.fromkeys(urls)]
         self.placement = make_placement(placement, threshold=threshold, big=big)
+        self._measure = False  # time answers (least-loaded over several servers)
+        self._measuring()
         self.pacer: Pacer | None = None
         self.token = token
         self.ssl = ssl
@@ -119,6 +122,9 @@ class Pool:
         self._buckets: dict[int, set[Call]] = {}  # deadline tick -> calls due then
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # service times are timed on the monotonic clock, not the loop's: uvloop's
+        # (the remote engine's) moves in milliseconds, once per loop turn
+        self._time: Callable[[], float] = time.monotonic
         self._changed: asyncio.Event | None = None
         self._attempted: set[tuple[str, int]] = set()  # (url, slot) tried once (start)
 
@@ -269,6 +275,7 @@ class Pool:
         servers = [old.pop(u) if u in old else ServerState(u) for u in want]
         added = [s for s in servers if s.url not in {o.url for o in self.servers}]
         self.servers = servers
+        self._measuring()
         for s in old.values():
             s.retired = True
             for c in list(s.conns):
@@ -282,6 +289,9 @@ class Pool:
             self._drain()
         if not self.live and self.on_state is not None:
             self.on_state(False)
+
+    def _measuring(self) -> None:
+        self._measure = self.placement.measures and len(self.servers) > 1
 
     def present_grant(self, token: str) -> int:
         """Show a (renewed) grant token to every live connection (GRANT_PRESENT), and
@@ -340,25 +350,27 @@ class Pool:
             self._expire(call)
 
     def pick(self, call: Call | None = None) -> ClientConnection | None:
+        servers = self.servers
+        if len(servers) == 1:  # the common case, without the placement's call
+            return servers[0].conn()
         if call is not None and call.pin:
-            for s in self.servers:  # a few servers: a scan costs less than a dict kept
+            for s in servers:  # a few servers: a scan costs less than a dict kept
                 if s.url == call.pin:
                     if s.live:
                         return s.conn()  # None when full: it waits for that server
                     break
-        loop = self._loop
-        return self.placement.choose(self.servers, call,
-                                     loop.time() if loop is not None else 0.0)
+        return self.placement.choose(servers, call)
 
     def _send(self, conn: ClientConnection, call: Call) -> None:
         self.counters["sent"] += 1
         server = conn.server
         if server is not None:
             call.server = server
-            call.inflight_at_send = server.inflight
-            server.inflight += 1
             server.sent += 1
-            call.sent_at = server.last_sent = conn.loop.time()
+            if self._measure:
+                call.inflight_at_send = server.inflight
+                call.sent_at = self._time()
+            server.inflight += 1
         conn.send(call)
 
     def _settle(self, call: Call, frame: Frame | None) -> None:
@@ -370,10 +382,9 @@ class Pool:
         server.inflight -= 1
         if frame is not None:
             server.answered += 1
-            if frame.status not in _RETRYABLE:
-                loop = self._loop
-                assert loop is not None
-                server.learn(loop.time() - call.sent_at, call.inflight_at_send)
+            if call.sent_at and frame.status not in _RETRYABLE:
+                server.learn(self._time() - call.sent_at, call.inflight_at_send)
+                call.sent_at = 0.0
 
     def _dispatch(self, call: Call) -> None:
         if call.finished:
@@ -391,7 +402,17 @@ class Pool:
             call.conn = None
             self.waiting.append(call)
             return
-        self._send(conn, call)
+        # _send, inlined: this runs once per request
+        self.counters["sent"] += 1
+        server = conn.server
+        if server is not None:
+            call.server = server
+            server.sent += 1
+            if self._measure:
+                call.inflight_at_send = server.inflight
+                call.sent_at = self._time()
+            server.inflight += 1
+        conn.send(call)
 
     def _drain(self) -> None:
         while self.waiting:
@@ -428,7 +449,15 @@ class Pool:
 
     def answered(self, conn: ClientConnection, call: Call, frame: Frame | None,
                  error: BaseException | None = None) -> None:
-        self._settle(call, frame)
+        server = call.server
+        if server is not None:  # _settle, inlined: once per answer
+            call.server = None
+            server.inflight -= 1
+            if frame is not None:
+                server.answered += 1
+                if call.sent_at and frame.status not in _RETRYABLE:
+                    server.learn(self._time() - call.sent_at, call.inflight_at_send)
+                    call.sent_at = 0.0
         if frame is not None and frame.status in _RETRYABLE and not call.finished:
             err = codec.error_from(frame.status, frame.payload)
             delay = max(RETRY_FLOOR, float(getattr(err, "retry_after", 0.0)))
