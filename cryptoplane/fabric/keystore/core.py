@@ -90,6 +90,11 @@ class StoreCore(abc.ABC):
     @abc.abstractmethod
     def _close_connections(self) -> None: ...
 
+    def transaction(self, write: bool) -> AbstractContextManager[Tx]:
+        """A transaction for tables that share the keystore's database (the fabric
+        manager's servers and grants): the same connections, dialect and locking."""
+        return self._transaction(write)
+
     def _lock_for_migration(self, tx: Tx) -> None:
         """Serialises migrations between processes opening the store at once (SQLite:
         BEGIN IMMEDIATE already does)."""

@@ -50,6 +50,11 @@ class PostgresKeystore(Keystore):
     def __repr__(self) -> str:
         return "PostgresKeystore(...)"  # the conninfo may hold a password
 
+    def dedicated_connection(self) -> psycopg.Connection[Any]:
+        """A new autocommit connection outside the pool, the caller's to close (a
+        LISTEN needs one of its own)."""
+        return self._connect()
+
     def _connect(self) -> psycopg.Connection[Any]:
         # autocommit: transactions are explicit (conn.transaction()), never implicit
         return psycopg.connect(self._conninfo, autocommit=True)

@@ -99,7 +99,7 @@ class FabricState:
         for attempt in range(RETRIES):
             events: list[Event] = []
             try:
-                with self._store._transaction(write) as tx:
+                with self._store.transaction(write) as tx:
                     result = body(tx, events)
                     if self._pg:
                         for e in events:
@@ -584,8 +584,9 @@ class FabricState:
             ready = threading.Event()
             from ..keystore.postgres import PostgresKeystore
             assert isinstance(self._store, PostgresKeystore)
-            t = threading.Thread(target=listen, args=(self._store._connect, on_event, stop,
-                                                      ready), name="fabric-listen", daemon=True)
+            t = threading.Thread(target=listen, name="fabric-listen", daemon=True,
+                                 args=(self._store.dedicated_connection, on_event, stop,
+                                       ready))
             with self._lock:
                 self._stops.append(stop)
                 self._threads.append(t)
