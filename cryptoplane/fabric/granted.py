@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from ..exceptions import Timeout
 from . import capacity
 from .connection_client import Call
 from .errors import ConnectionLost, QuotaRefused
@@ -266,21 +267,38 @@ class ManagedPool(Pool):
 
     async def start(self, wait: bool = True, keep_trying: bool = False) -> None:
         """Get the grant (``QuotaRefused`` when the pool cannot carry it), then connect
-        to its servers as ``Pool.start`` does."""
-        self._manager = await ManagerClient.connect(
-            self.manager_urls, token=self.manager_token, ssl=self.manager_ssl,
-            timeout=min(self.timeout, 10.0), name=self.name or "cryptoplane-granted",
-            on_event=self._on_event)
+        to its servers as ``Pool.start`` does. With ``keep_trying`` (the remote engine)
+        an unreachable manager is not the end: the grant is asked for every ``RETRY``
+        seconds in the background, and the servers connected once it comes."""
         try:
-            self._apply(await self._manager.request_grant(self.quota_request))
-            self.grant_counters["requested"] += 1
+            try:
+                self._manager = await self._connect_manager(False)
+                self._apply(await self._manager.request_grant(self.quota_request))
+                self.grant_counters["requested"] += 1
+            except (ConnectionLost, TimeoutError, Timeout):
+                if not keep_trying:
+                    raise
+                self.grant_counters["failures"] += 1
+                if self._manager is None:
+                    self._manager = await self._connect_manager(True)
             self._wake = asyncio.Event()
             self._renewer = asyncio.get_running_loop().create_task(self._keep_grant())
             self._started = True
-            await super().start(wait=wait, keep_trying=keep_trying)
         except BaseException:
             await self.close()
             raise
+        if not self.servers:  # no grant yet (keep_trying): its servers come with it
+            await super().start(wait=False)
+            raise ConnectionLost("no grant yet: no manager answered; asking again "
+                                 "in the background")
+        # as Pool.start: with keep_trying, only a refused token closes it
+        await super().start(wait=wait, keep_trying=keep_trying)
+
+    async def _connect_manager(self, keep_trying: bool) -> ManagerClient:
+        return await ManagerClient.connect(
+            self.manager_urls, token=self.manager_token, ssl=self.manager_ssl,
+            timeout=min(self.timeout, 10.0), name=self.name or "cryptoplane-granted",
+            on_event=self._on_event, keep_trying=keep_trying)
 
     async def close(self) -> None:
         """Release the grant (the manager frees its rate at once), then close."""
@@ -330,7 +348,7 @@ class ManagedPool(Pool):
         (the grant holds until its expiry); a grant the manager no longer knows (revoked,
         expired) is asked for anew."""
         assert self._wake is not None and self._manager is not None
-        delay = self.renew_after
+        delay = self.renew_after if self.grant is not None else RETRY
         while not self._closing:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -348,7 +366,7 @@ class ManagedPool(Pool):
                 delay = self.renew_after
             except asyncio.CancelledError:
                 raise
-            except (ConnectionLost, TimeoutError, QuotaRefused) as e:
+            except (ConnectionLost, TimeoutError, Timeout, QuotaRefused) as e:
                 # a manager away, or the pool cannot carry it now: keep what we have
                 self.grant_counters["failures"] += 1
                 log.warning("grant renewal failed: %s", e)

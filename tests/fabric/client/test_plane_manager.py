@@ -4,13 +4,16 @@ locally; the work is paced to the grant; closing the plane releases the grant.""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
 import pytest
-from grantedkit import managed_pool, manager_call
+from grantedkit import CAPACITY, managed_pool, manager_call, start_manager
+from modekit import Cluster
 
 import cryptoplane as cp
+from cryptoplane.engines.base import Health
 from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.fabric.errors import QuotaRefused
 
@@ -63,3 +66,35 @@ def test_plane_remote_arguments_are_checked(tmp_path: Path) -> None:
         with cp.Plane(engines=["inline"], remote=cluster.urls[0],
                       token=cluster.token) as plane:
             assert "remote" in plane.engines
+
+
+def test_a_manager_not_there_yet_leaves_the_remote_engine_broken_then_heals(
+        tmp_path: Path) -> None:
+    """The plane starts on its local engines; the grant is asked for in the background
+    and the remote engine serves once a manager answers."""
+    with socket.socket() as sock:  # a free port nobody listens on yet
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cluster = Cluster(tmp_path, 1, start=False)
+    with cp.Plane(engines=["inline"], remote=f"manager://127.0.0.1:{port}",
+                  quota={"rsa2048": {"ops": 100}}, token=cluster.token) as plane:
+        remote = plane.engines["remote"]
+        assert remote.health is Health.BROKEN
+        key = cp.Key.generate("rsa-pss-sha256")
+        sig = plane.run(cp.Sign(key, b"local"))  # the inline engine serves meanwhile
+        plane.verify(key.public_key(), b"local", sig)
+        m = start_manager(cluster.store_url, tmp_path, listen=f"tcp://127.0.0.1:{port}")
+        try:
+            cluster.extra = ["--manager", m.manager_url, "--manager-token", cluster.token,
+                             "--capacity", CAPACITY]
+            cluster.start(0)
+            deadline = time.monotonic() + 15
+            while remote.health is not Health.OK:
+                assert time.monotonic() < deadline, "the remote engine did not heal"
+                time.sleep(0.1)
+            plane.session(key, engine="remote")
+            plane.verify(key.public_key(), b"remote", plane.run(cp.Sign(key, b"remote")))
+            assert remote.counters()["sent"] > 0  # type: ignore[attr-defined]
+        finally:
+            cluster.close()
+            m.stop()
