@@ -6,12 +6,15 @@
         ct = plane.encrypt(key, b"data", nonce=nonce, aad=b"header")
 """
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import algorithms, stream, volume
+from . import plane as _plane
 from ._version import __version__
 from .algorithms import Algorithm, Kind, Op, lookup
 from .chain import Chain
+from .engines.base import Engine
 from .exceptions import (
     AuthenticationFailed,
     Busy,
@@ -26,7 +29,6 @@ from .exceptions import (
     Timeout,
 )
 from .keys import Key
-from .plane import Plane
 from .requests import (
     Decrypt,
     DecryptSectors,
@@ -45,6 +47,28 @@ from .session import Session
 
 if TYPE_CHECKING:
     from .fabric.remote import Remote
+
+
+class Plane(_plane.Plane):
+    """The plane (``plane.Plane``), and with ``remote=`` an engine on fabric servers as
+    well: ``"tcp://host:port"`` (or a list of URLs), or ``"manager://host:port"`` with
+    ``quota`` (``{"rsa2048": {"ops": 500}}``) for the servers a manager grants it on;
+    ``token`` (default: env ``CRYPTOPLANE_TOKEN``) authenticates there. The fabric's
+    modules load only when ``remote`` is given."""
+
+    def __init__(self, engines: Sequence[str | Engine] | None = None, *,
+                 remote: str | Sequence[str] | None = None,
+                 quota: Mapping[str, Mapping[str, float]] | None = None,
+                 token: str | None = None, **options: Any) -> None:
+        if remote is None:
+            if quota is not None:
+                raise InvalidRequest("quota= goes with remote='manager://...'")
+        else:
+            from .fabric.remote import remote_engine
+
+            engines = [*(engines if engines is not None else _plane.DEFAULT_ENGINES),
+                       remote_engine(remote, quota, token)]
+        super().__init__(engines, **options)
 
 
 def __getattr__(name: str) -> Any:

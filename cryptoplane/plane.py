@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -65,19 +65,12 @@ class Plane:
     ``Policy`` object). ``max_queued``: bound on queued requests (then ``submit`` waits,
     or raises ``Busy`` with ``block=False``). ``self_test``: run each engine's known
     answers at start and withdraw algorithms that fail them.
-    ``remote``: fabric servers to offload to as well, a ``remote`` engine besides the
-    others: ``"tcp://host:port"`` (or a list), or ``"manager://host:port"`` with
-    ``quota`` (``{"rsa2048": {"ops": 500}}``) for the servers a manager grants it on;
-    ``token`` (default: env ``CRYPTOPLANE_TOKEN``) authenticates there.
     """
 
     def __init__(self, engines: Sequence[str | Engine] | None = None, *,
                  policy: str | Policy = "least-completion", max_queued: int = 10_000,
                  self_test: bool = True, fast_path_limit: int = DEFAULT_FAST_PATH_LIMIT,
-                 clock: Clock = time.monotonic,
-                 remote: str | Sequence[str] | None = None,
-                 quota: Mapping[str, Mapping[str, float]] | None = None,
-                 token: str | None = None) -> None:
+                 clock: Clock = time.monotonic) -> None:
         self.fast_path_limit = fast_path_limit
         tune_allocator()
         self._registry = Registry()
@@ -87,13 +80,8 @@ class Plane:
             if policy not in POLICIES:
                 raise NotSupported(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
             policy = POLICIES[policy]()
-        specs = list(engines if engines is not None else DEFAULT_ENGINES)
-        if remote is not None:
-            specs.append(_remote_engine(remote, quota, token))
-        elif quota is not None:
-            raise InvalidRequest("quota= goes with remote='manager://...'")
         try:
-            for spec in specs:
+            for spec in engines if engines is not None else DEFAULT_ENGINES:
                 if isinstance(spec, str) and spec not in REGISTRY:
                     raise NotSupported(
                         f"unknown engine {spec!r} (known: {', '.join(REGISTRY)})")
@@ -504,23 +492,3 @@ class Plane:
     def __repr__(self) -> str:
         return f"<Plane engines={list(self._engines)}{' closed' if self._closed else ''}>"
 
-
-
-def _remote_engine(remote: str | Sequence[str],
-                   quota: Mapping[str, Mapping[str, float]] | None,
-                   token: str | None) -> Engine:
-    """The ``remote`` engine a Plane's ``remote=`` asks for (the fabric is imported only
-    here: a plane without one does not load it)."""
-    import os
-
-    from .fabric.remote import Remote
-
-    token = token if token is not None else os.environ.get("CRYPTOPLANE_TOKEN")
-    urls = [remote] if isinstance(remote, str) else list(remote)
-    if any(u.startswith("manager://") for u in urls):
-        if quota is None:
-            raise InvalidRequest("remote='manager://...' needs quota= (what to ask for)")
-        return Remote(manager=urls, quota=quota, token=token)
-    if quota is not None:
-        raise InvalidRequest("quota= goes with remote='manager://...'")
-    return Remote(urls, token=token)

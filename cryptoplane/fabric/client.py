@@ -25,7 +25,6 @@ import struct
 from collections.abc import (
     AsyncIterator,
     Callable,
-    Mapping,
 )
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,7 +38,7 @@ from .placement import DEFAULT_THRESHOLD, Placement
 from .pool import SILENCE, Pool
 
 if TYPE_CHECKING:
-    from .manager.protocol import Grant, QuotaRequest
+    from .manager.protocol import Grant
 
 # repeating these cannot change what they answer (wire protocol, section 5)
 SAFE_OPS: Final = frozenset({
@@ -188,22 +187,10 @@ class AsyncClient:
         await pool.start()
         return cls(pool)
 
-    @classmethod
-    async def connect_managed(cls, manager: str | list[str], *, token: str | None = None,
-                              quota: Mapping[str, Mapping[str, float]] | QuotaRequest,
-                              placement: str | Placement = "least-loaded",
-                              **kw: Any) -> AsyncClient:
-        """A client on the servers a manager grants ``quota`` to (``granted.py``):
-        requests paced to the grant, the grant renewed, moved and, on ``close()``,
-        released. ``grant`` shows it."""
-        from .granted import ManagedPool
-        pool = ManagedPool(manager, token=token, quota=quota, placement=placement, **kw)
-        await pool.start()
-        return cls(pool)
-
     @property
     def grant(self) -> Grant | None:
-        """A managed client's grant as last received (None for a plain client)."""
+        """A managed client's grant as last received (None for a plain client;
+        ``granted.connect_managed`` makes a managed one)."""
         return getattr(self._pool, "grant", None)
 
     @property

@@ -1,8 +1,8 @@
 """A client that holds a manager's grant: ``ManagedPool``, a ``Pool`` whose servers are
 those of its grant.
 
-    client = await AsyncClient.connect_managed("manager://10.0.0.2:7400", token=token,
-                                               quota={"rsa2048": {"ops": 500}})
+    client = await connect_managed("manager://10.0.0.2:7400", token=token,
+                                   quota={"rsa2048": {"ops": 500}})
     client.grant          # servers, rates, expiry
     await client.close()  # the grant is released
 
@@ -43,6 +43,7 @@ from typing import Any, Final
 
 from ..exceptions import Timeout
 from . import capacity
+from .client import AsyncClient
 from .connection_client import Call
 from .errors import ConnectionLost, QuotaRefused
 from .manager.client import ManagerClient, manager_urls
@@ -165,7 +166,7 @@ class Pacer:
         """Send what may go now; a timer for the next slot."""
         self._timers.pop(cls, None)
         queue = self._queues.get(cls)
-        loop = self.pool._loop
+        loop = self.pool.loop
         if not queue or loop is None:
             return
         now = loop.time()
@@ -199,7 +200,7 @@ class Pacer:
                 whole.reserve(now, 1.0)
             if nbytes is not None:
                 nbytes.reserve(now, float(call.nbytes))
-            self.pool._dispatch(call)
+            self.pool.dispatch(call)
 
     def throttled(self, call: Call, delay: float, now: float) -> None:
         if not call.pin:
@@ -407,4 +408,16 @@ class ManagedPool(Pool):
         return info
 
 
-__all__ = ["ManagedPool", "Pacer"]
+async def connect_managed(manager: str | Sequence[str], *, token: str | None = None,
+                          quota: Mapping[str, Mapping[str, float]] | QuotaRequest,
+                          placement: str | Placement = "least-loaded",
+                          **kw: Any) -> AsyncClient:
+    """An ``AsyncClient`` on the servers a manager grants ``quota`` to: requests paced to
+    the grant, the grant renewed, moved and, on ``close()``, released; its ``grant``
+    shows it. ``kw`` as ``ManagedPool``'s."""
+    pool = ManagedPool(manager, token=token, quota=quota, placement=placement, **kw)
+    await pool.start()
+    return AsyncClient(pool)
+
+
+__all__ = ["ManagedPool", "Pacer", "connect_managed"]

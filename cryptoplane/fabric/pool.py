@@ -68,7 +68,7 @@ class Pacer(Protocol):
     """Holds calls back to a rate (``granted.py``)."""
 
     def admit(self, call: Call) -> bool:
-        """True: send it now; False: the pacer sends it (``Pool._dispatch``) later."""
+        """True: send it now; False: the pacer sends it (``Pool.dispatch``) later."""
 
     def throttled(self, call: Call, delay: float, now: float) -> None:
         """A server answered THROTTLED: ``call`` was early by ``delay`` seconds."""
@@ -262,6 +262,11 @@ class Pool:
     def live(self) -> bool:
         return any(c.usable for c in self.conns)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the pool runs on (None until ``start``)."""
+        return self._loop
+
     # -- the servers -----------------------------------------------------------------------
 
     def set_servers(self, urls: Sequence[str]) -> None:
@@ -343,7 +348,7 @@ class Pool:
         call.bucket = bucket
         if self.pacer is not None and not self.pacer.admit(call):
             return
-        self._dispatch(call)
+        self.dispatch(call)
 
     def _sweep(self, b: int) -> None:
         for call in list(self._buckets.pop(b, ())):
@@ -386,7 +391,9 @@ class Pool:
                 server.learn(self._time() - call.sent_at, call.inflight_at_send)
                 call.sent_at = 0.0
 
-    def _dispatch(self, call: Call) -> None:
+    def dispatch(self, call: Call) -> None:
+        """Send ``call`` now, or queue it until a connection has room (a pacer calls this
+        when a call's turn comes)."""
         if call.finished:
             return
         conn = self.pick(call)
@@ -489,7 +496,7 @@ class Pool:
         loop = self._loop
         assert loop is not None
         self.counters["retried"] += 1
-        loop.call_later(delay, self._dispatch, call)
+        loop.call_later(delay, self.dispatch, call)
 
     def lost(self, conn: ClientConnection, calls: list[Call], streams: list[Call],
              exc: BaseException | None) -> None:
@@ -512,7 +519,7 @@ class Pool:
             if call.safe and call.attempts < MAX_ATTEMPTS:
                 call.attempts += 1
                 self.counters["retried"] += 1
-                self._dispatch(call)
+                self.dispatch(call)
             else:
                 self.counters["lost"] += 1
                 self.finish(call, None, ConnectionLost(why))
@@ -521,7 +528,7 @@ class Pool:
         if self.fail_fast and not self.live:
             waiting, self.waiting = list(self.waiting), deque()
             for call in waiting:
-                self._dispatch(call)
+                self.dispatch(call)
         elif self.waiting:
             self._drain()  # fail-over: what waited for this server may go to the next
 

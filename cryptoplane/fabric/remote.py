@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import ssl as ssl_module
 import struct
 import threading
@@ -353,6 +354,23 @@ class Remote(Engine):
         return info
 
 
+
+def remote_engine(remote: str | Sequence[str],
+                  quota: Mapping[str, Mapping[str, float]] | None = None,
+                  token: str | None = None) -> Remote:
+    """The engine ``cp.Plane(remote=..., quota=..., token=...)`` adds: fabric servers
+    (``tcp://``, ``tls://``, ``unix://`` URLs) or ``manager://host:port`` with the
+    ``quota`` to ask for; ``token`` defaults to the environment's ``CRYPTOPLANE_TOKEN``."""
+    token = token if token is not None else os.environ.get("CRYPTOPLANE_TOKEN")
+    urls = [remote] if isinstance(remote, str) else list(remote)
+    if any(u.startswith("manager://") for u in urls):
+        if quota is None:
+            raise InvalidRequest("remote='manager://...' needs quota= (what to ask for)")
+        return Remote(manager=urls, quota=quota, token=token)
+    if quota is not None:
+        raise InvalidRequest("quota= goes with remote='manager://...'")
+    return Remote(urls, token=token)
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     """uvloop where installed: the engine's loop runs in the plane's process, and every
     microsecond of its CPU per job is one the local engines lose (its loop and transports
@@ -389,4 +407,4 @@ def _forget(specs: dict[int, SessionSpec], addr: int,
         dropped.append(spec)
 
 
-__all__ = ["SERVED", "Remote"]
+__all__ = ["SERVED", "Remote", "remote_engine"]

@@ -19,6 +19,7 @@ from poolkit import PoolFabric
 
 from cryptoplane.fabric import errors as fe
 from cryptoplane.fabric.client import AsyncClient
+from cryptoplane.fabric.granted import connect_managed
 from cryptoplane.fabric.manager.client import ManagerClient
 from cryptoplane.fabric.manager.protocol import QuotaRequest
 from cryptoplane.fabric.pool import Pool
@@ -112,7 +113,7 @@ def test_granted_rate_holds_within_5_percent_while_another_tenant_saturates(
     time.sleep(2.0)  # tenant b's load is on before the window opens
 
     async def measure() -> tuple[float, dict[str, Any]]:
-        async with await AsyncClient.connect_managed(
+        async with await connect_managed(
                 pool.manager_url, token=pool.tokens["tenant-a"],
                 quota={"aead": {"ops": N}}, key_classes={"qa": "aead"}) as c:
             assert c.grant is not None and len(c.grant.servers) == 2

@@ -36,6 +36,7 @@ from ..auth import Authenticator
 from ..capability import load_signing_key, new_signing_key_pem
 from ..http import OpsHttp
 from ..metrics import FabricMetrics
+from ..pool import BACKOFF_MAX
 from ..server import parse_listen
 from .metrics import ManagerMetrics
 from .service import ManagerService
@@ -47,6 +48,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("cryptoplane.fabric.manager")
 
 DEFAULT_LISTEN: Final = "tcp://127.0.0.1:7800"
+def startup_grace(lease: float) -> float:
+    """Seconds a starting manager waits before expiring leases: two leases, plus the
+    longest reconnect backoff of a server's manager client (``pool.BACKOFF_MAX`` with its
+    jitter)."""
+    return 2 * lease + 1.5 * BACKOFF_MAX
+
+
 # a scrape reads a snapshot at most this old (the reaper's beat, when shorter)
 METRICS_PERIOD: Final = 2.0
 
@@ -190,34 +198,59 @@ class Manager:
         else:
             self.metrics.update(status)
 
+    async def _expire(self) -> bool:
+        """One round of lease expiry; True if the pool changed (or the database is back)."""
+        assert self.service is not None and self.state is not None
+        try:
+            report = await self.service.call(self.state.expire)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("expiring leases failed (will retry): %s", e)
+            self.metrics.update(None)
+            return False
+        changed = False
+        if report.removed_servers or report.moved:
+            log.info("leases lapsed: removed %s; %d grant(s) moved",
+                     ", ".join(report.removed_servers) or "no server", len(report.moved))
+            self.metrics.expired(len(report.removed_servers), len(report.moved))
+            changed = True
+        if report.expired_grants:
+            log.info("%d expired grant(s) deleted", len(report.expired_grants))
+        return changed or not self.metrics.database_up  # back: ready again
+
+    async def _unattended_grace(self) -> float:
+        """Seconds to wait before the first expiry. After an outage of every manager,
+        every lease looks lapsed: the servers had no one to heartbeat to. When no server
+        has beaten for longer than a heartbeat period (no manager was taking them), a
+        starting manager lets them reach it first (their reconnect backoff, then a
+        beat); while another manager is up, it reaps from the start."""
+        assert self.service is not None and self.state is not None
+        try:
+            rows = await self.service.call(self.state.servers)
+        except Exception:
+            return startup_grace(self.config.lease)
+        newest = max((r.heartbeat_at for r in rows), default=None)
+        if newest is None or time.time() - newest <= self.config.lease / 3 + 0.5:
+            return 0.0
+        log.info("no server has reached a manager for %.1f s: leases expire after %.1f s",
+                 time.time() - newest, startup_grace(self.config.lease))
+        return startup_grace(self.config.lease)
+
     async def _reap(self) -> None:
         """Every lease/4: expire lapsed leases (every manager asks; the one holding the
         database's advisory lock does the work) and refresh the metrics' snapshot."""
-        assert self.service is not None and self.state is not None
-        state, svc = self.state, self.service
+        assert self.service is not None
+        svc = self.service
         period = max(0.05, self.config.lease / 4)
         refresh_at = rechecked = 0.0
         loop = asyncio.get_running_loop()
+        grace_until = loop.time() + await self._unattended_grace()
         while not self.stopping:
             await asyncio.sleep(period)
             changed = False
-            try:
-                report = await svc.call(state.expire)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("expiring leases failed (will retry): %s", e)
-                self.metrics.update(None)
-            else:
-                if report.removed_servers or report.moved:
-                    log.info("leases lapsed: removed %s; %d grant(s) moved",
-                             ", ".join(report.removed_servers) or "no server",
-                             len(report.moved))
-                    self.metrics.expired(len(report.removed_servers), len(report.moved))
-                    changed = True
-                if report.expired_grants:
-                    log.info("%d expired grant(s) deleted", len(report.expired_grants))
-                changed = changed or not self.metrics.database_up  # back: ready again
+            if loop.time() >= grace_until:
+                changed = await self._expire()
             now = loop.time()
             if now - rechecked >= self.config.token_recheck:
                 rechecked = now

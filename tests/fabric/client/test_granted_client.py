@@ -12,15 +12,15 @@ from pathlib import Path
 
 from grantedkit import managed_pool, manager_call
 
-from cryptoplane.fabric import AsyncClient
 from cryptoplane.fabric.errors import QuotaRefused
+from cryptoplane.fabric.granted import connect_managed
 from cryptoplane.fabric.manager.client import ManagerClient
 
 
 def test_granted_client_lifecycle(tmp_path: Path) -> None:
     with managed_pool(tmp_path, 3) as (cluster, m):
         async def main() -> str:
-            c = await AsyncClient.connect_managed(
+            c = await connect_managed(
                 m.manager_url, token=cluster.token, quota={"rsa2048": {"ops": 300}},
                 spread=2, ttl=2.0)
             try:
@@ -77,7 +77,7 @@ def test_a_moved_event_switches_servers(tmp_path: Path) -> None:
     """A long grant (no renewal for 30 s): only the manager's push can move it."""
     with managed_pool(tmp_path, 2) as (cluster, m):
         async def main() -> None:
-            async with await AsyncClient.connect_managed(
+            async with await connect_managed(
                     m.manager_url, token=cluster.token, quota={"rsa2048": {"ops": 100}},
                     spread=1, ttl=60.0) as c:
                 g = c.grant
@@ -116,7 +116,7 @@ def test_a_quota_the_pool_cannot_carry_is_refused_with_what_is_left(tmp_path: Pa
     with managed_pool(tmp_path, 1) as (cluster, m):
         async def main() -> None:
             try:
-                await AsyncClient.connect_managed(m.manager_url, token=cluster.token,
+                await connect_managed(m.manager_url, token=cluster.token,
                                                   quota={"rsa2048": {"ops": 10_000}})
             except QuotaRefused as e:
                 assert e.left["rsa2048"]["ops"] == 400

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from grantedkit import managed_pool
 
-from cryptoplane.fabric import AsyncClient
+from cryptoplane.fabric.granted import connect_managed
 
 N = 200  # ops/s granted to the measured client (100 a server: a burst of 2 there)
 SECONDS = 10.0
@@ -23,10 +23,10 @@ def test_a_granted_rate_is_kept_over_two_servers_under_a_neighbours_load(
         other_token = cluster.new_token("other")
 
         async def main() -> tuple[int, dict[str, int], int]:
-            mine = await AsyncClient.connect_managed(
+            mine = await connect_managed(
                 m.manager_url, token=cluster.token, quota={"rsa2048": {"ops": N}},
                 spread=2)
-            other = await AsyncClient.connect_managed(
+            other = await connect_managed(
                 m.manager_url, token=other_token, quota={"rsa2048": {"ops": 700}},
                 spread=2)
             try:
