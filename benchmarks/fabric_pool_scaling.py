@@ -181,9 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per figure")
     ap.add_argument("--servers", default="1,2", help="pool sizes to measure, e.g. 1,2,4,8")
     ap.add_argument("--store", default=None, help="keystore URL (default: SQLite in a temp dir)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="start a throwaway PostgreSQL (tests/fabric/pg.py) for the keystore")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.servers.split(",") if x]
+    if args.postgres:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fabric"))
+        from pg import PostgresCluster  # type: ignore[import-not-found]
+
+        with PostgresCluster() as cluster:
+            args.store = cluster.create_database("poolscaling")
+            return measure(args, sizes)
+    return measure(args, sizes)
+
+
+def measure(args: argparse.Namespace, sizes: list[int]) -> int:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="cp-pool-scaling-") as tmp:
         folder = Path(tmp)
