@@ -83,7 +83,9 @@ def manager_cmd(store: str, listen: tuple[str, ...], signing_key: Path, lease: f
     servers, quota for clients, admin for operators (revoke, the whole pool's status).
     SIGTERM or SIGINT: stop accepting, say GOAWAY, exit.
     """
-    _log_to_stderr(json_logs, log_level)
+    from .server import configure_logging
+
+    configure_logging(json_logs, log_level)
     if (tls_key or tls_client_ca) and not tls_cert:
         raise click.UsageError("--tls-key and --tls-client-ca need --tls-cert")
     from ..fabric.auth import server_ssl_context
@@ -98,26 +100,6 @@ def manager_cmd(store: str, listen: tuple[str, ...], signing_key: Path, lease: f
                            ready_file=ready_file, tls=tls, cache_ttl=cache_ttl,
                            threads=threads, token_recheck=token_recheck)
     sys.exit(run(config))
-
-
-def _log_to_stderr(json_lines: bool, level: str) -> None:
-    """The manager's logs on stderr, as text or as JSON lines (as the server's)."""
-    import logging
-
-    class JsonLines(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            out = {"time": round(record.created, 3), "level": record.levelname.lower(),
-                   "logger": record.name, "message": record.getMessage()}
-            if record.exc_info:
-                out["exception"] = self.formatException(record.exc_info)
-            return json.dumps(out)
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("cryptoplane")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 # -- talking to a manager ---------------------------------------------------------------
@@ -276,7 +258,7 @@ def quota_request(manager_url: str, token: str | None, tls_ca: str | None, timeo
     """Ask for a quota; print the grant (servers, rates, expiry) and its token. A
     refusal prints what the pool could still give and exits 3."""
     from ..fabric.codec import Op
-    from ..fabric.manager.protocol import GrantAnswer, QuotaRequest
+    from ..fabric.manager.protocol import QuotaRequest
 
     body = {"quota": _quota_spec(specs), "priority": priority, "ttl": ttl,
             "spread": spread, "mode": mode, "label": label}
@@ -290,7 +272,13 @@ def quota_request(manager_url: str, token: str | None, tls_ca: str | None, timeo
     async def go(client: Any) -> dict[str, Any]:
         return dict(await client.call(Op.GRANT_REQUEST, body))
 
-    obj = _with_manager(manager_url, token, tls_ca, timeout, go)
+    _show_answer(_with_manager(manager_url, token, tls_ca, timeout, go), as_json)
+
+
+def _show_answer(obj: dict[str, Any], as_json: bool) -> None:
+    """A GrantAnswer as JSON or text; a refusal exits EXIT_REFUSED."""
+    from ..fabric.manager.protocol import GrantAnswer
+
     answer = GrantAnswer.from_json(obj)
     if as_json:
         click.echo(json.dumps(obj, sort_keys=True))
@@ -311,7 +299,6 @@ def quota_renew(manager_url: str, token: str | None, tls_ca: str | None, timeout
                 grant_id: str, tenant: str | None, as_json: bool) -> None:
     """Renew a grant: a new expiry and token (its servers may have changed)."""
     from ..fabric.codec import Op
-    from ..fabric.manager.protocol import GrantAnswer
 
     body: dict[str, Any] = {"grant_id": grant_id}
     if tenant:
@@ -320,16 +307,7 @@ def quota_renew(manager_url: str, token: str | None, tls_ca: str | None, timeout
     async def go(client: Any) -> dict[str, Any]:
         return dict(await client.call(Op.GRANT_RENEW, body))
 
-    obj = _with_manager(manager_url, token, tls_ca, timeout, go)
-    answer = GrantAnswer.from_json(obj)
-    if as_json:
-        click.echo(json.dumps(obj, sort_keys=True))
-    elif answer.granted:
-        _print_grant(answer)
-    if not answer.granted:
-        if not as_json:
-            _print_refusal(answer.reason, answer.left)
-        sys.exit(EXIT_REFUSED)
+    _show_answer(_with_manager(manager_url, token, tls_ca, timeout, go), as_json)
 
 
 @quota.command("release")

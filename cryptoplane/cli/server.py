@@ -207,7 +207,7 @@ def server_cmd(store: str, master_key_file: str | None, master_key_env: str | No
     answers what it received, and exits; a second signal stops it at once. SIGHUP
     re-reads --master-key-file (a master-key rotation without a restart).
     """
-    _logging(json_logs, log_level)
+    configure_logging(json_logs, log_level)
     if (tls_key or tls_client_ca or require_client_cert) and not tls_cert:
         raise click.UsageError("--tls-key, --tls-client-ca and --require-client-cert "
                                "need --tls-cert")
@@ -354,7 +354,7 @@ def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | 
          under: _ManagerOptions | None = None) -> int:
     import uvloop
 
-    from ..fabric.server import Server
+    from ..fabric.server import Server, announce
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -396,7 +396,7 @@ def _run(service: Any, options: dict[str, Any], grace: float, ready_file: str | 
         if under is not None:
             await under.join(server)
         http = f"{_http_host(options['http'])}:{server.http_port}" if server.http_port else None
-        _announce({"event": "ready", "listen": server.addresses, "http": http,
+        announce({"event": "ready", "listen": server.addresses, "http": http,
                    "pid": os.getpid()}, ready_file)
         await stop.wait()
         if under is not None:  # the manager moves this server's grants at once
@@ -428,18 +428,6 @@ def _http_host(spec: str) -> str:
     return parse_listen(spec)[1]
 
 
-def _announce(event: dict[str, Any], ready_file: str | None) -> None:
-    line = json.dumps(event)
-    if ready_file:
-        tmp = f"{ready_file}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(line + "\n")
-        os.replace(tmp, ready_file)
-    else:
-        click.echo(line)
-        sys.stdout.flush()
-
-
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": round(record.created, 3), "level": record.levelname.lower(),
@@ -458,8 +446,6 @@ def configure_logging(json_logs: bool, level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
-
-_logging = configure_logging
 
 
 # -- cryptoplane tokens ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
@@ -53,6 +54,19 @@ WRITE_HIGH_WATER: Final = 8 * 1024 * 1024
 _NAMES_MAX: Final = 65_536
 _CLASSES_MAX: Final = 65_536
 RECHECK_PERIOD: Final = 5.0  # seconds between checks that open connections' tokens stand
+
+
+def announce(event: dict[str, Any], ready_file: str | None) -> None:
+    """A process's ready event (``cryptoplane server``, ``cryptoplane manager``): JSON to
+    ``ready_file``, atomically (a watcher never reads half of it), or a line on stdout."""
+    line = json.dumps(event)
+    if ready_file:
+        tmp = f"{ready_file}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, ready_file)
+    else:
+        print(line, flush=True)
 
 
 def parse_listen(spec: str) -> tuple[str, str, int]:

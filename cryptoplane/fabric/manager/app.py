@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -27,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -37,7 +36,7 @@ from ..capability import load_signing_key, new_signing_key_pem
 from ..http import OpsHttp
 from ..metrics import FabricMetrics
 from ..pool import BACKOFF_MAX
-from ..server import parse_listen
+from ..server import announce, parse_listen
 from .metrics import ManagerMetrics
 from .service import ManagerService
 
@@ -288,18 +287,6 @@ class Manager:
             await asyncio.to_thread(state.close)
         if store is not None:
             await asyncio.to_thread(store.close)
-
-
-def announce(event: dict[str, Any], ready_file: str | None) -> None:
-    """The ready event: to ``ready_file`` (atomically) or as a line on stdout."""
-    line = json.dumps(event)
-    if ready_file:
-        tmp = f"{ready_file}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(line + "\n")
-        os.replace(tmp, ready_file)
-    else:
-        print(line, flush=True)
 
 
 async def serve(config: ManagerConfig) -> int:
