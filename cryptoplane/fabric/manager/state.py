@@ -493,7 +493,8 @@ class FabricState:
             tx.run("DELETE FROM fabric_grant_servers WHERE grant_id IN " + sql_in(chunk),
                    *chunk)
         placed = []
-        for grant in grants:
+        # the highest priority first: it gets the freest servers when room is short
+        for grant in sorted(grants, key=lambda g: -g.priority):
             for s in grant.servers:
                 pool.add(s.server_id, s.rates, -1.0)
             keep = {s.server_id for s in grant.servers} - gone

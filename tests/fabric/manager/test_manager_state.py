@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -272,6 +273,20 @@ def test_leave_moves_at_once(state: FabricState, keystore_url: str) -> None:
     assert [s.server_id for s in moved[0].servers] == ["b"]
     assert moved[0].servers[0].rates["hmac"] == {"ops": 500, "bytes": 1e6}
     assert state.leave("a") == []
+    check_books(keystore_url)
+
+
+def test_grants_move_in_priority_order(state: FabricState, keystore_url: str) -> None:
+    """When a server leaves, the highest-priority grant is placed first, on the freest
+    server left."""
+    state.register(reg("a", rsa2048=1000))
+    low = state.admit("t", replace(ask(rsa2048=400, spread=1), priority=0))
+    high = state.admit("t", replace(ask(rsa2048=400, spread=1), priority=7))
+    state.register(reg("b", rsa2048=500))
+    state.register(reg("c", rsa2048=400))
+    moved = {g.grant_id: g for g in state.leave("a")}
+    assert [s.server_id for s in moved[high.grant_id].servers] == ["b"]
+    assert [s.server_id for s in moved[low.grant_id].servers] == ["c"]
     check_books(keystore_url)
 
 
