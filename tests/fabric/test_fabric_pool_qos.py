@@ -132,7 +132,7 @@ def test_granted_rate_holds_within_5_percent_while_another_tenant_saturates(
             await asyncio.gather(*(worker() for _ in range(64)))
             t_end = time.monotonic()
             assert t_end >= stop
-            return done / WINDOW_S, c.per_server_counts()
+            return done / WINDOW_S, {**c.per_server_counts(), "counters": c.counters}
 
     try:
         rate, per_server = asyncio.run(measure())
@@ -142,9 +142,10 @@ def test_granted_rate_holds_within_5_percent_while_another_tenant_saturates(
             hog.kill()
     other = results.get(timeout=5)
     assert "error" not in other, other
+    counters = per_server.pop("counters")
     print(f"tenant a: {rate:,.1f} ops/s of {N:,.0f} granted; per server "
-          f"{ {u: s['answered'] for u, s in per_server.items()} }; tenant b meanwhile: "
-          f"{other}")
+          f"{ {u: s['answered'] for u, s in per_server.items()} }; its counters "
+          f"{counters}; tenant b meanwhile: {other}")
     assert abs(rate - N) <= 0.05 * N, rate
     # spread over both servers, and the other tenant really was pushing
     answered = [s["answered"] for s in per_server.values()]
