@@ -406,8 +406,20 @@ def fabric_status(manager_url: str, token: str | None, tls_ca: str | None, timeo
     print_status(status)
 
 
+def _granted_by_tenant(grants: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per tenant and class, the quotas of its live grants summed."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for g in grants:
+        mine = out.setdefault(str(g.get("tenant", "")), {})
+        for cls, rate in (g.get("quota") or {}).items():
+            acc = mine.setdefault(cls, {"ops": 0.0, "bytes": 0.0})
+            acc["ops"] += float(rate.get("ops", 0.0))
+            acc["bytes"] += float(rate.get("bytes", 0.0))
+    return out
+
+
 def print_status(status: dict[str, Any]) -> None:
-    """The status as three tables (rich; plain characters when not a terminal)."""
+    """The status as tables (rich; plain characters when not a terminal)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -434,6 +446,17 @@ def print_status(status: dict[str, Any]) -> None:
         totals.add_row(cls, _rate(capacity.get(cls, {})), _rate(granted.get(cls, {})),
                        _rate(left.get(cls, {})))
     console.print(totals)
+    by_tenant = _granted_by_tenant(status.get("grants", []))
+    used = status.get("used_by_tenant", {})
+    if by_tenant or used:
+        tenants = Table(title="tenants (used: over the servers' last heartbeats)",
+                        title_justify="left")
+        for col in ("tenant", "granted", "used"):
+            tenants.add_column(col, no_wrap=col == "tenant")
+        for tenant in sorted(set(by_tenant) | set(used)):
+            tenants.add_row(tenant, _rates(by_tenant.get(tenant, {}), "\n"),
+                            _rates(used.get(tenant, {}), "\n"))
+        console.print(tenants)
     grants = Table(title="grants", title_justify="left")
     for col in ("grant", "tenant", "quota", "servers", "expires", "label"):
         grants.add_column(col, no_wrap=col == "grant")

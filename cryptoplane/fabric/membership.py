@@ -3,9 +3,10 @@
 At start the server registers its address and capacity (``selfbench``) and learns the
 manager's public keys (which sign the grants its clients will present) and its lease.
 Every third of the lease it sends a heartbeat with the load it served under grants
-since the last one (``GrantTable.load``) and the requests it holds; the answer may name
-grants to stop honouring (``revoked``), new manager keys, or say the lease had lapsed
-(``registered: false``: the server registers again at once).
+since the last one, per class and per tenant (``GrantTable.load``, ``tenant_load``),
+and the requests it holds; the answer may name grants to stop honouring (``revoked``),
+new manager keys, or say the lease had lapsed (``registered: false``: the server
+registers again at once).
 
 A manager that does not answer stops nothing: the server keeps serving, and keeps
 checking grants with the keys it has, and keeps trying (every second at first, then
@@ -148,7 +149,8 @@ class Membership:
 
     async def _heartbeat(self) -> None:
         assert self._client is not None
-        beat = Heartbeat(self.server_id, self.grants.load(), max(0, self.inflight()))
+        beat = Heartbeat(self.server_id, self.grants.load(), max(0, self.inflight()),
+                         tenants=self.grants.tenant_load())
         answer = HeartbeatAnswer.from_json(await self._client.call(
             Op.SERVER_HEARTBEAT, beat.to_json(), timeout=self.call_timeout))
         self.heartbeats += 1

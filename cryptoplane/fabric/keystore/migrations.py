@@ -162,6 +162,11 @@ MIGRATIONS: tuple[Migration, ...] = (
              removals {bigint} NOT NULL)""",
         "INSERT INTO fabric_pool (id, granted, removals) VALUES (1, '{{}}', 0)",
     )),
+    Migration(5, "fabric: per-tenant load", (
+        # what each server served per tenant over its last heartbeat interval (JSON:
+        # tenant -> class -> rates); not indexed, so heartbeats stay HOT updates
+        "ALTER TABLE fabric_servers ADD COLUMN tenant_load TEXT NOT NULL DEFAULT '{{}}'",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -35,6 +35,8 @@ class ServerRow:
     lease_expires: float
     manager: str
     read_at: float = 0.0  # the clock when the row was read
+    # tenant -> its rates served over the last heartbeat interval (the busiest tenants)
+    tenant_load: dict[str, Rates] = field(default_factory=dict)
 
     @property
     def lease_age(self) -> float:
@@ -63,6 +65,50 @@ class GrantRow:
 def rates_of(text: Any) -> Rates:
     value = json.loads(text) if text else {}
     return value if isinstance(value, dict) else {}
+
+
+SERVER_COLS = ("server_id, address, capacity, load, inflight, registered_at, heartbeat_at, "
+               "lease_expires, manager, tenant_load")
+
+
+def server_row(r: Sequence[Any], now: float) -> ServerRow:
+    """A ``fabric_servers`` row read as ``SERVER_COLS``, at ``now``."""
+    return ServerRow(str(r[0]), str(r[1]), rates_of(r[2]), rates_of(r[3]), int(r[4]),
+                     float(r[5]), float(r[6]), float(r[7]), str(r[8]), now,
+                     tenant_loads_of(r[9]))
+
+
+def tenant_loads_of(text: Any) -> dict[str, Rates]:
+    value = json.loads(text) if text else {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(t): r for t, r in value.items() if isinstance(r, dict)}
+
+
+def tenants_seen(loads: dict[str, Rates], tenant: str | None) -> dict[str, Rates]:
+    """``loads`` as ``tenant`` may see them: its own only (None: an admin, all)."""
+    if tenant is None:
+        return loads
+    return {tenant: loads[tenant]} if tenant in loads else {}
+
+
+def used_by_tenant(servers: Sequence[ServerRow], now: float,
+                   tenant: str | None = None) -> dict[str, Rates]:
+    """Per tenant and class, the rates the live servers served (summed over them); of
+    ``tenant`` only, if given."""
+    out: dict[str, Rates] = {}
+    for s in servers:
+        if s.lease_expires < now:
+            continue
+        for tenant_name, rates in tenants_seen(s.tenant_load, tenant).items():
+            mine = out.setdefault(tenant_name, {})
+            for cls, rate in rates.items():
+                if not isinstance(rate, dict):
+                    continue
+                acc = mine.setdefault(cls, {"ops": 0.0, "bytes": 0.0})
+                acc["ops"] += float(rate.get("ops", 0.0))
+                acc["bytes"] += float(rate.get("bytes", 0.0))
+    return {t: out[t] for t in sorted(out)}
 
 
 def grant_row(r: Sequence[Any]) -> GrantRow:

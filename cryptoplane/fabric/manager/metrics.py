@@ -2,11 +2,12 @@
 
 Two kinds. Counters of what this process did (requests per op and status, refusals per
 algorithm class, events pushed, failed handshakes). And the pool as the database holds
-it (capacity, granted, used rate, lease ages, grants): every manager of a pool reports
-the same pool, from a snapshot of ``FabricState.status()`` that the manager refreshes
-on its reaper's beat (a scrape never waits on the database, and never runs on a
-database that is down: the last snapshot stays, and ``/readyz`` says the database is
-gone).
+it (capacity, granted, used rate per server and per tenant, lease ages, grants): every
+manager of a pool reports the same pool, from a snapshot of ``FabricState.status()``
+that the manager refreshes on its reaper's beat (a scrape never waits on the database,
+and never runs on a database that is down: the last snapshot stays, and ``/readyz``
+says the database is gone). The used rate per tenant is what the servers' heartbeats
+report, each its busiest tenants.
 
 Labels are tenants, server ids, algorithm classes, measures (ops, bytes), op and status
 names: never a token or a grant's token.
@@ -58,6 +59,14 @@ class _PoolCollector(Collector):
                     per_tenant[k] = per_tenant.get(k, 0.0) + float(rate.get(m, 0.0))
         for k, v in sorted(per_tenant.items()):
             granted.add_metric(list(k), v)
+        used_by_tenant = GaugeMetricFamily(
+            PREFIX + "used_by_tenant", "Rate each tenant's grants were served at over the "
+            "servers' last heartbeat intervals (summed over live servers)",
+            labels=["tenant", "class", "measure"])
+        for tenant, rates in sorted((snap.get("used_by_tenant") or {}).items()):
+            for cls, rate in sorted(rates.items()):
+                for m in MEASURES:
+                    used_by_tenant.add_metric([str(tenant), cls, m], float(rate.get(m, 0.0)))
         used = GaugeMetricFamily(
             PREFIX + "used", "Rate each server served over its last heartbeat interval",
             labels=["server", "class", "measure"])
@@ -79,7 +88,8 @@ class _PoolCollector(Collector):
                         fam.add_metric([sid, cls, m], float(rate.get(m, 0.0)))
             lease_age.add_metric([sid], float(s.get("lease_age", 0.0)))
             inflight.add_metric([sid], float(s.get("inflight", 0)))
-        yield from (capacity, left, granted, used, server_cap, lease_age, inflight)
+        yield from (capacity, left, granted, used_by_tenant, used, server_cap, lease_age,
+                    inflight)
         yield GaugeMetricFamily(PREFIX + "servers", "Live servers in the pool",
                                 value=len(servers))
         yield GaugeMetricFamily(PREFIX + "grants_active", "Live grants",

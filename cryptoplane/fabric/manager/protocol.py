@@ -9,7 +9,7 @@ protocol (``docs/wire-protocol.md`` section 8, ``docs/fabric-manager.md``):
 | op | request | answer |
 |---|---|---|
 | SERVER_REGISTER | ``Registration`` | ``Registered`` |
-| SERVER_HEARTBEAT | ``Heartbeat`` | ``HeartbeatAnswer`` |
+| SERVER_HEARTBEAT | ``Heartbeat`` (with ``tenants``) | ``HeartbeatAnswer`` |
 | SERVER_LEAVE | ``{"server_id"}`` | ``{}`` |
 | GRANT_REQUEST | ``QuotaRequest`` | ``GrantAnswer`` (``granted`` true or false) |
 | GRANT_RENEW | ``{"grant_id"}`` | ``GrantAnswer`` |
@@ -40,6 +40,7 @@ MODES: Final = ("spread", "fail-over")
 DEFAULT_TTL: Final = 60.0  # seconds a grant lives unless renewed
 MAX_TTL: Final = 3600.0
 MAX_PRIORITY: Final = 7
+MAX_HEARTBEAT_TENANTS: Final = 1024  # tenants one heartbeat may report
 
 
 def _num(value: Any, what: str) -> float:
@@ -128,14 +129,31 @@ class Registered:
                    manager_keys=dict(keys))
 
 
+def parse_tenant_rates(obj: Any, what: str) -> dict[str, Rates]:
+    """``{tenant: Rates}`` checked: at most ``MAX_HEARTBEAT_TENANTS`` tenants, names of
+    1-128 characters, each value as ``parse_rates``."""
+    if not isinstance(obj, dict):
+        raise InvalidRequest(f"{what} must be an object of tenants")
+    if len(obj) > MAX_HEARTBEAT_TENANTS:
+        raise InvalidRequest(f"{what}: at most {MAX_HEARTBEAT_TENANTS} tenants")
+    out: dict[str, Rates] = {}
+    for tenant, rates in obj.items():
+        if not isinstance(tenant, str) or not 1 <= len(tenant) <= 128:
+            raise InvalidRequest(f"{what}: tenant names are strings of 1-128 characters")
+        out[tenant] = parse_rates(rates, f"{what}[{tenant!r}]", need_one=False)
+    return out
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     """A server renewing its lease (SERVER_HEARTBEAT), with its load: the rates it
-    served over the last interval, per class, and the requests it holds now."""
+    served over the last interval, per class and per tenant (its busiest), and the
+    requests it holds now."""
 
     server_id: str
     load: Rates
     inflight: int = 0
+    tenants: dict[str, Rates] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Heartbeat:
@@ -144,10 +162,12 @@ class Heartbeat:
             raise InvalidRequest("inflight must be an integer >= 0")
         return cls(server_id=_str(obj, "server_id", max_len=128),
                    load=parse_rates(obj.get("load", {}), "load", need_one=False),
-                   inflight=inflight)
+                   inflight=inflight,
+                   tenants=parse_tenant_rates(obj.get("tenants", {}), "tenants"))
 
     def to_json(self) -> dict[str, Any]:
-        return {"server_id": self.server_id, "load": self.load, "inflight": self.inflight}
+        return {"server_id": self.server_id, "load": self.load, "inflight": self.inflight,
+                "tenants": self.tenants}
 
 
 @dataclass(frozen=True)
@@ -319,4 +339,5 @@ def server_id_of(obj: Mapping[str, Any]) -> str:
 
 __all__ = ["DEFAULT_TTL", "MODES", "Grant", "GrantAnswer", "GrantServer", "Heartbeat",
            "HeartbeatAnswer", "QuotaRequest", "Rates", "Registered", "Registration",
-           "check_address", "grant_id_of", "parse_rates", "server_id_of"]
+           "check_address", "grant_id_of", "parse_rates", "parse_tenant_rates",
+           "server_id_of"]

@@ -35,6 +35,7 @@ from . import placement as pl
 from .events import CHANNEL, LISTEN_WAIT, Event, EventCallback, call, listen, retryable
 from .ledger import (
     GRANT_COLS,
+    SERVER_COLS,
     ExpiryReport,
     GrantRow,
     Pool,
@@ -44,7 +45,10 @@ from .ledger import (
     grant_row,
     live_capacity,
     rates_of,
+    server_row,
     sql_in,
+    tenants_seen,
+    used_by_tenant,
 )
 from .protocol import Grant, GrantServer, Heartbeat, QuotaRequest, Rates, Registration
 
@@ -159,7 +163,7 @@ class FabricState:
                    "inflight, registered_at, heartbeat_at, lease_expires, manager) VALUES "
                    "(?, ?, ?, '{}', 0, ?, ?, ?, ?) ON CONFLICT (server_id) DO UPDATE SET "
                    "address = excluded.address, capacity = excluded.capacity, "
-                   "load = excluded.load, inflight = 0, "
+                   "load = excluded.load, tenant_load = '{}', inflight = 0, "
                    "registered_at = excluded.registered_at, "
                    "heartbeat_at = excluded.heartbeat_at, "
                    "lease_expires = excluded.lease_expires, manager = excluded.manager",
@@ -184,11 +188,12 @@ class FabricState:
         its lease lapsed (it must register again)."""
         def body(tx: Tx, _: list[Event]) -> bool:
             now = self._clock()
-            return tx.run("UPDATE fabric_servers SET load = ?, inflight = ?, "
-                          "heartbeat_at = ?, lease_expires = ?, manager = ? WHERE "
-                          "server_id = ? AND lease_expires >= ?", json.dumps(beat.load),
-                          beat.inflight, now, now + self.lease_seconds, self.manager_id,
-                          beat.server_id, now) > 0
+            return tx.run("UPDATE fabric_servers SET load = ?, tenant_load = ?, "
+                          "inflight = ?, heartbeat_at = ?, lease_expires = ?, manager = ? "
+                          "WHERE server_id = ? AND lease_expires >= ?",
+                          json.dumps(beat.load), json.dumps(beat.tenants), beat.inflight,
+                          now, now + self.lease_seconds, self.manager_id, beat.server_id,
+                          now) > 0
         return self._run(True, body)
 
     def leave(self, server_id: str) -> list[Grant]:
@@ -243,11 +248,8 @@ class FabricState:
     def servers(self) -> list[ServerRow]:
         def body(tx: Tx, _: list[Event]) -> list[ServerRow]:
             now = self._clock()
-            return [ServerRow(str(r[0]), str(r[1]), rates_of(r[2]), rates_of(r[3]), int(r[4]),
-                              float(r[5]), float(r[6]), float(r[7]), str(r[8]), now)
-                    for r in tx.all("SELECT server_id, address, capacity, load, inflight, "
-                                    "registered_at, heartbeat_at, lease_expires, manager "
-                                    "FROM fabric_servers ORDER BY server_id")]
+            return [server_row(r, now) for r in tx.all(
+                "SELECT " + SERVER_COLS + " FROM fabric_servers ORDER BY server_id")]
         return self._run(False, body)
 
     def _remove_servers(self, tx: Tx, ids: Sequence[str], now: float,
@@ -562,11 +564,14 @@ class FabricState:
             "granted": granted,
             "left": pl.left_of(capacity, granted, self.overcommit, classes),
             "servers": [{"server_id": s.server_id, "address": s.address,
-                         "capacity": s.capacity, "load": s.load, "inflight": s.inflight,
+                         "capacity": s.capacity, "load": s.load,
+                         "tenant_load": tenants_seen(s.tenant_load, tenant),
+                         "inflight": s.inflight,
                          "lease_age": s.lease_age,
                          "lease_expires_in": s.lease_expires - s.read_at,
                          "grants": counts.get(s.server_id, 0),
                          "granted": placed.get(s.server_id, {})} for s in servers],
+            "used_by_tenant": used_by_tenant(servers, now, tenant),
             "grants": [g.to_json() for g in self.list_grants(tenant)] if grants else [],
             "refusals": self.refusals,
         }

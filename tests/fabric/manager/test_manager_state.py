@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from statekit import Clock, ask, check_books, live_quota_sum, reg, sql, total
 
+from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.fabric.errors import KeyNotFound, QuotaRefused
 from cryptoplane.fabric.keystore import SCHEMA_VERSION, Keystore, backend
 from cryptoplane.fabric.manager.protocol import Heartbeat
@@ -348,3 +349,76 @@ def test_an_older_store_upgrades(keystore_url: str, clock: Clock) -> None:
             assert state.admit("t", ask(rsa2048=10)).servers[0].server_id == "a"
         finally:
             state.close()
+
+
+def test_heartbeats_carry_the_load_per_tenant(state: FabricState, clock: Clock) -> None:
+    state.register(reg("a", aead=(1000, 1e6)))
+    state.register(reg("b", aead=(1000, 1e6)))
+    aead = lambda ops, nbytes=0.0: {"aead": {"ops": ops, "bytes": nbytes}}  # noqa: E731
+    assert state.heartbeat(Heartbeat("a", aead(30.0, 3000.0), tenants={
+        "t1": aead(10.0, 1000.0), "t2": aead(20.0, 2000.0)}))
+    assert state.heartbeat(Heartbeat("b", aead(5.0), tenants={"t1": aead(5.0)}))
+    rows = {s.server_id: s for s in state.servers()}
+    assert rows["a"].tenant_load == {"t1": aead(10.0, 1000.0), "t2": aead(20.0, 2000.0)}
+    assert rows["b"].tenant_load == {"t1": aead(5.0)}
+    status = state.status()
+    assert status["used_by_tenant"] == {"t1": aead(15.0, 1000.0), "t2": aead(20.0, 2000.0)}
+    assert {s["server_id"]: s["tenant_load"] for s in status["servers"]}["b"] == {
+        "t1": aead(5.0)}
+    # a tenant sees its own use only
+    mine = state.status("t2")
+    assert mine["used_by_tenant"] == {"t2": aead(20.0, 2000.0)}
+    assert [s["tenant_load"] for s in mine["servers"]] == [{"t2": aead(20.0, 2000.0)}, {}]
+    # the next beat replaces the last; a lapsed server counts no more
+    assert state.heartbeat(Heartbeat("a", {}))
+    assert state.status()["used_by_tenant"] == {"t1": aead(5.0)}
+    clock.advance(6)
+    assert state.heartbeat(Heartbeat("a", aead(1.0), tenants={"t2": aead(1.0)}))
+    clock.advance(5)  # b's lease (10 s) lapsed, not yet removed
+    assert state.status()["used_by_tenant"] == {"t2": aead(1.0)}
+    # registering again starts from nothing
+    state.register(reg("a", aead=(1000, 1e6)))
+    assert {s.server_id: s.tenant_load for s in state.servers()}["a"] == {}
+
+
+def test_a_version_4_store_upgrades(keystore_url: str, clock: Clock) -> None:
+    with backend(keystore_url) as old:
+        assert old.migrate(target=4) == 4
+    sql(keystore_url, "INSERT INTO fabric_servers (server_id, address, capacity, load, "
+        "inflight, registered_at, heartbeat_at, lease_expires, manager) VALUES "
+        "('a', 'tcp://a.test:7000', '{}', '{}', 0, ?, ?, ?, 'm')", clock(), clock(),
+        clock() + 10)
+    with backend(keystore_url) as store:
+        state = FabricState(store, clock=clock)
+        try:
+            assert store.schema_version() == SCHEMA_VERSION >= 5
+            [row] = state.servers()
+            assert row.server_id == "a" and row.tenant_load == {}
+            assert state.heartbeat(Heartbeat("a", {}, tenants={"t": {"rsa2048": {
+                "ops": 1.0, "bytes": 0.0}}}))
+            assert state.status()["used_by_tenant"] == {"t": {"rsa2048": {
+                "ops": 1.0, "bytes": 0.0}}}
+        finally:
+            state.close()
+
+
+_RATE = {"aead": {"ops": 1.0, "bytes": 2.0}}
+
+
+@pytest.mark.parametrize("tenants", [
+    [], "t", {"": _RATE}, {"x" * 129: _RATE}, {"t": []}, {"t": {"nosuch": {"ops": 1}}},
+    {"t": {"aead": {"ops": -1}}}, {"t": {"aead": {"ops": float("nan")}}},
+    {"t": {"aead": {"ops": True}}}, {"t": {"aead": {"cpu": 1}}},
+    {f"t{i}": _RATE for i in range(1025)},
+])
+def test_heartbeat_tenants_are_checked(tenants: Any) -> None:
+    with pytest.raises(InvalidRequest):
+        Heartbeat.from_json({"server_id": "a", "load": {}, "tenants": tenants})
+
+
+def test_heartbeat_tenants_round_trip() -> None:
+    many = {f"t{i}": _RATE for i in range(1023)}
+    beat = Heartbeat.from_json({"server_id": "a", "tenants": many | {"x" * 128: {}}})
+    assert beat.tenants["t7"] == _RATE and beat.tenants["x" * 128] == {}
+    assert Heartbeat.from_json(beat.to_json()) == beat
+    assert Heartbeat.from_json({"server_id": "a"}).tenants == {}  # optional

@@ -104,9 +104,22 @@ def test_server_joins_serves_grants_and_leaves(tmp_path: Path) -> None:
                     ok += code == 0
                     throttled += code == Status.THROTTLED
                 assert ok <= 50 * 1.05 + 2 and throttled > 0, (ok, throttled)
-                # the heartbeats carry the load served under grants
-                _until(lambda: ((_server(status(), sid) or {}).get("load", {})
-                                .get("rsa2048", {}).get("ops", 0)) > 0)
+                # the heartbeats carry the load served under grants, per class and per
+                # tenant (a beat reports its interval: the traffic goes on meanwhile)
+                def used() -> bool:
+                    w.call(Op.SIGN, b"rsa", {Field.DATA: b"m"})
+                    st = status()
+                    return bool(((_server(st, sid) or {}).get("load", {})
+                                 .get("rsa2048", {}).get("ops", 0)) > 0 and st[
+                        "used_by_tenant"].get("a", {}).get("rsa2048", {}).get("ops", 0) > 0)
+                _until(used)
+
+                def exported() -> bool:
+                    w.call(Op.SIGN, b"rsa", {Field.DATA: b"m"})
+                    code, text = m.get("/metrics")
+                    assert code == 200
+                    return _used_by_tenant(text, "a", "rsa2048") > 0
+                _until(exported)
                 # a revocation reaches the open connection at the next heartbeat
                 _call(m.url, toks["admin"], lambda c: c.revoke(answer.grant.grant_id))
 
@@ -131,6 +144,16 @@ def test_server_joins_serves_grants_and_leaves(tmp_path: Path) -> None:
             s2.stop()
     finally:
         m.stop()
+
+
+def _used_by_tenant(metrics: str, tenant: str, cls: str) -> float:
+    """The manager's ``used_by_tenant`` ops/s for ``tenant`` and ``cls`` (0: none)."""
+    want = (f'cryptoplane_manager_used_by_tenant{{class="{cls}",measure="ops",'
+            f'tenant="{tenant}"}} ')
+    for line in metrics.splitlines():
+        if line.startswith(want):
+            return float(line[len(want):])
+    return 0.0
 
 
 def message_of(frame: Any) -> str:
