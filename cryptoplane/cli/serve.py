@@ -40,6 +40,20 @@ def _socket_mode(text: str) -> int:
     return mode
 
 
+def _processes(text: str) -> int | None:
+    """``--processes``: a count, or None for auto."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{text!r} is not a number of processes (1 or more) or "
+                                 "auto", param_hint="--processes")
+    return n
+
+
 def _exposure(socket_path: str | None, mode: int, port: int | None,
               bind: str) -> list[str]:
     """Why serving without client authentication lets others read the disk, if it does."""
@@ -111,6 +125,13 @@ def _exposure(socket_path: str | None, mode: int, port: int | None,
 @click.option("--tls-psk", type=click.Path(exists=True, dir_okay=False),
               help="TLS-PSK instead of certificates: a file of username:hexkey lines "
                    "(nbdkit's and psktool's format); only clients with a key connect.")
+@click.option("--processes", default="1", show_default=True, metavar="N|auto",
+              callback=lambda ctx, param, value: _processes(value),
+              help="Server processes sharing the socket, for clients with several "
+                   "connections (fio --numjobs, nbdcopy's multi-conn): each serves its "
+                   "connections on its own core. The memory budget and the connection "
+                   "limit are divided among them. auto: one per core, as many as the "
+                   "memory budget allows (64 MiB each).")
 @click.option("--socket-mode", default="0600", show_default=True, metavar="OCTAL",
               help="Permissions of the --socket file (0660: its group may connect too).")
 def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bind: str,
@@ -120,7 +141,7 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
           handshake_timeout: float, idle_timeout: float, stall_timeout: float,
           max_options: int, tls_cert: str | None, tls_key: str | None,
           tls_verify_peer: bool, tls_ca: str | None, tls_psk: str | None,
-          socket_mode: str) -> None:
+          processes: int | None, socket_mode: str) -> None:
     """Export IMAGEs as NBD disks for qemu, nbdcopy, fio or any NBD client.
 
     Each IMAGE is a LUKS volume (LUKS2, or LUKS1 as qemu-img makes them), unlocked with a
@@ -184,6 +205,14 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
     limits = Limits(memory_budget=memory_budget, max_connections=max_connections,
                     handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
                     stall_timeout=stall_timeout, max_options=max_options)
+    from ..nbd import processes as nbd_processes
+
+    if processes is None:
+        processes = nbd_processes.auto_processes(limits)
+    try:
+        nbd_processes.share(limits, processes)
+    except CryptoplaneError as exc:
+        raise click.UsageError(str(exc)) from None
     devices: dict[str, BlockDevice] = {}
     try:
         if raw:
@@ -208,10 +237,16 @@ def serve(images: tuple[str, ...], socket_path: str | None, port: int | None, bi
                 click.echo(url)
             sys.stdout.flush()
 
-        run_server(devices, unix=socket_path,
-                   tcp=None if port is None else (bind, port), tls=tls, socket_mode=mode,
-                   read_only=read_only, ready=ready, inline_limit=inline_limit,
-                   limits=limits)
+        where = dict(unix=socket_path, tcp=None if port is None else (bind, port),
+                     socket_mode=mode, ready=ready, limits=limits)
+        if processes > 1:
+            # the exports are open: each worker inherits them (one unlock, one lock)
+            nbd_processes.serve_processes(devices, processes, tls=tls,
+                                          read_only=read_only, inline_limit=inline_limit,
+                                          **where)  # type: ignore[arg-type]
+        else:
+            run_server(devices, tls=tls, read_only=read_only, inline_limit=inline_limit,
+                       **where)  # type: ignore[arg-type]
     except (CryptoplaneError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

@@ -36,10 +36,14 @@ from .signals import on_signals
                    "and LUKS1 beside nbdkit + luks filter and our unencrypted server.")
 @click.option("--dir", "workdir", default="/dev/shm", show_default=True,
               help="Where the images are made (RAM-backed, so the disk is not measured).")
+@click.option("--processes", type=click.IntRange(1), default=None,
+              help="Worker processes of our servers (serve --processes); default: one "
+                   "per core. nbdkit and qemu-nbd use their own threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @on_signals
 def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple[str, ...],
-          rounds: int, quick: bool, workdir: str, as_json: bool) -> None:
+          rounds: int, quick: bool, workdir: str, processes: int | None,
+          as_json: bool) -> None:
     """Serve a LUKS volume over NBD and load it with fio and nbdcopy, beside the peers.
 
     Makes a raw image, a LUKS1 and a LUKS2 (4096-byte sectors) volume in /dev/shm, then
@@ -61,7 +65,7 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
         with console.status("preparing images") as status:
             results = vb.run_bench(data_size, runtime, only=servers or None,
                                    load_names=load_names or None, workdir=workdir,
-                                   rounds=rounds,
+                                   rounds=rounds, processes=processes,
                                    progress=lambda what: status.update(what))
     except (CryptoplaneError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")

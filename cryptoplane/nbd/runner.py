@@ -18,7 +18,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from cryptoplane.exceptions import InvalidRequest
 from cryptoplane.nbd.blockdev import BlockDevice
@@ -27,10 +27,19 @@ from cryptoplane.nbd.server import Connection, Server
 from cryptoplane.nbd.tls import ServerTLS
 
 Ready = Callable[[list[str]], None]
+
+
+class Listening(Protocol):
+    """Sockets already bound and listening (``processes.Listeners``)."""
+
+    unix_path: str | None
+    tcp_address: tuple[str, int] | None
+
+    def sockets(self) -> list[socket.socket]: ...
 SOCKET_MODE = 0o600  # Unix sockets: only the owner connects, unless told otherwise
 
 
-def _remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str) -> None:
     """Remove a socket left by a server that died; refuse a live one or another file."""
     try:
         mode = os.lstat(path).st_mode
@@ -98,13 +107,19 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
                       read_only: bool = False, ready: Ready | None = None,
                       stop: asyncio.Event | None = None, inline_limit: int | None = None,
                       workers: int | None = None, limits: Limits | None = None,
-                      socket_mode: int = SOCKET_MODE) -> None:
+                      socket_mode: int = SOCKET_MODE,
+                      listening: Listening | None = None) -> None:
     """Serve ``exports`` until ``stop`` is set, then shut down gracefully. The Unix
     socket gets permissions ``socket_mode`` (0600: its owner only). ``workers``:
     threads for big requests, one per core by default (measured on 2 cores with nbdcopy:
     2 workers read as fast as 4 and wrote 3-20% faster than 3 or 4, whose extra threads
     only contend for the GIL; 1 worker read 15-30% slower). ``limits``: what clients
-    may make the server hold (``Limits()``'s defaults when None)."""
+    may make the server hold (``Limits()``'s defaults when None). ``listening``: sockets
+    bound and listening already (a worker process of ``processes.serve_processes``):
+    served instead of binding ``unix`` and ``tcp``, and the Unix socket is left to
+    whoever bound it."""
+    if listening is not None:
+        unix, tcp = listening.unix_path, listening.tcp_address
     if unix is None and tcp is None:
         raise InvalidRequest("serve needs a Unix socket path or a TCP address")
     loop = asyncio.get_running_loop()
@@ -114,13 +129,19 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
     bound_tcp = None
     own_socket: str | None = None  # removed at exit only if this server made it
     try:
-        if unix is not None:
-            _remove_stale_socket(unix)
+        if listening is not None:
+            for sock in listening.sockets():
+                make = (loop.create_unix_server if sock.family == socket.AF_UNIX
+                        else loop.create_server)
+                listeners.append(await make(lambda: Connection(server), sock=sock))
+            bound_tcp = listening.tcp_address
+        if unix is not None and listening is None:
+            remove_stale_socket(unix)
             sock = bind_unix(unix, socket_mode)
             own_socket = unix
             listeners.append(await loop.create_unix_server(lambda: Connection(server),
                                                            sock=sock))
-        if tcp is not None:
+        if tcp is not None and listening is None:
             tcp_srv = await loop.create_server(lambda: Connection(server), tcp[0], tcp[1])
             listeners.append(tcp_srv)
             bound_tcp = (tcp[0], tcp_srv.sockets[0].getsockname()[1])
@@ -153,7 +174,7 @@ def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
           tcp: tuple[str, int] | None = None, tls: ServerTLS | None = None,
           read_only: bool = False, ready: Ready | None = None,
           inline_limit: int | None = None, limits: Limits | None = None,
-          socket_mode: int = SOCKET_MODE) -> None:
+          socket_mode: int = SOCKET_MODE, listening: Listening | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests, flush and close."""
     loop = new_event_loop()
 
@@ -164,8 +185,8 @@ def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
         try:
             await serve_async(exports, unix=unix, tcp=tcp, tls=tls, read_only=read_only,
                               ready=ready, stop=stop, inline_limit=inline_limit,
-                              limits=limits,
-                              socket_mode=socket_mode)
+                              limits=limits, socket_mode=socket_mode,
+                              listening=listening)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

@@ -145,9 +145,13 @@ def _fill(path: Path, start: int, chunk: bytes) -> None:
 
 # -- servers --------------------------------------------------------------------------------
 
-def servers(img: Images, only: Sequence[str] | None = None) -> list[Server]:
+def servers(img: Images, only: Sequence[str] | None = None,
+            processes: int | None = None) -> list[Server]:
+    """The servers; ours run ``processes`` worker processes (default: one per core, for
+    the loads with several jobs; one connection is served by one of them)."""
     d = img.workdir
-    me = [sys.executable, "-m", "cryptoplane", "serve"]
+    me = [sys.executable, "-m", "cryptoplane", "serve", "--processes",
+          str(processes or os.cpu_count() or 1)]
     every = [
         Server("ours-raw", [*me, "--raw", "--socket", str(d / "ours-raw.sock"),
                             "--name", "disk", str(img.raw)],
@@ -219,12 +223,15 @@ def _nbdcopy_rate(out: str, seconds: float) -> float:
     return 0.0  # replaced by the caller: nbdcopy prints nothing; the rate is size / time
 
 
-def _fio(rw: str, bs: str, depth: int, runtime: float, size: int) -> Callable[[Server, Path],
-                                                                              list[str]]:
+def _fio(rw: str, bs: str, depth: int, runtime: float, size: int,
+         jobs: int = 1) -> Callable[[Server, Path], list[str]]:
+    """fio's nbd engine; with ``jobs`` > 1, that many jobs, each its own connection,
+    reported together (``--group_reporting``: the first job in the JSON is the sum)."""
     def argv(server: Server, _: Path) -> list[str]:
+        many = [f"--numjobs={jobs}", "--group_reporting"] if jobs > 1 else []
         return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={server.uri}",
                 f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={size}",
-                f"--runtime={runtime:g}", "--time_based", "--ramp_time=0.5",
+                *many, f"--runtime={runtime:g}", "--time_based", "--ramp_time=0.5",
                 "--output-format=json"]
     return argv
 
@@ -251,6 +258,11 @@ def loads(img: Images, runtime: float) -> list[Load]:
         Load("fio rand read 4k QD32", "IOPS", _fio("randread", "4k", 32, runtime, size),
              _fio_value("read", "IOPS")),
         Load("fio rand write 4k QD32", "IOPS", _fio("randwrite", "4k", 32, runtime, size),
+             _fio_value("write", "IOPS")),
+        Load("fio rand read 4k QD32 4 jobs", "IOPS",
+             _fio("randread", "4k", 32, runtime, size, jobs=4), _fio_value("read", "IOPS")),
+        Load("fio rand write 4k QD32 4 jobs", "IOPS",
+             _fio("randwrite", "4k", 32, runtime, size, jobs=4),
              _fio_value("write", "IOPS")),
     ]
 
@@ -284,7 +296,8 @@ def warm_up(server: Server) -> None:
 def run_bench(data_size: int = 1 << 30, runtime: float = 5.0, *,
               only: Sequence[str] | None = None, load_names: Sequence[str] | None = None,
               workdir: str = "/dev/shm", rounds: int = 1,
-              progress: Callable[[str], None] | None = None) -> list[Result]:
+              progress: Callable[[str], None] | None = None,
+              processes: int | None = None) -> list[Result]:
     """Measure every server under every load, ``rounds`` times, and keep each cell's
     median; images are made and removed here.
 
@@ -293,7 +306,8 @@ def run_bench(data_size: int = 1 << 30, runtime: float = 5.0, *,
     at most, not a drift of the shared machine: single runs of the same cell moved by
     up to 2x here. Each server is warmed up once it listens (``warm_up``). Servers run
     one at a time: several share the LUKS1 image, and
-    qemu-nbd locks it."""
+    qemu-nbd locks it. ``processes``: our servers' ``--processes`` (default: one per
+    core); nbdkit and qemu-nbd use their own threads."""
     need("fio", "nbdcopy", "nbdkit", "qemu-nbd")
     if rounds < 1:
         raise BenchError("the bench needs at least one round")
@@ -301,7 +315,7 @@ def run_bench(data_size: int = 1 << 30, runtime: float = 5.0, *,
     with tempfile.TemporaryDirectory(prefix="cryptoplane-bench-", dir=workdir) as tmp:
         img = make_images(Path(tmp), data_size)
         chosen = [ld for ld in loads(img, runtime) if not load_names or ld.name in load_names]
-        every = servers(img, only)
+        every = servers(img, only, processes)
         for rnd in range(rounds):
             shift = rnd % max(1, len(every))
             for server in every[shift:] + every[:shift]:
@@ -334,6 +348,7 @@ BARS: list[tuple[str, str, str, float]] = [
     ("seq", "ours-luks1", "ours-raw", 0.70),
     ("seq", "ours-luks1", "nbdkit-raw", 0.45),
     ("rand", "ours-luks1", "nbdkit-luks", 1.0),
+    ("jobs", "ours-luks1", "nbdkit-luks", 1.5),  # issue 18, point 2
 ]
 
 
@@ -353,4 +368,6 @@ def ratios(results: Sequence[Result]) -> list[tuple[str, str, str, float, float,
 
 
 def _is(kind: str, load: str) -> bool:
-    return ("rand" in load) if kind == "rand" else ("rand" not in load)
+    if kind == "jobs":
+        return "jobs" in load
+    return ("rand" in load and "jobs" not in load) if kind == "rand" else ("rand" not in load)
