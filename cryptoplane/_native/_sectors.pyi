@@ -1,5 +1,6 @@
 """Type stub for the C extension cryptoplane._native._sectors (see sectors.c)."""
 
+from collections.abc import Sequence
 from typing import Final, NoReturn, SupportsIndex, TypeVar
 
 from typing_extensions import Buffer
@@ -32,6 +33,14 @@ class XtsKey:
         out: Buffer | None = None,
         tweak: int = 0,
     ) -> object: ...
+    def decrypt_gather(
+        self, src: Buffer, items: Sequence[tuple[int, int, Buffer]], sector_size: int,
+        tweak: int,
+    ) -> None: ...
+    def encrypt_scatter(
+        self, fd: int, items: Sequence[tuple[int, int, Buffer]], sector_size: int,
+        tweak: int, scratch: Buffer,
+    ) -> tuple[int, int]: ...
     def __reduce__(self) -> NoReturn: ...
 
 def guard_sigbus() -> None: ...

@@ -10,7 +10,10 @@ could not be built.
 from __future__ import annotations
 
 import ctypes
+import errno
 import operator
+import os
+from collections.abc import Sequence
 from typing import NoReturn
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -246,3 +249,38 @@ class XtsKey:
                 "same buffer for in-place work or a disjoint one"
             )
         return target
+
+    def decrypt_gather(self, src: object, items: Sequence[tuple[int, int, object]],
+                       sector_size: int, tweak: int) -> None:
+        """Decrypt many runs of ``src``: items are ``(offset in src, first_sector,
+        out)``, each ``out`` filled with the plaintext of ``len(out)`` bytes at
+        ``offset`` (the native kernel's batch, for an NBD server's reads of one receive)."""
+        data = _byte_view(src, "src")
+        for offset, first, out in items:
+            n = len(_byte_view(out, "out"))
+            if offset < 0 or offset + n > len(data):
+                raise ValueError("an item lies outside the source")
+            self.decrypt(data[offset:offset + n], first, sector_size, out, tweak)
+
+    def encrypt_scatter(self, fd: int, items: Sequence[tuple[int, int, object]],
+                        sector_size: int, tweak: int, scratch: object) -> tuple[int, int]:
+        """Encrypt each item's plaintext ``(file offset, first_sector, data)`` into
+        ``scratch`` and write it to ``fd`` at the offset, in order; returns (items
+        written, errno of the first that failed or 0), as the native kernel does."""
+        buf = _byte_view(scratch, "scratch")
+        for done, (offset, first, data) in enumerate(items):
+            n = len(_byte_view(data, "data"))
+            if n > len(buf):
+                raise ValueError("an item is longer than the scratch buffer")
+            out = buf[:n]
+            self.encrypt(data, first, sector_size, out, tweak)
+            put = 0
+            try:
+                while put < n:
+                    wrote = os.pwrite(fd, out[put:], offset + put)
+                    if wrote == 0:
+                        return done, errno.EIO
+                    put += wrote
+            except OSError as exc:
+                return done, exc.errno or errno.EIO
+        return len(items), 0

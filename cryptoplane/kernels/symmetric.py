@@ -7,6 +7,7 @@ the success path is the library call and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -213,6 +214,26 @@ class XtsKernel(_BlockCipherKernel):
                         out: Any = None, tweak: int = 0) -> Any:
         try:
             return self._sectors.decrypt(data, sector, sector_size, out, tweak)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InvalidRequest(f"{self.algorithm.name} sectors: {e}") from None
+
+    def decrypt_gather(self, src: Buffer, items: Sequence[tuple[int, int, Any]],
+                       sector_size: int, tweak: int = 0) -> None:
+        """Many runs in one native call: each item ``(offset in src, first sector,
+        out)`` fills ``out`` with the plaintext of ``src[offset:offset + len(out)]``
+        (an NBD server's reads of one receive, from the image mapping)."""
+        try:
+            self._sectors.decrypt_gather(src, items, sector_size, tweak)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InvalidRequest(f"{self.algorithm.name} sectors: {e}") from None
+
+    def encrypt_scatter(self, fd: int, items: Sequence[tuple[int, int, Any]],
+                        sector_size: int, tweak: int, scratch: Any) -> tuple[int, int]:
+        """Each item ``(file offset, first sector, plaintext)`` encrypted into
+        ``scratch`` and written to ``fd``, in order, in one native call; returns (items
+        written, errno of the first that failed or 0)."""
+        try:
+            return self._sectors.encrypt_scatter(fd, items, sector_size, tweak, scratch)
         except (ValueError, TypeError, OverflowError) as e:
             raise InvalidRequest(f"{self.algorithm.name} sectors: {e}") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from typing import Any
 
 from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
 from cryptoplane.nbd import codec as C
@@ -37,6 +38,30 @@ def trim(dev: BlockDevice, offset: int, length: int, fua: bool) -> None:
     dev.trim(offset, length)
     if fua:
         dev.flush()
+
+
+def run_batch(dev: BlockDevice, codec: C.ServerConnection,
+              reads: list[tuple[int, int, memoryview, int]],
+              writes: list[tuple[C.Write, int]], out: list[Any]) -> None:
+    """The small requests of one receive, in one device call each: ``reads`` (cookie,
+    offset, the reply's data part, the reply's place in ``out``) or ``writes`` (the
+    WRITE, its reply's place); a connection batches one kind at a time (a read after a
+    write ends the write batch, and the other way round), so order is kept. The places of
+    requests that failed get their error replies; the rest keep the replies put there.
+    ``dev`` has ``preadinto_many`` and ``pwrite_many`` (a ``Volume``)."""
+    many: Any = dev
+    if reads:
+        errors = many.preadinto_many([(offset, view) for _, offset, view, _ in reads])
+        for (cookie, _, _, at), exc in zip(reads, errors, strict=True):
+            if exc is not None:
+                out[at] = codec.error_reply(cookie, errno_of(exc), "read failed")
+    if writes:
+        fua = writes[-1][0].fua  # only the last can carry it: FUA ends a batch
+        errors = many.pwrite_many([(w.offset, w.data) for w, _ in writes], fua=fua)
+        for (w, at), exc in zip(writes, errors, strict=True):
+            if exc is not None:
+                out[at] = codec.error_reply(w.cookie, errno_of(exc), "write failed")
+            codec.recycle(w.data)
 
 
 class Export:

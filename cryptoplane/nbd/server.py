@@ -10,7 +10,12 @@ Small requests run inline on the event loop (a thread hop costs more than a 4 Ki
 read); big ones run on worker threads (``cryptoplane/offload.py``: one per core,
 completions handed back in batches) so the loop keeps receiving while the device
 (decryption, for a volume) works without the GIL. Every request parsed from one receive
-is handled before the replies go out together: in one ``os.writev`` while the
+is handled before the replies go out together; on a device that takes batches (a
+``Volume``: ``preadinto_many``, ``pwrite_many``) the small reads, or writes, of one receive
+run in one device call (one native call for their sectors: per request, the Python around
+a 4 KiB request cost several times its cipher), a read after a write (or the other way
+round) ending the batch before it, so that order is kept. The replies go out in one
+``os.writev`` while the
 transport has nothing queued (it copies without the GIL, which uvloop's ``writelines``
 holds), else through the transport. Per connection the number
 and bytes of requests in flight are bounded: past the bound the connection stops
@@ -43,7 +48,7 @@ from cryptoplane.exceptions import CryptoplaneError, InvalidRequest
 from cryptoplane.nbd import codec as C
 from cryptoplane.nbd import protocol as P
 from cryptoplane.nbd.blockdev import BlockDevice
-from cryptoplane.nbd.exports import INLINE_LIMIT, Export, errno_of, trim
+from cryptoplane.nbd.exports import INLINE_LIMIT, Export, errno_of, run_batch, trim
 from cryptoplane.nbd.limits import Budget, Limits, ReplyBuffer, Watchdog
 from cryptoplane.nbd.tls import ServerTLS, start_tls
 from cryptoplane.offload import Offloader
@@ -94,6 +99,12 @@ class Connection(asyncio.BufferedProtocol):
         self.written = 0  # bytes handed to the transport so far
         self.replies: list[Any] = []  # of offloaded requests completed, not yet sent
         self.fd = -1  # the socket, for writes that bypass the transport (``_send``)
+        # a device that takes a receive's requests in one call (a ``Volume``): the small
+        # reads and writes parsed from one receive wait here, with their places in the
+        # replies, until the batch ends (``_flush``)
+        self.many = False
+        self.reads: list[tuple[int, int, memoryview, int]] = []  # cookie, offset, data, at
+        self.writes: list[tuple[C.Write, int]] = []  # the WRITE, its reply's place
 
     # ---- transport callbacks --------------------------------------------------------
 
@@ -286,6 +297,8 @@ class Connection(asyncio.BufferedProtocol):
             except C.ProtocolError as exc:
                 log.info("closing an NBD connection: %s", exc)
                 self.closing = True
+            if self.reads or self.writes:
+                self._flush(out)
             if out:
                 self._send(out)
                 out = []
@@ -312,6 +325,12 @@ class Connection(asyncio.BufferedProtocol):
             return False
         codec.pack_read_header(buf, ev.cookie, ev.offset, ev.length)
         self.batch_bytes += size
+        if self.many:
+            if self.writes:  # what was written before is read back
+                self._flush(out)
+            self.reads.append((ev.cookie, ev.offset, memoryview(buf)[head:], len(out)))
+            out.append(buf)
+            return True
         try:
             self.device.preadinto(ev.offset, memoryview(buf)[head:])
         except Exception as exc:
@@ -320,11 +339,28 @@ class Connection(asyncio.BufferedProtocol):
             out.append(buf)
         return True
 
+    def _flush(self, out: list[Any]) -> None:
+        """Run the batched reads, or writes, in one device call (``exports.run_batch``)."""
+        reads, writes, self.reads, self.writes = self.reads, self.writes, [], []
+        assert self.device is not None
+        run_batch(self.device, self.codec, reads, writes, out)
+
+    def _use(self, export: Export) -> None:
+        self.device, self.inline_limit = export.device, export.inline_limit
+        self.many = hasattr(export.device, "preadinto_many") and hasattr(
+            export.device, "pwrite_many")
+
     def _handle(self, ev: C.Event, out: list[Any]) -> bool:
         """Handle one event; False stops the batch."""
         codec = self.codec
         t = type(ev)
         dev = self.device
+        if self.reads or self.writes:  # what is batched so far runs before the others
+            if isinstance(ev, C.Write) and len(ev.data) <= self.inline_limit:
+                if self.reads:  # joins the writes batched so far
+                    self._flush(out)
+            elif t is not C.Read or self.writes:  # a read joins the reads
+                self._flush(out)
         if t is C.Read:
             assert isinstance(ev, C.Read)
             if ev.length <= self.inline_limit:
@@ -340,7 +376,12 @@ class Connection(asyncio.BufferedProtocol):
             return True
         if t is C.Write:
             assert isinstance(ev, C.Write) and dev is not None
-            if len(ev.data) <= self.inline_limit:
+            if self.many and len(ev.data) <= self.inline_limit:
+                self.writes.append((ev, len(out)))
+                out.append(codec.reply(ev.cookie))
+                if ev.fua:  # durable before its reply: the batch ends here
+                    self._flush(out)
+            elif len(ev.data) <= self.inline_limit:
                 try:
                     dev.pwrite(ev.offset, ev.data, fua=ev.fua)
                 except Exception as exc:
@@ -413,11 +454,11 @@ class Connection(asyncio.BufferedProtocol):
                                               P.REP_ERR_UNKNOWN, f"no export named {ev.name!r}"))
             elif isinstance(ev, C.ExportName):
                 out.append(codec.export_name_reply(export.info))
-                self.device, self.inline_limit = export.device, export.inline_limit
+                self._use(export)
             else:
                 out.append(codec.info_reply(ev, export.info))
                 if codec.state is C.State.TRANSMISSION:
-                    self.device, self.inline_limit = export.device, export.inline_limit
+                    self._use(export)
         return True
 
     async def _start_tls(self) -> None:

@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptoplane.exceptions import InvalidRequest, KeyRejected, NotSupported
 from cryptoplane.keys import Key
 from cryptoplane.plane import Plane
+from cryptoplane.requests import check_sectors
+from cryptoplane.session import OP_DECRYPT_SECTORS, OP_ENCRYPT_SECTORS
 
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 _U64 = (1 << 64) - 1
@@ -50,6 +52,11 @@ class SectorCipher(Protocol):
     def encrypt(self, data: Any, sector: int, out: Any) -> None: ...
 
     def decrypt(self, data: Any, sector: int, out: Any) -> None: ...
+
+    def batch(self) -> Any:
+        """What runs many requests' sectors in one native call (``decrypt_gather``,
+        ``encrypt_scatter``, as ``XtsPlain.batch`` gives), or None: each request alone."""
+        ...
 
     def can_read_mapped(self) -> bool:
         """Whether ``decrypt`` may take its ``data`` from a shared mapping of the image:
@@ -134,6 +141,7 @@ class XtsPlain:
         self._key = Key("aes-256-xts" if len(key) == 64 else "aes-128-xts", key)
         self._tweak = "plain64be" if ivmode == "plain64be" else "plain64"
         self._wrap = ivmode == "plain"
+        self._code = check_sectors(bytes(sector_size), 0, sector_size, self._tweak, self._unit)
 
     def encrypt(self, data: Any, sector: int, out: Any) -> None:
         if self._wrap:
@@ -154,6 +162,14 @@ class XtsPlain:
     def can_read_mapped(self) -> bool:
         return self._plane.guard_mapped_reads()
 
+    def batch(self) -> SectorBatch | None:
+        """The batch path, once the plane has bound the key to its fast path (after the
+        first single run): None before that, and for ``plain`` IVs (their wrap)."""
+        s = self._key.session_hint
+        if self._wrap or s.fast_plane is not self._plane:
+            return None
+        return SectorBatch(s, self.sector_size, self._code)
+
     def _split(self, fn: Callable[..., Any], data: Any, sector: int, out: Any) -> None:
         ss, step = self.sector_size, self.iv_step
         src, dst = memoryview(data), memoryview(out)
@@ -169,6 +185,34 @@ class XtsPlain:
     def __repr__(self) -> str:
         return (f"<XtsPlain {self.spec} sector_size={self.sector_size} "
                 f"iv_step={self.iv_step}>")
+
+
+class SectorBatch:
+    """Many runs of one XTS key in one native call, on the plane's session for the key
+    (its kernel, and its counters: the bytes are tallied as single runs are). Items are
+    ``(offset, first sector, buffer)``; the caller checked ranges and alignment."""
+
+    __slots__ = ("_code", "_session", "_ss")
+
+    def __init__(self, session: Any, sector_size: int, code: int) -> None:
+        self._session = session
+        self._ss = sector_size
+        self._code = code
+
+    def decrypt_gather(self, src: Any, items: list[tuple[int, int, Any]], nbytes: int) -> None:
+        """Fill each item's buffer with the plaintext at its offset in ``src``."""
+        s = self._session
+        s.kernel.decrypt_gather(src, items, self._ss, self._code)
+        s.tally.add(OP_DECRYPT_SECTORS, nbytes)
+
+    def encrypt_scatter(self, fd: int, items: list[tuple[int, int, Any]], scratch: Any,
+                        nbytes: int) -> tuple[int, int]:
+        """Encrypt each item's buffer and write it to ``fd`` at its offset, in order:
+        (items written, errno of the first that failed or 0)."""
+        s = self._session
+        done, err = s.kernel.encrypt_scatter(fd, items, self._ss, self._code, scratch)
+        s.tally.add(OP_ENCRYPT_SECTORS, nbytes)
+        return int(done), int(err)
 
 
 class PerSector:
@@ -207,6 +251,9 @@ class PerSector:
         with self._essiv_lock:  # a cryptography context serves one caller at a time
             enc = self._essiv.update(b"".join(plain))
         return [enc[16 * i:16 * i + 16] for i in range(count)]
+
+    def batch(self) -> None:
+        return None  # one ``cryptography`` Cipher per sector: nothing to batch
 
     def can_read_mapped(self) -> bool:
         return False  # ``ctx.update`` would copy out of the mapping unguarded
