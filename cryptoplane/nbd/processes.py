@@ -2,10 +2,14 @@
 
 One Python process serves its connections on one core (the GIL); fio with ``--numjobs=4``
 or nbdcopy's multi-conn open several connections, which ``serve_processes`` spreads over
-``n`` worker processes. The parent binds the Unix socket and/or the TCP port once, then
-forks the workers; each runs its own (uvloop) event loop and ``Server`` and accepts from
-the inherited listening socket, so the kernel hands each new connection to one of them
-(for TCP, ``SO_REUSEPORT`` would be the alternative; one shared socket works for both).
+``n`` worker processes, each running its own (uvloop) event loop and ``Server``. The
+parent binds the Unix socket and/or the TCP port once, accepts, and hands each
+connection (its descriptor, over a Unix SEQPACKET socket per worker) to the worker that
+serves the fewest; workers say when one closes. Letting the workers accept from the
+inherited listening socket themselves (or ``SO_REUSEPORT`` for TCP, which hashes) was
+the first version: the kernel gave fio's four connections 2:2, 1:3, 3:1, 1:3 and 4:0 in
+five tries here, one worker serving all four in the last. Accepting is rare; the parent
+is on no request's path.
 
 The exports are opened in the parent, before the fork, and inherited: the passphrase is
 asked for and the key derived once (an Argon2 slot costs a second and a gigabyte per
@@ -27,8 +31,10 @@ Bounds (the hardening issue's): the memory budget and the connection limit are d
 among the workers, each enforcing its share exactly as one server does. Divided, not a
 shared counter: the budget is charged on every request, from the event loop and from
 buffer finalizers on any thread, and a counter in shared memory would add a cross-process
-lock there; the sum of the shares never exceeds the limit given. The cost: a worker may
-refuse a connection (or make one wait for memory) while another has room. ``--processes
+lock there; the sum of the shares never exceeds the limit given. As new connections go
+to the worker with the fewest, one is refused only when every worker is at its share,
+i.e. at the limit; a busy worker may make a client wait for memory while another has
+some to spare (the cost of dividing). ``--processes
 auto`` is one worker per core, as many as the budget allows (each needs ``MIN_BUDGET``)
 and no more than the connection limit.
 
@@ -151,17 +157,64 @@ def _why(status: int) -> str:
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
-class _Workers:
-    """The parent's bookkeeping: which worker pids live, and their restarts."""
+@dataclass
+class _Worker:
+    pid: int
+    channel: socket.socket  # the parent's end: connections out, "closed" notes in
+    connections: int = 0
 
-    def __init__(self, start: Callable[[int], int]) -> None:
+
+class _Workers:
+    """The parent's bookkeeping: the live workers, their connections, their restarts."""
+
+    def __init__(self, start: Callable[[list[socket.socket]], _Worker]) -> None:
         self._start = start
-        self.pids: dict[int, int] = {}  # pid -> slot
+        self.slots: list[_Worker] = []
         self.deaths: list[float] = []
+        self._next = 0
 
     def spawn(self, n: int) -> None:
-        for slot in range(n):
-            self.pids[self._start(slot)] = slot
+        for _ in range(n):
+            self.slots.append(self._start(self.channels()))
+
+    def channels(self) -> list[socket.socket]:
+        return [w.channel for w in self.slots if w.pid > 0]
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.slots if w.pid > 0]
+
+    def give(self, conn: socket.socket) -> None:
+        """Hand ``conn`` to the worker serving the fewest connections (the next one in
+        turn among equals): the kernel, left to choose among workers that all wait in
+        accept, gave all four of fio's connections to one worker in one try of five."""
+        live = [w for w in self.slots if w.pid > 0]
+        if not live:
+            return
+        self._next += 1
+        turn = self._next
+        least = min(live, key=lambda w: (w.connections,
+                                         (self.slots.index(w) - turn) % len(self.slots)))
+        try:
+            socket.send_fds(least.channel, [b"f"], [conn.fileno()])
+        except OSError as exc:  # it died: the client sees the connection close
+            _say(f"could not hand a connection to worker {least.pid}: {exc}")
+            return
+        least.connections += 1
+
+    def note(self, channel: socket.socket) -> None:
+        """Read what a worker said: one byte per connection it closed."""
+        worker = next((w for w in self.slots if w.channel is channel), None)
+        while worker is not None:
+            try:
+                said = channel.recv(64, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                said = b""
+            if not said:
+                return  # it exited; reap says how
+            worker.connections = max(0, worker.connections - said.count(b"c"))
 
     def reap(self, stopping: bool) -> None:
         """Collect every worker that exited; restart those that died unexpectedly."""
@@ -169,13 +222,16 @@ class _Workers:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                self.pids.clear()
                 return
             if pid == 0:
                 return
-            slot = self.pids.pop(pid, None)
-            if slot is None or stopping:
-                if slot is not None and status != 0:
+            worker = next((w for w in self.slots if w.pid == pid), None)
+            if worker is None:
+                continue
+            worker.pid = -1
+            worker.channel.close()
+            if stopping:
+                if status != 0:
                     _say(f"worker {pid} {_why(status)} while stopping")
                 continue
             now = time.monotonic()
@@ -185,7 +241,7 @@ class _Workers:
                                      f"{len(self.deaths)} times in {RESTART_WINDOW:.0f} s: "
                                      "giving up")
             _say(f"worker {pid} {_why(status)}: starting another")
-            self.pids[self._start(slot)] = slot
+            self.slots[self.slots.index(worker)] = self._start(self.channels())
 
     def signal(self, sig: int) -> None:
         for pid in self.pids:
@@ -193,8 +249,8 @@ class _Workers:
                 os.kill(pid, sig)
 
 
-def _worker(exports: dict[str, BlockDevice], listeners: Listeners, ready_fd: int,
-            parent: int, kw: dict[str, Any]) -> None:
+def _worker(exports: dict[str, BlockDevice], addresses: Listeners, channel: socket.socket,
+            ready_fd: int, parent: int, kw: dict[str, Any]) -> None:
     """A worker's life after the fork; never returns (``os._exit``)."""
     from cryptoplane.nbd.runner import serve
 
@@ -211,7 +267,7 @@ def _worker(exports: dict[str, BlockDevice], listeners: Listeners, ready_fd: int
         def ready(_: list[str]) -> None:
             os.write(ready_fd, b"r")
 
-        serve(exports, listening=listeners, ready=ready, **kw)
+        serve(exports, listening=addresses, handoff=channel, ready=ready, **kw)
         code = 0
     except BaseException:  # a worker reports everything, then exits
         traceback.print_exc()
@@ -229,49 +285,85 @@ def serve_processes(exports: dict[str, BlockDevice], processes: int, *,
     ``kw``: the rest of ``runner.serve``'s arguments (tls, read_only, inline_limit)."""
     per = share(limits or Limits(), processes)
     listeners = listen(unix=unix, tcp=tcp, socket_mode=socket_mode)
+    addresses = Listeners(listeners.unix_path, listeners.tcp_address)  # no sockets
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     # a handler (not SIG_DFL, whose "ignore" may drop the signal) so that a blocked
     # SIGCHLD stays pending for sigtimedwait
     old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
     ready_r, ready_w = os.pipe()
     kw = dict(kw, limits=per)
-
     parent = os.getpid()
 
-    def start(_: int) -> int:
+    def start(others: list[socket.socket]) -> _Worker:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sys.stdout.flush()  # or the worker would print what the parent has buffered
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:
+            mine.close()
+            theirs.close()
+            raise
         if pid == 0:
             os.close(ready_r)
-            _worker(exports, listeners, ready_w, parent, kw)
-        return pid
+            for sock in (mine, *others, *listeners.sockets()):
+                sock.close()
+            _worker(exports, addresses, theirs, ready_w, parent, kw)
+        theirs.close()
+        return _Worker(pid, mine)
 
     workers = _Workers(start)
     try:
         workers.spawn(processes)
         announced, told = 0, False
         while True:
-            info = signal.sigtimedwait(_SIGNALS, 0.2)
-            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                break
-            workers.reap(stopping=False)
-            if select.select([ready_r], [], [], 0)[0]:  # drained, restarts' too
+            by_fd = {s.fileno(): s for s in (*listeners.sockets(), *workers.channels())}
+            readable = select.select([*by_fd, ready_r], [], [], 0.1)[0]
+            for fd in readable:
+                if fd in by_fd and by_fd[fd].type == socket.SOCK_SEQPACKET:
+                    workers.note(by_fd[fd])
+                elif fd in by_fd:
+                    _accept(by_fd[fd], workers)
+            if ready_r in readable:  # drained, restarts' too
                 announced += len(os.read(ready_r, 64))
                 if announced >= processes and not told and ready is not None:
                     told = True
                     ready(urls(list(exports), unix=listeners.unix_path,
                                tcp=listeners.tcp_address, tls=kw.get("tls") is not None))
+            if _asked_to_stop():
+                break
+            workers.reap(stopping=False)
     finally:
+        listeners.close()  # no new connections; the workers finish theirs
         _stop(workers)
-        listeners.close()
-        # a second Ctrl-C or SIGTERM while stopping: consumed, not raised on unblocking
-        while signal.sigtimedwait(_SIGNALS, 0) is not None:
-            pass
+        for channel in workers.channels():
+            channel.close()
         os.close(ready_r)
         os.close(ready_w)
+        _asked_to_stop()  # a second Ctrl-C or SIGTERM: consumed, not raised on unblocking
         signal.signal(signal.SIGCHLD, old_chld)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _accept(sock: socket.socket, workers: _Workers) -> None:
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # out of descriptors, say: the next round tries again
+            _say(f"accept failed: {exc}")
+            return
+        with conn:
+            workers.give(conn)
+
+
+def _asked_to_stop() -> bool:
+    """Whether SIGTERM or SIGINT arrived (pending SIGCHLDs are consumed too)."""
+    stop = False
+    while (info := signal.sigtimedwait(_SIGNALS, 0)) is not None:
+        stop = stop or info.si_signo != signal.SIGCHLD
+    return stop
 
 
 def _stop(workers: _Workers) -> None:

@@ -108,7 +108,8 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
                       stop: asyncio.Event | None = None, inline_limit: int | None = None,
                       workers: int | None = None, limits: Limits | None = None,
                       socket_mode: int = SOCKET_MODE,
-                      listening: Listening | None = None) -> None:
+                      listening: Listening | None = None,
+                      handoff: socket.socket | None = None) -> None:
     """Serve ``exports`` until ``stop`` is set, then shut down gracefully. The Unix
     socket gets permissions ``socket_mode`` (0600: its owner only). ``workers``:
     threads for big requests, one per core by default (measured on 2 cores with nbdcopy:
@@ -117,7 +118,8 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
     may make the server hold (``Limits()``'s defaults when None). ``listening``: sockets
     bound and listening already (a worker process of ``processes.serve_processes``):
     served instead of binding ``unix`` and ``tcp``, and the Unix socket is left to
-    whoever bound it."""
+    whoever bound it. ``handoff``: a Unix SEQPACKET socket over which a parent process
+    hands this server accepted connections (``handed_over``)."""
     if listening is not None:
         unix, tcp = listening.unix_path, listening.tcp_address
     if unix is None and tcp is None:
@@ -135,6 +137,8 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
                         else loop.create_server)
                 listeners.append(await make(lambda: Connection(server), sock=sock))
             bound_tcp = listening.tcp_address
+        if handoff is not None:
+            handed_over(loop, server, handoff)
         if unix is not None and listening is None:
             remove_stale_socket(unix)
             sock = bind_unix(unix, socket_mode)
@@ -149,6 +153,8 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
             ready(urls(list(server.exports), unix=unix, tcp=bound_tcp, tls=tls is not None))
         await (stop or asyncio.Event()).wait()
     finally:
+        if handoff is not None:
+            loop.remove_reader(handoff.fileno())
         for listener in listeners:
             listener.close()
         await server.shutdown()
@@ -157,6 +163,62 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
         if own_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(own_socket)
+
+
+class _Reported(Connection):
+    """A connection handed over by a parent process, which is told when it closes: the
+    parent gives each new connection to the worker that serves the fewest."""
+
+    def __init__(self, server: Server, channel: socket.socket) -> None:
+        super().__init__(server)
+        self._channel = channel
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            closed(self._channel)
+
+
+def closed(channel: socket.socket) -> None:
+    """Tell the parent a connection closed. Never blocks the loop: a parent that reads
+    nothing (it is stopping, or gone) needs no count."""
+    with contextlib.suppress(OSError):
+        channel.send(b"c", socket.MSG_DONTWAIT)
+
+
+def handed_over(loop: asyncio.AbstractEventLoop, server: Server,
+                channel: socket.socket) -> None:
+    """Serve the connections that arrive on ``channel`` (each a message carrying one
+    descriptor, ``SCM_RIGHTS``); say on it when each closes."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def adopt(sock: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: _Reported(server, channel), sock)
+        except OSError:
+            sock.close()
+            closed(channel)
+
+    def readable() -> None:
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(channel, 16, 8, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, fds = b"", []
+            if not msg and not fds:  # the parent closed it (or died)
+                loop.remove_reader(channel.fileno())
+                return
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+                task = loop.create_task(adopt(sock))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    loop.add_reader(channel.fileno(), readable)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -174,7 +236,8 @@ def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
           tcp: tuple[str, int] | None = None, tls: ServerTLS | None = None,
           read_only: bool = False, ready: Ready | None = None,
           inline_limit: int | None = None, limits: Limits | None = None,
-          socket_mode: int = SOCKET_MODE, listening: Listening | None = None) -> None:
+          socket_mode: int = SOCKET_MODE, listening: Listening | None = None,
+          handoff: socket.socket | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests, flush and close."""
     loop = new_event_loop()
 
@@ -186,7 +249,7 @@ def serve(exports: dict[str, BlockDevice], *, unix: str | None = None,
             await serve_async(exports, unix=unix, tcp=tcp, tls=tls, read_only=read_only,
                               ready=ready, stop=stop, inline_limit=inline_limit,
                               limits=limits, socket_mode=socket_mode,
-                              listening=listening)
+                              listening=listening, handoff=handoff)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

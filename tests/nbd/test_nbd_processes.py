@@ -57,14 +57,11 @@ def serving(args: list[str], processes: int = 2) -> Iterator[tuple[subprocess.Po
                 proc.wait()
 
 
-@contextlib.contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """``pid`` stopped (SIGSTOP): the other workers accept the connections made now."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
+def sockets_of(pid: int) -> int:
+    """How many sockets process ``pid`` holds (its connections, and a few of its own)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir()
+               if os.readlink(fd).startswith("socket:"))
 
 
 def connect(sock: str) -> nc.Client:
@@ -124,17 +121,18 @@ def test_flush_on_one_worker_covers_writes_of_another(tmp_path: Path,
                                                       sockdir: str) -> None:
     """A write completed on worker B's connection and a FLUSH answered on worker A's:
     then every process of the server is SIGKILLed (no shutdown, no flush of its own)
-    and the image holds the write. The connections are placed by stopping one worker
-    while the other accepts. That nothing is buffered per process is what this shows;
-    that the flush makes it durable is fdatasync's promise for the whole file."""
+    and the image holds the write. The parent gives each new connection to the worker
+    with the fewest, so two connections are on two workers. That nothing is buffered per
+    process is what this shows; that the flush makes it durable is fdatasync's promise
+    for the whole file, whichever process dirtied its pages."""
     img = tmp_path / "disk.img"
     data = make_image(img, 8 << 20)
     sock = f"{sockdir}/s"
     with serving([str(img), "--raw", "--socket", sock, "--name", "disk"]) as (proc, _, w):
-        with stopped(w[0]):
-            on_b = connect(sock)
-        with stopped(w[1]):
-            on_a = connect(sock)
+        before = [sockets_of(pid) for pid in w]
+        on_b = connect(sock)
+        on_a = connect(sock)
+        assert [sockets_of(pid) - n for pid, n in zip(w, before, strict=True)] == [1, 1]
         payloads = {i: bytes([i + 1]) * 65536 for i in range(8)}
         for i, payload in payloads.items():
             assert on_b.command(P.CMD_WRITE, i, i * 131072, 65536,
@@ -178,23 +176,28 @@ def test_a_killed_worker_is_replaced(tmp_path: Path, sockdir: str) -> None:
                 break
             time.sleep(0.05)
         assert w[0] not in now and w[1] in now
-        with stopped(w[1]):  # the new worker serves
-            c = connect(sock)
+        [new] = [pid for pid in now if pid != w[1]]
+        before = {pid: sockets_of(pid) for pid in now}
+        clients = [connect(sock) for _ in range(2)]  # one each: the new worker serves
+        for c in clients:
             assert c.command(P.CMD_READ, 1, 0, 4096).data == data[:4096]
+        assert sockets_of(new) - before[new] == 1 == sockets_of(w[1]) - before[w[1]]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert proc.stderr is not None
         assert f"worker {w[0]} was killed by SIGKILL: starting another" in proc.stderr.read()
 
 
-def test_each_worker_keeps_its_share_of_connections(tmp_path: Path, sockdir: str) -> None:
-    """--max-connections 2 over 2 workers: one each; a worker at its share refuses."""
+def test_the_connection_limit_holds_across_workers(tmp_path: Path, sockdir: str) -> None:
+    """--max-connections 2 over 2 workers: one each; the third is refused by whichever
+    worker gets it (each at its share)."""
     img = tmp_path / "disk.img"
     make_image(img, 1 << 20)
     sock = f"{sockdir}/s"
     with serving([str(img), "--raw", "--socket", sock, "--name", "disk",
-                  "--max-connections", "2"]) as (_, _, w), stopped(w[0]):
-        first = connect(sock)
+                  "--max-connections", "2"]):
+        clients = [connect(sock) for _ in range(2)]
         with pytest.raises((EOFError, ConnectionResetError)):
-            nc.Client(sock)  # worker B's second: over its share
-        assert first.command(P.CMD_READ, 1, 0, 4096).error == 0
+            nc.Client(sock)
+        for c in clients:
+            assert c.command(P.CMD_READ, 1, 0, 4096).error == 0
