@@ -203,22 +203,28 @@ class Volume(BoundedDevice):
         errors: list[BaseException | None] = [None] * len(reqs)
         batch = self._cipher.batch() if not (self._closed or self._read_only) else None
         ss, step, size = self._ss, self._chunk, self._size
+        base, iv0, unit = self._base, self._iv0, self._iv_unit
         run: list[int] = []
+        items: list[tuple[int, int, Any]] = []  # what the native call takes, for ``run``
+        nbytes = 0
         for i, (offset, data) in enumerate(reqs):
-            n = len(memoryview(data).cast("B"))
+            t = type(data)
+            n = len(data) if t is bytes or t is bytearray else memoryview(data).nbytes
             if (batch is not None and n and not (offset | n) & (ss - 1) and offset >= 0
                     and offset + n <= size and (offset + n - 1) // step == offset // step):
                 run.append(i)
+                items.append((base + offset, (iv0 + offset // unit) & _U64, data))
+                nbytes += n
                 continue
             if run:
-                self._write_run(batch, reqs, run, errors)
-                run = []
+                self._write_run(batch, reqs, run, items, nbytes, errors)
+                run, items, nbytes = [], [], 0
             try:
                 self.pwrite(offset, data)
             except Exception as exc:
                 errors[i] = exc
         if run:
-            self._write_run(batch, reqs, run, errors)
+            self._write_run(batch, reqs, run, items, nbytes, errors)
         if fua:
             try:
                 self.flush()
@@ -227,18 +233,12 @@ class Volume(BoundedDevice):
         return errors
 
     def _write_run(self, batch: Any, reqs: Sequence[tuple[int, Any]], run: list[int],
+                   items: list[tuple[int, int, Any]], nbytes: int,
                    errors: list[BaseException | None]) -> None:
         """One native call for the writes ``run`` (whole sectors, one region each), under
         the locks of their stripes, taken in order (other writers hold one at a time, so
         no two wait for each other) and with their sequences odd meanwhile."""
-        base, iv0, unit, step = self._base, self._iv0, self._iv_unit, self._chunk
-        items = []
-        nbytes = 0
-        for i in run:
-            offset, data = reqs[i]
-            view = memoryview(data).cast("B")
-            items.append((base + offset, (iv0 + offset // unit) & _U64, view))
-            nbytes += len(view)
+        step = self._chunk
         stripes = sorted({reqs[i][0] // step % _STRIPES for i in run})
         locks = [self._stripes[s] for s in stripes]
         seq = self._seq
