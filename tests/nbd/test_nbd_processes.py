@@ -14,7 +14,7 @@ from pathlib import Path
 import nbdclient as nc
 import pytest
 from click.testing import CliRunner
-from nbdtools import make_image, tool
+from nbdtools import luks2_volume, make_image, tool
 
 from cryptoplane.cli.serve import serve
 from cryptoplane.exceptions import InvalidRequest
@@ -93,18 +93,10 @@ def test_processes_option_is_checked(tmp_path: Path) -> None:
 
 def test_fio_verify_four_jobs_on_a_luks_volume(tmp_path: Path, sockdir: str) -> None:
     fio = tool("fio")
-    cryptsetup = tool("cryptsetup")
     img = tmp_path / "vol.img"
-    with open(img, "wb") as f:
-        f.truncate(72 << 20)
     pw = tmp_path / "pw"
     pw.write_bytes(b"correct horse")
-    res = subprocess.run([cryptsetup, "luksFormat", "-q", "--type", "luks2", "--pbkdf",
-                          "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", str(pw),
-                          str(img)], capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        import support
-        support.unavailable(f"cryptsetup luksFormat failed here: {res.stderr}")
+    luks2_volume(img, 72 << 20, pw)
     with serving([str(img), "--socket", f"{sockdir}/s", "--name", "disk", "--key-file",
                   str(pw)]) as (_, url, _workers):
         # 4 jobs, 4 connections, each writing then verifying its own 16 MiB
