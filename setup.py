@@ -75,8 +75,16 @@ setup(
     ext_modules=[
         Extension(
             "cryptoplane._native._sectors",
-            ["cryptoplane/_native/sectors.c", "cryptoplane/_native/xts_ctx.c"],
-            depends=["cryptoplane/_native/xts_ctx.h", "cryptoplane/_native/openssl_error.h"],
+            [
+                "cryptoplane/_native/sectors.c",
+                "cryptoplane/_native/sectors_batch.c",
+                "cryptoplane/_native/xts_ctx.c",
+            ],
+            depends=[
+                "cryptoplane/_native/sectors.h",
+                "cryptoplane/_native/xts_ctx.h",
+                "cryptoplane/_native/openssl_error.h",
+            ],
             libraries=["crypto"],
             extra_compile_args=[
                 *_WARNINGS,
