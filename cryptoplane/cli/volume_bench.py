@@ -90,6 +90,8 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
                 else ""))
         table.add_row(load, *cells)
     out.print(table)
+    if any(r.cpu is not None for r in results):
+        out.print(_cpu_table(results, names))
     rows = vb.ratios(results)
     if rows:
         ratio_table = Table(title="ratios (the issue's bars)")
@@ -102,3 +104,24 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
     out.print("[bold]commands[/]")
     for r in results:
         out.print(f"  {r.server}: {r.command}", soft_wrap=True, highlight=False)
+
+
+def _cpu_table(results: list[vb.Result], names: list[str]) -> Table:
+    """What each server spent per unit of work: steadier than the rates on a shared
+    machine, and where the cost of encryption shows (ours-luks1 against ours-raw)."""
+    table = Table(title="server CPU (all its processes and threads): µs per I/O, "
+                        "or CPU seconds per GiB moved")
+    table.add_column("load")
+    for name in names:
+        table.add_column(name, justify="right")
+    by = {(r.server, r.load): r for r in results}
+    for load in dict.fromkeys(r.load for r in results):
+        cells = []
+        for name in names:
+            r = by.get((name, load))
+            if r is None or r.cpu is None:
+                cells.append("")
+            else:
+                cells.append(f"{r.cpu:.2f} µs" if r.unit == "IOPS" else f"{r.cpu:.2f} s/GiB")
+        table.add_row(load, *cells)
+    return table

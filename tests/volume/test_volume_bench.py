@@ -30,6 +30,11 @@ def test_rounds_interleave_servers_and_report_medians(tmp_path: Path) -> None:
     for r in results:
         assert len(r.samples) == 3 and all(v > 0 for v in r.samples)
         assert r.value == statistics.median(r.samples)
+        # the server's own CPU per unit of work, read from /proc around each run
+        assert r.cpu is not None and len(r.cpu_samples) == 3
+        assert r.cpu == statistics.median(r.cpu_samples)
+        # a 16 MiB nbdcopy ends within a clock tick; fio runs for 0.5 s
+        assert all(c > 0 if r.load.startswith("fio") else c >= 0 for c in r.cpu_samples)
     # the second round starts with the other server: drift is shared, not one-sided
     firsts = [line for line in seen if line.endswith("nbdcopy read")]
     assert "ours-raw" in firsts[0] and "ours-luks1" in firsts[2]
