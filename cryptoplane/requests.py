@@ -294,17 +294,28 @@ class _Sectors(Request):
 def check_sectors(data: object, sector: object, sector_size: object, tweak: str,
                   tweak_unit: int | None = None) -> int:
     """Validate a sector run; returns the native tweak code (layout and step)."""
-    if sector_size not in SECTOR_SIZES:
-        raise InvalidRequest(f"sector_size must be one of {SECTOR_SIZES}, got {sector_size!r}")
+    try:  # every volume read and write passes here: one lookup, not tweak_code's checks
+        code = _TWEAK_CODES[tweak, sector_size, tweak_unit]  # type: ignore[index]
+    except (KeyError, TypeError):
+        code = tweak_code(sector_size, tweak, tweak_unit)
     if not isinstance(sector, int) or not 0 <= sector < 1 << 64:
         raise InvalidRequest(f"sector must be an integer in 0..2**64-1, got {sector!r}")
     n = len(data)  # type: ignore[arg-type]
-    assert isinstance(sector_size, int)
-    if n == 0 or n % sector_size:
+    if n == 0 or n % sector_size:  # type: ignore[operator]
         raise InvalidRequest(
             f"a sector run must be a non-zero multiple of {sector_size} bytes, got {n}"
         )
-    try:  # every volume read and write passes here: one lookup, not the checks below
+    return code
+
+
+def tweak_code(sector_size: object, tweak: str, tweak_unit: int | None = None) -> int:
+    """Validate a sector size and tweak (layout, and the unit the tweak counts); returns
+    the native tweak code. Apart from ``check_sectors`` because a batch of runs (the
+    plane's ``decrypt_sectors_gather``) shares one code but has no one run to check."""
+    if sector_size not in SECTOR_SIZES:
+        raise InvalidRequest(f"sector_size must be one of {SECTOR_SIZES}, got {sector_size!r}")
+    assert isinstance(sector_size, int)
+    try:
         return _TWEAK_CODES[tweak, sector_size, tweak_unit]
     except (KeyError, TypeError):
         pass
@@ -345,7 +356,7 @@ class DecryptSectors(_Sectors):
 
 __all__ = [
     "Decrypt", "DecryptSectors", "Derive", "Digest", "Encrypt", "EncryptSectors", "Mac",
-    "Random", "Request", "Sign", "Verify", "VerifyMac", "check_sectors",
+    "Random", "Request", "Sign", "Verify", "VerifyMac", "check_sectors", "tweak_code",
 ]
 
 
