@@ -26,8 +26,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptoplane.exceptions import InvalidRequest, KeyRejected, NotSupported
 from cryptoplane.keys import Key
 from cryptoplane.plane import Plane
-from cryptoplane.requests import check_sectors
-from cryptoplane.session import OP_DECRYPT_SECTORS, OP_ENCRYPT_SECTORS
+from cryptoplane.requests import tweak_code
 
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 _U64 = (1 << 64) - 1
@@ -141,7 +140,10 @@ class XtsPlain:
         self._key = Key("aes-256-xts" if len(key) == 64 else "aes-128-xts", key)
         self._tweak = "plain64be" if ivmode == "plain64be" else "plain64"
         self._wrap = ivmode == "plain"
-        self._code = check_sectors(bytes(sector_size), 0, sector_size, self._tweak, self._unit)
+        tweak_code(sector_size, self._tweak, self._unit)  # a bad layout fails here, not later
+        # ``plain`` IVs wrap at 2**32, which a batch's items would each have to split at
+        self._batch = None if self._wrap else SectorBatch(plane, self._key, sector_size,
+                                                          self._tweak, self._unit)
 
     def encrypt(self, data: Any, sector: int, out: Any) -> None:
         if self._wrap:
@@ -163,12 +165,8 @@ class XtsPlain:
         return self._plane.guard_mapped_reads()
 
     def batch(self) -> SectorBatch | None:
-        """The batch path, once the plane has bound the key to its fast path (after the
-        first single run): None before that, and for ``plain`` IVs (their wrap)."""
-        s = self._key.session_hint
-        if self._wrap or s.fast_plane is not self._plane:
-            return None
-        return SectorBatch(s, self.sector_size, self._code)
+        """The batch path: the plane's batch calls on this key; None for ``plain`` IVs."""
+        return self._batch
 
     def _split(self, fn: Callable[..., Any], data: Any, sector: int, out: Any) -> None:
         ss, step = self.sector_size, self.iv_step
@@ -188,31 +186,33 @@ class XtsPlain:
 
 
 class SectorBatch:
-    """Many runs of one XTS key in one native call, on the plane's session for the key
-    (its kernel, and its counters: the bytes are tallied as single runs are). Items are
-    ``(offset, first sector, buffer)``; the caller checked ranges and alignment."""
+    """Many runs of one XTS key in one plane call (one native call on its fast path;
+    the plane counts the bytes as single runs are counted). Items are ``(offset, first
+    sector, buffer)``; the caller checked ranges and alignment. ``nbytes``, the items'
+    total, is what the caller counted; the plane counts for itself."""
 
-    __slots__ = ("_code", "_session", "_ss")
+    __slots__ = ("_key", "_plane", "_ss", "_tweak", "_unit")
 
-    def __init__(self, session: Any, sector_size: int, code: int) -> None:
-        self._session = session
+    def __init__(self, plane: Plane, key: Key, sector_size: int, tweak: str,
+                 tweak_unit: int) -> None:
+        self._plane = plane
+        self._key = key
         self._ss = sector_size
-        self._code = code
+        self._tweak = tweak
+        self._unit = tweak_unit
 
     def decrypt_gather(self, src: Any, items: list[tuple[int, int, Any]], nbytes: int) -> None:
         """Fill each item's buffer with the plaintext at its offset in ``src``."""
-        s = self._session
-        s.kernel.decrypt_gather(src, items, self._ss, self._code)
-        s.tally.add(OP_DECRYPT_SECTORS, nbytes)
+        self._plane.decrypt_sectors_gather(self._key, src, items, sector_size=self._ss,
+                                           tweak=self._tweak, tweak_unit=self._unit)
 
     def encrypt_scatter(self, fd: int, items: list[tuple[int, int, Any]], scratch: Any,
                         nbytes: int) -> tuple[int, int]:
         """Encrypt each item's buffer and write it to ``fd`` at its offset, in order:
         (items written, errno of the first that failed or 0)."""
-        s = self._session
-        done, err = s.kernel.encrypt_scatter(fd, items, self._ss, self._code, scratch)
-        s.tally.add(OP_ENCRYPT_SECTORS, nbytes)
-        return int(done), int(err)
+        return self._plane.encrypt_sectors_scatter(self._key, fd, items, scratch,
+                                                   sector_size=self._ss, tweak=self._tweak,
+                                                   tweak_unit=self._unit)
 
 
 class PerSector:
