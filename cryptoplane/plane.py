@@ -55,6 +55,7 @@ from .stats import OpStats, Registry, aggregate
 DEFAULT_FAST_PATH_LIMIT = 64 * 1024
 DEFAULT_ENGINES = ("inline", "threads")
 _U64 = (1 << 64) - 1
+_I64 = (1 << 63) - 1  # the largest file offset
 
 Submittable = rq.Request | Chain
 
@@ -315,10 +316,8 @@ class Plane:
         s.tally.add(OP_DECRYPT_SECTORS, len(data))
         return result
 
-    # -- batches of sector runs: the small reads and writes of one NBD receive ----------
-    # At 4 KiB the Python around one decrypt_sectors costs several times the cipher
-    # (issue 18), so on the fast path a batch is one native call (GIL released) and one
-    # tally update. Elsewhere each item is one decrypt_sectors or encrypt_sectors call.
+    # -- sector batches (issue 18: at 4 KiB the Python around a run costs more than the
+    # cipher): on the fast path one native call and one tally; else one run per item.
 
     def decrypt_sectors_gather(self, key: Key, src: Buffer,
                                items: Sequence[tuple[int, int, Any]], *,
@@ -328,15 +327,13 @@ class Plane:
         plaintext of ``src[offset:offset + len(out)]`` (``src``: an image's mapping,
         say); tweaks as ``decrypt_sectors``'. Items are all checked before any runs."""
         code = rq.tweak_code(sector_size, tweak, tweak_unit)
-        runs = _batch_runs(items, sector_size)
+        data = _byte_view(src, "src")
+        runs = _batch_runs(items, sector_size, len(data), True)
         s = self._batch_session(key, "decrypt_gather")
         if s is not None:
             self._on_kernel(s, "decrypt_gather", src, items, sector_size, code)
             s.tally.add(OP_DECRYPT_SECTORS, sum(runs))
             return
-        data = memoryview(src).cast("B")
-        if any(not 0 <= it[0] <= len(data) - n for it, n in zip(items, runs, strict=True)):
-            raise InvalidRequest("an item lies outside the source")
         for (offset, first, out), n in zip(items, runs, strict=True):
             self.decrypt_sectors(key, data[offset:offset + n], sector=first,
                                  sector_size=sector_size, out=out, tweak=tweak,
@@ -351,18 +348,14 @@ class Plane:
         in order, so overlapping writes keep their order. Returns (items written, errno
         of the first that failed or 0): each failed write is its own request's error."""
         code = rq.tweak_code(sector_size, tweak, tweak_unit)
-        runs = _batch_runs(items, sector_size)
+        buf = _byte_view(scratch, "scratch")
+        runs = _batch_runs(items, sector_size, len(buf), False)
         s = self._batch_session(key, "encrypt_scatter")
         if s is not None:
             done, err = self._on_kernel(s, "encrypt_scatter", fd, items, sector_size, code,
                                         scratch)
             s.tally.add(OP_ENCRYPT_SECTORS, sum(runs))
             return int(done), int(err)
-        buf = memoryview(scratch).cast("B")
-        if any(n > len(buf) or not 0 <= it[0] < 1 << 63
-               for it, n in zip(items, runs, strict=True)):
-            raise InvalidRequest("an item is longer than the scratch buffer or its offset "
-                                 "is outside 0..2**63-1")
         for done, ((offset, first, data), n) in enumerate(zip(items, runs, strict=True)):
             self.encrypt_sectors(key, data, sector=first, sector_size=sector_size,
                                  out=buf[:n], tweak=tweak, tweak_unit=tweak_unit)
@@ -564,23 +557,37 @@ class Plane:
         return f"<Plane engines={list(self._engines)}{' closed' if self._closed else ''}>"
 
 
-def _batch_runs(items: Sequence[tuple[int, int, Any]], sector_size: int) -> list[int]:
-    """Each item's length, refusing for the whole batch, before any item runs, what a
-    single run would refuse: a length not whole sectors, a first sector outside
-    0..2**64-1 (which the native batch would take modulo 2**64)."""
+def _batch_runs(items: Sequence[tuple[int, int, Any]], sector_size: int, room: int,
+                gather: bool) -> list[int]:
+    """Each item's length, all checked before any runs (the Python kernel would run the
+    good items before a bad one): whole sectors from a sector in 0..2**64-1 (the native
+    one takes it modulo 2**64), inside the source's ``room`` bytes (gather) or the
+    scratch buffer's (scatter)."""
     runs = []
     for i, item in enumerate(items):
         try:
-            _, first, buf = item
+            off, first, buf = item
             n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
-            bad = n == 0 or n % sector_size or not 0 <= first <= _U64
+            whole = n and not n % sector_size and 0 <= first <= _U64
+            inside = 0 <= off <= room - n if gather else n <= room and 0 <= off <= _I64
         except (TypeError, ValueError):
             raise InvalidRequest(f"item {i} is not (offset, first sector, buffer)") from None
-        if bad:
+        if not whole:
             raise InvalidRequest(f"item {i}: {n} bytes from sector {first!r} is not a run "
                                  f"of whole {sector_size}-byte sectors in 0..2**64-1")
+        if not inside:
+            raise InvalidRequest(f"item {i}: {n} bytes at {off!r} lie outside the source"
+                                 if gather else f"item {i}: {n} bytes at {off!r} do not "
+                                 "fit the scratch buffer or a file offset")
         runs.append(n)
     return runs
+
+
+def _byte_view(obj: Any, what: str) -> memoryview:
+    try:
+        return memoryview(obj).cast("B")
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{what} must be a contiguous buffer") from None
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
