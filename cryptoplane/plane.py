@@ -566,8 +566,9 @@ def _batch_runs(items: Sequence[tuple[int, int, Any]], sector_size: int, room: i
     runs = []
     for i, item in enumerate(items):
         try:
-            off, first, buf = item
-            n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
+            off, first, b = item
+            t = type(b)  # runs per item of every batch: the cheapest length first
+            n = b.nbytes if t is memoryview else len(b) if t is bytes else memoryview(b).nbytes
             whole = n and not n % sector_size and 0 <= first <= _U64
             inside = 0 <= off <= room - n if gather else n <= room and 0 <= off <= _I64
         except (TypeError, ValueError):
@@ -576,9 +577,8 @@ def _batch_runs(items: Sequence[tuple[int, int, Any]], sector_size: int, room: i
             raise InvalidRequest(f"item {i}: {n} bytes from sector {first!r} is not a run "
                                  f"of whole {sector_size}-byte sectors in 0..2**64-1")
         if not inside:
-            raise InvalidRequest(f"item {i}: {n} bytes at {off!r} lie outside the source"
-                                 if gather else f"item {i}: {n} bytes at {off!r} do not "
-                                 "fit the scratch buffer or a file offset")
+            where = "the source" if gather else "the scratch buffer or the file offsets"
+            raise InvalidRequest(f"item {i}: {n} bytes at {off!r} lie outside {where}")
         runs.append(n)
     return runs
 
@@ -591,8 +591,8 @@ def _byte_view(obj: Any, what: str) -> memoryview:
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
-    """Write all of ``data`` at ``offset``: 0, or the errno that stopped it (a write
-    that takes nothing counts as EIO, as the native scatter reports it)."""
+    """0 once all of ``data`` is at ``offset``, else the errno that stopped it (EIO for a
+    write that took nothing, as the native scatter has it)."""
     put = 0
     try:
         while put < len(data):
