@@ -235,7 +235,9 @@ def _fio(rw: str, bs: str, depth: int, runtime: float, size: int,
         many = [f"--numjobs={jobs}", "--group_reporting"] if jobs > 1 else []
         return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={server.uri}",
                 f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={size}",
-                *many, f"--runtime={runtime:g}", "--time_based", "--ramp_time=0.5",
+                # in ms: fio reads "0.5" as 0 seconds, which drops time_based silently
+                *many, f"--runtime={round(runtime * 1000)}ms", "--time_based",
+                "--ramp_time=500ms",
                 "--output-format=json"]
     return argv
 
