@@ -11,14 +11,12 @@ scheduler to an engine.
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from . import _native
+from . import _native, sector_runs
 from . import requests as rq
 from ._native.memory import tune_allocator
 from .chain import Chain, annotate
@@ -54,8 +52,6 @@ from .stats import OpStats, Registry, aggregate
 # to a thread costs more than AES-GCM on 64 KiB (benchmarks/README.md, plane_speed).
 DEFAULT_FAST_PATH_LIMIT = 64 * 1024
 DEFAULT_ENGINES = ("inline", "threads")
-_U64 = (1 << 64) - 1
-_I64 = (1 << 63) - 1  # the largest file offset
 
 Submittable = rq.Request | Chain
 
@@ -325,19 +321,16 @@ class Plane:
                                tweak_unit: int | None = None) -> None:
         """Each item ``(offset in src, first sector, out)`` fills ``out`` with the
         plaintext of ``src[offset:offset + len(out)]`` (``src``: an image's mapping,
-        say); tweaks as ``decrypt_sectors``'. Items are all checked before any runs."""
+        say); tweaks as ``decrypt_sectors``'. Items are all checked before any runs
+        (by the kernel on the fast path: no Python per item there)."""
         code = rq.tweak_code(sector_size, tweak, tweak_unit)
-        data = _byte_view(src, "src")
-        runs = _batch_runs(items, sector_size, len(data), True)
         s = self._batch_session(key, "decrypt_gather")
-        if s is not None:
-            self._on_kernel(s, "decrypt_gather", src, items, sector_size, code)
-            s.tally.add(OP_DECRYPT_SECTORS, sum(runs))
+        if s is None:
+            sector_runs.gather_per_item(self, key, src, items, sector_size, tweak,
+                                        tweak_unit)
             return
-        for (offset, first, out), n in zip(items, runs, strict=True):
-            self.decrypt_sectors(key, data[offset:offset + n], sector=first,
-                                 sector_size=sector_size, out=out, tweak=tweak,
-                                 tweak_unit=tweak_unit)
+        n = self._on_kernel(s, "decrypt_gather", src, items, sector_size, code)
+        s.tally.add(OP_DECRYPT_SECTORS, n)
 
     def encrypt_sectors_scatter(self, key: Key, fd: int,
                                 items: Sequence[tuple[int, int, Any]], scratch: Any, *,
@@ -348,21 +341,14 @@ class Plane:
         in order, so overlapping writes keep their order. Returns (items written, errno
         of the first that failed or 0): each failed write is its own request's error."""
         code = rq.tweak_code(sector_size, tweak, tweak_unit)
-        buf = _byte_view(scratch, "scratch")
-        runs = _batch_runs(items, sector_size, len(buf), False)
         s = self._batch_session(key, "encrypt_scatter")
-        if s is not None:
-            done, err = self._on_kernel(s, "encrypt_scatter", fd, items, sector_size, code,
-                                        scratch)
-            s.tally.add(OP_ENCRYPT_SECTORS, sum(runs))
-            return int(done), int(err)
-        for done, ((offset, first, data), n) in enumerate(zip(items, runs, strict=True)):
-            self.encrypt_sectors(key, data, sector=first, sector_size=sector_size,
-                                 out=buf[:n], tweak=tweak, tweak_unit=tweak_unit)
-            err = _pwrite_all(fd, buf[:n], offset)
-            if err:
-                return done, err
-        return len(items), 0
+        if s is None:
+            return sector_runs.scatter_per_item(self, key, fd, items, scratch, sector_size,
+                                                tweak, tweak_unit)
+        done, err, written = self._on_kernel(s, "encrypt_scatter", fd, items, sector_size,
+                                             code, scratch)
+        s.tally.add(OP_ENCRYPT_SECTORS, written)
+        return done, err
 
     def _batch_session(self, key: Key, op: str) -> Session | None:
         """``key``'s session when this plane's fast path serves it (bound here on first
@@ -556,50 +542,3 @@ class Plane:
     def __repr__(self) -> str:
         return f"<Plane engines={list(self._engines)}{' closed' if self._closed else ''}>"
 
-
-def _batch_runs(items: Sequence[tuple[int, int, Any]], sector_size: int, room: int,
-                gather: bool) -> list[int]:
-    """Each item's length, all checked before any runs (the Python kernel would run the
-    good items before a bad one): whole sectors from a sector in 0..2**64-1 (the native
-    one takes it modulo 2**64), inside the source's ``room`` bytes (gather) or the
-    scratch buffer's (scatter)."""
-    runs = []
-    for i, item in enumerate(items):
-        try:
-            off, first, b = item
-            t = type(b)  # runs per item of every batch: the cheapest length first
-            n = b.nbytes if t is memoryview else len(b) if t is bytes else memoryview(b).nbytes
-            whole = n and not n % sector_size and 0 <= first <= _U64
-            inside = 0 <= off <= room - n if gather else n <= room and 0 <= off <= _I64
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"item {i} is not (offset, first sector, buffer)") from None
-        if not whole:
-            raise InvalidRequest(f"item {i}: {n} bytes from sector {first!r} is not a run "
-                                 f"of whole {sector_size}-byte sectors in 0..2**64-1")
-        if not inside:
-            where = "the source" if gather else "the scratch buffer or the file offsets"
-            raise InvalidRequest(f"item {i}: {n} bytes at {off!r} lie outside {where}")
-        runs.append(n)
-    return runs
-
-
-def _byte_view(obj: Any, what: str) -> memoryview:
-    try:
-        return memoryview(obj).cast("B")
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"{what} must be a contiguous buffer") from None
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
-    """0 once all of ``data`` is at ``offset``, else the errno that stopped it (EIO for a
-    write that took nothing, as the native scatter has it)."""
-    put = 0
-    try:
-        while put < len(data):
-            wrote = os.pwrite(fd, data[put:], offset + put)
-            if wrote == 0:
-                return errno.EIO
-            put += wrote
-    except OSError as exc:
-        return exc.errno or errno.EIO
-    return 0

@@ -107,6 +107,32 @@ def _byte_view(obj: object, name: str) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+_I64 = (1 << 63) - 1  # the largest file offset
+
+
+def _checked_items(items: Sequence[tuple[int, int, object]], sector_size: int, tweak: int,
+                   writable: bool) -> list[int]:
+    """Each batch item's length, every item checked before any runs, as the native
+    kernel's batch parsing does (numbers in 0..2**64-1, whole sectors)."""
+    if sector_size not in SECTOR_SIZES:
+        raise ValueError(f"sector_size must be 512, 1024, 2048 or 4096, got {sector_size}")
+    if not _valid_code(tweak):
+        raise ValueError(f"bad tweak code {tweak}")
+    runs = []
+    for i, (offset, first, buf) in enumerate(items):
+        for number in (_as_int(offset, "offset"), _as_int(first, "first_sector")):
+            if not 0 <= number <= _U64:
+                raise OverflowError(f"item {i}: {number} is outside 0..2**64-1")
+        view = _byte_view(buf, "item")
+        if writable and view.readonly:
+            raise TypeError(f"item {i}: the buffer is read-only")
+        if len(view) == 0 or len(view) % sector_size:
+            raise ValueError(f"item {i}: {len(view)} bytes is not a non-zero multiple of "
+                             f"the sector size {sector_size}")
+        runs.append(len(view))
+    return runs
+
+
 class XtsKey:
     """An AES-XTS key (32 bytes: AES-128-XTS, 64 bytes: AES-256-XTS) for sector runs."""
 
@@ -251,27 +277,34 @@ class XtsKey:
         return target
 
     def decrypt_gather(self, src: object, items: Sequence[tuple[int, int, object]],
-                       sector_size: int, tweak: int) -> None:
+                       sector_size: int, tweak: int) -> int:
         """Decrypt many runs of ``src``: items are ``(offset in src, first_sector,
         out)``, each ``out`` filled with the plaintext of ``len(out)`` bytes at
-        ``offset`` (the native kernel's batch, for an NBD server's reads of one receive)."""
+        ``offset`` (the native kernel's batch, for an NBD server's reads of one receive).
+        Every item is checked before any runs; returns the bytes decrypted."""
         data = _byte_view(src, "src")
-        for offset, first, out in items:
-            n = len(_byte_view(out, "out"))
-            if offset < 0 or offset + n > len(data):
-                raise ValueError("an item lies outside the source")
+        runs = _checked_items(items, sector_size, tweak, writable=True)
+        for i, (item, n) in enumerate(zip(items, runs, strict=True)):
+            if item[0] + n > len(data):
+                raise ValueError(f"item {i} lies outside the source")
+        for (offset, first, out), n in zip(items, runs, strict=True):
             self.decrypt(data[offset:offset + n], first, sector_size, out, tweak)
+        return sum(runs)
 
     def encrypt_scatter(self, fd: int, items: Sequence[tuple[int, int, object]],
-                        sector_size: int, tweak: int, scratch: object) -> tuple[int, int]:
+                        sector_size: int, tweak: int,
+                        scratch: object) -> tuple[int, int, int]:
         """Encrypt each item's plaintext ``(file offset, first_sector, data)`` into
-        ``scratch`` and write it to ``fd`` at the offset, in order; returns (items
-        written, errno of the first that failed or 0), as the native kernel does."""
+        ``scratch`` and write it to ``fd`` at the offset, in order; every item is checked
+        before any runs. Returns (items written, errno of the first that failed or 0,
+        bytes written), as the native kernel does."""
         buf = _byte_view(scratch, "scratch")
-        for done, (offset, first, data) in enumerate(items):
-            n = len(_byte_view(data, "data"))
-            if n > len(buf):
-                raise ValueError("an item is longer than the scratch buffer")
+        runs = _checked_items(items, sector_size, tweak, writable=False)
+        for i, ((offset, _, _), n) in enumerate(zip(items, runs, strict=True)):
+            if n > len(buf) or offset > _I64:
+                raise ValueError(f"item {i} is longer than the scratch buffer")
+        written = 0
+        for done, ((offset, first, data), n) in enumerate(zip(items, runs, strict=True)):
             out = buf[:n]
             self.encrypt(data, first, sector_size, out, tweak)
             put = 0
@@ -279,8 +312,9 @@ class XtsKey:
                 while put < n:
                     wrote = os.pwrite(fd, out[put:], offset + put)
                     if wrote == 0:
-                        return done, errno.EIO
+                        return done, errno.EIO, written
                     put += wrote
             except OSError as exc:
-                return done, exc.errno or errno.EIO
-        return len(items), 0
+                return done, exc.errno or errno.EIO, written
+            written += n
+        return len(items), 0, written

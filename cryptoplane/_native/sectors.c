@@ -420,11 +420,12 @@ static PyMethodDef XtsKey_methods[] = {
      METH_VARARGS | METH_KEYWORDS, decrypt_doc},
     {"decrypt_gather", (PyCFunction)XtsKey_decrypt_gather, METH_VARARGS,
      "decrypt_gather(src, items, sector_size, tweak)\n--\n\nDecrypt many runs of src: "
-     "items are (offset in src, first_sector, out buffer)."},
+     "items are (offset in src, first_sector, out buffer).\n"
+     "Returns the bytes decrypted; no item runs unless every one is valid."},
     {"encrypt_scatter", (PyCFunction)XtsKey_encrypt_scatter, METH_VARARGS,
      "encrypt_scatter(fd, items, sector_size, tweak, scratch)\n--\n\nEncrypt and "
      "pwrite many runs in order: items are (file offset, first_sector, plaintext).\n"
-     "Returns (items written, errno of the first that failed or 0)."},
+     "Returns (items written, errno of the first that failed or 0, bytes written)."},
     {"__reduce__", XtsKey_reduce, METH_NOARGS, NULL},
     {"__reduce_ex__", (PyCFunction)(void (*)(void))XtsKey_reduce, METH_O, NULL},
     {"__copy__", XtsKey_reduce, METH_NOARGS, NULL},

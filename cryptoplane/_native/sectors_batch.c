@@ -56,14 +56,26 @@ batch_parse(PyObject *list, int writable, int sector_size, Py_ssize_t *count)
         goto fail;
     }
     for (i = 0; i < n; i++) {
-        PyObject *buf;
+        PyObject *off, *first, *buf;
         BatchItem *it = &items[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKO:item", &it->offset,
-                              &it->first, &buf)) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOO:item", &off, &first,
+                              &buf)) {
+            goto fail;
+        }
+        /* Not "K": it takes a negative or too big number modulo 2**64, silently. */
+        it->offset = PyLong_AsUnsignedLongLong(off);
+        if (it->offset == (unsigned long long)-1 && PyErr_Occurred()) {
+            goto fail;
+        }
+        it->first = PyLong_AsUnsignedLongLong(first);
+        if (it->first == (unsigned long long)-1 && PyErr_Occurred()) {
             goto fail;
         }
         if (PyObject_GetBuffer(buf, &it->view, writable ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS
                                                           : PyBUF_C_CONTIGUOUS) != 0) {
+            PyErr_Format(PyExc_TypeError, "item %zd: a %s bytes-like buffer is needed, not %s",
+                         i, writable ? "writable, contiguous" : "contiguous",
+                         Py_TYPE(buf)->tp_name);
             goto fail;
         }
         got++;
@@ -106,7 +118,7 @@ XtsKey_decrypt_gather(XtsKeyObject *self, PyObject *args)
     Py_buffer src;
     PyObject *list;
     BatchItem *items;
-    Py_ssize_t n = 0, i;
+    Py_ssize_t n = 0, i, total = 0;
     int sector_size, tweak, ok = 1, faulted = 0;
     void *ctx;
 
@@ -128,6 +140,7 @@ XtsKey_decrypt_gather(XtsKeyObject *self, PyObject *args)
             PyErr_Format(PyExc_ValueError, "item %zd lies outside the source", i);
             goto fail;
         }
+        total += items[i].view.len;
     }
     ctx = n ? ctx_acquire(self, 0) : NULL;
     if (n && ctx == NULL) {
@@ -159,7 +172,7 @@ XtsKey_decrypt_gather(XtsKeyObject *self, PyObject *args)
     }
     batch_free(items, n);
     PyBuffer_Release(&src);
-    Py_RETURN_NONE;
+    return PyLong_FromSsize_t(total);
 fail:
     batch_free(items, n);
     PyBuffer_Release(&src);
@@ -172,7 +185,7 @@ XtsKey_encrypt_scatter(XtsKeyObject *self, PyObject *args)
     Py_buffer scratch;
     PyObject *list;
     BatchItem *items;
-    Py_ssize_t n = 0, i, done = 0;
+    Py_ssize_t n = 0, i, done = 0, written = 0;
     int fd, sector_size, tweak, ok = 1, err = 0;
     void *ctx;
 
@@ -229,6 +242,7 @@ XtsKey_encrypt_scatter(XtsKeyObject *self, PyObject *args)
             break;
         }
         done++;
+        written += (Py_ssize_t)len;
     }
     Py_END_ALLOW_THREADS
     if (!ok) {
@@ -241,7 +255,7 @@ XtsKey_encrypt_scatter(XtsKeyObject *self, PyObject *args)
     }
     batch_free(items, n);
     PyBuffer_Release(&scratch);
-    return Py_BuildValue("(ni)", done, err);
+    return Py_BuildValue("(nin)", done, err, written);
 fail:
     batch_free(items, n);
     PyBuffer_Release(&scratch);

@@ -218,20 +218,23 @@ class XtsKernel(_BlockCipherKernel):
             raise InvalidRequest(f"{self.algorithm.name} sectors: {e}") from None
 
     def decrypt_gather(self, src: Buffer, items: Sequence[tuple[int, int, Any]],
-                       sector_size: int, tweak: int = 0) -> None:
+                       sector_size: int, tweak: int = 0) -> int:
         """Many runs in one native call: each item ``(offset in src, first sector,
         out)`` fills ``out`` with the plaintext of ``src[offset:offset + len(out)]``
-        (an NBD server's reads of one receive, from the image mapping)."""
+        (an NBD server's reads of one receive, from the image mapping). Every item is
+        checked before any runs; returns the bytes decrypted."""
         try:
-            self._sectors.decrypt_gather(src, items, sector_size, tweak)
+            return self._sectors.decrypt_gather(src, items, sector_size, tweak)
         except (ValueError, TypeError, OverflowError) as e:
             raise InvalidRequest(f"{self.algorithm.name} sectors: {e}") from None
 
     def encrypt_scatter(self, fd: int, items: Sequence[tuple[int, int, Any]],
-                        sector_size: int, tweak: int, scratch: Any) -> tuple[int, int]:
+                        sector_size: int, tweak: int,
+                        scratch: Any) -> tuple[int, int, int]:
         """Each item ``(file offset, first sector, plaintext)`` encrypted into
-        ``scratch`` and written to ``fd``, in order, in one native call; returns (items
-        written, errno of the first that failed or 0)."""
+        ``scratch`` and written to ``fd``, in order, in one native call; every item is
+        checked before any runs. Returns (items written, errno of the first that failed
+        or 0, bytes written)."""
         try:
             return self._sectors.encrypt_scatter(fd, items, sector_size, tweak, scratch)
         except (ValueError, TypeError, OverflowError) as e:

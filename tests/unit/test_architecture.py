@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "cryptoplane.session", "cryptoplane.stats")),
     ("engines", ("cryptoplane.engines",)),
     ("scheduler", ("cryptoplane.scheduler",)),
-    ("plane", ("cryptoplane.plane",)),
+    ("plane", ("cryptoplane.plane", "cryptoplane.sector_runs")),
     ("consumers", ("cryptoplane.volume", "cryptoplane.nbd", "cryptoplane.stream",
                    "cryptoplane.telemetry", "cryptoplane.offload")),
     ("package", ("cryptoplane",)),  # the facade: ``import cryptoplane as cp``

@@ -41,9 +41,10 @@ def test_gather_equals_one_decrypt_per_item(impl: Any, ss: int, tweak: int) -> N
     for _ in range(20):
         items = batch(rng, ss, len(src), rng.randint(1, 32))
         outs = [bytearray(n) for _, _, n in items]
-        key.decrypt_gather(memoryview(src), [(o, f, b) for (o, f, _), b in zip(items, outs,
-                                                                                strict=True)],
-                           ss, tweak)
+        got_bytes = key.decrypt_gather(
+            memoryview(src), [(o, f, b) for (o, f, _), b in zip(items, outs, strict=True)],
+            ss, tweak)
+        assert got_bytes == sum(n for _, _, n in items)
         for (off, first, n), got in zip(items, outs, strict=True):
             want = _native.PythonXtsKey(key_bytes).decrypt(src[off:off + n], first, ss,
                                                            None, tweak)
@@ -70,7 +71,8 @@ def test_scatter_equals_one_encrypt_and_pwrite_per_item(impl: Any, ss: int, twea
         for _ in range(20):
             items = [(off, first, rng.randbytes(n))
                      for off, first, n in batch(rng, ss, size, rng.randint(1, 32))]
-            assert key.encrypt_scatter(fa, items, ss, tweak, scratch) == (len(items), 0)
+            assert key.encrypt_scatter(fa, items, ss, tweak, scratch) == (
+                len(items), 0, sum(len(d) for _, _, d in items))
             for off, first, data in items:
                 os.pwrite(fb, ref.encrypt(data, first, ss, None, tweak), off)
         assert a.read_bytes() == b.read_bytes() != start
@@ -90,7 +92,7 @@ def test_scatter_reports_the_first_failed_write(impl: Any, tmp_path: Path) -> No
                                   bytearray(512))
     finally:
         os.close(fd)
-    assert got == (0, errno.EBADF)
+    assert got == (0, errno.EBADF, 0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -103,3 +105,12 @@ def test_bad_items_are_refused(impl: Any) -> None:
         key.decrypt_gather(src, [(0, 0, bytearray(100))], 512, 0)  # not whole sectors
     with pytest.raises(ValueError):
         key.encrypt_scatter(-1, [(0, 0, bytes(1024))], 512, 0, bytearray(512))  # > scratch
+    # numbers outside 0..2**64-1 are refused, not taken modulo 2**64 ("K" would)
+    for bad in ((0, -1), (-512, 0), (0, 1 << 64)):
+        with pytest.raises(OverflowError):
+            key.decrypt_gather(src, [(bad[0], bad[1], bytearray(512))], 512, 0)
+    # nothing ran: a good item before a bad one is left as it was
+    first = bytearray(b"x" * 512)
+    with pytest.raises(ValueError):
+        key.decrypt_gather(src, [(0, 0, first), (0, 0, bytearray(100))], 512, 0)
+    assert first == b"x" * 512
