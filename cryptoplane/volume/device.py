@@ -179,7 +179,7 @@ class Volume(BoundedDevice):
                 try:
                     batch.decrypt_gather(image, items, nbytes)
                     # a file cut inside a page maps zeros after its end, not SIGBUS
-                    if self._file and os.fstat(self._fd).st_size < end:
+                    if self._file and _file_size(self._fd) < end:
                         raise OSError("the file shrank")
                 except Exception:  # SIGBUS, say: each again, alone, for its own error
                     alone.extend(i for i, _, _ in picked)
@@ -402,7 +402,7 @@ class Volume(BoundedDevice):
             except OSError:  # SIGBUS, caught by the kernel: the file shrank
                 shrank = True
             else:  # a file cut inside a page maps zeros after its end, not SIGBUS
-                shrank = self._file and os.fstat(self._fd).st_size < at + n
+                shrank = self._file and _file_size(self._fd) < at + n
             if shrank:
                 raise InvalidRequest(f"short read at byte {at}: the file or device "
                                      "shrank")
@@ -473,3 +473,9 @@ def _map_image(fd: int, length: int, cipher: SectorCipher) -> mmap.mmap | None:
         return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     except (OSError, ValueError, OverflowError):
         return None
+
+
+def _file_size(fd: int) -> int:
+    """The file's size now: lseek to its end is a third of an ``os.fstat`` here (~0.3
+    against ~0.95 µs), and the volume only uses pread and pwrite, which ignore the offset."""
+    return os.lseek(fd, 0, os.SEEK_END)
