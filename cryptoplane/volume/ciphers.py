@@ -188,8 +188,7 @@ class XtsPlain:
 class SectorBatch:
     """Many runs of one XTS key in one plane call (one native call on its fast path;
     the plane counts the bytes as single runs are counted). Items are ``(offset, first
-    sector, buffer)``; the caller checked ranges and alignment. ``nbytes``, the items'
-    total, is what the caller counted; the plane counts for itself."""
+    sector, buffer)``; the caller checked ranges and alignment."""
 
     __slots__ = ("_key", "_plane", "_ss", "_tweak", "_unit")
 
@@ -201,13 +200,13 @@ class SectorBatch:
         self._tweak = tweak
         self._unit = tweak_unit
 
-    def decrypt_gather(self, src: Any, items: list[tuple[int, int, Any]], nbytes: int) -> None:
+    def decrypt_gather(self, src: Any, items: list[tuple[int, int, Any]]) -> None:
         """Fill each item's buffer with the plaintext at its offset in ``src``."""
         self._plane.decrypt_sectors_gather(self._key, src, items, sector_size=self._ss,
                                            tweak=self._tweak, tweak_unit=self._unit)
 
-    def encrypt_scatter(self, fd: int, items: list[tuple[int, int, Any]], scratch: Any,
-                        nbytes: int) -> tuple[int, int]:
+    def encrypt_scatter(self, fd: int, items: list[tuple[int, int, Any]],
+                        scratch: Any) -> tuple[int, int]:
         """Encrypt each item's buffer and write it to ``fd`` at its offset, in order:
         (items written, errno of the first that failed or 0)."""
         return self._plane.encrypt_sectors_scatter(self._key, fd, items, scratch,

@@ -156,28 +156,33 @@ class Volume(BoundedDevice):
         if batch is None:
             alone = list(range(len(reqs)))
         else:
-            ss, step, seq = self._ss, self._chunk, self._seq
+            mask, step, seq = self._ss - 1, self._chunk, self._seq
             base, iv0, unit, size = self._base, self._iv0, self._iv_unit, self._size
             items: list[tuple[int, int, Any]] = []
             picked: list[tuple[int, int, int]] = []  # (request, stripe, its sequence)
-            nbytes = end = 0
+            end = 0
             for i, (offset, buf) in enumerate(reqs):
-                view = memoryview(buf).cast("B")
-                n = len(view)
-                stripe = offset // step % _STRIPES
+                # runs per request of every batch: the cheapest length first (a server's
+                # buffers are byte memoryviews; the kernel refuses read-only ones, and
+                # then each is read alone, for its own error)
+                t = type(buf)
+                n = buf.nbytes if t is memoryview else len(buf) if t is bytearray else (
+                    memoryview(buf).nbytes)
+                region = offset // step
+                stripe = region % _STRIPES
                 before = seq[stripe]
-                if (n and not (offset | n) & (ss - 1) and offset >= 0 and offset + n <= size
-                        and (offset + n - 1) // step == offset // step and not before & 1
-                        and not view.readonly):
-                    items.append((base + offset, (iv0 + offset // unit) & _U64, view))
+                if (n and not (offset | n) & mask and offset >= 0 and offset + n <= size
+                        and offset + n <= (region + 1) * step and not before & 1):
+                    at = base + offset
+                    items.append((at, (iv0 + offset // unit) & _U64, buf))
                     picked.append((i, stripe, before))
-                    nbytes += n
-                    end = max(end, base + offset + n)
+                    if at + n > end:
+                        end = at + n
                 else:
                     alone.append(i)
             if items:
                 try:
-                    batch.decrypt_gather(image, items, nbytes)
+                    batch.decrypt_gather(image, items)
                     # a file cut inside a page maps zeros after its end, not SIGBUS
                     if self._file and _file_size(self._fd) < end:
                         raise OSError("the file shrank")
@@ -202,29 +207,30 @@ class Volume(BoundedDevice):
         every write that succeeded is durable on return."""
         errors: list[BaseException | None] = [None] * len(reqs)
         batch = self._cipher.batch() if not (self._closed or self._read_only) else None
-        ss, step, size = self._ss, self._chunk, self._size
+        mask, step, size = self._ss - 1, self._chunk, self._size
         base, iv0, unit = self._base, self._iv0, self._iv_unit
         run: list[int] = []
         items: list[tuple[int, int, Any]] = []  # what the native call takes, for ``run``
-        nbytes = 0
+        stripes: set[int] = set()  # theirs
         for i, (offset, data) in enumerate(reqs):
             t = type(data)
             n = len(data) if t is bytes or t is bytearray else memoryview(data).nbytes
-            if (batch is not None and n and not (offset | n) & (ss - 1) and offset >= 0
-                    and offset + n <= size and (offset + n - 1) // step == offset // step):
+            region = offset // step
+            if (batch is not None and n and not (offset | n) & mask and offset >= 0
+                    and offset + n <= size and offset + n <= (region + 1) * step):
                 run.append(i)
                 items.append((base + offset, (iv0 + offset // unit) & _U64, data))
-                nbytes += n
+                stripes.add(region % _STRIPES)
                 continue
             if run:
-                self._write_run(batch, reqs, run, items, nbytes, errors)
-                run, items, nbytes = [], [], 0
+                self._write_run(batch, reqs, run, items, stripes, errors)
+                run, items, stripes = [], [], set()
             try:
                 self.pwrite(offset, data)
             except Exception as exc:
                 errors[i] = exc
         if run:
-            self._write_run(batch, reqs, run, items, nbytes, errors)
+            self._write_run(batch, reqs, run, items, stripes, errors)
         if fua:
             try:
                 self.flush()
@@ -233,31 +239,25 @@ class Volume(BoundedDevice):
         return errors
 
     def _write_run(self, batch: Any, reqs: Sequence[tuple[int, Any]], run: list[int],
-                   items: list[tuple[int, int, Any]], nbytes: int,
+                   items: list[tuple[int, int, Any]], stripes: set[int],
                    errors: list[BaseException | None]) -> None:
         """One native call for the writes ``run`` (whole sectors, one region each), under
-        the locks of their stripes, taken in order (other writers hold one at a time, so
-        no two wait for each other) and with their sequences odd meanwhile."""
-        step = self._chunk
-        stripes = sorted({reqs[i][0] // step % _STRIPES for i in run})
-        locks = [self._stripes[s] for s in stripes]
-        seq = self._seq
+        the locks of their ``stripes``, taken in order (other writers hold one at a time,
+        so no two wait for each other) and with their sequences odd meanwhile."""
+        order = sorted(stripes)
+        locks, seq = self._stripes, self._seq
         done, err = 0, 0
-        for lock in locks:
-            lock.acquire()
+        for s in order:
+            locks[s].acquire()
+            seq[s] += 1
         try:
-            for s in stripes:
-                seq[s] += 1
-            try:
-                done, err = batch.encrypt_scatter(self._fd, items, self._scratch(), nbytes)
-            except Exception:  # none counted as written: each again, alone
-                done, err = 0, -1
-            finally:
-                for s in stripes:
-                    seq[s] += 1
+            done, err = batch.encrypt_scatter(self._fd, items, self._scratch())
+        except Exception:  # none counted as written: each again, alone
+            done, err = 0, -1
         finally:
-            for lock in reversed(locks):
-                lock.release()
+            for s in order:
+                seq[s] += 1
+                locks[s].release()
         if not err:
             return
         rest = run[done:]

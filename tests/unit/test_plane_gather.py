@@ -163,7 +163,7 @@ def test_volume_cipher_batches_from_the_start() -> None:
         batch = cipher.batch()
         assert batch is not None
         out = bytearray(8192)
-        batch.decrypt_gather(bytes(8192), [(0, 8, out)], 8192)
+        batch.decrypt_gather(bytes(8192), [(0, 8, out)])
         want = bytearray(8192)
         cipher.decrypt(bytes(8192), 8, want)
         assert out == want
