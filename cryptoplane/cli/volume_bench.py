@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import click
 from rich.console import Console
@@ -74,21 +75,10 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
         click.echo(json.dumps([r.__dict__ for r in results], indent=1))
         return
     out = Console(width=None if sys.stdout.isatty() else 200)  # a log keeps whole rows
-    table = Table(title=f"NBD over a Unix socket, {data_size >> 20} MiB images in {workdir}"
-                        + (f", median of {rounds} rounds" if rounds > 1 else ""))
-    table.add_column("load")
     names = list(dict.fromkeys(r.server for r in results))
-    for name in names:
-        table.add_column(name, justify="right")
-    by = {(r.server, r.load): r for r in results}
-    for load in dict.fromkeys(r.load for r in results):
-        cells = []
-        for name in names:
-            r = by.get((name, load))
-            cells.append("" if r is None else f"{r.value:,.0f} {r.unit}" + (
-                f" ({min(r.samples):,.0f}-{max(r.samples):,.0f})" if len(r.samples) > 1
-                else ""))
-        table.add_row(load, *cells)
+    table = _grid(f"NBD over a Unix socket, {data_size >> 20} MiB images in {workdir}"
+                  + (f", median of {rounds} rounds" if rounds > 1 else ""), results, names,
+                  _rate_cell)
     out.print(table)
     if any(r.cpu is not None for r in results):
         out.print(_cpu_table(results, names))
@@ -106,22 +96,34 @@ def bench(size: str, runtime: float, servers: tuple[str, ...], load_names: tuple
         out.print(f"  {r.server}: {r.command}", soft_wrap=True, highlight=False)
 
 
+def _rate_cell(r: vb.Result) -> str:
+    spread = (f" ({min(r.samples):,.0f}-{max(r.samples):,.0f})" if len(r.samples) > 1
+              else "")
+    return f"{r.value:,.0f} {r.unit}{spread}"
+
+
+def _cpu_cell(r: vb.Result) -> str:
+    if r.cpu is None:
+        return ""
+    return f"{r.cpu:.2f} µs" if r.unit == "IOPS" else f"{r.cpu:.2f} s/GiB"
+
+
 def _cpu_table(results: list[vb.Result], names: list[str]) -> Table:
     """What each server spent per unit of work: steadier than the rates on a shared
     machine, and where the cost of encryption shows (ours-luks1 against ours-raw)."""
-    table = Table(title="server CPU (all its processes and threads): µs per I/O, "
-                        "or CPU seconds per GiB moved")
+    return _grid("server CPU (all its processes and threads): µs per I/O, or CPU seconds "
+                 "per GiB moved", results, names, _cpu_cell)
+
+
+def _grid(title: str, results: list[vb.Result], names: list[str],
+          cell: Callable[[vb.Result], str]) -> Table:
+    """A table of loads (rows) by servers (columns), each cell drawn by ``cell``."""
+    table = Table(title=title)
     table.add_column("load")
     for name in names:
         table.add_column(name, justify="right")
     by = {(r.server, r.load): r for r in results}
     for load in dict.fromkeys(r.load for r in results):
-        cells = []
-        for name in names:
-            r = by.get((name, load))
-            if r is None or r.cpu is None:
-                cells.append("")
-            else:
-                cells.append(f"{r.cpu:.2f} µs" if r.unit == "IOPS" else f"{r.cpu:.2f} s/GiB")
-        table.add_row(load, *cells)
+        rs = [by.get((name, load)) for name in names]
+        table.add_row(load, *("" if r is None else cell(r) for r in rs))
     return table

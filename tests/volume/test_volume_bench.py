@@ -43,3 +43,22 @@ def test_rounds_interleave_servers_and_report_medians(tmp_path: Path) -> None:
     assert rows[("fio seq read 1M", "ours-raw")] == (
         by[("ours-luks1", "fio seq read 1M")] / by[("ours-raw", "fio seq read 1M")])
     assert not list(tmp_path.iterdir())  # images removed
+
+
+def test_cli_prints_rates_cpu_and_the_bars(tmp_path: Path) -> None:
+    missing = [p for p in ("fio", "nbdcopy", "nbdkit", "qemu-nbd") if not shutil.which(p)]
+    if missing:
+        support.unavailable(f"needs {', '.join(missing)} (Debian: fio libnbd-bin nbdkit "
+                            "qemu-utils)")
+    from click.testing import CliRunner
+
+    from cryptoplane.cli.volume_bench import bench
+
+    done = CliRunner().invoke(bench, ["--size", "16M", "--runtime", "0.5", "--rounds", "1",
+                                      "--server", "ours-raw", "--server", "ours-luks2-4k",
+                                      "--load", "fio rand read 4k QD32", "--dir",
+                                      str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert "IOPS" in done.output and "server CPU" in done.output and " µs" in done.output
+    assert "ours-luks2-4k / ours-raw" in done.output  # issue 18's bar, with its verdict
+    assert "fio --name=bench" in done.output  # every command, to reproduce by hand
