@@ -247,9 +247,9 @@ def test_scatter_reports_a_failed_write(plane: cp.Plane, mode: str, tmp_path: Pa
 def test_buffers_that_are_not_byte_buffers_are_refused(plane: cp.Plane, mode: str) -> None:
     key = make_key(plane, mode, bytes(range(64)))
     # the kernel's own words on the fast path, the plane's elsewhere: typed alike
-    with pytest.raises(cp.InvalidRequest, match="bytes-like|src"):
+    with pytest.raises(cp.InvalidRequest, match=r"bytes-like|src"):
         plane.decrypt_sectors_gather(key, "text", [], sector_size=512)  # type: ignore[arg-type]
-    with pytest.raises(cp.InvalidRequest, match="contiguous|scratch|bytes-like"):
+    with pytest.raises(cp.InvalidRequest, match=r"contiguous|scratch|bytes-like"):
         plane.encrypt_sectors_scatter(key, 0, [], memoryview(bytearray(2048))[::2],
                                       sector_size=512)
     with pytest.raises(cp.InvalidRequest, match="item"):
