@@ -3,6 +3,8 @@ cryptoplane before it learnt dm-crypt's, and re-encrypt it in place if so."""
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
@@ -56,27 +58,31 @@ def convert_ivs_cmd(path: str, key_file: str | None, passphrase_fd: int | None,
     """
     hotzone = parse_size(hotzone_size, least=512)
     secret = read_secret(key_file, passphrase_fd, "Enter passphrase")
-    found = run(lambda: convert_ivs.inspect(path, secret, header=header))
-    click.echo(f"{path}: {_EXPLAIN[found.verdict]}", err=check)
-    if found.sampled:
-        click.echo(f"  sampled {found.sampled} sectors of {found.sector_size} bytes: "
-                   f"{found.structured_old} look like data under the old IVs, "
-                   f"{found.structured_new} under dm-crypt's", err=check)
-    if check:
-        click.echo(found.verdict)
-        return
-    if found.verdict in ("dm-crypt", "unaffected"):
-        return
-    if found.verdict == "unknown" and not force:
-        raise Failed("not converting without --force: the check cannot tell which IVs "
-                     "the data has")
-    if not yes and found.verdict != "converting":
-        click.confirm(f"Re-encrypt {found.size} bytes of {path} in place?", abort=True,
-                      err=True)
-    columns = (TextColumn("converting"), BarColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("convert", total=found.size, completed=found.converted)
-        size = run(lambda: convert_ivs.convert(
-            path, secret, header=header, hotzone=hotzone,
-            progress=lambda done, total: bar.update(task, completed=done)))
+    with contextlib.ExitStack() as stack:
+        # one open, one KDF: an Argon2 keyslot costs a second and a gigabyte each time
+        vol = run(lambda: stack.enter_context(
+            convert_ivs.opened(path, secret, header=header, write=not check)))
+        found = run(vol.inspect)
+        click.echo(f"{path}: {_EXPLAIN[found.verdict]}", err=check)
+        if found.sampled:
+            click.echo(f"  sampled {found.sampled} sectors of {found.sector_size} bytes: "
+                       f"{found.structured_old} look like data under the old IVs, "
+                       f"{found.structured_new} under dm-crypt's", err=check)
+        if check:
+            click.echo(found.verdict)
+            return
+        if found.verdict in ("dm-crypt", "unaffected"):
+            return
+        if found.verdict == "unknown" and not force:
+            raise Failed("not converting without --force: the check cannot tell which IVs "
+                         "the data has")
+        if not yes and found.verdict != "converting":
+            click.confirm(f"Re-encrypt {found.size} bytes of {path} in place?", abort=True,
+                          err=True)
+        columns = (TextColumn("converting"), BarColumn(), TransferSpeedColumn())
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            task = bar.add_task("convert", total=found.size, completed=found.converted)
+            size = run(lambda: vol.convert(
+                hotzone=hotzone,
+                progress=lambda done, total: bar.update(task, completed=done)))
     click.echo(f"Converted {size} bytes: the data now follows dm-crypt's IVs.")

@@ -107,32 +107,103 @@ class Inspection:
     size: int = 0
 
 
+class OpenedVolume:
+    """A volume opened for ``inspect`` and ``convert``: the header read and the key
+    derived once (an Argon2 keyslot costs a second and a gigabyte each time), so a
+    command that inspects and then converts pays for one KDF. From ``opened``."""
+
+    def __init__(self, dev: Device, loaded: LuksHeader, key: bytes | None,
+                 path: str | os.PathLike[str], header: str | os.PathLike[str] | None,
+                 size: int) -> None:
+        self._dev, self._loaded, self._key = dev, loaded, key
+        self._path, self._header, self._size = path, header, size
+
+    def inspect(self, *, samples: int = 256, plane: Plane | None = None) -> Inspection:
+        """Which IV rule the volume's data follows (reads only)."""
+        loaded, key, path = self._loaded, self._key, self._path
+        if loaded.version == 1 or key is None:
+            return Inspection("unaffected", 512)
+        state = _conversion(loaded.h2.metadata)
+        bare = _without_requirement(loaded)
+        new = data_layout(bare, key, self._size)
+        if state is not None:
+            return Inspection("converting", new.sector_size, converted=state.offset,
+                              size=new.size)
+        if new.sector_size == 512:
+            return Inspection("unaffected", 512, size=new.size)
+        old = data_layout(bare, key, self._size, legacy_ivs=True)
+        with _ciphers(new, old, plane) as (enc_new, enc_old):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                lock_data(fd, write=False, path=path)
+                return _sample(fd, new, old, enc_new, enc_old, samples)
+            finally:
+                os.close(fd)
+
+    def convert(self, *, hotzone: int = DEFAULT_HOTZONE, progress: Progress | None = None,
+                plane: Plane | None = None) -> int:
+        """Re-encrypt the data from the old IVs to dm-crypt's, or finish a conversion
+        that was interrupted. Returns the data segment's size in bytes. Needs the volume
+        opened with ``write=True``."""
+        dev, loaded, key, path = self._dev, self._loaded, self._key, self._path
+        if loaded.version == 1 or key is None:
+            raise InvalidRequest("LUKS1 data has 512-byte sectors, whose IVs are the same "
+                                 "under both rules: nothing to convert")
+        bare = _without_requirement(loaded)
+        new = data_layout(bare, key, self._size)
+        old = data_layout(bare, key, self._size, legacy_ivs=True)
+        h2 = loaded.h2
+        state = _conversion(h2.metadata)
+        if state is None:
+            if new.sector_size == 512:
+                raise InvalidRequest("the volume has 512-byte sectors, whose IVs are the "
+                                     "same under both rules: nothing to convert")
+            state = _plan(h2.metadata, new, hotzone)
+            h2 = _record(dev, h2, state, start=True)
+        with _ciphers(new, old, plane) as ciphers:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                lock_data(fd, write=True, path=path)  # no `serve` writes meanwhile
+                h2 = _run(dev, h2, fd, state, new, old, ciphers, progress)
+            finally:
+                os.close(fd)
+        _finish(dev, h2, state)
+        self._loaded = read_header(dev)
+        return new.size
+
+
+@contextlib.contextmanager
+def opened(path: str | os.PathLike[str], secret: bytes, *,
+           header: str | os.PathLike[str] | None = None,
+           write: bool = False) -> Iterator[OpenedVolume]:
+    """The volume at ``path`` (its header at ``header`` when detached), unlocked with
+    ``secret``; ``write`` to convert (the header is then held for writing throughout)."""
+    with open_device(header or path, write, lock_timeout=LOCK_TIMEOUT_S) as dev:
+        loaded = read_header(dev)
+        key = None
+        size = 0
+        if loaded.version == 2:
+            _, key = open_key(dev, _without_requirement(loaded), secret, None)
+            size = data_device_size(path, header, dev)
+        yield OpenedVolume(dev, loaded, key, path, header, size)
+
+
 def inspect(path: str | os.PathLike[str], secret: bytes, *,
             header: str | os.PathLike[str] | None = None, samples: int = 256,
             plane: Plane | None = None) -> Inspection:
     """Which IV rule the volume's data follows (reads only)."""
-    with open_device(header or path, False, lock_timeout=LOCK_TIMEOUT_S) as dev:
-        loaded = read_header(dev)
-        if loaded.version == 1:
-            return Inspection("unaffected", 512)
-        state = _conversion(loaded.h2.metadata)
-        bare = _without_requirement(loaded)
-        _, key = open_key(dev, bare, secret, None)
-        size = data_device_size(path, header, dev)
-    new = data_layout(bare, key, size)
-    if state is not None:
-        return Inspection("converting", new.sector_size, converted=state.offset,
-                          size=new.size)
-    if new.sector_size == 512:
-        return Inspection("unaffected", 512, size=new.size)
-    old = data_layout(bare, key, size, legacy_ivs=True)
-    with _ciphers(new, old, plane) as (enc_new, enc_old):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            lock_data(fd, write=False, path=path)
-            return _sample(fd, new, old, enc_new, enc_old, samples)
-        finally:
-            os.close(fd)
+    with opened(path, secret, header=header) as vol:
+        return vol.inspect(samples=samples, plane=plane)
+
+
+def convert(path: str | os.PathLike[str], secret: bytes, *,
+            header: str | os.PathLike[str] | None = None,
+            hotzone: int = DEFAULT_HOTZONE, progress: Progress | None = None,
+            plane: Plane | None = None) -> int:
+    """Re-encrypt the data from the old IVs to dm-crypt's, or finish a conversion that
+    was interrupted. Returns the data segment's size in bytes."""
+    with opened(path, secret, header=header, write=True) as vol:
+        return vol.convert(hotzone=hotzone, progress=progress, plane=plane)
 
 
 def _sample(fd: int, new: DataLayout, old: DataLayout, enc_new: SectorCipher,
@@ -162,41 +233,6 @@ def _structured(plain: bytearray) -> bool:
     """Whether a decrypted sector looks like data rather than a wrong key's noise: AES
     with a wrong IV gives bytes that no compressor shrinks."""
     return len(zlib.compress(bytes(plain), 1)) < len(plain) * 9 // 10
-
-
-def convert(path: str | os.PathLike[str], secret: bytes, *,
-            header: str | os.PathLike[str] | None = None,
-            hotzone: int = DEFAULT_HOTZONE, progress: Progress | None = None,
-            plane: Plane | None = None) -> int:
-    """Re-encrypt the data from the old IVs to dm-crypt's, or finish a conversion that
-    was interrupted. Returns the data segment's size in bytes."""
-    with open_device(header or path, True, lock_timeout=LOCK_TIMEOUT_S) as dev:
-        loaded = read_header(dev)
-        if loaded.version == 1:
-            raise InvalidRequest("LUKS1 data has 512-byte sectors, whose IVs are the same "
-                                 "under both rules: nothing to convert")
-        bare = _without_requirement(loaded)
-        _, key = open_key(dev, bare, secret, None)
-        size = data_device_size(path, header, dev)
-        new = data_layout(bare, key, size)
-        old = data_layout(bare, key, size, legacy_ivs=True)
-        h2 = loaded.h2
-        state = _conversion(h2.metadata)
-        if state is None:
-            if new.sector_size == 512:
-                raise InvalidRequest("the volume has 512-byte sectors, whose IVs are the "
-                                     "same under both rules: nothing to convert")
-            state = _plan(h2.metadata, new, hotzone)
-            h2 = _record(dev, h2, state, start=True)
-        with _ciphers(new, old, plane) as ciphers:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                lock_data(fd, write=True, path=path)  # no `serve` writes meanwhile
-                h2 = _run(dev, h2, fd, state, new, old, ciphers, progress)
-            finally:
-                os.close(fd)
-        _finish(dev, h2, state)
-    return new.size
 
 
 def _run(dev: Device, h2: luks2.Header, fd: int, state: Conversion, new: DataLayout,
@@ -314,5 +350,5 @@ def _ciphers(new: DataLayout, old: DataLayout, plane: Plane | None,
                              iv_large_sectors=True))
 
 
-__all__ = ["DEFAULT_HOTZONE", "REQUIREMENT", "Conversion", "Inspection", "convert",
-           "inspect"]
+__all__ = ["DEFAULT_HOTZONE", "REQUIREMENT", "Conversion", "Inspection", "OpenedVolume",
+           "convert", "inspect", "opened"]

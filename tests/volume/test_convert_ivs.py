@@ -256,3 +256,33 @@ def test_an_attached_header_volume_converts_in_place(tmp_path: Path) -> None:
     layout = luks.unlock(data, passphrase=PASSPHRASE)
     with Volume(data, layout, read_only=True) as vol:
         assert vol.read(0, vol.size) == plain
+
+
+def test_the_command_derives_the_key_once(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check and the conversion share one open: an Argon2 keyslot costs a second and
+    a gigabyte per derivation, and the command used to pay it twice."""
+    from click.testing import CliRunner
+
+    from cryptoplane.cli.volume_convert import convert_ivs_cmd
+
+    data, header, plain = legacy_volume(tmp_path, 2 << 20)
+    key_file = tmp_path / "pass"
+    key_file.write_bytes(PASSPHRASE)
+    calls = []
+    real = convert_ivs.open_key
+
+    def counted(*args: object, **kw: object) -> object:
+        calls.append(1)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(convert_ivs, "open_key", counted)
+    done = CliRunner().invoke(convert_ivs_cmd, [str(data), "--header", str(header), "--yes",
+                                                "--key-file", str(key_file)])
+    assert done.exit_code == 0, done.output
+    assert "Converted" in done.output and len(calls) == 1
+    monkeypatch.undo()
+    assert convert_ivs.inspect(data, PASSPHRASE, header=header).verdict == "dm-crypt"
+    with Volume(data, luks.unlock(data, passphrase=PASSPHRASE, header=header),
+                read_only=True) as vol:
+        assert vol.read(0, vol.size) == plain
