@@ -8,9 +8,10 @@ A cipher spec is cryptsetup's ``cipher-mode-iv[:ivopts]`` string: ``aes-xts-plai
 - ``plain64``: the sector number modulo 2^64, little-endian, zero-padded;
 - ``essiv:HASH``: ``AES_s(plain64 IV)`` with ``s = HASH(key)`` (for CBC only).
 
-The primitives are ``cryptography``'s (OpenSSL); nothing here is a cipher. Setting up a
-``Cipher`` costs microseconds per sector, which is fine for the few hundred sectors of a
-keyslot; bulk data goes through the plane's sector kernel instead.
+The primitives are ``cryptography``'s (OpenSSL); nothing here is a cipher. The per-sector
+transform is the data path's (``ciphers.PerSector``): setting up a ``Cipher`` costs
+microseconds per sector, fine for the few hundred sectors of a keyslot; bulk data goes
+through the plane's sector kernel instead.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from cryptoplane.exceptions import InvalidRequest, KeyRejected, NotSupported
+from cryptoplane.volume.ciphers import PerSector
 
-_ESSIV_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+_ESSIV_HASHES: dict[str, type[hashes.HashAlgorithm]] = {  # what the grammar names
     "sha256": hashes.SHA256,
     "sha1": hashes.SHA1,
     "sha512": hashes.SHA512,
@@ -78,21 +79,17 @@ def split_luks1(spec: str) -> tuple[str, str]:
     return name, mode
 
 
-def iv_bytes(iv: str, sector: int) -> bytes:
-    """The plain or plain64 IV of ``sector`` (16 bytes)."""
-    if iv == "plain":
-        return (sector & 0xFFFFFFFF).to_bytes(16, "little")
-    return (sector & 0xFFFFFFFFFFFFFFFF).to_bytes(16, "little")
-
-
 class SectorCipher:
-    """Encrypts or decrypts runs of sectors of one spec with one key.
+    """Encrypts or decrypts runs of sectors of one spec with one key: keyslot material,
+    checked as a keyslot needs (key sizes, distinct XTS halves), on the data path's own
+    per-sector transform (``ciphers.PerSector``: dm-crypt's IVs, one ``cryptography``
+    Cipher per sector), so that the two cannot drift apart.
 
     ``first_sector`` is the IV number of the first sector of ``data``; each following
     sector takes the next number. ``data`` must be a whole number of sectors.
     """
 
-    __slots__ = ("_essiv", "_key", "sector_size", "spec")
+    __slots__ = ("_per", "sector_size", "spec")
 
     def __init__(self, spec: str | CipherSpec, key: bytes, sector_size: int = 512) -> None:
         self.spec = spec if isinstance(spec, CipherSpec) else parse_spec(spec)
@@ -103,47 +100,25 @@ class SectorCipher:
             raise KeyRejected("XTS key halves must differ")
         if sector_size < 16 or sector_size % 16:
             raise InvalidRequest(f"sector size {sector_size} is not a multiple of 16")
-        self._key = bytes(key)
+        if self.spec.iv == "essiv" and _ESSIV_HASHES[self.spec.iv_hash]().digest_size not in (
+                16, 24, 32):  # sha1's 20 bytes, sha512's 64, cannot key AES
+            raise NotSupported(f"essiv:{self.spec.iv_hash} gives no AES key size")
         self.sector_size = sector_size
-        self._essiv: Cipher[modes.ECB] | None = None
-        if self.spec.iv == "essiv":
-            h = hashes.Hash(_ESSIV_HASHES[self.spec.iv_hash]())
-            h.update(self._key)
-            salt = h.finalize()
-            if len(salt) not in (16, 24, 32):  # sha1's 20 bytes cannot key AES
-                raise NotSupported(f"essiv:{self.spec.iv_hash} gives no AES key size")
-            self._essiv = Cipher(algorithms.AES(salt), modes.ECB())
+        self._per = PerSector(str(self.spec), bytes(key), sector_size, self.spec.mode,
+                              self.spec.iv, self.spec.iv_hash)
 
     def __repr__(self) -> str:
         return f"SectorCipher({str(self.spec)!r}, sector_size={self.sector_size})"
 
-    def _iv(self, sector: int) -> bytes:
-        plain = iv_bytes("plain" if self.spec.iv == "plain" else "plain64", sector)
-        if self._essiv is not None:
-            enc = self._essiv.encryptor()
-            return enc.update(plain) + enc.finalize()
-        return plain
-
-    def _mode(self, iv: bytes) -> modes.XTS | modes.CBC | modes.CTR:
-        if self.spec.mode == "xts":
-            return modes.XTS(iv)
-        if self.spec.mode == "cbc":
-            return modes.CBC(iv)
-        return modes.CTR(iv)
-
     def _run(self, data: bytes, first_sector: int, encrypt: bool) -> bytes:
-        ss = self.sector_size
-        if len(data) % ss:
+        if len(data) % self.sector_size:
             raise InvalidRequest(f"{len(data)} bytes is not a whole number of "
-                                 f"{ss}-byte sectors")
+                                 f"{self.sector_size}-byte sectors")
         if first_sector < 0:
             raise InvalidRequest("sector numbers are not negative")
         out = bytearray(len(data))
-        view = memoryview(data)
-        for i in range(len(data) // ss):
-            c = Cipher(algorithms.AES(self._key), self._mode(self._iv(first_sector + i)))
-            ctx = c.encryptor() if encrypt else c.decryptor()
-            out[i * ss:(i + 1) * ss] = ctx.update(view[i * ss:(i + 1) * ss]) + ctx.finalize()
+        if data:
+            (self._per.encrypt if encrypt else self._per.decrypt)(data, first_sector, out)
         return bytes(out)
 
     def encrypt(self, data: bytes, first_sector: int = 0) -> bytes:
@@ -153,4 +128,4 @@ class SectorCipher:
         return self._run(data, first_sector, False)
 
 
-__all__ = ["CipherSpec", "SectorCipher", "iv_bytes", "parse_spec", "split_luks1"]
+__all__ = ["CipherSpec", "SectorCipher", "parse_spec", "split_luks1"]
