@@ -105,6 +105,13 @@ def test_a_bad_request_fails_alone(tmp_path: Path, plane: Plane) -> None:
         assert errors[0] is None and errors[2] is None
         assert isinstance(errors[1], InvalidRequest)
         assert bufs[0] == b"a" * 512 and bufs[2] == b"c" * 512
+        # a read-only buffer: the kernel refuses the whole batch before running any item,
+        # then each is read alone, for its own error
+        bufs = [bytearray(512), bytearray(512)]
+        errors = vol.preadinto_many([(0, bufs[0]), (512, bytes(512)), (512, bufs[1])])
+        assert errors[0] is None and errors[2] is None
+        assert isinstance(errors[1], InvalidRequest)
+        assert bufs == [bytearray(b"a" * 512), bytearray(b"c" * 512)]
 
 
 def test_pipelined_requests_over_the_wire(tmp_path: Path, plane: Plane,
