@@ -230,7 +230,7 @@ def test_stats_count_fast_path_and_errors() -> None:
         for _ in range(10):
             ct = plane.encrypt(key, b"x" * 100, nonce=NONCE)
         with pytest.raises(cp.AuthenticationFailed):
-            plane.decrypt(key, ct[:-1] + b"\0", nonce=NONCE)
+            plane.decrypt(key, ct[:-1] + bytes([ct[-1] ^ 1]), nonce=NONCE)
         st = plane.stats()
         enc = st["algorithms"]["aes-128-gcm"]["encrypt"]
         assert enc["requests"] == 10 and enc["bytes"] == 1000
