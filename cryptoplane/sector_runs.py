@@ -6,21 +6,17 @@ all of this in one call (``Plane.decrypt_sectors_gather``)."""
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Sequence
 from typing import Any
 
+from ._native.fallback import batch_runs, pwrite_all
 from .exceptions import InvalidRequest
-
-_U64 = (1 << 64) - 1
-_I64 = (1 << 63) - 1  # the largest file offset
 
 
 def gather_per_item(plane: Any, key: Any, src: Any, items: Sequence[tuple[int, int, Any]],
                     sector_size: int, tweak: str, tweak_unit: int | None) -> None:
     data = _byte_view(src, "src")
-    runs = _checked_runs(items, sector_size, len(data), gather=True)
+    runs = _checked(items, sector_size, len(data), gather=True)
     for (offset, first, out), n in zip(items, runs, strict=True):
         plane.decrypt_sectors(key, data[offset:offset + n], sector=first,
                               sector_size=sector_size, out=out, tweak=tweak,
@@ -31,38 +27,24 @@ def scatter_per_item(plane: Any, key: Any, fd: int, items: Sequence[tuple[int, i
                      scratch: Any, sector_size: int, tweak: str,
                      tweak_unit: int | None) -> tuple[int, int]:
     buf = _byte_view(scratch, "scratch")
-    runs = _checked_runs(items, sector_size, len(buf), gather=False)
+    runs = _checked(items, sector_size, len(buf), gather=False)
     for done, ((offset, first, data), n) in enumerate(zip(items, runs, strict=True)):
         plane.encrypt_sectors(key, data, sector=first, sector_size=sector_size,
                               out=buf[:n], tweak=tweak, tweak_unit=tweak_unit)
-        err = _pwrite_all(fd, buf[:n], offset)
+        err = pwrite_all(fd, buf[:n], offset)
         if err:
             return done, err
     return len(items), 0
 
 
-def _checked_runs(items: Sequence[tuple[int, int, Any]], sector_size: int, room: int, *,
-                  gather: bool) -> list[int]:
-    """Each item's length, all checked before any runs: whole sectors from a sector in
-    0..2**64-1, inside the source's ``room`` bytes (gather) or the scratch buffer's and
-    the file's offsets (scatter)."""
-    runs = []
-    for i, item in enumerate(items):
-        try:
-            off, first, b = item
-            n = memoryview(b).nbytes
-            whole = n and not n % sector_size and 0 <= first <= _U64
-            inside = 0 <= off <= room - n if gather else n <= room and 0 <= off <= _I64
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"item {i} is not (offset, first sector, buffer)") from None
-        if not whole:
-            raise InvalidRequest(f"item {i}: {n} bytes from sector {first!r} is not a run "
-                                 f"of whole {sector_size}-byte sectors in 0..2**64-1")
-        if not inside:
-            where = "the source" if gather else "the scratch buffer or the file offsets"
-            raise InvalidRequest(f"item {i}: {n} bytes at {off!r} lie outside {where}")
-        runs.append(n)
-    return runs
+def _checked(items: Sequence[tuple[int, int, Any]], sector_size: int, room: int, *,
+             gather: bool) -> list[int]:
+    """The items' lengths, all checked before any runs by the kernel's own rules
+    (``batch_runs``), refused as the kernel wrapper refuses them: ``InvalidRequest``."""
+    try:
+        return batch_runs(items, sector_size, room, gather=gather)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InvalidRequest(f"sectors: {e}") from None
 
 
 def _byte_view(obj: Any, what: str) -> memoryview:
@@ -70,18 +52,3 @@ def _byte_view(obj: Any, what: str) -> memoryview:
         return memoryview(obj).cast("B")
     except (TypeError, ValueError):
         raise InvalidRequest(f"{what} must be a contiguous buffer") from None
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
-    """0 once all of ``data`` is at ``offset``, else the errno that stopped it (EIO for a
-    write that took nothing, as the native scatter has it)."""
-    put = 0
-    try:
-        while put < len(data):
-            wrote = os.pwrite(fd, data[put:], offset + put)
-            if wrote == 0:
-                return errno.EIO
-            put += wrote
-    except OSError as exc:
-        return exc.errno or errno.EIO
-    return 0

@@ -110,27 +110,60 @@ def _byte_view(obj: object, name: str) -> memoryview:
 _I64 = (1 << 63) - 1  # the largest file offset
 
 
-def _checked_items(items: Sequence[tuple[int, int, object]], sector_size: int, tweak: int,
-                   writable: bool) -> list[int]:
+def batch_runs(items: Sequence[tuple[int, int, object]], sector_size: int, room: int, *,
+               gather: bool) -> list[int]:
     """Each batch item's length, every item checked before any runs, as the native
-    kernel's batch parsing does (numbers in 0..2**64-1, whole sectors)."""
+    kernel's batch parsing does: numbers in 0..2**64-1, a buffer of whole sectors
+    (writable where a gather fills it), inside ``room`` bytes (the source, from the
+    item's offset, for a gather; the scratch buffer for a scatter, whose offsets are
+    file offsets). Raises ValueError, TypeError or OverflowError as the kernel does; the
+    plane's per-item path (``sector_runs``) checks its batches with this too."""
+    runs = []
+    for i, item in enumerate(items):
+        try:
+            offset, first, buf = item
+        except (TypeError, ValueError):
+            raise TypeError(f"item {i} is not (offset, first sector, buffer)") from None
+        offset, first = _as_int(offset, "offset"), _as_int(first, "first_sector")
+        for number in (offset, first):
+            if not 0 <= number <= _U64:
+                raise OverflowError(f"item {i}: {number} is outside 0..2**64-1")
+        view = _byte_view(buf, f"item {i}")
+        n = len(view)
+        if gather and view.readonly:
+            raise TypeError(f"item {i}: the buffer is read-only")
+        if n == 0 or n % sector_size:
+            raise ValueError(f"item {i}: {n} bytes is not a non-zero multiple of the "
+                             f"sector size {sector_size}")
+        if gather and offset + n > room:
+            raise ValueError(f"item {i} lies outside the source")
+        if not gather and (n > room or offset > _I64):
+            raise ValueError(f"item {i} is longer than the scratch buffer, or its offset "
+                             "is past 2**63-1")
+        runs.append(n)
+    return runs
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+    """Write all of ``data`` at ``offset``: 0, or the errno that stopped it (EIO for a
+    write that took nothing), which is how the native scatter reports a failed write."""
+    put = 0
+    try:
+        while put < len(data):
+            wrote = os.pwrite(fd, data[put:], offset + put)
+            if wrote == 0:
+                return errno.EIO
+            put += wrote
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    return 0
+
+
+def _check_batch_args(sector_size: int, tweak: int) -> None:
     if sector_size not in SECTOR_SIZES:
         raise ValueError(f"sector_size must be 512, 1024, 2048 or 4096, got {sector_size}")
     if not _valid_code(tweak):
         raise ValueError(f"bad tweak code {tweak}")
-    runs = []
-    for i, (offset, first, buf) in enumerate(items):
-        for number in (_as_int(offset, "offset"), _as_int(first, "first_sector")):
-            if not 0 <= number <= _U64:
-                raise OverflowError(f"item {i}: {number} is outside 0..2**64-1")
-        view = _byte_view(buf, "item")
-        if writable and view.readonly:
-            raise TypeError(f"item {i}: the buffer is read-only")
-        if len(view) == 0 or len(view) % sector_size:
-            raise ValueError(f"item {i}: {len(view)} bytes is not a non-zero multiple of "
-                             f"the sector size {sector_size}")
-        runs.append(len(view))
-    return runs
 
 
 class XtsKey:
@@ -282,11 +315,9 @@ class XtsKey:
         out)``, each ``out`` filled with the plaintext of ``len(out)`` bytes at
         ``offset`` (the native kernel's batch, for an NBD server's reads of one receive).
         Every item is checked before any runs; returns the bytes decrypted."""
+        _check_batch_args(sector_size, tweak)
         data = _byte_view(src, "src")
-        runs = _checked_items(items, sector_size, tweak, writable=True)
-        for i, (item, n) in enumerate(zip(items, runs, strict=True)):
-            if item[0] + n > len(data):
-                raise ValueError(f"item {i} lies outside the source")
+        runs = batch_runs(items, sector_size, len(data), gather=True)
         for (offset, first, out), n in zip(items, runs, strict=True):
             self.decrypt(data[offset:offset + n], first, sector_size, out, tweak)
         return sum(runs)
@@ -298,23 +329,15 @@ class XtsKey:
         ``scratch`` and write it to ``fd`` at the offset, in order; every item is checked
         before any runs. Returns (items written, errno of the first that failed or 0,
         bytes written), as the native kernel does."""
+        _check_batch_args(sector_size, tweak)
         buf = _byte_view(scratch, "scratch")
-        runs = _checked_items(items, sector_size, tweak, writable=False)
-        for i, ((offset, _, _), n) in enumerate(zip(items, runs, strict=True)):
-            if n > len(buf) or offset > _I64:
-                raise ValueError(f"item {i} is longer than the scratch buffer")
+        runs = batch_runs(items, sector_size, len(buf), gather=False)
         written = 0
         for done, ((offset, first, data), n) in enumerate(zip(items, runs, strict=True)):
             out = buf[:n]
             self.encrypt(data, first, sector_size, out, tweak)
-            put = 0
-            try:
-                while put < n:
-                    wrote = os.pwrite(fd, out[put:], offset + put)
-                    if wrote == 0:
-                        return done, errno.EIO, written
-                    put += wrote
-            except OSError as exc:
-                return done, exc.errno or errno.EIO, written
+            err = pwrite_all(fd, out, offset)
+            if err:
+                return done, err, written
             written += n
         return len(items), 0, written
