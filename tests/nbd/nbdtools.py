@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -54,3 +55,16 @@ def nbdsh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env.pop("PYTHONHOME", None)
     return subprocess.run([path, *args], capture_output=True, text=True, timeout=timeout,
                           env=env, check=False)
+
+
+def terminate(proc: subprocess.Popen[str] | subprocess.Popen[bytes],
+              timeout: float = 30) -> None:
+    """Stop a server the way an operator does (SIGTERM), killing it only if it does not
+    end within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -14,7 +14,7 @@ from pathlib import Path
 import nbdclient as nc
 import pytest
 from click.testing import CliRunner
-from nbdtools import luks2_volume, make_image, tool
+from nbdtools import luks2_volume, make_image, terminate, tool
 
 from cryptoplane.cli.serve import serve
 from cryptoplane.exceptions import InvalidRequest
@@ -48,13 +48,7 @@ def serving(args: list[str], processes: int = 2) -> Iterator[tuple[subprocess.Po
         assert url.startswith("nbd"), proc.stderr.read() if proc.stderr else ""
         yield proc, url, workers_of(proc.pid, processes)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
 
 
 def sockets_of(pid: int) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import wire as W
-from nbdtools import make_image, nbdsh, tool
+from nbdtools import make_image, nbdsh, terminate, tool
 
 MIB = 1 << 20
 BIG = 32 * MIB  # the largest request the server advertises
@@ -51,12 +50,7 @@ def server(image: Path, sock: str, *options: str) -> Iterator[subprocess.Popen[b
         assert line.startswith(b"nbd+unix://"), proc.stderr.read() if proc.stderr else line
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 def connect(sock: str) -> socket.socket:
