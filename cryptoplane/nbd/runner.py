@@ -29,14 +29,15 @@ from cryptoplane.nbd.tls import ServerTLS
 Ready = Callable[[list[str]], None]
 
 
+SOCKET_MODE = 0o600  # Unix sockets: only the owner connects, unless told otherwise
+
+
 class Listening(Protocol):
-    """Sockets already bound and listening (``processes.Listeners``)."""
+    """Where a parent process listens (``processes.Listeners``): it accepts, and hands
+    the connections over."""
 
     unix_path: str | None
     tcp_address: tuple[str, int] | None
-
-    def sockets(self) -> list[socket.socket]: ...
-SOCKET_MODE = 0o600  # Unix sockets: only the owner connects, unless told otherwise
 
 
 def remove_stale_socket(path: str) -> None:
@@ -115,11 +116,11 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
     threads for big requests, one per core by default (measured on 2 cores with nbdcopy:
     2 workers read as fast as 4 and wrote 3-20% faster than 3 or 4, whose extra threads
     only contend for the GIL; 1 worker read 15-30% slower). ``limits``: what clients
-    may make the server hold (``Limits()``'s defaults when None). ``listening``: sockets
-    bound and listening already (a worker process of ``processes.serve_processes``):
-    served instead of binding ``unix`` and ``tcp``, and the Unix socket is left to
-    whoever bound it. ``handoff``: a Unix SEQPACKET socket over which a parent process
-    hands this server accepted connections (``handed_over``)."""
+    may make the server hold (``Limits()``'s defaults when None). ``listening``: the
+    addresses a parent process listens on (this server is a worker of
+    ``processes.serve_processes``): named in ``ready``'s URLs, neither bound nor removed
+    here. ``handoff``: a Unix SEQPACKET socket over which that parent hands this server
+    the connections it accepted (``handed_over``)."""
     if listening is not None:
         unix, tcp = listening.unix_path, listening.tcp_address
     if unix is None and tcp is None:
@@ -132,10 +133,6 @@ async def serve_async(exports: dict[str, BlockDevice], *, unix: str | None = Non
     own_socket: str | None = None  # removed at exit only if this server made it
     try:
         if listening is not None:
-            for sock in listening.sockets():
-                make = (loop.create_unix_server if sock.family == socket.AF_UNIX
-                        else loop.create_server)
-                listeners.append(await make(lambda: Connection(server), sock=sock))
             bound_tcp = listening.tcp_address
         if handoff is not None:
             handed_over(loop, server, handoff)
